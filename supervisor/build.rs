@@ -9,7 +9,9 @@ fn main() -> anyhow::Result<()> {
         .join("../ebpf-probes/ebpf")
         .canonicalize()
         .context("locating ebpf-probes/ebpf")?;
-    let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path to ebpf-probes/ebpf")?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .context("non-UTF-8 path to ebpf-probes/ebpf")?;
     // The common crate is a path dependency of the eBPF crate; watch it too.
     println!("cargo:rerun-if-changed={ebpf_dir}/../common");
     aya_build::build_ebpf(

@@ -1,0 +1,219 @@
+//! The admin unix socket: the CLI's way into the running daemon.
+//!
+//! Created with mode 0600 and checked again per connection with
+//! `SO_PEERCRED` (only root and the daemon's own user are served). One JSON
+//! request per line, one JSON response per line.
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{AdminRequest, AdminResponse, Command};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client waits for the daemon before giving up.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the admin socket could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Creating or binding the socket failed.
+    #[error("admin socket {path}: {action}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The daemon's answer was not understood.
+    #[error("admin socket {path}: bad response: {message}")]
+    Protocol {
+        /// The socket path.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// Binds the socket (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let io = |action, source| AdminError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating its directory", e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removing the stale socket", e)),
+    }
+    // Bind under a restrictive umask so there is no window with wider access.
+    // SAFETY: umask is process-wide but only read/written here, at start.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| io("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("chmod 0600", e))?;
+    Ok(listener)
+}
+
+/// Serves admin requests, turning them into [`Command`]s.
+pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+    // SAFETY: geteuid has no preconditions.
+    let own_uid = unsafe { libc::geteuid() };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            if !allowed {
+                let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                tracing::warn!(
+                    ?uid,
+                    "admin socket: refused a client that is neither root nor the daemon's user"
+                );
+                let mut stream = stream;
+                let resp = AdminResponse {
+                    ok: false,
+                    result: serde_json::Value::Null,
+                    error: Some(
+                        "permission denied: only root or the daemon's user may use this socket"
+                            .into(),
+                    ),
+                };
+                let _ = write_line(&mut stream, &resp).await;
+                return;
+            }
+            handle(stream, commands).await;
+        });
+    }
+}
+
+async fn write_line(stream: &mut UnixStream, resp: &AdminResponse) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(resp).expect("responses serialise");
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(mut stream: UnixStream, commands: mpsc::Sender<Command>) {
+    let mut line = String::new();
+    {
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(&mut stream, MAX_REQUEST));
+        if reader.read_line(&mut line).await.is_err() {
+            return;
+        }
+    }
+    let resp = match serde_json::from_str::<AdminRequest>(line.trim()) {
+        Err(e) => AdminResponse {
+            ok: false,
+            result: serde_json::Value::Null,
+            error: Some(format!("bad request: {e}")),
+        },
+        Ok(req) => execute(req, &commands).await,
+    };
+    let _ = write_line(&mut stream, &resp).await;
+}
+
+async fn execute(req: AdminRequest, commands: &mpsc::Sender<Command>) -> AdminResponse {
+    let gone = || AdminResponse {
+        ok: false,
+        result: serde_json::Value::Null,
+        error: Some("daemon is shutting down".into()),
+    };
+    match req {
+        AdminRequest::Status => {
+            let (tx, rx) = oneshot::channel();
+            if commands.send(Command::Status { reply: tx }).await.is_err() {
+                return gone();
+            }
+            match rx.await {
+                Ok(status) => AdminResponse {
+                    ok: true,
+                    result: serde_json::to_value(status).unwrap_or_default(),
+                    error: None,
+                },
+                Err(_) => gone(),
+            }
+        }
+        AdminRequest::Reload { plugin } => {
+            let (tx, rx) = oneshot::channel();
+            let cmd = Command::Rescan {
+                plugins: Some(vec![plugin]),
+                force: true,
+                reply: Some(tx),
+            };
+            if commands.send(cmd).await.is_err() {
+                return gone();
+            }
+            match rx.await {
+                Ok(reports) => {
+                    let ok = reports
+                        .iter()
+                        .all(|r| r.outcome == "success" || r.outcome == "unchanged");
+                    let error = (!ok).then(|| {
+                        reports
+                            .iter()
+                            .filter_map(|r| r.message.clone())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    });
+                    AdminResponse {
+                        ok,
+                        result: serde_json::to_value(reports).unwrap_or_default(),
+                        error,
+                    }
+                }
+                Err(_) => gone(),
+            }
+        }
+    }
+}
+
+/// Sends one request to the daemon at `path` and returns its answer.
+pub async fn request(path: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminError> {
+    let io = |action, source| AdminError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    };
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| io("connecting (is plugvisor running?)", e))?;
+    let mut line = serde_json::to_vec(req).expect("requests serialise");
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .await
+        .map_err(|e| io("sending", e))?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut answer))
+        .await
+        .map_err(|_| {
+            io(
+                "waiting for the answer",
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            )
+        })?
+        .map_err(|e| io("reading the answer", e))?;
+    serde_json::from_str(answer.trim()).map_err(|e| AdminError::Protocol {
+        path: path.to_owned(),
+        message: format!("{e}: {answer:?}"),
+    })
+}

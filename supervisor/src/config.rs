@@ -1,0 +1,406 @@
+//! `plugvisor.toml`: parsed, validated, or refused loudly.
+//!
+//! Unknown keys are errors and a bad file never falls back to defaults.
+//! With no `--config`, the daemon runs on [`Config::embedded_default`].
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The embedded default configuration (relative paths resolve against the
+/// working directory).
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("parsing config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The file parsed but a value is not acceptable.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// One sub-directory per plugin package.
+    pub plugins_dir: PathBuf,
+    /// Content-addressed store, refs and journal.
+    pub state_dir: PathBuf,
+    /// Operator-tuned thresholds file (optional).
+    pub thresholds: Option<PathBuf>,
+    /// `/metrics` endpoint.
+    pub metrics: MetricsConfig,
+    /// Admin unix socket.
+    pub admin: AdminConfig,
+    /// eBPF probes.
+    pub probes: ProbesConfig,
+    /// Package signatures.
+    pub trust: TrustConfig,
+    /// Reload behaviour.
+    pub reload: ReloadConfig,
+    /// Listeners owned by plugvisor.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Where the file was read from (`None` for the embedded default).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            plugins_dir: PathBuf::from("/var/lib/plugvisor/plugins"),
+            state_dir: PathBuf::from("/var/lib/plugvisor/state"),
+            thresholds: None,
+            metrics: MetricsConfig::default(),
+            admin: AdminConfig::default(),
+            probes: ProbesConfig::default(),
+            trust: TrustConfig::default(),
+            reload: ReloadConfig::default(),
+            listeners: Vec::new(),
+            source: None,
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Path of the unix socket (created with mode 0600).
+    pub socket: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: PathBuf::from("/run/plugvisor/admin.sock"),
+        }
+    }
+}
+
+/// `[probes] mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    /// Try; keep serving without probes if eBPF cannot be used.
+    #[default]
+    Auto,
+    /// Refuse to start without probes.
+    On,
+    /// Never load probes.
+    Off,
+}
+
+/// `[probes]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    /// auto | on | off.
+    pub mode: ProbeMode,
+}
+
+/// `[trust]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// ed25519 public key files.
+    pub public_keys: Vec<PathBuf>,
+    /// Refuse unsigned packages.
+    pub require_signature: bool,
+}
+
+/// `[reload]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// How long a new version stays `trial` before it becomes known-good.
+    #[serde(deserialize_with = "duration")]
+    pub trial: Duration,
+    /// Mapped versions kept per plugin (the active one included).
+    pub keep_loaded: usize,
+    /// Quiet period of the `plugins_dir` watcher before it acts.
+    #[serde(deserialize_with = "duration")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            trial: Duration::from_secs(30),
+            keep_loaded: 4,
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Wire protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Newline-delimited frames over TCP.
+    Tcp,
+    /// `plugvisor.v1.Plugin` over HTTP/2.
+    Grpc,
+}
+
+impl Protocol {
+    /// The `protocol` label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name, used as the `listener` label.
+    pub name: String,
+    /// tcp | grpc.
+    pub protocol: Protocol,
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Plugin that serves it.
+    pub plugin: String,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
+}
+
+/// Whether `name` is an acceptable plugin or listener name (it becomes a
+/// directory name and a label value).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        config.source = Some(path.to_owned());
+        config.validate(path)
+    }
+
+    /// The built-in configuration used when `plugvisor run` gets no `--config`.
+    pub fn embedded_default() -> Config {
+        let path = Path::new("<embedded default>");
+        Self::parse(EMBEDDED_DEFAULT, path)
+            .and_then(|c| c.validate(path))
+            .expect("the embedded default config is valid (checked by a unit test)")
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if self.reload.keep_loaded == 0 {
+            return Err(invalid(
+                "[reload] keep_loaded must be at least 1 (the active version)".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for l in &self.listeners {
+            if !valid_name(&l.name) {
+                return Err(invalid(format!(
+                    "listener name {:?}: use [a-z0-9_-], at most 64",
+                    l.name
+                )));
+            }
+            if !valid_name(&l.plugin) {
+                return Err(invalid(format!(
+                    "listener {:?}: plugin name {:?} is not valid",
+                    l.name, l.plugin
+                )));
+            }
+            if !names.insert(l.name.clone()) {
+                return Err(invalid(format!("listener {:?} is defined twice", l.name)));
+            }
+            if !binds.insert(l.bind) {
+                return Err(invalid(format!(
+                    "listener {:?}: address {} is used twice",
+                    l.name, l.bind
+                )));
+            }
+            if l.protocol == Protocol::Grpc {
+                return Err(invalid(format!(
+                    "listener {:?}: protocol \"grpc\" is not available in this build yet",
+                    l.name
+                )));
+            }
+        }
+        if self.listeners.len() > plugvisor_probes_common::MAX_LISTENERS as usize {
+            return Err(invalid(format!(
+                "{} listeners configured; at most {} are supported",
+                self.listeners.len(),
+                plugvisor_probes_common::MAX_LISTENERS
+            )));
+        }
+        if self.trust.require_signature {
+            return Err(invalid(
+                "[trust] require_signature is not available in this build yet".into(),
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Whether this is the embedded default (the daemon then seeds the
+    /// bundled example plugin).
+    pub fn is_embedded_default(&self) -> bool {
+        self.source.is_none()
+    }
+
+    /// Distinct plugin names that listeners refer to, in listener order.
+    pub fn plugins(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        self.listeners
+            .iter()
+            .filter(|l| seen.insert(l.plugin.clone()))
+            .map(|l| l.plugin.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.listeners[0].plugin, "echo");
+        assert!(c.is_embedded_default());
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let text = r#"
+plugins_dir = "/var/lib/plugvisor/plugins"
+state_dir = "/var/lib/plugvisor/state"
+thresholds = "/etc/plugvisor/thresholds.toml"
+[metrics]
+listen = "127.0.0.1:9464"
+[admin]
+socket = "/run/plugvisor/admin.sock"
+[probes]
+mode = "auto"
+[trust]
+public_keys = []
+require_signature = false
+[reload]
+trial = "30s"
+keep_loaded = 4
+[[listener]]
+name = "echo-tcp"
+protocol = "tcp"
+bind = "127.0.0.1:7001"
+plugin = "echo"
+"#;
+        let c = Config::parse(text, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap();
+        assert_eq!(c.reload.trial, Duration::from_secs(30));
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.probes.mode, ProbeMode::Auto);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("plugins_dri = \"x\"\n", Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("plugins_dri"), "{err}");
+    }
+
+    #[test]
+    fn unknown_nested_key_is_refused() {
+        let err =
+            Config::parse("[reload]\ntrial = \"1s\"\nkeep = 3\n", Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("keep"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_and_duplicates_are_refused() {
+        assert!(Config::parse("[reload]\ntrial = \"soon\"\n", Path::new("t")).is_err());
+        let dup = r#"
+[[listener]]
+name = "a"
+protocol = "tcp"
+bind = "127.0.0.1:1"
+plugin = "echo"
+[[listener]]
+name = "a"
+protocol = "tcp"
+bind = "127.0.0.1:2"
+plugin = "echo"
+"#;
+        let err = Config::parse(dup, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+}

@@ -1,0 +1,274 @@
+//! `plugvisor run`: start everything in order, apply commands one at a
+//! time, drain on SIGTERM.
+//!
+//! Start order matters: listeners are bound before anything else can fail
+//! late, probes are attached before the first plugin loads (so the kernel
+//! sees the first reload too), and the first load comes from the store's
+//! refs — the version that was active — before the packages are looked at.
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::control::{Command, ListenerStatus, PluginStatus, Status};
+use crate::metrics::Metrics;
+use crate::probes::{self, WatchedListener};
+use crate::reload::{ReloadReport, Reloader};
+use crate::store::Store;
+use crate::{admin, bundle, catalog, listeners};
+
+/// How long listeners get to drain after SIGTERM before the process exits anyway.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// `plugins_dir` could not be created or seeded.
+    #[error("plugins_dir {path}: {message}")]
+    PluginsDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] listeners::BindError),
+    /// Probes are required (`mode = "on"`) and failed.
+    #[error("{0} ([probes] mode = \"on\" requires the probes)")]
+    Probes(#[from] probes::ProbeError),
+    /// The admin socket could not be created.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// The metrics endpoint could not bind.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The `plugins_dir` watcher could not start.
+    #[error(transparent)]
+    Watch(#[from] catalog::watch::WatchError),
+    /// Installing a signal handler failed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let metrics = Arc::new(Metrics::new());
+    std::fs::create_dir_all(&config.plugins_dir).map_err(|e| DaemonError::PluginsDir {
+        path: config.plugins_dir.clone(),
+        message: e.to_string(),
+    })?;
+    if config.is_embedded_default() {
+        match bundle::seed_echo(&config.plugins_dir) {
+            Ok(Some(v)) => {
+                tracing::info!(version = %v, dir = %config.plugins_dir.display(), "seeded the bundled echo plugin")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not seed the bundled echo plugin; echo-tcp will answer ERR until a package arrives")
+            }
+        }
+    }
+    let store = Store::open(&config.state_dir)?;
+
+    let bound = listeners::bind_all(&config.listeners).await?;
+    for b in &bound {
+        tracing::info!(listener = %b.config.name, addr = %b.local_addr, protocol = b.config.protocol.as_str(), plugin = %b.config.plugin, "listening");
+    }
+
+    let plugin_names = Arc::new(RwLock::new(config.plugins()));
+    let watched: Vec<WatchedListener> = bound
+        .iter()
+        .map(|b| WatchedListener {
+            name: b.config.name.clone(),
+            port: b.local_addr.port(),
+            protocol: b.config.protocol,
+        })
+        .collect();
+    let probes = probes::start(config.probes.mode, &watched, &plugin_names, &metrics)?;
+
+    let mut reloader = Reloader::new(
+        config.plugins_dir.clone(),
+        store,
+        metrics.clone(),
+        config.reload.keep_loaded,
+        plugin_names,
+    );
+    for plugin in config.plugins() {
+        reloader.slot(&plugin);
+        reloader.boot_from_store(&plugin);
+    }
+    let reloader = Arc::new(Mutex::new(reloader));
+    rescan(&reloader, None, false).await;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut listener_tasks = Vec::new();
+    for b in bound {
+        let slot = reloader
+            .lock()
+            .expect("reloader lock")
+            .slot(&b.config.plugin);
+        listener_tasks.push(listeners::spawn(b, slot, shutdown_rx.clone()));
+    }
+
+    let mut metrics_shutdown = shutdown_rx.clone();
+    let metrics_task = crate::metrics::serve(config.metrics.listen, metrics.clone(), async move {
+        let _ = metrics_shutdown.changed().await;
+    })
+    .await
+    .map_err(|source| DaemonError::Metrics {
+        addr: config.metrics.listen,
+        source,
+    })?;
+    tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
+
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+    let admin_listener = admin::bind(&config.admin.socket)?;
+    let admin_task = tokio::spawn(admin::serve(admin_listener, cmd_tx.clone()));
+
+    let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
+    let _watcher = catalog::watch::start(&config.plugins_dir, config.reload.debounce, watch_tx)?;
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
+
+    tracing::info!(pid = std::process::id(), "plugvisor ready");
+    loop {
+        // Shutdown first: a storm of reloads must not starve it.
+        tokio::select! {
+            biased;
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = sigusr1.recv() => {
+                tracing::info!("SIGUSR1: rescanning plugins_dir");
+                rescan(&reloader, None, true).await;
+            }
+            _ = sighup.recv() => {
+                // Config changes that need new sockets take a restart; the
+                // packages are what a HUP can act on without one.
+                tracing::info!("SIGHUP: rescanning plugins_dir");
+                rescan(&reloader, None, false).await;
+            }
+            Some(names) = watch_rx.recv() => {
+                // Coalesce a burst of events into one pass.
+                let mut names = names;
+                while let Ok(more) = watch_rx.try_recv() {
+                    names.extend(more);
+                }
+                rescan(&reloader, Some(names.into_iter().collect()), false).await;
+            }
+            Some(cmd) = cmd_rx.recv() => match cmd {
+                Command::Rescan { plugins, force, reply } => {
+                    let reports = rescan(&reloader, plugins, force).await;
+                    if let Some(reply) = reply {
+                        let _ = reply.send(reports);
+                    }
+                }
+                Command::Status { reply } => {
+                    let _ = reply.send(status(&reloader, &config, &metrics));
+                }
+            },
+        }
+    }
+
+    let _ = shutdown_tx.send(true);
+    admin_task.abort();
+    let drained = tokio::time::timeout(EXIT_TIMEOUT, async {
+        for t in listener_tasks {
+            let _ = t.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("listeners did not drain in {EXIT_TIMEOUT:?}; exiting anyway");
+    }
+    let _ = metrics_task.await;
+    let _ = std::fs::remove_file(&config.admin.socket);
+    drop(probes);
+    tracing::info!("plugvisor stopped");
+    Ok(())
+}
+
+/// Runs reloads for `plugins` (or every package and slot) off the async
+/// workers: `dlopen` and `init` block.
+async fn rescan(
+    reloader: &Arc<Mutex<Reloader>>,
+    plugins: Option<Vec<String>>,
+    force: bool,
+) -> Vec<ReloadReport> {
+    let reloader = reloader.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut r = reloader.lock().expect("reloader lock");
+        let names: Vec<String> = plugins.unwrap_or_else(|| {
+            let mut all: BTreeSet<String> = r.packages().into_iter().collect();
+            all.extend(r.slots().keys().cloned());
+            all.into_iter().collect()
+        });
+        names
+            .iter()
+            .filter(|n| crate::config::valid_name(n))
+            .map(|n| r.reload(n, force))
+            .filter(|rep| force || rep.outcome != "unchanged")
+            .collect::<Vec<_>>()
+    })
+    .await;
+    result.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "reload task panicked");
+        Vec::new()
+    })
+}
+
+fn status(reloader: &Arc<Mutex<Reloader>>, config: &Config, metrics: &Metrics) -> Status {
+    let r = reloader.lock().expect("reloader lock");
+    let mut plugins: Vec<PluginStatus> = r
+        .slots()
+        .values()
+        .map(|s| PluginStatus {
+            plugin: s.plugin().to_owned(),
+            active: s.active().map(|a| a.version().to_owned()),
+            mapped: s
+                .mapped_versions()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        })
+        .collect();
+    plugins.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    let probes = plugvisor_probes_common::Probe::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.as_str().to_owned(),
+                metrics.probe_up.with_label_values(&[p.as_str()]).get() == 1,
+            )
+        })
+        .collect();
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        plugins,
+        listeners: config
+            .listeners
+            .iter()
+            .map(|l| ListenerStatus {
+                name: l.name.clone(),
+                protocol: l.protocol.as_str().to_owned(),
+                addr: l.bind.to_string(),
+                plugin: l.plugin.clone(),
+            })
+            .collect(),
+        probes,
+    }
+}

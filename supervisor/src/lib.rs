@@ -1,0 +1,65 @@
+//! plugvisor — a node-local supervisor that hot-loads native plugins into a
+//! running service without breaking a connection, and proves it from the
+//! kernel.
+//!
+//! # The model
+//!
+//! plugvisor owns the sockets. Each configured listener (`listeners`) is
+//! bound once at start and never closed by a reload; it hands every frame to
+//! a [`slot::Slot`], and the slot hands it to whatever plugin version is
+//! active at that instant. A version is a shared library loaded with
+//! `dlopen`; the active one sits behind an `ArcSwap`, so a switch is one
+//! atomic pointer store and a request that started on a version finishes on
+//! it (it holds an `Arc`).
+//!
+//! A new version arrives as a package directory in `plugins_dir`: a library
+//! and a `plugin.toml` manifest that pins its sha256. The manifest is the
+//! commit point — the `catalog` acts when it changes, never on a half-written
+//! library. The reload path (`reload`) then:
+//!
+//! 1. parses and validates the manifest (`catalog::manifest`),
+//! 2. hashes the library while copying it into the content-addressed
+//!    `store` (`objects/<sha256>.so`, so `dlopen` sees a distinct path per
+//!    version) — all before the reload window opens,
+//! 3. opens the reload window (`markers::reload_begin`, a uprobe target),
+//!    `dlopen`s the object, checks the descriptor's ABI version, name and
+//!    version against the manifest before calling anything, runs `init`,
+//!    swaps the slot, closes the window (`markers::reload_end`),
+//! 4. records the outcome in the store's refs and journal and in `metrics`.
+//!
+//! Any refusal leaves the previous version serving. Old versions stay mapped
+//! (`dlclose` is unsafe for Rust libraries with TLS destructors); at most
+//! `[reload] keep_loaded` per plugin are kept.
+//!
+//! # Proof from the kernel
+//!
+//! `probes` loads eBPF programs: a tracepoint on `sock/inet_sock_set_state`
+//! filtered in the kernel to the listeners' ports, and uprobes on the two
+//! reload markers. The kernel counts connections per listener and those
+//! that left ESTABLISHED while a reload window was open, and measures each
+//! window's length; `probes::observer` exports these as
+//! `plugvisor_tcp_connections`, `plugvisor_reload_broken_connections_total`
+//! and `plugvisor_kernel_reload_duration_seconds`. If eBPF cannot be used,
+//! plugvisor keeps serving and exports `plugvisor_probe_up 0`.
+//!
+//! # Control
+//!
+//! One task (`daemon`) owns all state changes and takes [`control::Command`]s
+//! from signals (`SIGUSR1` rescan, `SIGHUP` re-read), the debounced
+//! `plugins_dir` watcher and the `admin` unix socket; shutdown has its own
+//! channel so a storm of reloads cannot starve it.
+
+pub mod admin;
+pub mod bundle;
+pub mod catalog;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod listeners;
+pub mod loader;
+pub mod markers;
+pub mod metrics;
+pub mod probes;
+pub mod reload;
+pub mod slot;
+pub mod store;

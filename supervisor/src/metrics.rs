@@ -1,0 +1,350 @@
+//! The metrics registry: the single source of truth that Prometheus scrapes.
+//!
+//! Every family is created once here. Label values come from bounded sets
+//! (`as_str()` of small enums, plugin and listener names from the config,
+//! versions bounded by `keep_loaded`) — never a peer address, port or
+//! connection id.
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Outcome of a reload attempt (`plugvisor_reloads_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new version serves.
+    Success,
+    /// The package was refused (bad manifest, checksum, ELF, descriptor, ABI…).
+    Rejected,
+    /// The package looked right but loading it failed (I/O, init error).
+    Failed,
+}
+
+impl ReloadOutcome {
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReloadOutcome::Success => "success",
+            ReloadOutcome::Rejected => "rejected",
+            ReloadOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Phase of a reload (`plugvisor_reload_duration_seconds{phase}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Manifest parse and validation.
+    Verify,
+    /// Hash-while-copy into the store.
+    Stage,
+    /// `dlopen` and descriptor checks.
+    Load,
+    /// The plugin's `init`.
+    Init,
+    /// The atomic pointer swap.
+    Switch,
+    /// Manifest commit to new version serving.
+    Total,
+}
+
+impl Phase {
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Phase::Verify => "verify",
+            Phase::Stage => "stage",
+            Phase::Load => "load",
+            Phase::Init => "init",
+            Phase::Switch => "switch",
+            Phase::Total => "total",
+        }
+    }
+}
+
+/// Outcome of one request (`plugvisor_requests_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// The plugin answered.
+    Ok,
+    /// The plugin returned an error.
+    Error,
+    /// The plugin panicked (caught at the boundary).
+    Panic,
+}
+
+impl RequestOutcome {
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Ok => "ok",
+            RequestOutcome::Error => "error",
+            RequestOutcome::Panic => "panic",
+        }
+    }
+}
+
+/// Stage at which a probe failed (`plugvisor_probe_failures_total{stage}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeStage {
+    /// Loading the object or a program into the kernel.
+    Load,
+    /// Attaching a program.
+    Attach,
+    /// Reading maps or the ring buffer.
+    Read,
+}
+
+impl ProbeStage {
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProbeStage::Load => "load",
+            ProbeStage::Attach => "attach",
+            ProbeStage::Read => "read",
+        }
+    }
+}
+
+/// Every plugvisor family, registered in one registry.
+pub struct Metrics {
+    /// The registry `/metrics` encodes (and the rules engine reads).
+    pub registry: Registry,
+    /// `plugvisor_build_info{version}` = 1.
+    pub build_info: IntGaugeVec,
+    /// `plugvisor_plugin_info{plugin,version,state}` = 1.
+    pub plugin_info: IntGaugeVec,
+    /// `plugvisor_reloads_total{plugin,outcome}`.
+    pub reloads_total: IntCounterVec,
+    /// `plugvisor_reload_duration_seconds{plugin,phase}`.
+    pub reload_duration_seconds: HistogramVec,
+    /// `plugvisor_kernel_reload_duration_seconds{plugin}`.
+    pub kernel_reload_duration_seconds: HistogramVec,
+    /// `plugvisor_requests_total{plugin,version,outcome}`.
+    pub requests_total: IntCounterVec,
+    /// `plugvisor_tcp_connections{listener}` (kernel-observed).
+    pub tcp_connections: IntGaugeVec,
+    /// `plugvisor_reload_broken_connections_total{listener,protocol}` (kernel-observed).
+    pub reload_broken_connections_total: IntCounterVec,
+    /// `plugvisor_probe_up{probe}`.
+    pub probe_up: IntGaugeVec,
+    /// `plugvisor_probe_failures_total{probe,stage}`.
+    pub probe_failures_total: IntCounterVec,
+    /// `plugvisor_probe_events_dropped_total{probe}`.
+    pub probe_events_dropped_total: IntCounterVec,
+    /// Run before every gather, so values read from elsewhere (the
+    /// kernel's maps) are current at the moment they are read.
+    refreshers: Mutex<Vec<Refresher>>,
+}
+
+/// A hook that brings some families up to date before a gather.
+pub type Refresher = Box<dyn Fn() + Send + Sync>;
+
+/// Buckets for reload latencies: 10 µs … ~10 s, doubling.
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(10e-6, 2.0, 21).expect("static bucket spec")
+}
+
+impl Metrics {
+    /// Creates and registers every family, plus the process collector.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let m = Metrics {
+            build_info: gauge(
+                r,
+                "plugvisor_build_info",
+                "plugvisor build; value is 1",
+                &["version"],
+            ),
+            plugin_info: gauge(
+                r,
+                "plugvisor_plugin_info",
+                "Mapped plugin versions and their state; value is 1",
+                &["plugin", "version", "state"],
+            ),
+            reloads_total: counter(
+                r,
+                "plugvisor_reloads_total",
+                "Reload attempts by outcome (success, rejected, failed)",
+                &["plugin", "outcome"],
+            ),
+            reload_duration_seconds: histogram(
+                r,
+                "plugvisor_reload_duration_seconds",
+                "Userspace-measured reload latency by phase (verify, stage, load, init, switch, total)",
+                &["plugin", "phase"],
+            ),
+            kernel_reload_duration_seconds: histogram(
+                r,
+                "plugvisor_kernel_reload_duration_seconds",
+                "Reload window length measured in the kernel between the reload-begin and reload-end uprobes",
+                &["plugin"],
+            ),
+            requests_total: counter(
+                r,
+                "plugvisor_requests_total",
+                "Requests handled, by the plugin version that handled them",
+                &["plugin", "version", "outcome"],
+            ),
+            tcp_connections: gauge(
+                r,
+                "plugvisor_tcp_connections",
+                "Established server-side TCP connections per listener, as the kernel sees them",
+                &["listener"],
+            ),
+            reload_broken_connections_total: counter(
+                r,
+                "plugvisor_reload_broken_connections_total",
+                "Connections that were closed or reset while a reload window was open, as the kernel saw them",
+                &["listener", "protocol"],
+            ),
+            probe_up: gauge(
+                r,
+                "plugvisor_probe_up",
+                "1 while the eBPF probe is loaded and attached",
+                &["probe"],
+            ),
+            probe_failures_total: counter(
+                r,
+                "plugvisor_probe_failures_total",
+                "eBPF probe failures by stage (load, attach, read)",
+                &["probe", "stage"],
+            ),
+            probe_events_dropped_total: counter(
+                r,
+                "plugvisor_probe_events_dropped_total",
+                "Ring buffer records the kernel could not reserve",
+                &["probe"],
+            ),
+            registry,
+            refreshers: Mutex::new(Vec::new()),
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            m.registry
+                .register(Box::new(pc))
+                .expect("process collector registers once");
+        }
+        m
+    }
+
+    /// Registers a hook run before every [`Metrics::gather`].
+    pub fn add_refresher(&self, f: Refresher) {
+        self.refreshers.lock().expect("refreshers lock").push(f);
+    }
+
+    /// Current values of every family (refreshers run first).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        for f in self.refreshers.lock().expect("refreshers lock").iter() {
+            f();
+        }
+        self.registry.gather()
+    }
+
+    /// The text exposition of every family.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.gather(), &mut buf)
+            .expect("encoding into a Vec cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("each family registers once");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("each family registers once");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(latency_buckets()),
+        labels,
+    )
+    .expect("valid metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("each family registers once");
+    h
+}
+
+/// Serves `GET /metrics` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::{Router, http::header, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_exported_with_contract_names() {
+        let m = Metrics::new();
+        m.reloads_total
+            .with_label_values(&["echo", ReloadOutcome::Success.as_str()])
+            .inc();
+        m.probe_up
+            .with_label_values(&["inet_sock_set_state"])
+            .set(1);
+        let text = String::from_utf8(m.encode()).unwrap();
+        for family in [
+            "plugvisor_build_info",
+            "plugvisor_reloads_total{outcome=\"success\",plugin=\"echo\"} 1",
+            "plugvisor_probe_up{probe=\"inet_sock_set_state\"} 1",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(family), "missing {family} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Loading and attaching the eBPF programs, and degrading gracefully when
+//! the kernel will not have them.
+//!
+//! Each probe is loaded and attached on its own, so one that fails (a
+//! missing tracepoint, a verifier refusal) costs only its own families:
+//! `plugvisor_probe_up{probe}` says which are working and
+//! `plugvisor_probe_failures_total{probe,stage}` counts why not. With
+//! `[probes] mode = "auto"` the daemon serves on without them and says so
+//! once in the log; with `mode = "on"` it refuses to start.
+pub mod layout;
+pub mod observer;
+
+use std::sync::Arc;
+
+use aya::maps::{Array, HashMap as BpfHashMap};
+use aya::programs::uprobe::UProbeScope;
+use aya::programs::{TracePoint, UProbe};
+use aya::{Ebpf, EbpfLoader};
+use plugvisor_probes_common::{Probe, WatchedPort, maps, markers, programs};
+
+use crate::config::{ProbeMode, Protocol};
+use crate::metrics::{Metrics, ProbeStage};
+
+/// The eBPF object built by `build.rs`.
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/plugvisor-probes"));
+
+/// A listener the probes should watch.
+#[derive(Debug, Clone)]
+pub struct WatchedListener {
+    /// Listener name (the `listener` label).
+    pub name: String,
+    /// Port in host order.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+}
+
+/// Why probes could not be started (only surfaces with `mode = "on"`).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Loading the object or a program failed.
+    #[error("loading eBPF probe {probe}: {message}")]
+    Load {
+        /// The probe.
+        probe: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// Attaching a program failed.
+    #[error("attaching eBPF probe {probe}: {message}")]
+    Attach {
+        /// The probe.
+        probe: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl ProbeError {
+    fn probe(&self) -> &'static str {
+        match self {
+            ProbeError::Load { probe, .. } | ProbeError::Attach { probe, .. } => probe,
+        }
+    }
+
+    fn stage(&self) -> ProbeStage {
+        match self {
+            ProbeError::Load { .. } => ProbeStage::Load,
+            ProbeError::Attach { .. } => ProbeStage::Attach,
+        }
+    }
+}
+
+/// Running probes. Dropping this detaches every program.
+pub struct Probes {
+    _ebpf: Ebpf,
+    _observer: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the probes as `mode` asks. `Ok(None)` means plugvisor runs
+/// without (some or all of) them; the metrics say which.
+pub fn start(
+    mode: ProbeMode,
+    listeners: &[WatchedListener],
+    plugins: &observer::PluginNames,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Probes>, ProbeError> {
+    for p in Probe::ALL {
+        metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
+    }
+    if mode == ProbeMode::Off {
+        tracing::info!("eBPF probes are off ([probes] mode = \"off\")");
+        return Ok(None);
+    }
+    let mut errors = Vec::new();
+    let result = try_start(listeners, plugins, metrics, &mut errors);
+    for e in &errors {
+        metrics
+            .probe_failures_total
+            .with_label_values(&[e.probe(), e.stage().as_str()])
+            .inc();
+    }
+    match (mode, result) {
+        (ProbeMode::On, _) if !errors.is_empty() => Err(errors.remove(0)),
+        (_, Some(p)) if errors.is_empty() => {
+            tracing::info!(probes = ?Probe::ALL.map(Probe::as_str), "eBPF probes attached");
+            Ok(Some(p))
+        }
+        (_, p) => {
+            // Said once, at start: the daemon serves on.
+            let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                failures = ?reasons,
+                "eBPF probes unavailable; serving without kernel observation (plugvisor_probe_up 0)"
+            );
+            Ok(p)
+        }
+    }
+}
+
+fn try_start(
+    listeners: &[WatchedListener],
+    plugins: &observer::PluginNames,
+    metrics: &Arc<Metrics>,
+    errors: &mut Vec<ProbeError>,
+) -> Option<Probes> {
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain setrlimit with a valid struct.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
+
+    let mut ebpf = match EbpfLoader::new().load(PROBES_OBJECT) {
+        Ok(e) => e,
+        Err(e) => {
+            for p in Probe::ALL {
+                errors.push(ProbeError::Load {
+                    probe: p.as_str(),
+                    message: format!("{e:#}"),
+                });
+            }
+            return None;
+        }
+    };
+
+    if let Err(e) = fill_watched_ports(&mut ebpf, listeners) {
+        errors.push(ProbeError::Load {
+            probe: Probe::SockState.as_str(),
+            message: e,
+        });
+    } else if let Err(e) = attach_sock_state(&mut ebpf) {
+        errors.push(e);
+    } else {
+        metrics
+            .probe_up
+            .with_label_values(&[Probe::SockState.as_str()])
+            .set(1);
+    }
+
+    match attach_markers(&mut ebpf) {
+        Ok(()) => metrics
+            .probe_up
+            .with_label_values(&[Probe::ReloadMarkers.as_str()])
+            .set(1),
+        Err(e) => errors.push(e),
+    }
+
+    let observer = match observer::start(&mut ebpf, listeners, plugins, metrics.clone()) {
+        Ok(o) => o,
+        Err(message) => {
+            errors.push(ProbeError::Load {
+                probe: Probe::SockState.as_str(),
+                message,
+            });
+            return None;
+        }
+    };
+    Some(Probes {
+        _ebpf: ebpf,
+        _observer: observer,
+    })
+}
+
+fn fill_watched_ports(ebpf: &mut Ebpf, listeners: &[WatchedListener]) -> Result<(), String> {
+    let layout = layout::inet_sock_set_state().map_err(|e| e.to_string())?;
+    let mut layout_map: Array<_, plugvisor_probes_common::TracepointLayout> =
+        Array::try_from(ebpf.map_mut(maps::LAYOUT).ok_or("map LAYOUT missing")?)
+            .map_err(|e| e.to_string())?;
+    layout_map
+        .set(0, layout, 0)
+        .map_err(|e| format!("writing LAYOUT: {e}"))?;
+    let mut ports: BpfHashMap<_, u16, WatchedPort> = BpfHashMap::try_from(
+        ebpf.map_mut(maps::WATCHED_PORTS)
+            .ok_or("map WATCHED_PORTS missing")?,
+    )
+    .map_err(|e| e.to_string())?;
+    for (i, l) in listeners.iter().enumerate() {
+        let value = WatchedPort {
+            listener: i as u32,
+            protocol: match l.protocol {
+                Protocol::Tcp => 0,
+                Protocol::Grpc => 1,
+            },
+        };
+        ports
+            .insert(l.port, value, 0)
+            .map_err(|e| format!("watching port {}: {e}", l.port))?;
+    }
+    Ok(())
+}
+
+fn attach_sock_state(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let probe = Probe::SockState.as_str();
+    let load = |message: String| ProbeError::Load { probe, message };
+    let prog: &mut TracePoint = ebpf
+        .program_mut(programs::INET_SOCK_SET_STATE)
+        .ok_or_else(|| load("program missing from object".into()))?
+        .try_into()
+        .map_err(|e| load(format!("{e}")))?;
+    prog.load().map_err(|e| load(format!("{e:#}")))?;
+    prog.attach("sock", "inet_sock_set_state")
+        .map_err(|e| ProbeError::Attach {
+            probe,
+            message: format!("sock/inet_sock_set_state: {e:#}"),
+        })?;
+    Ok(())
+}
+
+fn attach_markers(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let probe = Probe::ReloadMarkers.as_str();
+    let exe = std::env::current_exe().map_err(|e| ProbeError::Attach {
+        probe,
+        message: format!("locating own executable: {e}"),
+    })?;
+    for (program, symbol) in [
+        (programs::RELOAD_BEGIN, markers::RELOAD_BEGIN),
+        (programs::RELOAD_END, markers::RELOAD_END),
+    ] {
+        let load = |message: String| ProbeError::Load { probe, message };
+        let prog: &mut UProbe = ebpf
+            .program_mut(program)
+            .ok_or_else(|| load(format!("program {program} missing from object")))?
+            .try_into()
+            .map_err(|e| load(format!("{e}")))?;
+        prog.load().map_err(|e| load(format!("{program}: {e:#}")))?;
+        prog.attach(symbol, &exe, UProbeScope::CallingProcess)
+            .map_err(|e| ProbeError::Attach {
+                probe,
+                message: format!("uprobe on {symbol} in {}: {e:#}", exe.display()),
+            })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,433 @@
+//! The reload path: package → verified object in the store → loaded and
+//! initialised → swapped into the slot → recorded.
+//!
+//! Everything that reads many bytes (manifest checks, hash-while-copy)
+//! happens before the reload window opens; inside the window there is only
+//! `dlopen`, the descriptor checks, `init` and one pointer swap. Every
+//! refusal leaves the previous version serving and is said once: in the
+//! log (plugin, file, reason), the journal, and
+//! `plugvisor_reloads_total{outcome}`.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, CatalogError, Package};
+use crate::loader::{self, LoadError};
+use crate::markers::ReloadWindow;
+use crate::metrics::{Metrics, Phase, ReloadOutcome};
+use crate::probes::observer::PluginNames;
+use crate::slot::Slot;
+use crate::store::{JournalEntry, Store, StoreError, VersionRef};
+
+/// Why a reload did not switch versions.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The package is unreadable or invalid.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The library failed verification or the store could not take it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The library could not be loaded or initialised.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Same version as the active one, different bytes.
+    #[error(
+        "plugin {plugin:?}: version {version} is already active with sha256 {active}, the package has {package}; bump the version"
+    )]
+    VersionReused {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// Active object hash.
+        active: String,
+        /// Package library hash.
+        package: String,
+    },
+}
+
+impl ReloadError {
+    /// `rejected` for bad input, `failed` for a good package that did not start.
+    pub fn outcome(&self) -> ReloadOutcome {
+        match self {
+            ReloadError::Store(StoreError::Io { .. }) => ReloadOutcome::Failed,
+            ReloadError::Load(e) if !e.is_rejection() => ReloadOutcome::Failed,
+            _ => ReloadOutcome::Rejected,
+        }
+    }
+
+    /// The file most relevant to the error, for the log line.
+    fn file(&self, package_dir: &Path) -> PathBuf {
+        match self {
+            ReloadError::Catalog(
+                CatalogError::ManifestSyntax { path, .. }
+                | CatalogError::ManifestInvalid { path, .. }
+                | CatalogError::NameMismatch { path, .. }
+                | CatalogError::LibraryEscapes { path, .. }
+                | CatalogError::ManifestTooLarge { path, .. }
+                | CatalogError::NoPackage { path, .. }
+                | CatalogError::Read { path, .. }
+                | CatalogError::LibraryMissing { path, .. },
+            ) => path.clone(),
+            ReloadError::Store(StoreError::ChecksumMismatch { library, .. }) => library.clone(),
+            ReloadError::Store(
+                StoreError::Io { path, .. } | StoreError::CorruptRefs { path, .. },
+            ) => path.clone(),
+            ReloadError::Load(
+                LoadError::Open { path, .. }
+                | LoadError::NoDescriptor { path, .. }
+                | LoadError::AbiMismatch { path, .. }
+                | LoadError::IdentityMismatch { path, .. },
+            ) => path.clone(),
+            ReloadError::Load(LoadError::InitFailed { .. }) | ReloadError::VersionReused { .. } => {
+                package_dir.join(catalog::MANIFEST_FILE)
+            }
+        }
+    }
+}
+
+/// What one reload attempt did, as reported to the admin socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The plugin.
+    pub plugin: String,
+    /// success | rejected | failed | unchanged.
+    pub outcome: String,
+    /// Version now serving (after the attempt).
+    pub active_version: Option<String>,
+    /// Version the package offered.
+    pub package_version: Option<String>,
+    /// Version serving before.
+    pub from_version: Option<String>,
+    /// Why, when not a success.
+    pub message: Option<String>,
+    /// Microseconds from manifest read to new version serving.
+    pub total_us: Option<u64>,
+    /// Microseconds of the switch itself (dlopen, checks, init, swap).
+    pub switch_us: Option<u64>,
+}
+
+/// Owns the slots and the store; all version changes go through here.
+pub struct Reloader {
+    plugins_dir: PathBuf,
+    store: Store,
+    metrics: Arc<Metrics>,
+    keep_loaded: usize,
+    slots: HashMap<String, Arc<Slot>>,
+    plugin_names: PluginNames,
+    // Manifest bytes' hash last acted on, per plugin: an unchanged manifest
+    // is not re-processed on a watcher event.
+    fingerprints: HashMap<String, String>,
+    seq: u64,
+}
+
+impl Reloader {
+    /// A reloader over `plugins_dir` and `store`.
+    pub fn new(
+        plugins_dir: PathBuf,
+        store: Store,
+        metrics: Arc<Metrics>,
+        keep_loaded: usize,
+        plugin_names: PluginNames,
+    ) -> Reloader {
+        Reloader {
+            plugins_dir,
+            store,
+            metrics,
+            keep_loaded,
+            slots: HashMap::new(),
+            plugin_names,
+            fingerprints: HashMap::new(),
+            seq: 0,
+        }
+    }
+
+    /// The slot of `plugin`, created empty if it has none yet.
+    pub fn slot(&mut self, plugin: &str) -> Arc<Slot> {
+        if let Some(s) = self.slots.get(plugin) {
+            return s.clone();
+        }
+        let slot = Arc::new(Slot::new(plugin, self.keep_loaded, self.metrics.clone()));
+        self.slots.insert(plugin.to_owned(), slot.clone());
+        let mut names = self.plugin_names.write().expect("plugin names");
+        if !names.iter().any(|n| n == plugin) {
+            names.push(plugin.to_owned());
+        }
+        slot
+    }
+
+    /// Every slot, by plugin name.
+    pub fn slots(&self) -> &HashMap<String, Arc<Slot>> {
+        &self.slots
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn plugin_index(&self, plugin: &str) -> u32 {
+        self.plugin_names
+            .read()
+            .expect("plugin names")
+            .iter()
+            .position(|n| n == plugin)
+            .unwrap_or(usize::MAX) as u32
+    }
+
+    /// Brings `plugin` up on the version its refs call active, straight from
+    /// the store (used at start, before the packages are looked at).
+    pub fn boot_from_store(&mut self, plugin: &str) -> Option<ReloadReport> {
+        let refs = match self.store.refs(plugin) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(plugin, error = %e, "cannot read refs; starting from the package instead");
+                return None;
+            }
+        };
+        let active = refs.active?;
+        let object = self.store.object_path(&active.sha256);
+        if !object.is_file() {
+            tracing::warn!(plugin, object = %object.display(), "active object missing from the store");
+            return None;
+        }
+        let slot = self.slot(plugin);
+        match loader::load(
+            plugin,
+            &active.version,
+            plugvisor_sdk::ABI_VERSION,
+            &active.sha256,
+            &object,
+        ) {
+            Ok((loaded, _)) => {
+                slot.install(loaded);
+                tracing::info!(plugin, version = %active.version, "started on the active version from the store");
+                Some(ReloadReport {
+                    plugin: plugin.to_owned(),
+                    outcome: "success".into(),
+                    active_version: Some(active.version.to_string()),
+                    package_version: None,
+                    from_version: None,
+                    message: Some("started from the store".into()),
+                    total_us: None,
+                    switch_us: None,
+                })
+            }
+            Err(e) => {
+                tracing::error!(plugin, object = %object.display(), error = %e, "active version in the store does not load");
+                None
+            }
+        }
+    }
+
+    /// Looks at the package of `plugin` and switches to it if it is new.
+    /// `force` re-processes a manifest even if its bytes were seen before.
+    pub fn reload(&mut self, plugin: &str, force: bool) -> ReloadReport {
+        let t0 = Instant::now();
+        let slot = self.slot(plugin);
+        let from = slot.active();
+        let from_version = from.as_ref().map(|a| a.version().to_owned());
+        let mut report = ReloadReport {
+            plugin: plugin.to_owned(),
+            outcome: String::new(),
+            active_version: from_version.clone(),
+            package_version: None,
+            from_version: from_version.clone(),
+            message: None,
+            total_us: None,
+            switch_us: None,
+        };
+        let package_dir = self.plugins_dir.join(plugin);
+
+        // Verify: manifest parsed, validated, library located.
+        let package = match catalog::read_package(&self.plugins_dir, plugin) {
+            Ok(p) => p,
+            Err(e) => {
+                // An unchanged bad manifest is reported once, not on every event.
+                let fp = std::fs::read(package_dir.join(catalog::MANIFEST_FILE))
+                    .map(|b| {
+                        use sha2::Digest as _;
+                        hex::encode(sha2::Sha256::digest(b))
+                    })
+                    .unwrap_or_default();
+                if !force && self.fingerprints.get(plugin) == Some(&fp) {
+                    report.outcome = "unchanged".into();
+                    return report;
+                }
+                self.fingerprints.insert(plugin.to_owned(), fp);
+                return self.refuse(report, &package_dir, &ReloadError::Catalog(e));
+            }
+        };
+        report.package_version = Some(package.manifest.version.to_string());
+        if !force && self.fingerprints.get(plugin) == Some(&package.fingerprint) {
+            report.outcome = "unchanged".into();
+            return report;
+        }
+        self.fingerprints
+            .insert(plugin.to_owned(), package.fingerprint.clone());
+        if let Some(active) = &from {
+            if active.loaded.version() == &package.manifest.version {
+                if active.loaded.sha256() == package.manifest.sha256 {
+                    report.outcome = "unchanged".into();
+                    return report;
+                }
+                let e = ReloadError::VersionReused {
+                    plugin: plugin.to_owned(),
+                    version: package.manifest.version.to_string(),
+                    active: active.loaded.sha256().to_owned(),
+                    package: package.manifest.sha256.clone(),
+                };
+                return self.refuse(report, &package_dir, &e);
+            }
+        }
+        let verify = t0.elapsed();
+
+        // Stage: hash while copying into the store — before the window opens.
+        let t1 = Instant::now();
+        let staged = match self
+            .store
+            .stage(plugin, &package.library_path, &package.manifest.sha256)
+        {
+            Ok(s) => s,
+            Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
+        };
+        let stage = t1.elapsed();
+
+        // The window: dlopen, checks, init, swap.
+        self.seq += 1;
+        let t2 = Instant::now();
+        let mut window = ReloadWindow::open(self.plugin_index(plugin), self.seq);
+        let (loaded, timings) = match loader::load(
+            plugin,
+            &package.manifest.version,
+            package.manifest.abi,
+            &staged.sha256,
+            &staged.path,
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                window.set_outcome(1);
+                drop(window);
+                return self.refuse(report, &package_dir, &ReloadError::Load(e));
+            }
+        };
+        let t_swap = Instant::now();
+        slot.install(loaded);
+        let switch = t_swap.elapsed();
+        window.set_outcome(0);
+        drop(window);
+        let window_time = t2.elapsed();
+        let total = t0.elapsed();
+
+        for (phase, d) in [
+            (Phase::Verify, verify),
+            (Phase::Stage, stage),
+            (Phase::Load, timings.load),
+            (Phase::Init, timings.init),
+            (Phase::Switch, switch),
+            (Phase::Total, total),
+        ] {
+            self.observe(plugin, phase, d);
+        }
+        self.metrics
+            .reloads_total
+            .with_label_values(&[plugin, ReloadOutcome::Success.as_str()])
+            .inc();
+        let new_ref = VersionRef {
+            version: package.manifest.version.clone(),
+            sha256: staged.sha256.clone(),
+        };
+        if let Err(e) = self.record_activation(plugin, &new_ref, from_version.as_deref()) {
+            // The new version serves; only the record of it failed. Say so loudly.
+            tracing::error!(plugin, error = %e, "activated, but the store could not record it");
+        }
+        tracing::info!(
+            plugin,
+            from = from_version.as_deref().unwrap_or("-"),
+            to = %package.manifest.version,
+            total_us = total.as_micros() as u64,
+            window_us = window_time.as_micros() as u64,
+            "reloaded"
+        );
+        report.outcome = ReloadOutcome::Success.as_str().into();
+        report.active_version = Some(package.manifest.version.to_string());
+        report.total_us = Some(total.as_micros() as u64);
+        report.switch_us = Some(window_time.as_micros() as u64);
+        report
+    }
+
+    fn observe(&self, plugin: &str, phase: Phase, d: Duration) {
+        self.metrics
+            .reload_duration_seconds
+            .with_label_values(&[plugin, phase.as_str()])
+            .observe(d.as_secs_f64());
+    }
+
+    fn record_activation(
+        &self,
+        plugin: &str,
+        new: &VersionRef,
+        from: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut refs = self.store.refs(plugin)?;
+        refs.active = Some(new.clone());
+        refs.history.push(new.clone());
+        self.store.write_refs(plugin, &refs)?;
+        let mut entry = JournalEntry::now(plugin, "activated");
+        entry.version = Some(new.version.to_string());
+        entry.from_version = from.map(str::to_owned);
+        entry.sha256 = Some(new.sha256.clone());
+        self.store.journal(&entry)
+    }
+
+    fn refuse(
+        &self,
+        mut report: ReloadReport,
+        package_dir: &Path,
+        e: &ReloadError,
+    ) -> ReloadReport {
+        let outcome = e.outcome();
+        let file = e.file(package_dir);
+        tracing::error!(
+            plugin = %report.plugin,
+            file = %file.display(),
+            outcome = outcome.as_str(),
+            serving = report.active_version.as_deref().unwrap_or("none"),
+            "reload refused: {e}"
+        );
+        self.metrics
+            .reloads_total
+            .with_label_values(&[&report.plugin, outcome.as_str()])
+            .inc();
+        let mut entry = JournalEntry::now(&report.plugin, outcome.as_str());
+        entry.version.clone_from(&report.package_version);
+        entry.from_version.clone_from(&report.active_version);
+        entry.reason = Some(e.to_string());
+        if let Err(je) = self.store.journal(&entry) {
+            tracing::error!(plugin = %report.plugin, error = %je, "could not journal the refusal");
+        }
+        report.outcome = outcome.as_str().into();
+        report.message = Some(e.to_string());
+        report
+    }
+
+    /// Names of the packages present in `plugins_dir`.
+    pub fn packages(&self) -> Vec<String> {
+        match catalog::list(&self.plugins_dir) {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list plugins_dir");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The package of `plugin` as the catalog reads it now.
+    pub fn package(&self, plugin: &str) -> Result<Package, CatalogError> {
+        catalog::read_package(&self.plugins_dir, plugin)
+    }
+}

@@ -1,0 +1,221 @@
+//! A slot: the place a listener sends frames to, and the one pointer a
+//! reload changes.
+//!
+//! The active version sits behind an `ArcSwapOption`: a switch is one
+//! atomic store, with no moment in which no version serves, and a request
+//! holds its version (a guard or an `Arc`) until it finishes, so it
+//! finishes on the version it started on. The last `keep_loaded` versions
+//! stay mapped, so going back to one of them is the same pointer swap.
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use prometheus::IntCounter;
+use semver::Version;
+
+use crate::loader::{HandleError, LoadedVersion};
+use crate::metrics::{Metrics, RequestOutcome};
+
+/// Why a frame was not answered by a plugin.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DispatchError {
+    /// The slot has no active version (none loaded yet).
+    #[error("plugin {plugin:?} has no active version")]
+    NoActiveVersion {
+        /// The plugin.
+        plugin: String,
+    },
+    /// The plugin failed this request.
+    #[error(transparent)]
+    Plugin(#[from] HandleError),
+}
+
+/// A version installed in a slot, with its request counters resolved once
+/// (no label lookup per request).
+pub struct Installed {
+    /// The loaded library.
+    pub loaded: LoadedVersion,
+    version_label: String,
+    ok: IntCounter,
+    error: IntCounter,
+    panic: IntCounter,
+}
+
+impl Installed {
+    fn handle(&self, request: &[u8]) -> Result<Vec<u8>, HandleError> {
+        let r = self.loaded.handle(request);
+        match &r {
+            Ok(_) => self.ok.inc(),
+            Err(HandleError::Plugin(_)) => self.error.inc(),
+            Err(HandleError::Panic(_)) => self.panic.inc(),
+        }
+        r
+    }
+
+    /// The version's string form.
+    pub fn version(&self) -> &str {
+        &self.version_label
+    }
+}
+
+/// One plugin's slot.
+pub struct Slot {
+    plugin: String,
+    keep_loaded: usize,
+    active: ArcSwapOption<Installed>,
+    // Newest last; includes the active version.
+    mapped: Mutex<VecDeque<Arc<Installed>>>,
+    // (version, state) series of plugin_info this slot has published.
+    published: Mutex<Vec<(String, &'static str)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Slot {
+    /// An empty slot for `plugin` keeping at most `keep_loaded` versions mapped.
+    pub fn new(plugin: &str, keep_loaded: usize, metrics: Arc<Metrics>) -> Slot {
+        Slot {
+            plugin: plugin.to_owned(),
+            keep_loaded: keep_loaded.max(1),
+            active: ArcSwapOption::empty(),
+            mapped: Mutex::new(VecDeque::new()),
+            published: Mutex::new(Vec::new()),
+            metrics,
+        }
+    }
+
+    /// The plugin this slot serves.
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    /// Handles one frame on the active version.
+    pub fn dispatch(&self, request: &[u8]) -> Result<Vec<u8>, DispatchError> {
+        let guard = self.active.load();
+        let Some(installed) = guard.as_ref() else {
+            return Err(DispatchError::NoActiveVersion {
+                plugin: self.plugin.clone(),
+            });
+        };
+        Ok(installed.handle(request)?)
+    }
+
+    /// Handles one frame and says which version answered.
+    pub fn dispatch_versioned(
+        &self,
+        request: &[u8],
+    ) -> (Result<Vec<u8>, DispatchError>, Option<String>) {
+        let guard = self.active.load();
+        match guard.as_ref() {
+            None => (
+                Err(DispatchError::NoActiveVersion {
+                    plugin: self.plugin.clone(),
+                }),
+                None,
+            ),
+            Some(installed) => (
+                installed.handle(request).map_err(Into::into),
+                Some(installed.version_label.clone()),
+            ),
+        }
+    }
+
+    /// The active version, if any.
+    pub fn active(&self) -> Option<Arc<Installed>> {
+        self.active.load_full()
+    }
+
+    /// Versions mapped in this slot, oldest first.
+    pub fn mapped_versions(&self) -> Vec<Version> {
+        self.mapped
+            .lock()
+            .expect("slot lock")
+            .iter()
+            .map(|i| i.loaded.version().clone())
+            .collect()
+    }
+
+    /// Makes `loaded` the active version; returns the previous one.
+    ///
+    /// The swap is the only step between "old serves" and "new serves";
+    /// bookkeeping (mapped list, metrics) happens after it.
+    pub fn install(&self, loaded: LoadedVersion) -> Option<Arc<Installed>> {
+        let version_label = loaded.version().to_string();
+        let counter = |o: RequestOutcome| {
+            self.metrics.requests_total.with_label_values(&[
+                &self.plugin,
+                &version_label,
+                o.as_str(),
+            ])
+        };
+        let installed = Arc::new(Installed {
+            ok: counter(RequestOutcome::Ok),
+            error: counter(RequestOutcome::Error),
+            panic: counter(RequestOutcome::Panic),
+            version_label: version_label.clone(),
+            loaded,
+        });
+        let previous = self.active.swap(Some(installed.clone()));
+        self.remember(installed);
+        previous
+    }
+
+    /// Switches back to a version that is still mapped (a pointer swap, no
+    /// `dlopen`). Returns the previous active version, or `None` if
+    /// `version` is not mapped.
+    pub fn switch_to_mapped(&self, version: &Version) -> Option<Option<Arc<Installed>>> {
+        let target = {
+            let mapped = self.mapped.lock().expect("slot lock");
+            mapped
+                .iter()
+                .find(|i| i.loaded.version() == version)
+                .cloned()
+        }?;
+        let previous = self.active.swap(Some(target.clone()));
+        self.remember(target);
+        Some(previous)
+    }
+
+    fn remember(&self, installed: Arc<Installed>) {
+        let evicted: Vec<Arc<Installed>> = {
+            let mut mapped = self.mapped.lock().expect("slot lock");
+            mapped.retain(|i| !Arc::ptr_eq(i, &installed));
+            mapped.push_back(installed);
+            let excess = mapped.len().saturating_sub(self.keep_loaded);
+            mapped.drain(..excess).collect()
+        };
+        for old in &evicted {
+            for o in [
+                RequestOutcome::Ok,
+                RequestOutcome::Error,
+                RequestOutcome::Panic,
+            ] {
+                let _ = self.metrics.requests_total.remove_label_values(&[
+                    &self.plugin,
+                    old.version(),
+                    o.as_str(),
+                ]);
+            }
+        }
+        self.publish_info();
+        // `evicted` drops here; each old version is shut down and unmapped
+        // when its last in-flight request lets go of it.
+    }
+
+    /// Refreshes `plugvisor_plugin_info` for this plugin.
+    fn publish_info(&self) {
+        let active = self.active.load_full();
+        let mapped = self.mapped.lock().expect("slot lock");
+        let mut published = self.published.lock().expect("slot lock");
+        let info = &self.metrics.plugin_info;
+        for (version, state) in published.drain(..) {
+            let _ = info.remove_label_values(&[&self.plugin, &version, state]);
+        }
+        for i in mapped.iter() {
+            let is_active = active.as_ref().is_some_and(|a| Arc::ptr_eq(a, i));
+            let state = if is_active { "active" } else { "standby" };
+            info.with_label_values(&[&self.plugin, i.version(), state])
+                .set(1);
+            published.push((i.version().to_owned(), state));
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The content-addressed store under `state_dir`.
+//!
+//! * `objects/<sha256>.so` — one file per library version, so `dlopen`
+//!   always sees a distinct path (it returns the old image for a path it
+//!   already has open). Written as a temp file, fsynced, renamed.
+//! * `refs/<plugin>.json` — which version is active, which is known-good,
+//!   and the history; replaced by atomic rename, never edited in place.
+//! * `journal.jsonl` — append-only record of every activation, refusal and
+//!   failure, each line fsynced before the call returns.
+//!
+//! The library is hashed while it is copied: one pass over the bytes, done
+//! before the reload window opens.
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Chunk size of the hash-while-copy loop.
+const COPY_CHUNK: usize = 256 * 1024;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O error, with the file involved.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The library's bytes do not hash to what the manifest pins.
+    #[error("plugin {plugin:?}: sha256 of {library} is {actual}, the manifest says {expected}")]
+    ChecksumMismatch {
+        /// The plugin.
+        plugin: String,
+        /// The library file.
+        library: PathBuf,
+        /// From the manifest.
+        expected: String,
+        /// Computed.
+        actual: String,
+    },
+    /// A refs file exists but does not parse.
+    #[error("refs file {path} is corrupt: {message}")]
+    CorruptRefs {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A verified library in the store.
+#[derive(Debug, Clone)]
+pub struct StagedObject {
+    /// `objects/<sha256>.so`.
+    pub path: PathBuf,
+    /// Its sha256 (lowercase hex).
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A version as the refs record it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRef {
+    /// Semver version.
+    pub version: Version,
+    /// sha256 of its object.
+    pub sha256: String,
+}
+
+/// The refs of one plugin.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Refs {
+    /// The version serving now.
+    pub active: Option<VersionRef>,
+    /// The last version that completed its trial.
+    pub known_good: Option<VersionRef>,
+    /// Versions activated, oldest first (bounded).
+    pub history: Vec<VersionRef>,
+}
+
+/// Most history entries kept in a refs file.
+const MAX_HISTORY: usize = 64;
+
+/// One journal line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// The plugin.
+    pub plugin: String,
+    /// What happened: `activated`, `rejected`, `failed`, …
+    pub event: String,
+    /// Version involved, if known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub version: Option<String>,
+    /// Previous active version, if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub from_version: Option<String>,
+    /// Object hash, if known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sha256: Option<String>,
+    /// Why, in words.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+impl JournalEntry {
+    /// An entry stamped with the current time.
+    pub fn now(plugin: &str, event: &str) -> JournalEntry {
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        JournalEntry {
+            ts_ms,
+            plugin: plugin.to_owned(),
+            event: event.to_owned(),
+            version: None,
+            from_version: None,
+            sha256: None,
+            reason: None,
+        }
+    }
+}
+
+/// The store rooted at `state_dir`.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    objects: PathBuf,
+    refs: PathBuf,
+    journal: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        let store = Store {
+            root: state_dir.to_owned(),
+            objects: state_dir.join("objects"),
+            refs: state_dir.join("refs"),
+            journal: state_dir.join("journal.jsonl"),
+        };
+        for dir in [&store.root, &store.objects, &store.refs] {
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        }
+        // Leftovers of a copy interrupted by a crash are never referenced.
+        if let Ok(entries) = std::fs::read_dir(&store.objects) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The store's root (`state_dir`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the object with hash `sha256`.
+    pub fn object_path(&self, sha256: &str) -> PathBuf {
+        self.objects.join(format!("{sha256}.so"))
+    }
+
+    /// Hashes `library` while copying it into `objects/`, and checks the
+    /// hash against `expected` (the manifest's). On a mismatch nothing is
+    /// left behind. An object already present is not rewritten.
+    pub fn stage(
+        &self,
+        plugin: &str,
+        library: &Path,
+        expected: &str,
+    ) -> Result<StagedObject, StoreError> {
+        let target = self.object_path(expected);
+        let mut src = File::open(library).map_err(io("opening library", library))?;
+        let exists = target.is_file();
+        let tmp = self
+            .objects
+            .join(format!(".tmp-{}-{expected}", std::process::id()));
+        let mut out = if exists {
+            None
+        } else {
+            Some(File::create(&tmp).map_err(io("creating", &tmp))?)
+        };
+        let result = (|| {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; COPY_CHUNK];
+            let mut size = 0u64;
+            loop {
+                let n = src.read(&mut buf).map_err(io("reading library", library))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                if let Some(out) = out.as_mut() {
+                    out.write_all(&buf[..n]).map_err(io("writing", &tmp))?;
+                }
+                size += n as u64;
+            }
+            let actual = hex::encode(hasher.finalize());
+            if actual != expected {
+                return Err(StoreError::ChecksumMismatch {
+                    plugin: plugin.to_owned(),
+                    library: library.to_owned(),
+                    expected: expected.to_owned(),
+                    actual,
+                });
+            }
+            if let Some(out) = out.take() {
+                out.sync_all().map_err(io("syncing", &tmp))?;
+                drop(out);
+                std::fs::rename(&tmp, &target).map_err(io("renaming into the store", &target))?;
+                sync_dir(&self.objects)?;
+            }
+            Ok(StagedObject {
+                path: target.clone(),
+                sha256: actual,
+                size,
+            })
+        })();
+        if result.is_err() && !exists {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn refs_path(&self, plugin: &str) -> PathBuf {
+        self.refs.join(format!("{plugin}.json"))
+    }
+
+    /// The refs of `plugin` (empty if it has none yet).
+    pub fn refs(&self, plugin: &str) -> Result<Refs, StoreError> {
+        let path = self.refs_path(plugin);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptRefs {
+                path: path.clone(),
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Refs::default()),
+            Err(source) => Err(StoreError::Io {
+                action: "reading",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Replaces the refs of `plugin` atomically (temp file, fsync, rename, fsync dir).
+    pub fn write_refs(&self, plugin: &str, refs: &Refs) -> Result<(), StoreError> {
+        let path = self.refs_path(plugin);
+        let tmp = self.refs.join(format!(".{plugin}.json.tmp"));
+        let mut refs = refs.clone();
+        if refs.history.len() > MAX_HISTORY {
+            let excess = refs.history.len() - MAX_HISTORY;
+            refs.history.drain(..excess);
+        }
+        let bytes = serde_json::to_vec_pretty(&refs).expect("refs serialise");
+        let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
+        f.write_all(&bytes).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
+        sync_dir(&self.refs)
+    }
+
+    /// Appends `entry` to the journal and fsyncs it.
+    pub fn journal(&self, entry: &JournalEntry) -> Result<(), StoreError> {
+        let mut line = serde_json::to_vec(entry).expect("journal entries serialise");
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)
+            .map_err(io("opening journal", &self.journal))?;
+        f.write_all(&line)
+            .map_err(io("appending to journal", &self.journal))?;
+        f.sync_data().map_err(io("syncing journal", &self.journal))
+    }
+
+    /// Every journal entry, oldest first (a torn last line is skipped).
+    pub fn read_journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let text = match std::fs::read_to_string(&self.journal) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    action: "reading",
+                    path: self.journal.clone(),
+                    source,
+                });
+            }
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn stage_copies_once_and_verifies() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("state")).unwrap();
+        let lib = t.path().join("lib.so");
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&lib, &data).unwrap();
+        let s = store.stage("echo", &lib, &sha(&data)).unwrap();
+        assert_eq!(s.size, data.len() as u64);
+        assert_eq!(std::fs::read(&s.path).unwrap(), data);
+        assert_eq!(s.path, store.object_path(&sha(&data)));
+        // Staging again reuses the object.
+        let again = store.stage("echo", &lib, &sha(&data)).unwrap();
+        assert_eq!(again.path, s.path);
+    }
+
+    #[test]
+    fn checksum_mismatch_leaves_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("state")).unwrap();
+        let lib = t.path().join("lib.so");
+        std::fs::write(&lib, b"real bytes").unwrap();
+        let wrong = sha(b"other bytes");
+        let err = store.stage("echo", &lib, &wrong).unwrap_err();
+        match err {
+            StoreError::ChecksumMismatch {
+                expected, actual, ..
+            } => {
+                assert_eq!(expected, wrong);
+                assert_eq!(actual, sha(b"real bytes"));
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert_eq!(
+            std::fs::read_dir(t.path().join("state/objects"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn refs_round_trip_and_corruption_is_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        assert_eq!(store.refs("echo").unwrap(), Refs::default());
+        let v = VersionRef {
+            version: Version::new(1, 2, 3),
+            sha256: "ab".repeat(32),
+        };
+        let refs = Refs {
+            active: Some(v.clone()),
+            known_good: None,
+            history: vec![v],
+        };
+        store.write_refs("echo", &refs).unwrap();
+        assert_eq!(store.refs("echo").unwrap(), refs);
+        std::fs::write(t.path().join("refs/echo.json"), b"{not json").unwrap();
+        assert!(matches!(
+            store.refs("echo"),
+            Err(StoreError::CorruptRefs { .. })
+        ));
+    }
+
+    #[test]
+    fn journal_appends_and_skips_torn_line() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        let mut e = JournalEntry::now("echo", "activated");
+        e.version = Some("1.0.0".into());
+        store.journal(&e).unwrap();
+        store
+            .journal(&JournalEntry::now("echo", "rejected"))
+            .unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(t.path().join("journal.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"ts_ms\":1,\"plu").unwrap();
+        let j = store.read_journal().unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(j[0].version.as_deref(), Some("1.0.0"));
+        assert_eq!(j[1].event, "rejected");
+    }
+}
