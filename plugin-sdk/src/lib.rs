@@ -59,7 +59,10 @@ pub struct PvStr {
 impl PvStr {
     /// A `PvStr` over a static string (usable in a `static` initialiser).
     pub const fn from_static(s: &'static str) -> Self {
-        Self { ptr: s.as_ptr(), len: s.len() }
+        Self {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
     }
 
     /// Reads the string back.
@@ -89,12 +92,20 @@ pub struct PvBuf {
 
 impl PvBuf {
     /// An empty buffer that owns nothing.
-    pub const EMPTY: PvBuf = PvBuf { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
+    pub const EMPTY: PvBuf = PvBuf {
+        ptr: std::ptr::null_mut(),
+        len: 0,
+        cap: 0,
+    };
 
     /// Hands a `Vec` over the boundary (plugin side).
     pub fn from_vec(v: Vec<u8>) -> Self {
         let mut v = std::mem::ManuallyDrop::new(v);
-        PvBuf { ptr: v.as_mut_ptr(), len: v.len(), cap: v.capacity() }
+        PvBuf {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            cap: v.capacity(),
+        }
     }
 
     /// Takes a buffer back into a `Vec` (plugin side, in `free`).

@@ -82,9 +82,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let store = Store::open(&config.state_dir)?;
 
-    let bound = listeners::bind_all(&config.listeners).await?;
+    let bound = listeners::bind_all(&config.listeners)?;
     for b in &bound {
-        tracing::info!(listener = %b.config.name, addr = %b.local_addr, protocol = b.config.protocol.as_str(), plugin = %b.config.plugin, "listening");
+        tracing::info!(listener = %b.config.name, addr = %b.local_addr, protocol = b.config.protocol.as_str(), plugin = %b.config.plugin, "bound listener");
     }
 
     let plugin_names = Arc::new(RwLock::new(config.plugins()));
@@ -119,7 +119,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .lock()
             .expect("reloader lock")
             .slot(&b.config.plugin);
-        listener_tasks.push(listeners::spawn(b, slot, shutdown_rx.clone()));
+        listener_tasks.push(listeners::spawn(b, slot, shutdown_rx.clone())?);
     }
 
     let mut metrics_shutdown = shutdown_rx.clone();

@@ -50,6 +50,20 @@ pub enum LoadError {
         /// What the library says.
         found: u32,
     },
+    /// The manifest declares an ABI this host does not speak.
+    #[error(
+        "plugin {plugin:?}: the manifest declares plugin ABI {declared}, this plugvisor speaks ABI {expected}"
+    )]
+    ManifestAbi {
+        /// The plugin.
+        plugin: String,
+        /// The object.
+        path: PathBuf,
+        /// The manifest's `abi`.
+        declared: u32,
+        /// The host's ABI.
+        expected: u32,
+    },
     /// Descriptor name or version differ from the manifest.
     #[error(
         "plugin {plugin:?}: {path} says it is {found_name} {found_version}, the manifest says {plugin} {expected_version}"
@@ -147,10 +161,101 @@ impl std::fmt::Debug for LoadedVersion {
     }
 }
 
+/// Checks, from its headers alone, that `path` is a shared object for this
+/// machine whose loadable segments lie inside the file.
+///
+/// `dlopen` maps segments straight from the file: a truncated library maps
+/// pages past its end and the first touch during relocation is a SIGBUS
+/// that takes the whole daemon down. A few hundred bytes of header reads
+/// rule that out before the dynamic loader ever sees the file.
+fn check_elf(path: &Path) -> Result<(), String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    const PT_LOAD: u32 = 1;
+    const PT_DYNAMIC: u32 = 2;
+    #[cfg(target_arch = "x86_64")]
+    const MACHINE: u16 = 62;
+    #[cfg(target_arch = "aarch64")]
+    const MACHINE: u16 = 183;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut h = [0u8; EHDR];
+    f.read_exact(&mut h)
+        .map_err(|_| format!("not an ELF object ({size} bytes)"))?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    if &h[..4] != b"\x7fELF" {
+        return Err("not an ELF object (bad magic)".into());
+    }
+    if h[4] != 2 || h[5] != 1 {
+        return Err("not a 64-bit little-endian ELF object".into());
+    }
+    if u16_at(&h, 16) != 3 {
+        return Err(format!(
+            "ELF type {} is not a shared object",
+            u16_at(&h, 16)
+        ));
+    }
+    if u16_at(&h, 18) != MACHINE {
+        return Err(format!(
+            "ELF machine {} is not this machine's ({MACHINE})",
+            u16_at(&h, 18)
+        ));
+    }
+    let phoff = u64_at(&h, 32);
+    let phentsize = usize::from(u16_at(&h, 54));
+    let phnum = usize::from(u16_at(&h, 56));
+    if phentsize != PHDR || phnum == 0 {
+        return Err("ELF program headers are malformed".into());
+    }
+    let ph_end = phoff
+        .checked_add((phnum * PHDR) as u64)
+        .filter(|&e| e <= size);
+    if ph_end.is_none() {
+        return Err(format!(
+            "truncated: program headers end past the file's {size} bytes"
+        ));
+    }
+    let mut ph = vec![0u8; phnum * PHDR];
+    f.seek(SeekFrom::Start(phoff))
+        .and_then(|_| f.read_exact(&mut ph))
+        .map_err(|e| e.to_string())?;
+    let (mut loads, mut dynamic) = (0, 0);
+    for p in ph.chunks_exact(PHDR) {
+        let kind = u32_at(p, 0);
+        if kind != PT_LOAD && kind != PT_DYNAMIC {
+            continue;
+        }
+        let (offset, filesz) = (u64_at(p, 8), u64_at(p, 32));
+        if offset.checked_add(filesz).is_none_or(|end| end > size) {
+            return Err(format!(
+                "truncated: a segment spans bytes {offset}..{} of a {size}-byte file",
+                offset.saturating_add(filesz)
+            ));
+        }
+        if kind == PT_LOAD {
+            loads += 1;
+        } else {
+            dynamic += 1;
+        }
+    }
+    if loads == 0 || dynamic == 0 {
+        return Err("ELF object has no loadable or dynamic segment".into());
+    }
+    Ok(())
+}
+
 fn open(
     plugin: &str,
     path: &Path,
 ) -> Result<(Library, *const PluginDescriptor, Identity), LoadError> {
+    check_elf(path).map_err(|message| LoadError::Open {
+        plugin: plugin.to_owned(),
+        path: path.to_owned(),
+        message,
+    })?;
     // RTLD_NOW: an unresolved symbol fails here, not in the middle of a
     // request. RTLD_LOCAL: versions never see each other's symbols.
     // SAFETY: running a library's constructors is inherent to loading it;
@@ -223,11 +328,11 @@ pub fn load(
 ) -> Result<(LoadedVersion, LoadTimings), LoadError> {
     let t0 = Instant::now();
     if abi != ABI_VERSION {
-        return Err(LoadError::AbiMismatch {
+        return Err(LoadError::ManifestAbi {
             plugin: plugin.to_owned(),
             path: object.to_owned(),
+            declared: abi,
             expected: ABI_VERSION,
-            found: abi,
         });
     }
     let (library, descriptor, id) = open(plugin, object)?;

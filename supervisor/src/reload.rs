@@ -81,6 +81,7 @@ impl ReloadError {
                 LoadError::Open { path, .. }
                 | LoadError::NoDescriptor { path, .. }
                 | LoadError::AbiMismatch { path, .. }
+                | LoadError::ManifestAbi { path, .. }
                 | LoadError::IdentityMismatch { path, .. },
             ) => path.clone(),
             ReloadError::Load(LoadError::InitFailed { .. }) | ReloadError::VersionReused { .. } => {
@@ -228,6 +229,25 @@ impl Reloader {
     /// `force` re-processes a manifest even if its bytes were seen before.
     pub fn reload(&mut self, plugin: &str, force: bool) -> ReloadReport {
         let t0 = Instant::now();
+        let package_dir = self.plugins_dir.join(plugin);
+        if !self.slots.contains_key(plugin) && !package_dir.join(catalog::MANIFEST_FILE).exists() {
+            // Neither configured nor packaged: a typo, not a plugin. No slot,
+            // no series, no journal entry.
+            let e = CatalogError::NoPackage {
+                plugin: plugin.to_owned(),
+                path: package_dir.join(catalog::MANIFEST_FILE),
+            };
+            return ReloadReport {
+                plugin: plugin.to_owned(),
+                outcome: "unknown".into(),
+                active_version: None,
+                package_version: None,
+                from_version: None,
+                message: Some(e.to_string()),
+                total_us: None,
+                switch_us: None,
+            };
+        }
         let slot = self.slot(plugin);
         let from = slot.active();
         let from_version = from.as_ref().map(|a| a.version().to_owned());
@@ -241,7 +261,6 @@ impl Reloader {
             total_us: None,
             switch_us: None,
         };
-        let package_dir = self.plugins_dir.join(plugin);
 
         // Verify: manifest parsed, validated, library located.
         let package = match catalog::read_package(&self.plugins_dir, plugin) {
@@ -283,6 +302,15 @@ impl Reloader {
                 };
                 return self.refuse(report, &package_dir, &e);
             }
+        }
+        if package.manifest.abi != plugvisor_sdk::ABI_VERSION {
+            let e = LoadError::ManifestAbi {
+                plugin: plugin.to_owned(),
+                path: package.manifest_path.clone(),
+                declared: package.manifest.abi,
+                expected: plugvisor_sdk::ABI_VERSION,
+            };
+            return self.refuse(report, &package_dir, &ReloadError::Load(e));
         }
         let verify = t0.elapsed();
 

@@ -44,7 +44,9 @@ impl Echo {
 
 impl Plugin for Echo {
     fn init() -> Result<Self, String> {
-        Ok(Echo { level: AtomicU32::new(0) })
+        Ok(Echo {
+            level: AtomicU32::new(0),
+        })
     }
 
     fn handle(&self, request: &[u8]) -> Result<Vec<u8>, String> {
@@ -74,9 +76,18 @@ mod tests {
         let e = Echo::init().unwrap();
         let tag = format!("[echo {VERSION}] ");
         assert_eq!(e.handle(b"hi").unwrap(), format!("{tag}hi").into_bytes());
-        assert_eq!(e.handle(b"upper hi").unwrap(), format!("{tag}HI").into_bytes());
-        assert_eq!(e.handle(b"rev abc").unwrap(), format!("{tag}cba").into_bytes());
+        assert_eq!(
+            e.handle(b"upper hi").unwrap(),
+            format!("{tag}HI").into_bytes()
+        );
+        assert_eq!(
+            e.handle(b"rev abc").unwrap(),
+            format!("{tag}cba").into_bytes()
+        );
         e.degrade(1).unwrap().unwrap();
-        assert_eq!(e.handle(b"upper hi").unwrap(), format!("{tag}upper hi").into_bytes());
+        assert_eq!(
+            e.handle(b"upper hi").unwrap(),
+            format!("{tag}upper hi").into_bytes()
+        );
     }
 }

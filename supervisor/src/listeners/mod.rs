@@ -21,18 +21,26 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// A bound listener, ready to serve.
+/// Backlog of each listening socket.
+const BACKLOG: u32 = 1024;
+
+/// A bound listener, not yet accepting connections.
+///
+/// Binding and listening are two steps so the kernel probes can learn the
+/// port (which may have been 0 in the config) and attach before the first
+/// connection can be established: every connection is then seen from its
+/// first state change, and the kernel's count starts exact.
 pub struct Bound {
     /// Its configuration.
     pub config: ListenerConfig,
-    /// The socket.
-    pub socket: tokio::net::TcpListener,
+    /// The socket (bound, not listening).
+    pub socket: tokio::net::TcpSocket,
     /// The address actually bound (port 0 resolved).
     pub local_addr: SocketAddr,
 }
 
 /// Binds every configured listener; any failure refuses the start.
-pub async fn bind_all(configs: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
+pub fn bind_all(configs: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
     let mut out = Vec::with_capacity(configs.len());
     for c in configs {
         let err = |source| BindError {
@@ -40,7 +48,14 @@ pub async fn bind_all(configs: &[ListenerConfig]) -> Result<Vec<Bound>, BindErro
             addr: c.bind,
             source,
         };
-        let socket = tokio::net::TcpListener::bind(c.bind).await.map_err(err)?;
+        let socket = if c.bind.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        socket.bind(c.bind).map_err(err)?;
         let local_addr = socket.local_addr().map_err(err)?;
         out.push(Bound {
             config: c.clone(),
@@ -51,15 +66,25 @@ pub async fn bind_all(configs: &[ListenerConfig]) -> Result<Vec<Bound>, BindErro
     Ok(out)
 }
 
-/// Starts serving `bound` on `slot` until `shutdown` flips to true; the
-/// task ends when the listener has drained.
+/// Starts listening on `bound` and serving it on `slot` until `shutdown`
+/// flips to true; the task ends when the listener has drained.
 pub fn spawn(
     bound: Bound,
     slot: Arc<Slot>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    match bound.config.protocol {
-        Protocol::Tcp => tokio::spawn(tcp::serve(bound.socket, bound.config.name, slot, shutdown)),
+) -> Result<tokio::task::JoinHandle<()>, BindError> {
+    let Bound {
+        config,
+        socket,
+        local_addr,
+    } = bound;
+    let listener = socket.listen(BACKLOG).map_err(|source| BindError {
+        name: config.name.clone(),
+        addr: local_addr,
+        source,
+    })?;
+    Ok(match config.protocol {
+        Protocol::Tcp => tokio::spawn(tcp::serve(listener, config.name, slot, shutdown)),
         Protocol::Grpc => unreachable!("config validation refuses grpc listeners in this build"),
-    }
+    })
 }

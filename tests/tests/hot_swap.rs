@@ -1,0 +1,210 @@
+//! The headline claim: plugins are swapped under live TCP traffic and not
+//! one connection breaks — as the clients see it and as the kernel does.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use plugvisor_tests::{
+    Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version, echo_version,
+    install_package, require_root, wait_until,
+};
+
+const CONNECTIONS: usize = 20;
+const RELOADS: usize = 50;
+
+struct ClientReport {
+    frames: u64,
+    errors: Vec<String>,
+    versions: Vec<String>,
+    still_open: bool,
+}
+
+#[test]
+fn fifty_reloads_under_twenty_live_connections_break_nothing() {
+    if !require_root("fifty_reloads_under_twenty_live_connections_break_nothing") {
+        return;
+    }
+    // Build every version first so the reloads follow each other quickly.
+    let versions: Vec<String> = (1..=RELOADS).map(|i| format!("1.1.{i}")).collect();
+    let libs: Vec<_> = versions.iter().map(|v| build_echo_version(v)).collect();
+
+    let mut daemon = Daemon::start(DaemonOptions::default());
+    let addr = daemon.addr("echo-tcp");
+    let before = daemon.metrics();
+    assert_eq!(
+        before.get("plugvisor_probe_up", &[("probe", "inet_sock_set_state")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        before.get("plugvisor_probe_up", &[("probe", "reload_markers")]),
+        Some(1.0)
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let stop = stop.clone();
+            let mut client = LineClient::connect(addr).expect("connect");
+            std::thread::spawn(move || {
+                let mut r = ClientReport {
+                    frames: 0,
+                    errors: Vec::new(),
+                    versions: Vec::new(),
+                    still_open: false,
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let frame = format!("c{c}-f{}", r.frames);
+                    match client.call(&frame) {
+                        Ok(resp) => {
+                            let Some(v) = echo_version(&resp) else {
+                                r.errors.push(resp);
+                                continue;
+                            };
+                            if !resp.ends_with(&frame) {
+                                r.errors.push(format!("wrong answer {resp:?} to {frame:?}"));
+                            }
+                            if r.versions.last().map(String::as_str) != Some(v) {
+                                r.versions.push(v.to_owned());
+                            }
+                        }
+                        Err(e) => {
+                            r.errors.push(format!("{e}"));
+                            return r;
+                        }
+                    }
+                    r.frames += 1;
+                }
+                // Still open after all reloads: one more frame answers.
+                r.still_open = client.call("last").is_ok_and(|resp| resp.ends_with("last"));
+                r
+            })
+        })
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_until(deadline, "kernel sees all client connections", || {
+        daemon
+            .metrics()
+            .get("plugvisor_tcp_connections", &[("listener", "echo-tcp")])
+            == Some(CONNECTIONS as f64)
+    });
+
+    for (i, (v, lib)) in versions.iter().zip(&libs).enumerate() {
+        install_package(
+            &daemon.plugins_dir,
+            "echo",
+            v,
+            lib,
+            &PackageTweaks::default(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        wait_until(deadline, &format!("reload {} to {v}", i + 1), || {
+            daemon.metrics().get(
+                "plugvisor_plugin_info",
+                &[("plugin", "echo"), ("version", v), ("state", "active")],
+            ) == Some(1.0)
+        });
+        daemon.assert_running();
+    }
+    // Let every client see the last version before stopping them.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        daemon
+            .metrics()
+            .get("plugvisor_tcp_connections", &[("listener", "echo-tcp")]),
+        Some(CONNECTIONS as f64),
+        "the kernel still sees every connection after the reloads"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let reports: Vec<ClientReport> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+
+    let m = daemon.metrics();
+    let total_frames: u64 = reports.iter().map(|r| r.frames).sum();
+    for (i, r) in reports.iter().enumerate() {
+        assert!(r.errors.is_empty(), "client {i} saw errors: {:?}", r.errors);
+        assert!(
+            r.still_open,
+            "client {i}: connection did not survive the reloads"
+        );
+        assert!(
+            r.versions.len() >= 2,
+            "client {i} never saw the version change: {:?}",
+            r.versions
+        );
+        assert_eq!(
+            r.versions.last().map(String::as_str),
+            Some(versions.last().unwrap().as_str()),
+            "client {i}"
+        );
+        // Versions only move forward under one connection.
+        let idx: Vec<usize> = r
+            .versions
+            .iter()
+            .map(|v| {
+                if v == "1.0.0" {
+                    0
+                } else {
+                    versions.iter().position(|x| x == v).unwrap() + 1
+                }
+            })
+            .collect();
+        assert!(
+            idx.windows(2).all(|w| w[0] < w[1]),
+            "client {i} saw versions out of order: {:?}",
+            r.versions
+        );
+    }
+    assert_eq!(
+        m.get(
+            "plugvisor_reloads_total",
+            &[("plugin", "echo"), ("outcome", "success")]
+        ),
+        Some((RELOADS + 1) as f64)
+    );
+    assert_eq!(
+        m.get(
+            "plugvisor_reload_broken_connections_total",
+            &[("listener", "echo-tcp"), ("protocol", "tcp")]
+        ),
+        Some(0.0),
+        "the kernel saw connections break during a reload"
+    );
+    assert_eq!(
+        m.get(
+            "plugvisor_kernel_reload_duration_seconds_count",
+            &[("plugin", "echo")]
+        ),
+        Some((RELOADS + 1) as f64),
+        "every reload window was seen by the kernel"
+    );
+    // Old versions stay mapped, but no more than keep_loaded (4).
+    let mapped = m
+        .matching("plugvisor_plugin_info", &[("plugin", "echo")])
+        .count();
+    assert_eq!(mapped, 4, "mapped versions are bounded by keep_loaded");
+
+    let q = |name: &str, labels: &[(&str, &str)], q: f64| {
+        m.quantile(name, labels, q).unwrap_or(f64::NAN) * 1e6
+    };
+    eprintln!(
+        "{total_frames} frames over {CONNECTIONS} connections across {RELOADS} reloads, 0 errors"
+    );
+    for phase in ["verify", "stage", "load", "init", "switch", "total"] {
+        let l = [("plugin", "echo"), ("phase", phase)];
+        eprintln!(
+            "reload phase {phase:>6}: p50 {:>8.1} us  p99 {:>8.1} us",
+            q("plugvisor_reload_duration_seconds", &l, 0.5),
+            q("plugvisor_reload_duration_seconds", &l, 0.99)
+        );
+    }
+    let l = [("plugin", "echo")];
+    eprintln!(
+        "kernel reload window: p50 {:.1} us  p99 {:.1} us (mean {:.1} us)",
+        q("plugvisor_kernel_reload_duration_seconds", &l, 0.5),
+        q("plugvisor_kernel_reload_duration_seconds", &l, 0.99),
+        m.sum("plugvisor_kernel_reload_duration_seconds_sum", &l)
+            / m.sum("plugvisor_kernel_reload_duration_seconds_count", &l)
+            * 1e6
+    );
+    assert_eq!(daemon.stop(), Some(0), "SIGTERM drains and exits 0");
+}

@@ -1,0 +1,68 @@
+//! plugvisor's task runner, run as `cargo xtask <command>`.
+//!
+//! It orchestrates; it does not hide the ordinary cargo commands. Each step
+//! prints the command it runs, so anything xtask does can be repeated by
+//! hand:
+//!
+//! * `setup` — the once-per-machine tools the build and tests need (apt
+//!   packages, the nightly's `rust-src`, a bpf-linker built against the
+//!   nightly's own LLVM). Idempotent.
+//! * `build` — `cargo build` of the workspace; the eBPF object is built by
+//!   `supervisor/build.rs`, the plugins are cdylibs in the target dir.
+//! * `test` — what CI runs (`.ci/run`): setup, lints, build, unit tests and
+//!   the black-box integration tests, with one summary line at the end.
+//! * `demo` — starts the daemon with its embedded default config, drives
+//!   live TCP traffic through two hot reloads and reports what the clients
+//!   and the kernel saw.
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `cargo xtask`.
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "plugvisor's task runner"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// One subcommand per module.
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need on this machine (idempotent).
+    Setup,
+    /// Build the workspace: daemon, eBPF object and plugins.
+    Build(build::Args),
+    /// Run what CI runs: setup, fmt, clippy, build, unit and integration tests.
+    Test(test::Args),
+    /// Run the daemon and hot-reload the echo plugin under live traffic.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build(args) => build::run(&args),
+        // Prints its own error so its summary line stays the last line.
+        Command::Test(args) => return test::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `cargo xtask test`: what CI runs (`.ci/run`), and what a developer runs
+//! before pushing.
+//!
+//! Steps run in order and stop at the first failure, naming it: setup,
+//! `cargo fmt --check`, clippy, the release build (the integration tests
+//! load its plugin cdylibs), unit tests, then the black-box integration
+//! tests one at a time (they change kernel state: eBPF programs, ports).
+//! The last line is always `xtask test: N passed, M failed`, summed over
+//! every `cargo test` run, so a CI log can be judged from its tail.
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::{build, setup, util};
+
+/// The black-box integration test crate.
+const INTEGRATION_CRATE: &str = "plugvisor-tests";
+
+/// Flags of `cargo xtask test`; CI uses none.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo xtask setup` (this machine is already set up).
+    #[arg(long)]
+    pub skip_setup: bool,
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+/// Tests passed and failed, from libtest's `test result:` lines.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Adds the counts of `test result: ok. 3 passed; 1 failed; …`; other
+    /// lines are ignored.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs the steps, prints the summary line last, and turns the outcome
+/// into the exit code (the error is printed here, before the summary, so
+/// the summary stays the final line).
+pub fn run(args: &Args) -> ExitCode {
+    let mut tally = Tally::default();
+    let mut timings = Vec::new();
+    let result = steps(args, &mut tally, &mut timings);
+
+    let timings: Vec<String> = timings
+        .iter()
+        .map(|(name, took)| format!("{name} {}", util::secs(*took)))
+        .collect();
+    println!("\nxtask test: step timings: {}", timings.join(", "));
+    let code = match result {
+        Ok(()) if tally.failed == 0 => ExitCode::SUCCESS,
+        Ok(()) => {
+            eprintln!("error: {} test(s) failed", tally.failed);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    println!(
+        "xtask test: {} passed, {} failed",
+        tally.passed, tally.failed
+    );
+    code
+}
+
+fn steps(
+    args: &Args,
+    tally: &mut Tally,
+    timings: &mut Vec<(&'static str, Duration)>,
+) -> Result<()> {
+    if !args.skip_setup {
+        step("setup", timings, setup::run)?;
+    }
+    if !args.no_lint {
+        step("fmt", timings, || {
+            util::run(util::cargo().args(["fmt", "--all", "--", "--check"]))
+        })?;
+        // Without --workspace: default-members leave out the eBPF crate,
+        // which only compiles for the BPF target.
+        step("clippy", timings, || {
+            util::run(util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        })?;
+    }
+    step("build", timings, || {
+        build::run(&build::Args { debug: false })
+    })?;
+    step("unit tests", timings, || {
+        util::run_streaming(
+            util::cargo()
+                .args(["test", "--workspace", "--exclude", build::EBPF_CRATE])
+                .args(["--release", "--lib", "--bins"])
+                // Run every test binary even after a failure, so the
+                // summary counts all of them.
+                .arg("--no-fail-fast"),
+            |line| tally.add_line(line),
+        )
+    })?;
+    step("integration tests", timings, || {
+        let release_dir = util::target_dir()?.join("release");
+        util::run_streaming(
+            util::cargo()
+                .env("PLUGVISOR_TARGET_DIR", &release_dir)
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    INTEGRATION_CRATE,
+                    "--no-fail-fast",
+                ])
+                .args(["--", "--test-threads=1"]),
+            |line| tally.add_line(line),
+        )
+    })?;
+    if tally.failed > 0 {
+        bail!("{} test(s) failed", tally.failed);
+    }
+    Ok(())
+}
+
+/// Runs one step between a header and a footer with its duration; an error
+/// is labelled with the step's name.
+fn step(
+    name: &'static str,
+    timings: &mut Vec<(&'static str, Duration)>,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    println!("\n==> xtask test: {name}");
+    let start = Instant::now();
+    let result = f();
+    let took = start.elapsed();
+    timings.push((name, took));
+    match result {
+        Ok(()) => {
+            println!("<== xtask test: {name} ok ({})", util::secs(took));
+            Ok(())
+        }
+        Err(e) => {
+            println!("<== xtask test: {name} FAILED ({})", util::secs(took));
+            Err(e.context(format!("step `{name}` failed")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tallies_libtest_summaries() {
+        let mut t = Tally::default();
+        t.add_line(
+            "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; \
+             0 filtered out; finished in 0.31s",
+        );
+        t.add_line(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; \
+             0 filtered out; finished in 10.00s",
+        );
+        t.add_line("test reload_keeps_connections ... ok");
+        t.add_line("running 5 tests");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 15,
+                failed: 2
+            }
+        );
+    }
+}
