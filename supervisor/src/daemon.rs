@@ -63,6 +63,10 @@ pub enum DaemonError {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start order is the point of this function and reads best in one place"
+)]
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
     std::fs::create_dir_all(&config.plugins_dir).map_err(|e| DaemonError::PluginsDir {
@@ -72,11 +76,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if config.is_embedded_default() {
         match bundle::seed_echo(&config.plugins_dir) {
             Ok(Some(v)) => {
-                tracing::info!(version = %v, dir = %config.plugins_dir.display(), "seeded the bundled echo plugin")
+                tracing::info!(version = %v, dir = %config.plugins_dir.display(), "seeded the bundled echo plugin");
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "could not seed the bundled echo plugin; echo-tcp will answer ERR until a package arrives")
+                tracing::warn!(error = %e, "could not seed the bundled echo plugin; echo-tcp will answer ERR until a package arrives");
             }
         }
     }

@@ -480,3 +480,48 @@ impl Drop for LoadedVersion {
         drop(self.library.take());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn elf_check_refuses_what_dlopen_would_choke_on() {
+        let t = tempfile::tempdir().unwrap();
+        let empty = write(t.path(), "empty.so", b"");
+        assert!(check_elf(&empty).unwrap_err().contains("not an ELF"));
+        let script = write(
+            t.path(),
+            "script.so",
+            b"#!/bin/sh\necho hi\n and some more bytes to pass 64 .......................",
+        );
+        assert!(check_elf(&script).unwrap_err().contains("bad magic"));
+        // A real shared object passes; the same object cut short does not.
+        let libc = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/aarch64-linux-gnu/libc.so.6",
+        ]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .expect("libc");
+        check_elf(libc).unwrap();
+        let bytes = std::fs::read(libc).unwrap();
+        let cut = write(t.path(), "cut.so", &bytes[..bytes.len() / 2]);
+        assert!(
+            check_elf(&cut).unwrap_err().contains("truncated"),
+            "{:?}",
+            check_elf(&cut)
+        );
+        let mut other_machine = bytes[..4096].to_vec();
+        other_machine[18] = 0x28; // EM_ARM
+        let arm = write(t.path(), "arm.so", &other_machine);
+        assert!(check_elf(&arm).unwrap_err().contains("machine"));
+    }
+}

@@ -219,3 +219,107 @@ impl Slot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::loader;
+
+    /// The example plugin as built by `cargo build --release` (which
+    /// `cargo xtask test` runs before the tests).
+    fn echo_library() -> PathBuf {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+        ["release", "debug"]
+            .iter()
+            .map(|p| root.join(p).join("libplugvisor_echo.so"))
+            .find(|p| p.is_file())
+            .expect("libplugvisor_echo.so: run `cargo build --release` first")
+    }
+
+    /// Loads the echo plugin from its own copy (dlopen needs a distinct path
+    /// to give a distinct image).
+    fn load_copy(dir: &std::path::Path, n: u32) -> LoadedVersion {
+        let path = dir.join(format!("echo-{n}.so"));
+        std::fs::copy(echo_library(), &path).unwrap();
+        let version = Version::parse(plugvisor_echo::VERSION).unwrap();
+        loader::load(
+            "echo",
+            &version,
+            plugvisor_sdk::ABI_VERSION,
+            &format!("{n:064}"),
+            &path,
+        )
+        .unwrap()
+        .0
+    }
+
+    #[test]
+    fn empty_slot_refuses_with_a_reason() {
+        let slot = Slot::new("echo", 2, Arc::new(Metrics::new()));
+        let err = slot.dispatch(b"x").unwrap_err();
+        assert!(
+            matches!(err, DispatchError::NoActiveVersion { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_request_finishes_on_the_version_it_started_on() {
+        let t = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let slot = Slot::new("echo", 2, metrics.clone());
+        assert!(slot.install(load_copy(t.path(), 1)).is_none());
+        let held = slot.active().unwrap();
+        let previous = slot.install(load_copy(t.path(), 2)).unwrap();
+        assert!(Arc::ptr_eq(&held, &previous));
+        // The old version still serves the request that holds it…
+        assert!(held.loaded.handle(b"a").unwrap().ends_with(b"a"));
+        // …and new requests go to the new one.
+        let now = slot.active().unwrap();
+        assert!(!Arc::ptr_eq(&held, &now));
+        assert_eq!(
+            slot.dispatch(b"ping").unwrap(),
+            format!("[echo {}] ping", plugvisor_echo::VERSION).into_bytes()
+        );
+    }
+
+    #[test]
+    fn mapped_versions_are_bounded_and_switchable() {
+        let t = tempfile::tempdir().unwrap();
+        let slot = Slot::new("echo", 2, Arc::new(Metrics::new()));
+        for n in 1..=3 {
+            slot.install(load_copy(t.path(), n));
+        }
+        assert_eq!(
+            slot.mapped_versions().len(),
+            2,
+            "keep_loaded bounds the mapped set"
+        );
+        let v = slot.mapped_versions()[0].clone();
+        let before = slot.active().unwrap();
+        let previous = slot.switch_to_mapped(&v).expect("mapped version").unwrap();
+        assert!(Arc::ptr_eq(&before, &previous));
+        assert!(slot.switch_to_mapped(&Version::new(9, 9, 9)).is_none());
+    }
+
+    #[test]
+    fn request_counters_are_per_version() {
+        let t = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let slot = Slot::new("echo", 2, metrics.clone());
+        slot.install(load_copy(t.path(), 1));
+        for _ in 0..3 {
+            slot.dispatch(b"x").unwrap();
+        }
+        let v = plugvisor_echo::VERSION;
+        assert_eq!(
+            metrics
+                .requests_total
+                .with_label_values(&["echo", v, "ok"])
+                .get(),
+            3
+        );
+    }
+}

@@ -3,8 +3,10 @@
 //! `/metrics`, and leave nothing running when a test fails (every process
 //! and directory is held by an RAII guard).
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -147,19 +149,20 @@ impl Daemon {
         }
         let metrics_port = free_port();
         let mut cfg = format!(
-            "plugins_dir = {:?}\nstate_dir = {:?}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[admin]\nsocket = {:?}\n[probes]\nmode = \"{}\"\n[reload]\ndebounce = \"50ms\"\n",
-            plugins_dir,
-            state_dir,
-            dir.path().join("admin.sock"),
+            "plugins_dir = \"{}\"\nstate_dir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[admin]\nsocket = \"{}\"\n[probes]\nmode = \"{}\"\n[reload]\ndebounce = \"50ms\"\n",
+            plugins_dir.display(),
+            state_dir.display(),
+            dir.path().join("admin.sock").display(),
             opts.probes
         );
         for l in &opts.listeners {
-            cfg.push_str(&format!(
+            let _ = write!(
+                cfg,
                 "[[listener]]\nname = \"{}\"\nprotocol = \"tcp\"\nbind = \"{}\"\nplugin = \"{}\"\n",
                 l.name,
                 l.addr(),
                 l.plugin
-            ));
+            );
         }
         let config = dir.path().join("plugvisor.toml");
         std::fs::write(&config, cfg).unwrap();
@@ -490,7 +493,6 @@ impl LineClient {
             l_onoff: 1,
             l_linger: 0,
         };
-        use std::os::fd::AsRawFd as _;
         // SAFETY: setsockopt on an fd we own, with a valid struct.
         unsafe {
             libc::setsockopt(

@@ -1,5 +1,9 @@
 //! Bad packages are refused with one clear log line, counted as
 //! `rejected`, and the previous version serves on without a failed request.
+#![expect(
+    clippy::too_many_lines,
+    reason = "each test is one black-box scenario that reads top to bottom"
+)]
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

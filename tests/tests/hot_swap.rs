@@ -1,5 +1,9 @@
 //! The headline claim: plugins are swapped under live TCP traffic and not
 //! one connection breaks — as the clients see it and as the kernel does.
+#![expect(
+    clippy::too_many_lines,
+    reason = "each test is one black-box scenario that reads top to bottom"
+)]
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

@@ -1,7 +1,15 @@
 //! The probes count what really happens on the wire: a control that breaks
 //! connections on purpose inside a reload window must move the counter by
 //! exactly that many, and real connections must show up and go away.
-use std::io::Write as _;
+#![expect(
+    clippy::float_cmp,
+    reason = "metric values are integer counts carried in f64; exact comparison is the point"
+)]
+#![expect(
+    clippy::too_many_lines,
+    reason = "each test is one black-box scenario that reads top to bottom"
+)]
+use std::io::{Read as _, Write as _};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -69,10 +77,10 @@ fn probes_count_real_loopback_connections() {
 /// the same closes outside the window are not counted at all.
 #[test]
 fn connections_closed_inside_a_reload_window_are_counted_exactly() {
+    const INIT_MS: u64 = 4000;
     if !require_root("connections_closed_inside_a_reload_window_are_counted_exactly") {
         return;
     }
-    const INIT_MS: u64 = 4000;
     let slow_v1 = build_plugin_version("plugvisor-fixture-slow-init", "fixture_slow_init", "0.1.0");
     let slow_v2 = build_plugin_version("plugvisor-fixture-slow-init", "fixture_slow_init", "0.2.0");
     let mut opts = DaemonOptions {
@@ -131,7 +139,6 @@ fn connections_closed_inside_a_reload_window_are_counted_exactly() {
         "server closed the oversized connection",
         || {
             let mut buf = [0u8; 1];
-            use std::io::Read as _;
             matches!(
                 oversized.stream().try_clone().unwrap().read(&mut buf),
                 Ok(0) | Err(_)

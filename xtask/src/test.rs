@@ -103,7 +103,14 @@ fn steps(
         // Without --workspace: default-members leave out the eBPF crate,
         // which only compiles for the BPF target.
         step("clippy", timings, || {
-            util::run(util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+            util::run(util::cargo().args([
+                "clippy",
+                "--release",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         })?;
     }
     step("build", timings, || {

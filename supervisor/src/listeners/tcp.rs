@@ -75,25 +75,23 @@ async fn connection(stream: TcpStream, slot: Arc<Slot>, mut shutdown: watch::Rec
         if n == 0 {
             return;
         }
-        if frame.last() != Some(&b'\n') {
-            if n >= MAX_FRAME {
-                let _ = write
-                    .write_all(format!("ERR frame longer than {MAX_FRAME} bytes\n").as_bytes())
-                    .await;
-                return;
-            }
-            // EOF in the middle of a line: answer it as a frame.
-        } else {
+        if frame.last() == Some(&b'\n') {
             frame.pop();
             if frame.last() == Some(&b'\r') {
                 frame.pop();
             }
+        } else if n >= MAX_FRAME {
+            let _ = write
+                .write_all(format!("ERR frame longer than {MAX_FRAME} bytes\n").as_bytes())
+                .await;
+            return;
         }
+        // Otherwise EOF came in the middle of a line: answer it as a frame.
         out.clear();
         match slot.dispatch(&frame) {
             Ok(resp) => out.extend(resp.into_iter().map(|b| if b == b'\n' { b' ' } else { b })),
             Err(e @ DispatchError::NoActiveVersion { .. }) => {
-                out.extend_from_slice(format!("ERR {e}").as_bytes())
+                out.extend_from_slice(format!("ERR {e}").as_bytes());
             }
             Err(DispatchError::Plugin(e)) => {
                 out.extend_from_slice(format!("ERR {e}").replace('\n', " ").as_bytes());
