@@ -1,10 +1,23 @@
-//! Builds the eBPF programs (`ebpf-probes/ebpf`) with the nightly toolchain
-//! and bpf-linker, and leaves the object in `OUT_DIR` for
-//! `include_bytes_aligned!` in `probes/loader.rs`.
+//! Two build steps:
+//!
+//! 1. The gRPC contract (`proto/plugvisor/v1/plugin.proto`) is compiled with
+//!    protox, a protobuf compiler written in Rust, so building needs no
+//!    system `protoc`. tonic-build generates the server from the resulting
+//!    descriptor set, and the encoded set is left in `OUT_DIR` for server
+//!    reflection (`listeners/grpc.rs`).
+//! 2. The eBPF programs (`ebpf-probes/ebpf`) are built with the nightly
+//!    toolchain and bpf-linker, and the object is left in `OUT_DIR` for
+//!    `include_bytes_aligned!` in `probes/loader.rs`.
+use std::path::Path;
+
 use anyhow::Context as _;
+use prost::Message as _;
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
+    compile_protos(Path::new(&manifest_dir), Path::new(&out_dir))?;
+
     let ebpf_dir = std::path::Path::new(&manifest_dir)
         .join("../ebpf-probes/ebpf")
         .canonicalize()
@@ -22,4 +35,23 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// Generates the `plugvisor.v1` server code and writes
+/// `plugvisor_v1_descriptor.bin` (read by `tonic::include_file_descriptor_set!`).
+fn compile_protos(manifest_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let include = manifest_dir.join("proto");
+    println!("cargo:rerun-if-changed={}", include.display());
+    let fds = protox::compile(["plugvisor/v1/plugin.proto"], [&include])
+        .context("compiling proto/plugvisor/v1/plugin.proto")?;
+    std::fs::write(
+        out_dir.join("plugvisor_v1_descriptor.bin"),
+        fds.encode_to_vec(),
+    )
+    .context("writing the descriptor set for reflection")?;
+    // The daemon only serves; the tests crate generates its own client.
+    tonic_build::configure()
+        .build_client(false)
+        .compile_fds(fds)
+        .context("generating the plugvisor.v1 server")
 }

@@ -62,6 +62,8 @@ pub struct Config {
     pub trust: TrustConfig,
     /// Reload behaviour.
     pub reload: ReloadConfig,
+    /// SIGTERM behaviour.
+    pub shutdown: ShutdownConfig,
     /// Listeners owned by plugvisor.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -81,6 +83,7 @@ impl Default for Config {
             probes: ProbesConfig::default(),
             trust: TrustConfig::default(),
             reload: ReloadConfig::default(),
+            shutdown: ShutdownConfig::default(),
             listeners: Vec::new(),
             source: None,
         }
@@ -170,6 +173,26 @@ impl Default for ReloadConfig {
             trial: Duration::from_secs(30),
             keep_loaded: 4,
             debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long each listener waits for open connections and
+    /// streams to finish before it closes what is left. TCP connections get
+    /// to finish the frame they are on; gRPC connections get HTTP/2's
+    /// two-phase GOAWAY and their in-flight calls finish.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -285,12 +308,6 @@ impl Config {
                     l.name, l.bind
                 )));
             }
-            if l.protocol == Protocol::Grpc {
-                return Err(invalid(format!(
-                    "listener {:?}: protocol \"grpc\" is not available in this build yet",
-                    l.name
-                )));
-            }
         }
         if self.listeners.len() > plugvisor_probes_common::MAX_LISTENERS as usize {
             return Err(invalid(format!(
@@ -333,6 +350,13 @@ mod tests {
         let c = Config::embedded_default();
         assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9464");
         assert_eq!(c.listeners[0].plugin, "echo");
+        assert!(
+            c.listeners
+                .iter()
+                .any(|l| l.protocol == Protocol::Grpc && l.name == "echo-grpc"),
+            "the default serves echo over gRPC too"
+        );
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(10));
         assert!(c.is_embedded_default());
     }
 
@@ -367,6 +391,27 @@ plugin = "echo"
         assert_eq!(c.reload.trial, Duration::from_secs(30));
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.probes.mode, ProbeMode::Auto);
+    }
+
+    #[test]
+    fn grpc_listener_and_drain_timeout_parse() {
+        let text = r#"
+[shutdown]
+drain_timeout = "2500ms"
+[[listener]]
+name = "echo-grpc"
+protocol = "grpc"
+bind = "127.0.0.1:7002"
+plugin = "echo"
+"#;
+        let c = Config::parse(text, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap();
+        assert_eq!(c.listeners[0].protocol, Protocol::Grpc);
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_millis(2500));
+        let err = Config::parse("[shutdown]\ndrain = \"1s\"\n", Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("drain"), "{err}");
     }
 
     #[test]

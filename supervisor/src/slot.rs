@@ -6,12 +6,17 @@
 //! holds its version (a guard or an `Arc`) until it finishes, so it
 //! finishes on the version it started on. The last `keep_loaded` versions
 //! stay mapped, so going back to one of them is the same pointer swap.
+//!
+//! Listeners that advertise readiness (the gRPC health service) learn of a
+//! change of active version through [`Slot::subscribe`], a `watch` channel
+//! updated right after each swap; the request path never touches it.
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use prometheus::IntCounter;
 use semver::Version;
+use tokio::sync::watch;
 
 use crate::loader::{HandleError, LoadedVersion};
 use crate::metrics::{Metrics, RequestOutcome};
@@ -67,6 +72,8 @@ pub struct Slot {
     mapped: Mutex<VecDeque<Arc<Installed>>>,
     // (version, state) series of plugin_info this slot has published.
     published: Mutex<Vec<(String, &'static str)>>,
+    // The active version's string form, for listeners that report readiness.
+    active_version: watch::Sender<Option<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -79,8 +86,15 @@ impl Slot {
             active: ArcSwapOption::empty(),
             mapped: Mutex::new(VecDeque::new()),
             published: Mutex::new(Vec::new()),
+            active_version: watch::Sender::new(None),
             metrics,
         }
+    }
+
+    /// Follows the active version: the receiver holds its string form, or
+    /// `None` while the slot has none, and is notified after every switch.
+    pub fn subscribe(&self) -> watch::Receiver<Option<String>> {
+        self.active_version.subscribe()
     }
 
     /// The plugin this slot serves.
@@ -155,6 +169,8 @@ impl Slot {
             loaded,
         });
         let previous = self.active.swap(Some(installed.clone()));
+        // `send_replace` stores the value even when nobody subscribed yet.
+        self.active_version.send_replace(Some(version_label));
         self.remember(installed);
         previous
     }
@@ -171,6 +187,8 @@ impl Slot {
                 .cloned()
         }?;
         let previous = self.active.swap(Some(target.clone()));
+        self.active_version
+            .send_replace(Some(target.version().to_owned()));
         self.remember(target);
         Some(previous)
     }
@@ -302,6 +320,24 @@ mod tests {
         let previous = slot.switch_to_mapped(&v).expect("mapped version").unwrap();
         assert!(Arc::ptr_eq(&before, &previous));
         assert!(slot.switch_to_mapped(&Version::new(9, 9, 9)).is_none());
+    }
+
+    #[test]
+    fn subscribers_follow_the_active_version() {
+        let t = tempfile::tempdir().unwrap();
+        let slot = Slot::new("echo", 2, Arc::new(Metrics::new()));
+        let mut rx = slot.subscribe();
+        assert_eq!(*rx.borrow_and_update(), None);
+        slot.install(load_copy(t.path(), 1));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(
+            rx.borrow_and_update().as_deref(),
+            Some(plugvisor_echo::VERSION)
+        );
+        let v = slot.mapped_versions()[0].clone();
+        slot.install(load_copy(t.path(), 2));
+        slot.switch_to_mapped(&v).unwrap();
+        assert!(rx.has_changed().unwrap(), "a switch back notifies too");
     }
 
     #[test]

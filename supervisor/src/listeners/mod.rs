@@ -1,10 +1,12 @@
 //! The sockets plugvisor owns. Bound once at start, never closed by a
 //! reload; each hands frames to its plugin's [`crate::slot::Slot`] and
 //! knows nothing of the loader, the store or the catalog.
+pub mod grpc;
 pub mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{ListenerConfig, Protocol};
 use crate::slot::Slot;
@@ -19,6 +21,17 @@ pub struct BindError {
     pub addr: SocketAddr,
     /// The I/O error.
     pub source: std::io::Error,
+}
+
+/// Why a bound listener could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `listen(2)` failed.
+    #[error(transparent)]
+    Listen(#[from] BindError),
+    /// The gRPC services could not be assembled.
+    #[error(transparent)]
+    Grpc(#[from] grpc::GrpcError),
 }
 
 /// Backlog of each listening socket.
@@ -67,12 +80,14 @@ pub fn bind_all(configs: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
 }
 
 /// Starts listening on `bound` and serving it on `slot` until `shutdown`
-/// flips to true; the task ends when the listener has drained.
+/// flips to true; the task ends when the listener has drained, or `drain`
+/// after `shutdown` at the latest.
 pub fn spawn(
     bound: Bound,
     slot: Arc<Slot>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, BindError> {
+    drain: Duration,
+) -> Result<tokio::task::JoinHandle<()>, StartError> {
     let Bound {
         config,
         socket,
@@ -84,7 +99,12 @@ pub fn spawn(
         source,
     })?;
     Ok(match config.protocol {
-        Protocol::Tcp => tokio::spawn(tcp::serve(listener, config.name, slot, shutdown)),
-        Protocol::Grpc => unreachable!("config validation refuses grpc listeners in this build"),
+        Protocol::Tcp => tokio::spawn(tcp::serve(listener, config.name, slot, shutdown, drain)),
+        Protocol::Grpc => {
+            // Assembled before spawning so a failure refuses the start
+            // instead of leaving a dead listener behind.
+            let server = grpc::Server::new(config.name, slot, shutdown.clone())?;
+            tokio::spawn(server.serve(listener, shutdown, drain))
+        }
     })
 }

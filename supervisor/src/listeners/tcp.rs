@@ -16,15 +16,15 @@ use crate::slot::{DispatchError, Slot};
 /// Longest accepted frame, newline included.
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// How long a SIGTERM drain waits for connections to finish their frame.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Accepts connections until `shutdown`, then drains them.
+/// Accepts connections until `shutdown`, then drains them: each connection
+/// finishes the frame it is on and closes; whatever is still open after
+/// `drain` (`[shutdown] drain_timeout`) is closed.
 pub async fn serve(
     listener: TcpListener,
     name: String,
     slot: Arc<Slot>,
     mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -46,11 +46,9 @@ pub async fn serve(
     }
     drop(listener);
     let open = conns.len();
-    if tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
+    if tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} })
+        .await
+        .is_err()
     {
         tracing::warn!(listener = %name, open, "drain timeout; closing remaining connections");
         conns.abort_all();

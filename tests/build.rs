@@ -1,0 +1,15 @@
+//! Generates the `plugvisor.v1` gRPC client from the daemon's own contract,
+//! `supervisor/proto/plugvisor/v1/plugin.proto`, with protox (no system
+//! `protoc`), so the black-box tests speak exactly what the daemon serves
+//! without linking the daemon's library.
+use std::path::Path;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../supervisor/proto");
+    println!("cargo:rerun-if-changed={}", include.display());
+    let fds = protox::compile(["plugvisor/v1/plugin.proto"], [&include])?;
+    tonic_build::configure()
+        .build_server(false)
+        .compile_fds(fds)?;
+    Ok(())
+}
