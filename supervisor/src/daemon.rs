@@ -20,8 +20,10 @@ use crate::reload::{ReloadReport, Reloader};
 use crate::store::Store;
 use crate::{admin, bundle, catalog, listeners};
 
-/// How long listeners get to drain after SIGTERM before the process exits anyway.
-pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past `[shutdown] drain_timeout` the daemon waits for its
+/// listener tasks before it exits anyway. Each listener bounds its own drain
+/// by `drain_timeout`; this only covers one that fails to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum DaemonError {
     /// A listener could not bind.
     #[error(transparent)]
     Bind(#[from] listeners::BindError),
+    /// A bound listener could not start serving.
+    #[error(transparent)]
+    Listener(#[from] listeners::StartError),
     /// Probes are required (`mode = "on"`) and failed.
     #[error("{0} ([probes] mode = \"on\" requires the probes)")]
     Probes(#[from] probes::ProbeError),
@@ -80,7 +85,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "could not seed the bundled echo plugin; echo-tcp will answer ERR until a package arrives");
+                tracing::warn!(error = %e, "could not seed the bundled echo plugin; the echo listeners answer errors until a package arrives");
             }
         }
     }
@@ -123,12 +128,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .lock()
             .expect("reloader lock")
             .slot(&b.config.plugin);
-        listener_tasks.push(listeners::spawn(b, slot, shutdown_rx.clone())?);
+        listener_tasks.push(listeners::spawn(
+            b,
+            slot,
+            shutdown_rx.clone(),
+            config.shutdown.drain_timeout,
+        )?);
     }
 
-    let mut metrics_shutdown = shutdown_rx.clone();
+    // /metrics outlives the listeners' drain, so the drain itself (GOAWAYs,
+    // connections closing) can still be scraped.
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = crate::metrics::serve(config.metrics.listen, metrics.clone(), async move {
-        let _ = metrics_shutdown.changed().await;
+        let _ = metrics_stop_rx.await;
     })
     .await
     .map_err(|source| DaemonError::Metrics {
@@ -190,15 +202,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let _ = shutdown_tx.send(true);
     admin_task.abort();
-    let drained = tokio::time::timeout(EXIT_TIMEOUT, async {
+    let exit_bound = config.shutdown.drain_timeout + EXIT_TIMEOUT;
+    let drained = tokio::time::timeout(exit_bound, async {
         for t in listener_tasks {
             let _ = t.await;
         }
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("listeners did not drain in {EXIT_TIMEOUT:?}; exiting anyway");
+        tracing::warn!("listeners did not drain in {exit_bound:?}; exiting anyway");
     }
+    let _ = metrics_stop_tx.send(());
     let _ = metrics_task.await;
     let _ = std::fs::remove_file(&config.admin.socket);
     drop(probes);

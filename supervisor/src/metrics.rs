@@ -4,8 +4,12 @@
 //! (`as_str()` of small enums, plugin and listener names from the config,
 //! versions bounded by `keep_loaded`) — never a peer address, port or
 //! connection id.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -134,6 +138,16 @@ pub struct Metrics {
     pub probe_failures_total: IntCounterVec,
     /// `plugvisor_probe_events_dropped_total{probe}`.
     pub probe_events_dropped_total: IntCounterVec,
+    /// `plugvisor_tcp_resets_total{listener,direction}` (kernel-observed).
+    pub tcp_resets_total: IntCounterVec,
+    /// `plugvisor_tcp_retransmits_total{listener}` (kernel-observed).
+    pub tcp_retransmits_total: IntCounterVec,
+    /// `plugvisor_grpc_goaway_total{listener}` (server-sent, kernel-observed).
+    pub grpc_goaway_total: IntCounterVec,
+    /// `plugvisor_grpc_stream_resets_total{listener}` (server-sent RST_STREAM, kernel-observed).
+    pub grpc_stream_resets_total: IntCounterVec,
+    /// `plugvisor_service_gap_seconds{listener,window}` (kernel log2 histogram).
+    pub service_gap_seconds: Arc<KernelHistogramVec>,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -149,6 +163,10 @@ fn latency_buckets() -> Vec<f64> {
 
 impl Metrics {
     /// Creates and registers every family, plus the process collector.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one declaration per family, in one place, is the point of this module"
+    )]
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let r = &registry;
@@ -219,6 +237,41 @@ impl Metrics {
                 "Ring buffer records the kernel could not reserve",
                 &["probe"],
             ),
+            tcp_resets_total: counter(
+                r,
+                "plugvisor_tcp_resets_total",
+                "TCP resets on the server side of a listener, sent or received, as the kernel saw them",
+                &["listener", "direction"],
+            ),
+            tcp_retransmits_total: counter(
+                r,
+                "plugvisor_tcp_retransmits_total",
+                "TCP segments the server side of a listener retransmitted, as the kernel saw them",
+                &["listener"],
+            ),
+            grpc_goaway_total: counter(
+                r,
+                "plugvisor_grpc_goaway_total",
+                "HTTP/2 GOAWAY frames sent by a gRPC listener, seen on the wire by the kernel",
+                &["listener"],
+            ),
+            grpc_stream_resets_total: counter(
+                r,
+                "plugvisor_grpc_stream_resets_total",
+                "HTTP/2 RST_STREAM frames sent by a gRPC listener, seen on the wire by the kernel",
+                &["listener"],
+            ),
+            service_gap_seconds: {
+                let h = Arc::new(KernelHistogramVec::new(
+                    "plugvisor_service_gap_seconds",
+                    "Kernel-measured time from a request's bytes being read to the next response bytes \
+                     being written, by whether a reload window was open (window: reload, steady)",
+                    &["listener", "window"],
+                ));
+                r.register(Box::new(KernelHistogramCollector(h.clone())))
+                    .expect("each family registers once");
+                h
+            },
             registry,
             refreshers: Mutex::new(Vec::new()),
         };
@@ -287,6 +340,107 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Histogram
     r.register(Box::new(h.clone()))
         .expect("each family registers once");
     h
+}
+
+/// A histogram family whose buckets are counted elsewhere (in the kernel)
+/// and copied in whole at gather time.
+pub struct KernelHistogramVec {
+    desc: Desc,
+    name: String,
+    help: String,
+    labels: Vec<String>,
+    series: Mutex<BTreeMap<Vec<String>, HistogramSnapshot>>,
+}
+
+/// One series of a [`KernelHistogramVec`].
+#[derive(Debug, Clone, Default)]
+pub struct HistogramSnapshot {
+    /// (upper bound in seconds, cumulative count), ascending; `+Inf` implied by `count`.
+    pub buckets: Vec<(f64, u64)>,
+    /// Sum of observations, seconds.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl KernelHistogramVec {
+    fn new(name: &str, help: &str, labels: &[&str]) -> Self {
+        let desc = Desc::new(
+            name.to_owned(),
+            help.to_owned(),
+            labels.iter().map(|l| (*l).to_owned()).collect(),
+            std::collections::HashMap::new(),
+        )
+        .expect("valid metric definition");
+        KernelHistogramVec {
+            desc,
+            name: name.to_owned(),
+            help: help.to_owned(),
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Replaces the series with label values `values`.
+    pub fn set(&self, values: &[&str], snapshot: HistogramSnapshot) {
+        let key = values.iter().map(|v| (*v).to_owned()).collect();
+        self.series
+            .lock()
+            .expect("histogram lock")
+            .insert(key, snapshot);
+    }
+}
+
+struct KernelHistogramCollector(Arc<KernelHistogramVec>);
+
+impl Collector for KernelHistogramCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0.desc]
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        let h = &self.0;
+        let series = h.series.lock().expect("histogram lock");
+        if series.is_empty() {
+            return Vec::new();
+        }
+        let mut mf = proto::MetricFamily::default();
+        mf.set_name(h.name.clone());
+        mf.set_help(h.help.clone());
+        mf.set_field_type(proto::MetricType::HISTOGRAM);
+        for (values, snap) in series.iter() {
+            let mut m = proto::Metric::default();
+            let labels = h
+                .labels
+                .iter()
+                .zip(values)
+                .map(|(name, value)| {
+                    let mut lp = proto::LabelPair::default();
+                    lp.set_name(name.clone());
+                    lp.set_value(value.clone());
+                    lp
+                })
+                .collect();
+            m.set_label(labels);
+            let mut hist = proto::Histogram::default();
+            hist.set_sample_count(snap.count);
+            hist.set_sample_sum(snap.sum);
+            let buckets = snap
+                .buckets
+                .iter()
+                .map(|&(le, cumulative)| {
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(le);
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            hist.set_bucket(buckets);
+            m.set_histogram(hist);
+            mf.mut_metric().push(m);
+        }
+        vec![mf]
+    }
 }
 
 /// Serves `GET /metrics` on `addr` until `shutdown` resolves.

@@ -15,6 +15,17 @@
 //!   the moment it happened — in the kernel's own clock.
 //! * `LISTENER_COUNTERS` (per-CPU array indexed by listener) holds monotonic
 //!   [`ListenerCounters`]; userspace sums the CPUs and exports deltas.
+//! * `WATCHED_SOCKS` (LRU hash, socket address → [`SockState`]) remembers
+//!   the server-side sockets of watched listeners from ESTABLISHED until
+//!   CLOSE, so probes whose tracepoints carry only a socket pointer
+//!   (`sock_recv_length`, `sock_send_length`) can tell ours from the rest.
+//! * `GAP_HIST` (per-CPU array indexed by `listener * 2 + window`) is the
+//!   service-gap histogram: log2 buckets of the time from request bytes read
+//!   to the next response bytes written on a watched socket.
+//! * `H2_FLOWS` (LRU hash, socket cookie → [`H2Flow`]) tracks where the next
+//!   HTTP/2 frame header lies in each gRPC connection's outgoing byte
+//!   stream, for the `cgroup_skb` egress program that counts server-sent
+//!   GOAWAY and RST_STREAM frames.
 //! * `EVENTS` (ring buffer) carries only what userspace must act on: the end
 //!   of a reload window (with its kernel-measured duration) and each
 //!   connection broken inside one (so the daemon can name the reload in its
@@ -34,6 +45,12 @@ pub mod maps {
     pub const LISTENER_COUNTERS: &str = "LISTENER_COUNTERS";
     /// Array of one [`super::TracepointLayout`], written by userspace before attaching.
     pub const LAYOUT: &str = "LAYOUT";
+    /// LRU hash: socket address → [`super::SockState`].
+    pub const WATCHED_SOCKS: &str = "WATCHED_SOCKS";
+    /// Per-CPU array of [`super::GapHist`], indexed by `listener * 2 + window`.
+    pub const GAP_HIST: &str = "GAP_HIST";
+    /// LRU hash: socket cookie → [`super::H2Flow`].
+    pub const H2_FLOWS: &str = "H2_FLOWS";
     /// Ring buffer of [`super::Event`].
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of `u64`, indexed by [`super::Probe`]: ring buffer reserve failures.
@@ -48,6 +65,18 @@ pub mod programs {
     pub const RELOAD_BEGIN: &str = "reload_begin";
     /// Uprobe on `plugvisor_reload_end`.
     pub const RELOAD_END: &str = "reload_end";
+    /// Tracepoint `tcp/tcp_send_reset`.
+    pub const TCP_SEND_RESET: &str = "tcp_send_reset";
+    /// Tracepoint `tcp/tcp_receive_reset`.
+    pub const TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
+    /// Tracepoint `tcp/tcp_retransmit_skb`.
+    pub const TCP_RETRANSMIT_SKB: &str = "tcp_retransmit_skb";
+    /// Tracepoint `sock/sock_recv_length`.
+    pub const SOCK_RECV_LENGTH: &str = "sock_recv_length";
+    /// Tracepoint `sock/sock_send_length`.
+    pub const SOCK_SEND_LENGTH: &str = "sock_send_length";
+    /// `cgroup_skb` egress: HTTP/2 frame inspection.
+    pub const H2_EGRESS: &str = "h2_egress";
 }
 
 /// Names of the marker functions in the daemon the uprobes attach to.
@@ -66,19 +95,38 @@ pub enum Probe {
     SockState = 0,
     /// The two reload marker uprobes.
     ReloadMarkers = 1,
+    /// `tcp/tcp_send_reset` and `tcp/tcp_receive_reset`.
+    TcpResets = 2,
+    /// `tcp/tcp_retransmit_skb`.
+    TcpRetransmits = 3,
+    /// `sock/sock_recv_length` and `sock/sock_send_length`.
+    ServiceGap = 4,
+    /// `cgroup_skb` egress HTTP/2 frame inspection.
+    Http2Frames = 5,
 }
 
 impl Probe {
     /// Number of probes.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 6;
     /// Every probe, in index order.
-    pub const ALL: [Probe; 2] = [Probe::SockState, Probe::ReloadMarkers];
+    pub const ALL: [Probe; 6] = [
+        Probe::SockState,
+        Probe::ReloadMarkers,
+        Probe::TcpResets,
+        Probe::TcpRetransmits,
+        Probe::ServiceGap,
+        Probe::Http2Frames,
+    ];
 
     /// The stable `probe` label value.
     pub const fn as_str(self) -> &'static str {
         match self {
             Probe::SockState => "inet_sock_set_state",
             Probe::ReloadMarkers => "reload_markers",
+            Probe::TcpResets => "tcp_resets",
+            Probe::TcpRetransmits => "tcp_retransmits",
+            Probe::ServiceGap => "service_gap",
+            Probe::Http2Frames => "http2_frames",
         }
     }
 }
@@ -105,6 +153,14 @@ pub struct ReloadWindow {
     pub seq: u64,
     /// `bpf_ktime_get_ns` at the begin marker.
     pub begin_ns: u64,
+    /// The daemon's process id as the kernel numbers it (in the initial pid
+    /// namespace, which a containerised daemon cannot know), learned by the
+    /// begin marker's uprobe. `sock_*_length` fire for every socket call on
+    /// the machine and only the daemon's can be ours, so they check this
+    /// before any map lookup. 0 until the first reload.
+    pub tgid: u32,
+    /// Padding, explicit so the layout has no hidden bytes.
+    pub pad: u32,
 }
 
 /// Monotonic per-listener counters (one copy per CPU; userspace sums them).
@@ -117,6 +173,69 @@ pub struct ListenerCounters {
     pub closed: u64,
     /// Of `closed`, those that left while a reload window was open.
     pub broken_in_reload: u64,
+    /// RSTs sent by the server side.
+    pub resets_sent: u64,
+    /// RSTs received by the server side.
+    pub resets_received: u64,
+    /// Segments the server side retransmitted.
+    pub retransmits: u64,
+    /// HTTP/2 GOAWAY frames the server sent.
+    pub goaway: u64,
+    /// HTTP/2 RST_STREAM frames the server sent.
+    pub rst_stream: u64,
+}
+
+/// A watched server-side socket, from ESTABLISHED until CLOSE.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SockState {
+    /// Listener index.
+    pub listener: u32,
+    /// Non-zero if a reload window was open when the pending request was read.
+    pub window_at_recv: u32,
+    /// `bpf_ktime_get_ns` of the first read of a request not yet answered (0 = none).
+    pub recv_ns: u64,
+}
+
+/// Number of log2 buckets of a [`GapHist`]; bucket `i` holds gaps in
+/// `[2^(i-1), 2^i)` ns, the last one everything longer.
+pub const GAP_BUCKETS: usize = 40;
+
+/// Windows of the service gap (`window` label), as the second index of `GAP_HIST`.
+pub mod window {
+    /// No reload window was open.
+    pub const STEADY: u32 = 0;
+    /// A reload window was open when the request was read or answered.
+    pub const RELOAD: u32 = 1;
+}
+
+/// A log2 histogram of service gaps, in nanoseconds.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct GapHist {
+    /// Counts per bucket.
+    pub buckets: [u64; GAP_BUCKETS],
+    /// Sum of all gaps, ns.
+    pub sum_ns: u64,
+}
+
+impl Default for GapHist {
+    fn default() -> Self {
+        GapHist {
+            buckets: [0; GAP_BUCKETS],
+            sum_ns: 0,
+        }
+    }
+}
+
+/// Where the next HTTP/2 frame header lies in one connection's outgoing bytes.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct H2Flow {
+    /// TCP sequence number of the next frame header.
+    pub next_seq: u32,
+    /// Listener index.
+    pub listener: u32,
 }
 
 /// Byte offsets of the fields of `sock/inet_sock_set_state`, read by
@@ -134,8 +253,23 @@ pub struct TracepointLayout {
     pub dport: u32,
     /// Offset of `__u16 protocol`.
     pub protocol: u32,
+    /// Offset of `const void * skaddr`.
+    pub skaddr: u32,
     /// Non-zero once userspace has filled this in; programs do nothing before.
     pub ready: u32,
+    /// `tcp/tcp_send_reset`: offset of the local port.
+    pub send_reset_sport: u32,
+    /// Non-zero if that port is in network byte order (newer kernels carry
+    /// a `sockaddr` instead of a host-order `sport` field).
+    pub send_reset_sport_be: u32,
+    /// `tcp/tcp_receive_reset`: offset of `sport` (host order).
+    pub receive_reset_sport: u32,
+    /// `tcp/tcp_retransmit_skb`: offset of `sport` (host order).
+    pub retransmit_sport: u32,
+    /// `sock/sock_{recv,send}_length`: offset of `void * sk`.
+    pub length_sk: u32,
+    /// `sock/sock_{recv,send}_length`: offset of `int ret`.
+    pub length_ret: u32,
 }
 
 /// Kind of an [`Event`].
@@ -173,6 +307,22 @@ pub mod tcp_state {
     pub const CLOSE: i32 = 7;
 }
 
+/// HTTP/2 frame types counted by the egress probe.
+pub mod h2 {
+    /// RST_STREAM.
+    pub const RST_STREAM: u8 = 3;
+    /// SETTINGS.
+    pub const SETTINGS: u8 = 4;
+    /// GOAWAY.
+    pub const GOAWAY: u8 = 7;
+    /// Highest frame type defined by RFC 9113 (CONTINUATION).
+    pub const MAX_KNOWN_TYPE: u8 = 9;
+    /// Length of a frame header.
+    pub const FRAME_HEADER: u32 = 9;
+    /// Frame headers walked per packet (bounded loop for the verifier).
+    pub const MAX_FRAMES_PER_PACKET: u32 = 64;
+}
+
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u16 = 6;
 
@@ -186,4 +336,7 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerCounters {}
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::GapHist {}
+    unsafe impl aya::Pod for super::H2Flow {}
 }

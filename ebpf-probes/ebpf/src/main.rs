@@ -12,8 +12,29 @@
 //!   latency, and a connection that leaves ESTABLISHED while it is open is
 //!   "broken during a reload".
 //!
-//! Counting happens here (per-CPU counters); the ring buffer only carries
-//! the end of each window and each broken connection.
+//! * `tcp/tcp_send_reset`, `tcp/tcp_receive_reset`, `tcp/tcp_retransmit_skb`
+//!   (tracepoints) count resets and retransmits of the server side of a
+//!   watched listener.
+//! * `sock/sock_recv_length` and `sock/sock_send_length` (tracepoints) give
+//!   the service gap: time from a request's bytes being read to the next
+//!   response bytes being written on a watched socket, bucketed in the
+//!   kernel by whether a reload window was open — a stall is as visible as a
+//!   break. They carry only a socket pointer, so `inet_sock_set_state`
+//!   keeps `WATCHED_SOCKS` (our server-side sockets) for them.
+//! * HTTP/2 frames (GOAWAY, RST_STREAM) the server sends on gRPC listeners
+//!   are counted by a `cgroup_skb` egress program on the daemon's own cgroup.
+//!   Why that hook: it sees exactly the bytes that leave, in order, with TCP
+//!   sequence numbers that tell where each frame header lies even when a
+//!   frame spans packets; it needs no registration of sockets, so
+//!   connections already open when it attached are picked up (at the first
+//!   packet that starts on a plausible frame header); and it only reads —
+//!   unlike `sk_msg`, which moves every watched socket onto the sockmap
+//!   send path, or syscall tracepoints, which would have to map fds to
+//!   sockets and walk user-space iovecs. A connection is recognised as
+//!   HTTP/2 by the server's first frame, SETTINGS on stream 0.
+//!
+//! Counting happens here (per-CPU counters and log2 histograms); the ring
+//! buffer only carries the end of each window and each broken connection.
 #![no_std]
 #![no_main]
 // The eBPF crate is built with nightly (aya-build); the atomic-add intrinsic
@@ -23,13 +44,15 @@
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint, uprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, TracePointContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    macros::{cgroup_skb, map, tracepoint, uprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, SkBuffContext, TracePointContext},
 };
+use aya_log_ebpf::info;
 use plugvisor_probes_common::{
-    Event, EventKind, IPPROTO_TCP, ListenerCounters, MAX_LISTENERS, Probe, ReloadWindow,
-    TracepointLayout, WatchedPort, tcp_state,
+    Event, EventKind, GAP_BUCKETS, GapHist, H2Flow, IPPROTO_TCP, ListenerCounters, MAX_LISTENERS,
+    Probe, ReloadWindow, SockState, TracepointLayout, WatchedPort, h2, tcp_state, window,
 };
 
 #[map]
@@ -44,6 +67,19 @@ static LISTENER_COUNTERS: PerCpuArray<ListenerCounters> =
 
 #[map]
 static LAYOUT: Array<TracepointLayout> = Array::with_max_entries(1, 0);
+
+/// Sockets tracked at once; an LRU so a flood of connections evicts the
+/// oldest instead of failing inserts.
+const MAX_SOCKS: u32 = 65_536;
+
+#[map]
+static WATCHED_SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+
+#[map]
+static GAP_HIST: PerCpuArray<GapHist> = PerCpuArray::with_max_entries(MAX_LISTENERS * 2, 0);
+
+#[map]
+static H2_FLOWS: LruHashMap<u64, H2Flow> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -110,7 +146,18 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(counters) = LISTENER_COUNTERS.get_ptr_mut(watched.listener) else {
         return Ok(());
     };
+    let skaddr: u64 = unsafe { ctx.read_at(layout.skaddr as usize) }.map_err(i64::from)?;
+    if new == tcp_state::CLOSE {
+        // Gone for good: stop tracking it for the service gap.
+        let _ = WATCHED_SOCKS.remove(&skaddr);
+    }
     if new == tcp_state::ESTABLISHED && old != tcp_state::ESTABLISHED {
+        let state = SockState {
+            listener: watched.listener,
+            window_at_recv: 0,
+            recv_ns: 0,
+        };
+        let _ = WATCHED_SOCKS.insert(&skaddr, &state, 0);
         // SAFETY: in-bounds field of the map value.
         bump(unsafe { &raw mut (*counters).opened });
     } else if old == tcp_state::ESTABLISHED && new != tcp_state::ESTABLISHED {
@@ -135,6 +182,244 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// The layout, once userspace has written it.
+#[inline(always)]
+fn layout() -> Option<&'static TracepointLayout> {
+    LAYOUT.get(0).filter(|l| l.ready != 0)
+}
+
+/// Counters of the listener on local `port`, if it is watched.
+#[inline(always)]
+fn counters_for_port(port: u16) -> Option<*mut ListenerCounters> {
+    // SAFETY: the value is copied out at once.
+    let watched = unsafe { WATCHED_PORTS.get(&port) }.copied()?;
+    LISTENER_COUNTERS.get_ptr_mut(watched.listener)
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let Some(layout) = layout() else { return 0 };
+    // SAFETY: offsets from this kernel's format file; bpf_probe_read underneath.
+    let Ok(raw) = (unsafe { ctx.read_at::<u16>(layout.send_reset_sport as usize) }) else {
+        return 0;
+    };
+    let port = if layout.send_reset_sport_be != 0 {
+        u16::from_be(raw)
+    } else {
+        raw
+    };
+    if let Some(c) = counters_for_port(port) {
+        // SAFETY: in-bounds field of the map value.
+        bump(unsafe { &raw mut (*c).resets_sent });
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let Some(layout) = layout() else { return 0 };
+    // SAFETY: as above.
+    let Ok(port) = (unsafe { ctx.read_at::<u16>(layout.receive_reset_sport as usize) }) else {
+        return 0;
+    };
+    if let Some(c) = counters_for_port(port) {
+        // SAFETY: in-bounds field of the map value.
+        bump(unsafe { &raw mut (*c).resets_received });
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let Some(layout) = layout() else { return 0 };
+    // SAFETY: as above.
+    let Ok(port) = (unsafe { ctx.read_at::<u16>(layout.retransmit_sport as usize) }) else {
+        return 0;
+    };
+    if let Some(c) = counters_for_port(port) {
+        // SAFETY: in-bounds field of the map value.
+        bump(unsafe { &raw mut (*c).retransmits });
+    }
+    0
+}
+
+/// The watched socket and byte count of a `sock_*_length` event, if it is
+/// one of ours and moved data.
+#[inline(always)]
+fn length_event(ctx: &TracePointContext) -> Option<*mut SockState> {
+    let layout = layout()?;
+    let daemon = RELOAD_WINDOW.get(0).map_or(0, |w| w.tgid);
+    // SAFETY: plain helper call.
+    if daemon != 0 && (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32 != daemon {
+        return None;
+    }
+    // SAFETY: as above.
+    let ret: i32 = unsafe { ctx.read_at(layout.length_ret as usize) }.ok()?;
+    if ret <= 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let sk: u64 = unsafe { ctx.read_at(layout.length_sk as usize) }.ok()?;
+    WATCHED_SOCKS.get_ptr_mut(&sk)
+}
+
+#[inline(always)]
+fn window_open() -> bool {
+    RELOAD_WINDOW.get(0).is_some_and(|w| w.open > 0)
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let Some(state) = length_event(&ctx) else {
+        return 0;
+    };
+    // SAFETY: map value pointer; a racing update on another CPU can only
+    // shift which read starts the gap, never fault.
+    unsafe {
+        if (*state).recv_ns == 0 {
+            (*state).recv_ns = bpf_ktime_get_ns();
+            (*state).window_at_recv = u32::from(window_open());
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let Some(state) = length_event(&ctx) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let (recv_ns, at_recv, listener) =
+        unsafe { ((*state).recv_ns, (*state).window_at_recv, (*state).listener) };
+    if recv_ns == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { (*state).recv_ns = 0 };
+    // SAFETY: plain helper call.
+    let gap = unsafe { bpf_ktime_get_ns() }.saturating_sub(recv_ns);
+    let win = if at_recv != 0 || window_open() {
+        window::RELOAD
+    } else {
+        window::STEADY
+    };
+    let Some(hist) = GAP_HIST.get_ptr_mut(listener * 2 + win) else {
+        return 0;
+    };
+    let bucket = ((64 - gap.leading_zeros()) as usize).min(GAP_BUCKETS - 1);
+    // SAFETY: per-CPU value; bucket is clamped to the array.
+    unsafe {
+        bump(&raw mut (*hist).buckets[bucket]);
+        let sum = &raw mut (*hist).sum_ns;
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            sum, gap,
+        );
+    }
+    0
+}
+
+/// Reads the 9-byte HTTP/2 frame header at `off`: (length, type).
+#[inline(always)]
+fn frame_header(ctx: &SkBuffContext, off: u32) -> Option<(u32, u8, u32)> {
+    let h: [u8; 9] = ctx.load(off as usize).ok()?;
+    let len = (u32::from(h[0]) << 16) | (u32::from(h[1]) << 8) | u32::from(h[2]);
+    let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
+    Some((len, h[3], stream))
+}
+
+/// Whether a header looks like the start of an HTTP/2 frame: a known type
+/// and a length within the largest frame size HTTP/2 allows.
+#[inline(always)]
+fn plausible(len: u32, kind: u8) -> bool {
+    kind <= h2::MAX_KNOWN_TYPE && len < (1 << 24)
+}
+
+#[cgroup_skb(egress)]
+pub fn h2_egress(ctx: SkBuffContext) -> i32 {
+    let _ = try_h2_egress(&ctx);
+    // Inspection only: every packet passes.
+    1
+}
+
+fn try_h2_egress(ctx: &SkBuffContext) -> Option<()> {
+    let port = ctx.skb.local_port() as u16;
+    // SAFETY: the value is copied out at once.
+    let watched = unsafe { WATCHED_PORTS.get(&port) }.copied()?;
+    if watched.protocol != 1 {
+        return None;
+    }
+    // IP header (the skb starts at it on cgroup egress), then TCP.
+    let first: u8 = ctx.load(0).ok()?;
+    let (ip_len, proto) = match first >> 4 {
+        4 => (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).ok()?),
+        6 => (40, ctx.load::<u8>(6).ok()?),
+        _ => return None,
+    };
+    if u16::from(proto) != IPPROTO_TCP {
+        return None;
+    }
+    let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4).ok()?);
+    let doff = u32::from(ctx.load::<u8>(ip_len as usize + 12).ok()? >> 4) * 4;
+    let payload = ip_len + doff;
+    let len = ctx.len();
+    if len <= payload {
+        return None;
+    }
+    let end = seq.wrapping_add(len - payload);
+    // SAFETY: plain helper call on this program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+
+    let mut next = match H2_FLOWS.get_ptr_mut(&cookie) {
+        // SAFETY: map value pointer.
+        Some(flow) if (seq.wrapping_sub(unsafe { (*flow).next_seq }) as i32) <= 0 => {
+            // SAFETY: as above.
+            unsafe { (*flow).next_seq }
+        }
+        _ => {
+            // New to us, or we lost the frame boundary: start at this packet
+            // if it begins with a plausible header. The server's first frame
+            // on a new connection is SETTINGS on stream 0.
+            let (flen, kind, _) = frame_header(ctx, payload)?;
+            if !plausible(flen, kind) {
+                let _ = H2_FLOWS.remove(&cookie);
+                return None;
+            }
+            seq
+        }
+    };
+    let counters = LISTENER_COUNTERS.get_ptr_mut(watched.listener)?;
+    for _ in 0..h2::MAX_FRAMES_PER_PACKET {
+        // Stop once the next header starts beyond this packet.
+        if (next.wrapping_sub(end) as i32) >= 0 {
+            break;
+        }
+        let off = payload + next.wrapping_sub(seq);
+        let Some((flen, kind, _)) = frame_header(ctx, off) else {
+            // The header straddles into the next packet; resync there.
+            break;
+        };
+        if !plausible(flen, kind) {
+            let _ = H2_FLOWS.remove(&cookie);
+            return None;
+        }
+        if kind == h2::GOAWAY {
+            // SAFETY: in-bounds field of the map value.
+            bump(unsafe { &raw mut (*counters).goaway });
+        } else if kind == h2::RST_STREAM {
+            // SAFETY: in-bounds field of the map value.
+            bump(unsafe { &raw mut (*counters).rst_stream });
+        }
+        next = next.wrapping_add(h2::FRAME_HEADER + flen);
+    }
+    let flow = H2Flow {
+        next_seq: next,
+        listener: watched.listener,
+    };
+    let _ = H2_FLOWS.insert(&cookie, &flow, 0);
+    Some(())
+}
+
 #[uprobe]
 pub fn reload_begin(ctx: ProbeContext) -> u32 {
     let plugin: u32 = ctx.arg(0).unwrap_or(u32::MAX);
@@ -146,6 +431,7 @@ pub fn reload_begin(ctx: ProbeContext) -> u32 {
             (*window).plugin = plugin;
             (*window).seq = seq;
             (*window).begin_ns = bpf_ktime_get_ns();
+            (*window).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             (*window).open = (*window).open.saturating_add(1);
         }
     }
@@ -170,12 +456,17 @@ pub fn reload_end(ctx: ProbeContext) -> u32 {
     if open == 0 || open_seq != seq {
         return 0;
     }
+    let duration = now.saturating_sub(begin_ns);
+    info!(
+        &ctx,
+        "reload {} of plugin {}: window closed after {} ns", seq, plugin, duration
+    );
     let event = Event {
         kind: EventKind::ReloadEnd as u32,
         subject: plugin,
         seq,
         ts_ns: now,
-        value: now.saturating_sub(begin_ns),
+        value: duration,
     };
     emit(Probe::ReloadMarkers, &event);
     0

@@ -2,7 +2,7 @@
 //! `format` files — never hard-coded for one kernel.
 use std::path::{Path, PathBuf};
 
-use plugvisor_probes_common::TracepointLayout;
+use plugvisor_probes_common::{Probe, TracepointLayout};
 
 /// Where tracefs may be mounted, in the order tried.
 const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -94,23 +94,87 @@ pub fn field_offset(format: &str, field: &str) -> Option<u32> {
     })
 }
 
-/// The layout of `sock/inet_sock_set_state` on this kernel.
-pub fn inet_sock_set_state() -> Result<TracepointLayout, LayoutError> {
-    let (path, text) = read_format("sock", "inet_sock_set_state")?;
-    let get = |field: &'static str| {
-        field_offset(&text, field).ok_or_else(|| LayoutError::MissingField {
-            path: path.clone(),
+/// Offsets of one tracepoint's fields, looked up by name.
+struct Format {
+    path: PathBuf,
+    text: String,
+}
+
+impl Format {
+    fn read(category: &str, name: &str) -> Result<Format, LayoutError> {
+        read_format(category, name).map(|(path, text)| Format { path, text })
+    }
+
+    fn get(&self, field: &'static str) -> Result<u32, LayoutError> {
+        field_offset(&self.text, field).ok_or_else(|| LayoutError::MissingField {
+            path: self.path.clone(),
             field,
         })
-    };
-    Ok(TracepointLayout {
-        oldstate: get("oldstate")?,
-        newstate: get("newstate")?,
-        sport: get("sport")?,
-        dport: get("dport")?,
-        protocol: get("protocol")?,
+    }
+
+    fn has(&self, field: &str) -> bool {
+        field_offset(&self.text, field).is_some()
+    }
+}
+
+/// The layouts of every tracepoint the probes use, on this kernel. A
+/// tracepoint this kernel lacks (or lays out unexpectedly) is reported
+/// against its probe and leaves its offsets at 0; the program using it is
+/// then not attached.
+pub fn read_all() -> (TracepointLayout, Vec<(Probe, LayoutError)>) {
+    let mut l = TracepointLayout {
         ready: 1,
-    })
+        ..TracepointLayout::default()
+    };
+    let mut failures = Vec::new();
+    let mut try_probe =
+        |probe: Probe, f: &mut dyn FnMut(&mut TracepointLayout) -> Result<(), LayoutError>| {
+            if let Err(e) = f(&mut l) {
+                failures.push((probe, e));
+            }
+        };
+    try_probe(Probe::SockState, &mut |l| {
+        let f = Format::read("sock", "inet_sock_set_state")?;
+        l.oldstate = f.get("oldstate")?;
+        l.newstate = f.get("newstate")?;
+        l.sport = f.get("sport")?;
+        l.dport = f.get("dport")?;
+        l.protocol = f.get("protocol")?;
+        l.skaddr = f.get("skaddr")?;
+        Ok(())
+    });
+    try_probe(Probe::TcpResets, &mut |l| {
+        let f = Format::read("tcp", "tcp_send_reset")?;
+        // Kernels up to 6.x carried host-order `sport`; newer ones carry the
+        // source as a sockaddr, whose port (network order) is at +2.
+        if f.has("sport") {
+            l.send_reset_sport = f.get("sport")?;
+            l.send_reset_sport_be = 0;
+        } else {
+            l.send_reset_sport = f.get("saddr")? + 2;
+            l.send_reset_sport_be = 1;
+        }
+        l.receive_reset_sport = Format::read("tcp", "tcp_receive_reset")?.get("sport")?;
+        Ok(())
+    });
+    try_probe(Probe::TcpRetransmits, &mut |l| {
+        l.retransmit_sport = Format::read("tcp", "tcp_retransmit_skb")?.get("sport")?;
+        Ok(())
+    });
+    try_probe(Probe::ServiceGap, &mut |l| {
+        let recv = Format::read("sock", "sock_recv_length")?;
+        let send = Format::read("sock", "sock_send_length")?;
+        l.length_sk = recv.get("sk")?;
+        l.length_ret = recv.get("ret")?;
+        if send.get("sk")? != l.length_sk || send.get("ret")? != l.length_ret {
+            return Err(LayoutError::MissingField {
+                path: send.path.clone(),
+                field: "sk/ret at the offsets of sock_recv_length",
+            });
+        }
+        Ok(())
+    });
+    (l, failures)
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ pub mod observer;
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap as BpfHashMap};
+use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::uprobe::UProbeScope;
-use aya::programs::{TracePoint, UProbe};
+use aya::programs::{CgroupAttachMode, CgroupSkb, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use plugvisor_probes_common::{Probe, WatchedPort, maps, markers, programs};
 
@@ -145,36 +146,67 @@ fn try_start(
             return None;
         }
     };
+    // aya-log records from the programs reach the daemon's tracing logs.
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(error = %e, "eBPF log forwarding unavailable");
+            None
+        }
+    };
 
-    if let Err(e) = fill_watched_ports(&mut ebpf, listeners) {
+    let (layout, layout_failures) = layout::read_all();
+    let mut unavailable: Vec<Probe> = Vec::new();
+    for (probe, e) in layout_failures {
+        unavailable.push(probe);
         errors.push(ProbeError::Load {
-            probe: Probe::SockState.as_str(),
-            message: e,
+            probe: probe.as_str(),
+            message: e.to_string(),
         });
-    } else if let Err(e) = attach_sock_state(&mut ebpf) {
-        errors.push(e);
-    } else {
-        metrics
-            .probe_up
-            .with_label_values(&[Probe::SockState.as_str()])
-            .set(1);
+    }
+    if let Err(message) = fill_maps(&mut ebpf, layout, listeners) {
+        for p in Probe::ALL {
+            errors.push(ProbeError::Load {
+                probe: p.as_str(),
+                message: message.clone(),
+            });
+        }
+        return None;
     }
 
-    match attach_markers(&mut ebpf) {
-        Ok(()) => metrics
-            .probe_up
-            .with_label_values(&[Probe::ReloadMarkers.as_str()])
-            .set(1),
-        Err(e) => errors.push(e),
+    for probe in Probe::ALL {
+        if unavailable.contains(&probe) {
+            continue;
+        }
+        // The service gap needs the socket set kept by the state probe.
+        if probe == Probe::ServiceGap && unavailable.contains(&Probe::SockState) {
+            errors.push(ProbeError::Attach {
+                probe: probe.as_str(),
+                message: "needs the inet_sock_set_state probe, which is unavailable".into(),
+            });
+            continue;
+        }
+        match attach(&mut ebpf, probe) {
+            Ok(()) => metrics.probe_up.with_label_values(&[probe.as_str()]).set(1),
+            Err(e) => {
+                if probe == Probe::SockState {
+                    unavailable.push(probe);
+                }
+                errors.push(e);
+            }
+        }
     }
 
-    let observer = match observer::start(&mut ebpf, listeners, plugins, metrics.clone()) {
+    let observer = match observer::start(&mut ebpf, listeners, plugins, metrics.clone(), logger) {
         Ok(o) => o,
         Err(message) => {
-            errors.push(ProbeError::Load {
-                probe: Probe::SockState.as_str(),
-                message,
-            });
+            for p in Probe::ALL {
+                metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
+                errors.push(ProbeError::Load {
+                    probe: p.as_str(),
+                    message: message.clone(),
+                });
+            }
             return None;
         }
     };
@@ -184,8 +216,11 @@ fn try_start(
     })
 }
 
-fn fill_watched_ports(ebpf: &mut Ebpf, listeners: &[WatchedListener]) -> Result<(), String> {
-    let layout = layout::inet_sock_set_state().map_err(|e| e.to_string())?;
+fn fill_maps(
+    ebpf: &mut Ebpf,
+    layout: plugvisor_probes_common::TracepointLayout,
+    listeners: &[WatchedListener],
+) -> Result<(), String> {
     let mut layout_map: Array<_, plugvisor_probes_common::TracepointLayout> =
         Array::try_from(ebpf.map_mut(maps::LAYOUT).ok_or("map LAYOUT missing")?)
             .map_err(|e| e.to_string())?;
@@ -212,20 +247,140 @@ fn fill_watched_ports(ebpf: &mut Ebpf, listeners: &[WatchedListener]) -> Result<
     Ok(())
 }
 
-fn attach_sock_state(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let probe = Probe::SockState.as_str();
+/// Loads and attaches the programs of `probe`.
+fn attach(ebpf: &mut Ebpf, probe: Probe) -> Result<(), ProbeError> {
+    let name = probe.as_str();
+    match probe {
+        Probe::SockState => attach_tracepoint(
+            ebpf,
+            name,
+            programs::INET_SOCK_SET_STATE,
+            "sock",
+            "inet_sock_set_state",
+        ),
+        Probe::ReloadMarkers => attach_markers(ebpf),
+        Probe::TcpResets => {
+            attach_tracepoint(
+                ebpf,
+                name,
+                programs::TCP_SEND_RESET,
+                "tcp",
+                "tcp_send_reset",
+            )?;
+            attach_tracepoint(
+                ebpf,
+                name,
+                programs::TCP_RECEIVE_RESET,
+                "tcp",
+                "tcp_receive_reset",
+            )
+        }
+        Probe::TcpRetransmits => attach_tracepoint(
+            ebpf,
+            name,
+            programs::TCP_RETRANSMIT_SKB,
+            "tcp",
+            "tcp_retransmit_skb",
+        ),
+        Probe::ServiceGap => {
+            attach_tracepoint(
+                ebpf,
+                name,
+                programs::SOCK_RECV_LENGTH,
+                "sock",
+                "sock_recv_length",
+            )?;
+            attach_tracepoint(
+                ebpf,
+                name,
+                programs::SOCK_SEND_LENGTH,
+                "sock",
+                "sock_send_length",
+            )
+        }
+        Probe::Http2Frames => attach_h2(ebpf),
+    }
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    probe: &'static str,
+    program: &str,
+    category: &str,
+    event: &str,
+) -> Result<(), ProbeError> {
     let load = |message: String| ProbeError::Load { probe, message };
     let prog: &mut TracePoint = ebpf
-        .program_mut(programs::INET_SOCK_SET_STATE)
-        .ok_or_else(|| load("program missing from object".into()))?
+        .program_mut(program)
+        .ok_or_else(|| load(format!("program {program} missing from object")))?
         .try_into()
         .map_err(|e| load(format!("{e}")))?;
-    prog.load().map_err(|e| load(format!("{e:#}")))?;
-    prog.attach("sock", "inet_sock_set_state")
+    prog.load().map_err(|e| load(format!("{program}: {e:#}")))?;
+    prog.attach(category, event)
         .map_err(|e| ProbeError::Attach {
             probe,
-            message: format!("sock/inet_sock_set_state: {e:#}"),
+            message: format!("{category}/{event}: {e:#}"),
         })?;
+    Ok(())
+}
+
+/// The cgroup v2 directory this process lives in (`/proc/self/cgroup`'s
+/// `0::` line under the cgroup2 mount from `/proc/self/mounts`).
+fn own_cgroup2() -> Result<std::path::PathBuf, String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| format!("/proc/self/mounts: {e}"))?;
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "cgroup2").then(|| dir.to_owned())
+        })
+        .ok_or("no cgroup2 filesystem is mounted")?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/");
+    let dir = std::path::Path::new(&mount).join(rel.trim_start_matches('/'));
+    // In a cgroup v1 (or hybrid) hierarchy the unified path may not exist
+    // for this process; the cgroup2 root then still sees its packets.
+    Ok(if dir.is_dir() {
+        dir
+    } else {
+        std::path::PathBuf::from(mount)
+    })
+}
+
+fn attach_h2(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let probe = Probe::Http2Frames.as_str();
+    let load = |message: String| ProbeError::Load { probe, message };
+    let cgroup_dir = own_cgroup2().map_err(|message| ProbeError::Attach { probe, message })?;
+    let cgroup = std::fs::File::open(&cgroup_dir).map_err(|e| ProbeError::Attach {
+        probe,
+        message: format!("opening {}: {e}", cgroup_dir.display()),
+    })?;
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(programs::H2_EGRESS)
+        .ok_or_else(|| load("program h2_egress missing from object".into()))?
+        .try_into()
+        .map_err(|e| load(format!("{e}")))?;
+    prog.load().map_err(|e| load(format!("h2_egress: {e:#}")))?;
+    // Through bpf_link (kernel ≥ 5.7) a cgroup attachment always coexists
+    // with others and the kernel wants flags 0: that is aya's `Single`.
+    // Its `AllowMultiple` passes BPF_F_ALLOW_MULTI, which link_create
+    // refuses with EINVAL.
+    prog.attach(
+        &cgroup,
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single,
+    )
+    .map_err(|e| ProbeError::Attach {
+        probe,
+        message: format!("cgroup_skb egress on {}: {e:#}", cgroup_dir.display()),
+    })?;
+    tracing::debug!(cgroup = %cgroup_dir.display(), "HTTP/2 frame probe attached");
     Ok(())
 }
 

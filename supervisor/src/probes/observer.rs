@@ -1,20 +1,28 @@
 //! Reading what the kernel counted and sent, into the metrics registry.
 //!
-//! Counters are read from the per-CPU maps at gather time (a metrics
-//! refresher), so a scrape — and a rule — always sees the kernel's current
-//! numbers. The ring buffer is drained by a task as soon as it is readable:
-//! each closed reload window becomes an observation of
+//! Counters and histograms are read from the per-CPU maps at gather time
+//! (a metrics refresher), so a scrape — and a rule — always sees the
+//! kernel's current numbers. The ring buffer is drained by a task as soon
+//! as it is readable: each closed reload window becomes an observation of
 //! `plugvisor_kernel_reload_duration_seconds`, each connection broken
-//! inside one a warning naming the listener and the reload.
+//! inside one a warning naming the listener and the reload. aya-log
+//! records from the programs are flushed into the daemon's logs.
 use std::sync::{Arc, Mutex, RwLock};
 
 use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use plugvisor_probes_common::{Event, EventKind, ListenerCounters, Probe, maps};
+use aya_log::EbpfLogger;
+use plugvisor_probes_common::{Event, EventKind, GapHist, ListenerCounters, Probe, maps, window};
+use prometheus::IntCounter;
 use tokio::io::unix::AsyncFd;
 
 use super::WatchedListener;
-use crate::metrics::{Metrics, ProbeStage};
+use crate::config::Protocol;
+use crate::metrics::{HistogramSnapshot, Metrics, ProbeStage};
+
+/// aya-log's reader, forwarding through the `log` facade (which the
+/// daemon's tracing subscriber collects).
+pub type Logger = EbpfLogger<&'static dyn log::Log>;
 
 /// Plugin names by the index the reload markers pass to the kernel.
 pub type PluginNames = Arc<RwLock<Vec<String>>>;
@@ -23,6 +31,58 @@ pub type PluginNames = Arc<RwLock<Vec<String>>>;
 #[derive(Default, Clone, Copy)]
 struct Seen {
     broken: u64,
+    resets_sent: u64,
+    resets_received: u64,
+    retransmits: u64,
+    goaway: u64,
+    rst_stream: u64,
+}
+
+/// Exported service-gap buckets: `2^FIRST_GAP_BUCKET` ns (≈1 µs) up to
+/// `2^LAST_GAP_BUCKET` ns (≈34 s); the kernel's finer buckets fold into the
+/// first one and its coarser ones into `+Inf`.
+const FIRST_GAP_BUCKET: usize = 10;
+const LAST_GAP_BUCKET: usize = 35;
+
+/// Turns the kernel's per-CPU log2 histograms into one cumulative snapshot.
+fn gap_snapshot(per_cpu: impl Iterator<Item = GapHist>) -> HistogramSnapshot {
+    let mut sum = GapHist::default();
+    for h in per_cpu {
+        for (a, b) in sum.buckets.iter_mut().zip(h.buckets) {
+            *a += b;
+        }
+        sum.sum_ns += h.sum_ns;
+    }
+    let count: u64 = sum.buckets.iter().sum();
+    let mut cumulative = 0;
+    let mut buckets = Vec::with_capacity(LAST_GAP_BUCKET - FIRST_GAP_BUCKET + 1);
+    for (i, n) in sum.buckets.iter().enumerate().take(LAST_GAP_BUCKET + 1) {
+        cumulative += n;
+        if i >= FIRST_GAP_BUCKET {
+            // Kernel bucket i holds gaps shorter than 2^i ns.
+            buckets.push(((1u64 << i) as f64 / 1e9, cumulative));
+        }
+    }
+    HistogramSnapshot {
+        buckets,
+        sum: sum.sum_ns as f64 / 1e9,
+        count,
+    }
+}
+
+/// Adds the growth of a kernel total to a counter.
+fn advance(counter: &IntCounter, seen: &mut u64, total: u64) {
+    if total > *seen {
+        counter.inc_by(total - *seen);
+        *seen = total;
+    }
+}
+
+/// The kernel maps a refresher reads.
+struct Maps {
+    counters: PerCpuArray<MapData, ListenerCounters>,
+    gaps: PerCpuArray<MapData, GapHist>,
+    dropped: PerCpuArray<MapData, u64>,
 }
 
 /// Takes the maps the observer needs out of `ebpf` and starts reading them.
@@ -31,15 +91,18 @@ pub fn start(
     listeners: &[WatchedListener],
     plugins: &PluginNames,
     metrics: Arc<Metrics>,
+    logger: Option<Logger>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let take = |ebpf: &mut Ebpf, name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| format!("map {name} missing"))
     };
-    let counters: PerCpuArray<MapData, ListenerCounters> =
-        PerCpuArray::try_from(take(ebpf, maps::LISTENER_COUNTERS)?).map_err(|e| e.to_string())?;
-    let dropped: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(take(ebpf, maps::DROPPED)?).map_err(|e| e.to_string())?;
+    let maps = Maps {
+        counters: PerCpuArray::try_from(take(ebpf, maps::LISTENER_COUNTERS)?)
+            .map_err(|e| e.to_string())?,
+        gaps: PerCpuArray::try_from(take(ebpf, maps::GAP_HIST)?).map_err(|e| e.to_string())?,
+        dropped: PerCpuArray::try_from(take(ebpf, maps::DROPPED)?).map_err(|e| e.to_string())?,
+    };
     let ring: RingBuf<MapData> =
         RingBuf::try_from(take(ebpf, maps::EVENTS)?).map_err(|e| e.to_string())?;
 
@@ -49,6 +112,16 @@ pub fn start(
             .reload_broken_connections_total
             .with_label_values(&[&l.name, l.protocol.as_str()]);
         metrics.tcp_connections.with_label_values(&[&l.name]).set(0);
+        for d in ["sent", "received"] {
+            metrics.tcp_resets_total.with_label_values(&[&l.name, d]);
+        }
+        metrics.tcp_retransmits_total.with_label_values(&[&l.name]);
+        if l.protocol == Protocol::Grpc {
+            metrics.grpc_goaway_total.with_label_values(&[&l.name]);
+            metrics
+                .grpc_stream_resets_total
+                .with_label_values(&[&l.name]);
+        }
     }
     for p in Probe::ALL {
         metrics
@@ -67,42 +140,17 @@ pub fn start(
         let mut seen = seen.lock().expect("observer lock");
         let (per_listener, dropped_seen) = &mut *seen;
         for (i, l) in listeners.iter().enumerate() {
-            let Ok(values) = counters.get(&(i as u32), 0) else {
-                m.probe_failures_total
-                    .with_label_values(&[Probe::SockState.as_str(), ProbeStage::Read.as_str()])
-                    .inc();
-                continue;
-            };
-            let sum = values
-                .iter()
-                .fold(ListenerCounters::default(), |mut acc, c| {
-                    acc.opened += c.opened;
-                    acc.closed += c.closed;
-                    acc.broken_in_reload += c.broken_in_reload;
-                    acc
-                });
-            let open = sum.opened.saturating_sub(sum.closed);
-            m.tcp_connections
-                .with_label_values(&[&l.name])
-                .set(open as i64);
-            let delta = sum.broken_in_reload.saturating_sub(per_listener[i].broken);
-            if delta > 0 {
-                m.reload_broken_connections_total
-                    .with_label_values(&[&l.name, l.protocol.as_str()])
-                    .inc_by(delta);
-                per_listener[i].broken = sum.broken_in_reload;
-            }
+            refresh_listener(&m, &maps, i, l, &mut per_listener[i]);
         }
         for p in Probe::ALL {
-            if let Ok(values) = dropped.get(&(p as u32), 0) {
+            if let Ok(values) = maps.dropped.get(&(p as u32), 0) {
                 let total: u64 = values.iter().sum();
-                let delta = total.saturating_sub(dropped_seen[p as usize]);
-                if delta > 0 {
-                    m.probe_events_dropped_total
-                        .with_label_values(&[p.as_str()])
-                        .inc_by(delta);
-                    dropped_seen[p as usize] = total;
-                }
+                advance(
+                    &m.probe_events_dropped_total
+                        .with_label_values(&[p.as_str()]),
+                    &mut dropped_seen[p as usize],
+                    total,
+                );
             }
         }
     }));
@@ -111,12 +159,100 @@ pub fn start(
     // as long as it lives — which is as long as the AsyncFd that owns it.
     let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| format!("polling ring buffer: {e}"))?;
+    if let Some(logger) = logger {
+        // SAFETY: as above, for the logger's own ring buffer fd.
+        match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(fd) => {
+                tokio::spawn(forward_logs(fd));
+            }
+            Err(e) => tracing::debug!(error = %e, "eBPF log forwarding unavailable"),
+        }
+    }
     Ok(tokio::spawn(drain(
         fd,
         plugins.clone(),
         listener_names,
         metrics,
     )))
+}
+
+fn refresh_listener(m: &Metrics, maps: &Maps, i: usize, l: &WatchedListener, seen: &mut Seen) {
+    let Ok(values) = maps.counters.get(&(i as u32), 0) else {
+        m.probe_failures_total
+            .with_label_values(&[Probe::SockState.as_str(), ProbeStage::Read.as_str()])
+            .inc();
+        return;
+    };
+    let sum = values
+        .iter()
+        .fold(ListenerCounters::default(), |mut acc, c| {
+            acc.opened += c.opened;
+            acc.closed += c.closed;
+            acc.broken_in_reload += c.broken_in_reload;
+            acc.resets_sent += c.resets_sent;
+            acc.resets_received += c.resets_received;
+            acc.retransmits += c.retransmits;
+            acc.goaway += c.goaway;
+            acc.rst_stream += c.rst_stream;
+            acc
+        });
+    let name = l.name.as_str();
+    m.tcp_connections
+        .with_label_values(&[name])
+        .set(sum.opened.saturating_sub(sum.closed) as i64);
+    let broken = m
+        .reload_broken_connections_total
+        .with_label_values(&[name, l.protocol.as_str()]);
+    advance(&broken, &mut seen.broken, sum.broken_in_reload);
+    advance(
+        &m.tcp_resets_total.with_label_values(&[name, "sent"]),
+        &mut seen.resets_sent,
+        sum.resets_sent,
+    );
+    advance(
+        &m.tcp_resets_total.with_label_values(&[name, "received"]),
+        &mut seen.resets_received,
+        sum.resets_received,
+    );
+    advance(
+        &m.tcp_retransmits_total.with_label_values(&[name]),
+        &mut seen.retransmits,
+        sum.retransmits,
+    );
+    if l.protocol == Protocol::Grpc {
+        advance(
+            &m.grpc_goaway_total.with_label_values(&[name]),
+            &mut seen.goaway,
+            sum.goaway,
+        );
+        advance(
+            &m.grpc_stream_resets_total.with_label_values(&[name]),
+            &mut seen.rst_stream,
+            sum.rst_stream,
+        );
+    }
+    for (w, label) in [(window::STEADY, "steady"), (window::RELOAD, "reload")] {
+        match maps.gaps.get(&(i as u32 * 2 + w), 0) {
+            Ok(values) => m
+                .service_gap_seconds
+                .set(&[name, label], gap_snapshot(values.iter().copied())),
+            Err(_) => {
+                m.probe_failures_total
+                    .with_label_values(&[Probe::ServiceGap.as_str(), ProbeStage::Read.as_str()])
+                    .inc();
+            }
+        }
+    }
+}
+
+async fn forward_logs(mut fd: AsyncFd<Logger>) {
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 async fn drain(
@@ -167,12 +303,6 @@ fn handle_event(event: &Event, plugins: &PluginNames, listeners: &[String], metr
             .kernel_reload_duration_seconds
             .with_label_values(&[&plugin])
             .observe(seconds);
-        tracing::debug!(
-            plugin,
-            seq = event.seq,
-            kernel_us = event.value / 1000,
-            "reload window closed"
-        );
     } else if event.kind == EventKind::BrokenConnection as u32 {
         let old = (event.value >> 32) as u32;
         let new = event.value as u32;
@@ -186,5 +316,36 @@ fn handle_event(event: &Event, plugins: &PluginNames, listeners: &[String], metr
             new_state = new,
             "kernel saw a connection leave ESTABLISHED while a reload window was open"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_buckets_are_cumulative_and_fold_the_ends() {
+        let mut a = GapHist::default();
+        a.buckets[3] = 2; // 4..8 ns: folds into the first exported bucket
+        a.buckets[20] = 5; // < 2^20 ns ≈ 1.05 ms
+        a.sum_ns = 5_000_000;
+        let mut b = GapHist::default();
+        b.buckets[20] = 1;
+        b.buckets[39] = 1; // beyond the last exported bucket: only in +Inf
+        let s = gap_snapshot([a, b].into_iter());
+        assert_eq!(s.count, 9);
+        assert_eq!(s.buckets.first().unwrap().1, 2);
+        let at_1ms = s
+            .buckets
+            .iter()
+            .find(|(le, _)| (*le - 1_048_576e-9).abs() < 1e-12)
+            .unwrap();
+        assert_eq!(at_1ms.1, 8);
+        assert_eq!(
+            s.buckets.last().unwrap().1,
+            8,
+            "the 2^39 ns gap is only counted in +Inf"
+        );
+        assert!((s.sum - 0.005).abs() < 1e-12);
     }
 }
