@@ -161,6 +161,7 @@ pub struct Daemon {
     pub listeners: Vec<ListenerSpec>,
     log: PathBuf,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
     // Plugins installed before the first start: their listeners must serve.
     packaged: Vec<String>,
 }
@@ -177,6 +178,24 @@ pub struct DaemonOptions {
     pub packages: Vec<(String, PathBuf, String)>,
     /// `[shutdown] drain_timeout`, if not the daemon's default.
     pub drain_timeout: Option<&'static str>,
+    /// A command the binary runs under (e.g. `setpriv` dropping capabilities).
+    pub wrapper: Vec<String>,
+}
+
+/// A `setpriv` wrapper that starts the daemon as root but without the
+/// capabilities eBPF needs (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN).
+pub fn without_ebpf_capabilities() -> Vec<String> {
+    [
+        "setpriv",
+        "--bounding-set",
+        "-bpf,-perfmon,-sys_admin",
+        "--inh-caps",
+        "-bpf,-perfmon,-sys_admin",
+        "--",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
 }
 
 impl Default for DaemonOptions {
@@ -187,6 +206,7 @@ impl Default for DaemonOptions {
             probes: "auto",
             packages: vec![("echo".into(), build_echo_version("1.0.0"), "1.0.0".into())],
             drain_timeout: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -235,6 +255,7 @@ impl Daemon {
             log,
             dir,
             env: opts.env,
+            wrapper: opts.wrapper,
             packaged: opts.packages.iter().map(|p| p.0.clone()).collect(),
         };
         d.spawn();
@@ -254,7 +275,14 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(binary());
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(binary()),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary());
+                c
+            }
+        };
         cmd.args(["--log-format", "json", "run", "--config"])
             .arg(&self.config)
             .env("PLUGVISOR_LOG", "info")

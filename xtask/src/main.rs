@@ -11,9 +11,12 @@
 //!   `supervisor/build.rs`, the plugins are cdylibs in the target dir.
 //! * `test` — what CI runs (`.ci/run`): setup, lints, build, unit tests and
 //!   the black-box integration tests, with one summary line at the end.
+//! * `bench` — measures side by side (probe overhead, reload latency) and
+//!   writes `docs/BENCHMARKS.md`; `--quick` is CI's smoke run of it.
 //! * `demo` — starts the daemon with its embedded default config, drives
 //!   live TCP traffic through two hot reloads and reports what the clients
 //!   and the kernel saw.
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -47,6 +50,8 @@ enum Command {
     Test(test::Args),
     /// Run the daemon and hot-reload the echo plugin under live traffic.
     Demo(demo::Args),
+    /// Measure side by side and write docs/BENCHMARKS.md.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         // Prints its own error so its summary line stays the last line.
         Command::Test(args) => return test::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

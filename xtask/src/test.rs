@@ -143,6 +143,11 @@ fn steps(
             |line| tally.add_line(line),
         )
     })?;
+    // The benchmark harness, briefly: it must not rot between full runs.
+    // Its times are not judged here.
+    step("bench --quick", timings, || {
+        crate::bench::run(&crate::bench::Args { quick: true })
+    })?;
     if tally.failed > 0 {
         bail!("{} test(s) failed", tally.failed);
     }
