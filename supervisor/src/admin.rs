@@ -151,6 +151,49 @@ async fn execute(req: AdminRequest, commands: &mpsc::Sender<Command>) -> AdminRe
                 Err(_) => gone(),
             }
         }
+        AdminRequest::Rollback { plugin, to } => {
+            let (tx, rx) = oneshot::channel();
+            ask(
+                commands,
+                Command::Rollback {
+                    plugin,
+                    to,
+                    reply: tx,
+                },
+                rx,
+            )
+            .await
+        }
+        AdminRequest::Disable { plugin } => {
+            let (tx, rx) = oneshot::channel();
+            ask(
+                commands,
+                Command::SetEnabled {
+                    plugin,
+                    enabled: false,
+                    reply: tx,
+                },
+                rx,
+            )
+            .await
+        }
+        AdminRequest::Enable { plugin } => {
+            let (tx, rx) = oneshot::channel();
+            ask(
+                commands,
+                Command::SetEnabled {
+                    plugin,
+                    enabled: true,
+                    reply: tx,
+                },
+                rx,
+            )
+            .await
+        }
+        AdminRequest::Versions { plugin } => {
+            let (tx, rx) = oneshot::channel();
+            ask(commands, Command::Versions { plugin, reply: tx }, rx).await
+        }
         AdminRequest::Reload { plugin } => {
             let (tx, rx) = oneshot::channel();
             let cmd = Command::Rescan {
@@ -182,6 +225,35 @@ async fn execute(req: AdminRequest, commands: &mpsc::Sender<Command>) -> AdminRe
                 Err(_) => gone(),
             }
         }
+    }
+}
+
+/// Sends `cmd` and turns its `Result` answer into a response.
+async fn ask<T: serde::Serialize>(
+    commands: &mpsc::Sender<Command>,
+    cmd: Command,
+    rx: oneshot::Receiver<Result<T, String>>,
+) -> AdminResponse {
+    let gone = || AdminResponse {
+        ok: false,
+        result: serde_json::Value::Null,
+        error: Some("daemon is shutting down".into()),
+    };
+    if commands.send(cmd).await.is_err() {
+        return gone();
+    }
+    match rx.await {
+        Ok(Ok(v)) => AdminResponse {
+            ok: true,
+            result: serde_json::to_value(v).unwrap_or_default(),
+            error: None,
+        },
+        Ok(Err(e)) => AdminResponse {
+            ok: false,
+            result: serde_json::Value::Null,
+            error: Some(e),
+        },
+        Err(_) => gone(),
     }
 }
 

@@ -67,6 +67,11 @@ pub struct Config {
     /// Listeners owned by plugvisor.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// Degrade fallback per plugin when its own `degrade` hook cannot help:
+    /// a version to pin (`"1.2.0"`, must still be mapped) or `"passthrough"`
+    /// (answer each request with its own bytes). Without one, degrade's last
+    /// step sheds new connections.
+    pub fallback: std::collections::BTreeMap<String, String>,
     /// Where the file was read from (`None` for the embedded default).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -85,6 +90,7 @@ impl Default for Config {
             reload: ReloadConfig::default(),
             shutdown: ShutdownConfig::default(),
             listeners: Vec::new(),
+            fallback: std::collections::BTreeMap::new(),
             source: None,
         }
     }
@@ -279,6 +285,18 @@ impl Config {
             path: path.to_owned(),
             message,
         };
+        for (plugin, v) in &self.fallback {
+            if !valid_name(plugin) {
+                return Err(invalid(format!(
+                    "[fallback] {plugin:?} is not a plugin name"
+                )));
+            }
+            if v != "passthrough" && semver::Version::parse(v).is_err() {
+                return Err(invalid(format!(
+                    "[fallback] {plugin} = {v:?}: a semver version or \"passthrough\""
+                )));
+            }
+        }
         if self.reload.keep_loaded == 0 {
             return Err(invalid(
                 "[reload] keep_loaded must be at least 1 (the active version)".into(),
@@ -328,6 +346,21 @@ impl Config {
     /// bundled example plugin).
     pub fn is_embedded_default(&self) -> bool {
         self.source.is_none()
+    }
+
+    /// The `[fallback]` table, parsed.
+    pub fn fallbacks(&self) -> std::collections::HashMap<String, crate::actions::Fallback> {
+        self.fallback
+            .iter()
+            .filter_map(|(plugin, v)| {
+                let f = if v == "passthrough" {
+                    crate::actions::Fallback::Passthrough
+                } else {
+                    crate::actions::Fallback::Version(semver::Version::parse(v).ok()?)
+                };
+                Some((plugin.clone(), f))
+            })
+            .collect()
     }
 
     /// Distinct plugin names that listeners refer to, in listener order.

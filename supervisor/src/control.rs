@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::actions::ActionReport;
 use crate::reload::ReloadReport;
+use crate::rules::RuleStatus;
 
 /// A request to the daemon task.
 #[derive(Debug)]
@@ -23,6 +25,50 @@ pub enum Command {
         /// Where to send it.
         reply: oneshot::Sender<Status>,
     },
+    /// `plugvisor rollback PLUGIN [--to VERSION]`.
+    Rollback {
+        /// The plugin.
+        plugin: String,
+        /// The version to go to (default: known-good).
+        to: Option<String>,
+        /// Where to send the outcome.
+        reply: oneshot::Sender<Result<ActionReport, String>>,
+    },
+    /// `plugvisor disable|enable PLUGIN`.
+    SetEnabled {
+        /// The plugin.
+        plugin: String,
+        /// Enable (true) or disable.
+        enabled: bool,
+        /// Where to send the outcome.
+        reply: oneshot::Sender<Result<ActionReport, String>>,
+    },
+    /// `plugvisor versions PLUGIN`.
+    Versions {
+        /// The plugin.
+        plugin: String,
+        /// Where to send them.
+        reply: oneshot::Sender<Result<Versions, String>>,
+    },
+}
+
+/// `plugvisor versions PLUGIN`: what the store and the slot know.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Versions {
+    /// The plugin.
+    pub plugin: String,
+    /// Serving now.
+    pub active: Option<String>,
+    /// Last version that passed its trial.
+    pub known_good: Option<String>,
+    /// Whether `active` is on trial.
+    pub on_trial: bool,
+    /// Mapped in memory (instant rollback targets).
+    pub mapped: Vec<String>,
+    /// Activated, oldest first.
+    pub history: Vec<String>,
+    /// Rolled back from; refused until a newer version.
+    pub quarantined: Vec<String>,
 }
 
 /// A request on the admin socket (one JSON object per line).
@@ -33,6 +79,29 @@ pub enum AdminRequest {
     Status,
     /// `plugvisor reload PLUGIN`.
     Reload {
+        /// The plugin.
+        plugin: String,
+    },
+    /// `plugvisor rollback PLUGIN [--to VERSION]`.
+    Rollback {
+        /// The plugin.
+        plugin: String,
+        /// The version to go to (default: known-good).
+        #[serde(default)]
+        to: Option<String>,
+    },
+    /// `plugvisor versions PLUGIN`.
+    Versions {
+        /// The plugin.
+        plugin: String,
+    },
+    /// `plugvisor disable PLUGIN`.
+    Disable {
+        /// The plugin.
+        plugin: String,
+    },
+    /// `plugvisor enable PLUGIN`.
+    Enable {
         /// The plugin.
         plugin: String,
     },
@@ -62,6 +131,16 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// Probe name → up.
     pub probes: Vec<(String, bool)>,
+    /// Thresholds rules and their state.
+    #[serde(default)]
+    pub rules: Vec<RuleStatus>,
+    /// Whether the thresholds file on disk is the one in force.
+    #[serde(default = "yes")]
+    pub rules_config_valid: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One plugin in [`Status`].
@@ -73,6 +152,21 @@ pub struct PluginStatus {
     pub active: Option<String>,
     /// Versions mapped (oldest first).
     pub mapped: Vec<String>,
+    /// `trial` or `known-good` (of the active version).
+    #[serde(default)]
+    pub state: String,
+    /// The last version that passed its trial.
+    #[serde(default)]
+    pub known_good: Option<String>,
+    /// How it is degraded, if it is (hook, fallback, passthrough, shed).
+    #[serde(default)]
+    pub degraded: Option<String>,
+    /// Whether an operator disabled it.
+    #[serde(default)]
+    pub disabled: bool,
+    /// The last action taken on it, with why.
+    #[serde(default)]
+    pub last_action: Option<ActionReport>,
 }
 
 /// One listener in [`Status`].

@@ -12,11 +12,13 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
+use crate::actions::{Actions, Why};
 use crate::config::Config;
-use crate::control::{Command, ListenerStatus, PluginStatus, Status};
+use crate::control::{Command, ListenerStatus, PluginStatus, Status, Versions};
 use crate::metrics::Metrics;
 use crate::probes::{self, WatchedListener};
 use crate::reload::{ReloadReport, Reloader};
+use crate::rules::{self, Decision, DecisionKind, Engine, Thresholds};
 use crate::store::Store;
 use crate::{admin, bundle, catalog, listeners};
 
@@ -121,6 +123,25 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let reloader = Arc::new(Mutex::new(reloader));
     rescan(&reloader, None, false).await;
 
+    let mut actions = Actions::default();
+    actions.fallbacks = config.fallbacks();
+    let listener_plugins = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.plugin.clone()))
+        .collect();
+    let mut engine = Engine::new(metrics.clone(), listener_plugins);
+    if let Some(path) = &config.thresholds {
+        load_thresholds(&mut engine, path, &metrics);
+    }
+    let (rules_tx, mut rules_rx) = mpsc::unbounded_channel::<()>();
+    let _rules_watcher = match &config.thresholds {
+        Some(path) => Some(rules::watch_file(path, config.reload.debounce, rules_tx)?),
+        None => None,
+    };
+    let mut ticker = tokio::time::interval(engine.interval());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut listener_tasks = Vec::new();
     for b in bound {
@@ -174,9 +195,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             _ = sighup.recv() => {
                 // Config changes that need new sockets take a restart; the
-                // packages are what a HUP can act on without one.
-                tracing::info!("SIGHUP: rescanning plugins_dir");
+                // thresholds and the packages are what a HUP acts on.
+                tracing::info!("SIGHUP: re-reading the thresholds file and rescanning plugins_dir");
+                if let Some(path) = &config.thresholds {
+                    load_thresholds(&mut engine, path, &metrics);
+                    ticker = retick(ticker, engine.interval());
+                }
                 rescan(&reloader, None, false).await;
+            }
+            Some(()) = rules_rx.recv() => {
+                while rules_rx.try_recv().is_ok() {}
+                if let Some(path) = &config.thresholds {
+                    load_thresholds(&mut engine, path, &metrics);
+                    ticker = retick(ticker, engine.interval());
+                }
+            }
+            _ = ticker.tick() => {
+                let decisions = engine.evaluate();
+                let mut r = reloader.lock().expect("reloader lock");
+                for d in decisions {
+                    act(&mut actions, &mut r, &d);
+                }
+                actions.promote_trials(&r, config.reload.trial, &engine.firing_plugins());
             }
             Some(names) = watch_rx.recv() => {
                 // Coalesce a burst of events into one pass.
@@ -194,7 +234,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     }
                 }
                 Command::Status { reply } => {
-                    let _ = reply.send(status(&reloader, &config, &metrics));
+                    let _ = reply.send(status(&reloader, &config, &metrics, &actions, &engine));
+                }
+                Command::Rollback { plugin, to, reply } => {
+                    let result = match to.as_deref().map(semver::Version::parse).transpose() {
+                        Err(e) => Err(format!("--to {}: {e}", to.unwrap_or_default())),
+                        Ok(to) => {
+                            let mut r = reloader.lock().expect("reloader lock");
+                            actions.rollback(&mut r, &plugin, to.as_ref(), &Why::manual()).map_err(|e| e.to_string())
+                        }
+                    };
+                    let _ = reply.send(result);
+                }
+                Command::SetEnabled { plugin, enabled, reply } => {
+                    let r = reloader.lock().expect("reloader lock");
+                    let _ = reply.send(actions.set_enabled(&r, &plugin, enabled).map_err(|e| e.to_string()));
+                }
+                Command::Versions { plugin, reply } => {
+                    let _ = reply.send(versions(&reloader, &plugin));
                 }
             },
         }
@@ -218,6 +275,86 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     drop(probes);
     tracing::info!("plugvisor stopped");
     Ok(())
+}
+
+/// Reads the thresholds file into `engine`; an invalid file is said with
+/// line and column and leaves the rules in force as they were.
+fn load_thresholds(engine: &mut Engine, path: &std::path::Path, metrics: &Metrics) {
+    match Thresholds::load(path) {
+        Ok(t) => {
+            let (n, interval) = (t.rules.len(), t.evaluation_interval);
+            engine.replace(t);
+            metrics.rules_config_valid.set(1);
+            tracing::info!(file = %path.display(), rules = n, ?interval, "thresholds loaded");
+        }
+        Err(e) => {
+            metrics.rules_config_valid.set(0);
+            tracing::error!(file = %path.display(), "thresholds file refused, previous rules stay in force: {e}");
+        }
+    }
+}
+
+/// A new ticker if the evaluation interval changed.
+fn retick(ticker: tokio::time::Interval, every: Duration) -> tokio::time::Interval {
+    if ticker.period() == every {
+        return ticker;
+    }
+    let mut t = tokio::time::interval(every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// Carries out one rule decision.
+fn act(actions: &mut Actions, r: &mut Reloader, d: &Decision) {
+    let why = Why {
+        reason: d.rule.clone(),
+        rule: Some(d.rule.clone()),
+        observed: Some(d.observed),
+        threshold: Some(d.threshold),
+    };
+    let Some(plugin) = d.plugin.as_deref() else {
+        tracing::warn!(rule = %d.rule, observed = d.observed, threshold = d.threshold, "alert: rule names no plugin to act on");
+        return;
+    };
+    let result = match d.kind {
+        DecisionKind::Rollback => actions.rollback(r, plugin, None, &why).map(|_| ()),
+        DecisionKind::Degrade(level) => actions.degrade(r, plugin, level, &why).map(|_| ()),
+        DecisionKind::ClearDegrade => {
+            actions.clear_degrade(r, plugin, &why);
+            Ok(())
+        }
+        DecisionKind::Alert => {
+            tracing::warn!(rule = %d.rule, plugin, observed = d.observed, threshold = d.threshold, "alert");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(rule = %d.rule, plugin, "action not taken: {e}");
+    }
+}
+
+fn versions(reloader: &Arc<Mutex<Reloader>>, plugin: &str) -> Result<Versions, String> {
+    let r = reloader.lock().expect("reloader lock");
+    let slot = r
+        .slots()
+        .get(plugin)
+        .cloned()
+        .ok_or_else(|| format!("no plugin {plugin:?} is loaded"))?;
+    let refs = r.store().refs(plugin).map_err(|e| e.to_string())?;
+    let v = |x: &crate::store::VersionRef| x.version.to_string();
+    Ok(Versions {
+        plugin: plugin.to_owned(),
+        active: slot.active().map(|a| a.version().to_owned()),
+        known_good: refs.known_good.as_ref().map(v),
+        on_trial: refs.trial_since_ms.is_some(),
+        mapped: slot
+            .mapped_versions()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        history: refs.history.iter().map(v).collect(),
+        quarantined: refs.quarantined.iter().map(v).collect(),
+    })
 }
 
 /// Runs reloads for `plugins` (or every package and slot) off the async
@@ -249,19 +386,38 @@ async fn rescan(
     })
 }
 
-fn status(reloader: &Arc<Mutex<Reloader>>, config: &Config, metrics: &Metrics) -> Status {
+fn status(
+    reloader: &Arc<Mutex<Reloader>>,
+    config: &Config,
+    metrics: &Metrics,
+    actions: &Actions,
+    engine: &Engine,
+) -> Status {
     let r = reloader.lock().expect("reloader lock");
     let mut plugins: Vec<PluginStatus> = r
         .slots()
         .values()
-        .map(|s| PluginStatus {
-            plugin: s.plugin().to_owned(),
-            active: s.active().map(|a| a.version().to_owned()),
-            mapped: s
-                .mapped_versions()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+        .map(|s| {
+            let refs = r.store().refs(s.plugin()).unwrap_or_default();
+            PluginStatus {
+                plugin: s.plugin().to_owned(),
+                active: s.active().map(|a| a.version().to_owned()),
+                mapped: s
+                    .mapped_versions()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                state: if refs.trial_since_ms.is_some() {
+                    "trial"
+                } else {
+                    "known-good"
+                }
+                .to_owned(),
+                known_good: refs.known_good.map(|k| k.version.to_string()),
+                degraded: actions.degraded(s.plugin()).map(str::to_owned),
+                disabled: s.admission() == crate::slot::Admission::Disabled,
+                last_action: actions.last.get(s.plugin()).cloned(),
+            }
         })
         .collect();
     plugins.sort_by(|a, b| a.plugin.cmp(&b.plugin));
@@ -288,5 +444,7 @@ fn status(reloader: &Arc<Mutex<Reloader>>, config: &Config, metrics: &Metrics) -
             })
             .collect(),
         probes,
+        rules: engine.status(),
+        rules_config_valid: metrics.rules_config_valid.get() == 1,
     }
 }

@@ -49,6 +49,7 @@
 //! `plugins_dir` watcher and the `admin` unix socket; shutdown has its own
 //! channel so a storm of reloads cannot starve it.
 
+pub mod actions;
 pub mod admin;
 pub mod bundle;
 pub mod catalog;
@@ -61,5 +62,6 @@ pub mod markers;
 pub mod metrics;
 pub mod probes;
 pub mod reload;
+pub mod rules;
 pub mod slot;
 pub mod store;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use plugvisor::actions::ActionReport;
 use plugvisor::config::Config;
-use plugvisor::control::{AdminRequest, AdminResponse, Status};
+use plugvisor::control::{AdminRequest, AdminResponse, Status, Versions};
 use plugvisor::reload::ReloadReport;
 
 /// Hot-loads native plugins into a running service without breaking a
@@ -58,6 +59,54 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Switch PLUGIN back to its known-good version (or --to VERSION); the
+    /// version left is quarantined.
+    Rollback {
+        /// The plugin.
+        plugin: String,
+        /// The version to go back to (default: the known-good one).
+        #[arg(long)]
+        to: Option<String>,
+        /// Config file, to find the admin socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show PLUGIN's versions: active, known-good, mapped, history, quarantined.
+    Versions {
+        /// The plugin.
+        plugin: String,
+        /// Config file, to find the admin socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse all new work for PLUGIN, with a clear answer to clients.
+    Disable {
+        /// The plugin.
+        plugin: String,
+        /// Config file, to find the admin socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve PLUGIN again after `disable`.
+    Enable {
+        /// The plugin.
+        plugin: String,
+        /// Config file, to find the admin socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -91,6 +140,10 @@ fn main() -> ExitCode {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one arm per CLI verb, each a few lines"
+)]
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,6 +153,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { config, check } => {
             let config = load_config(config.as_ref())?;
             if check {
+                if let Some(t) = &config.thresholds {
+                    let rules = plugvisor::rules::Thresholds::load(t)?;
+                    eprintln!(
+                        "plugvisor: thresholds {} is valid ({} rules)",
+                        t.display(),
+                        rules.rules.len()
+                    );
+                }
                 let source = config
                     .source
                     .as_ref()
@@ -129,6 +190,80 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 &AdminRequest::Reload { plugin },
             ))?;
             print_reload(&resp, json)
+        }
+        Cmd::Rollback {
+            plugin,
+            to,
+            config,
+            json,
+        } => {
+            let config = load_config(config.as_ref())?;
+            let resp = runtime.block_on(plugvisor::admin::request(
+                &config.admin.socket,
+                &AdminRequest::Rollback { plugin, to },
+            ))?;
+            print_action(&resp, json)
+        }
+        Cmd::Disable {
+            plugin,
+            config,
+            json,
+        } => {
+            let config = load_config(config.as_ref())?;
+            let resp = runtime.block_on(plugvisor::admin::request(
+                &config.admin.socket,
+                &AdminRequest::Disable { plugin },
+            ))?;
+            print_action(&resp, json)
+        }
+        Cmd::Enable {
+            plugin,
+            config,
+            json,
+        } => {
+            let config = load_config(config.as_ref())?;
+            let resp = runtime.block_on(plugvisor::admin::request(
+                &config.admin.socket,
+                &AdminRequest::Enable { plugin },
+            ))?;
+            print_action(&resp, json)
+        }
+        Cmd::Versions {
+            plugin,
+            config,
+            json,
+        } => {
+            let config = load_config(config.as_ref())?;
+            let resp = runtime.block_on(plugvisor::admin::request(
+                &config.admin.socket,
+                &AdminRequest::Versions { plugin },
+            ))?;
+            if json {
+                return print_json(&resp);
+            }
+            if !resp.ok {
+                anyhow::bail!("{}", resp.error.as_deref().unwrap_or("versions failed"));
+            }
+            let v: Versions = serde_json::from_value(resp.result).context("decoding versions")?;
+            let none = || "-".to_owned();
+            println!("plugin       {}", v.plugin);
+            println!(
+                "active       {}{}",
+                v.active.unwrap_or_else(none),
+                if v.on_trial { " (on trial)" } else { "" }
+            );
+            println!("known-good   {}", v.known_good.unwrap_or_else(none));
+            println!("mapped       {}", v.mapped.join(", "));
+            println!("history      {}", v.history.join(" → "));
+            println!(
+                "quarantined  {}",
+                if v.quarantined.is_empty() {
+                    none()
+                } else {
+                    v.quarantined.join(", ")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -174,6 +309,75 @@ fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
     for (p, up) in &s.probes {
         println!("{:<24} {}", p, if *up { "yes" } else { "no" });
     }
+    println!(
+        "\n{:<20} {:<11} {:<11} {:<12} {:<9} WHY (last action)",
+        "PLUGIN", "STATE", "KNOWN-GOOD", "DEGRADED", "DISABLED"
+    );
+    for p in &s.plugins {
+        let why = p
+            .last_action
+            .as_ref()
+            .map_or_else(String::new, describe_action);
+        println!(
+            "{:<20} {:<11} {:<11} {:<12} {:<9} {}",
+            p.plugin,
+            p.state,
+            p.known_good.as_deref().unwrap_or("-"),
+            p.degraded.as_deref().unwrap_or("no"),
+            if p.disabled { "yes" } else { "no" },
+            why
+        );
+    }
+    let valid = if s.rules_config_valid {
+        ""
+    } else {
+        "  (thresholds file on disk is INVALID; previous rules in force)"
+    };
+    println!(
+        "\n{:<32} {:<8} {:>14} {:>14} {:<9}{valid}",
+        "RULE", "STATE", "OBSERVED", "THRESHOLD", "ACTION"
+    );
+    for r in &s.rules {
+        println!(
+            "{:<32} {:<8} {:>14} {:>14} {:<9}{}",
+            r.name,
+            format!("{:?}", r.state).to_lowercase(),
+            r.observed
+                .map_or_else(|| "no data".to_owned(), |v| format!("{v:.6}")),
+            r.threshold,
+            r.action,
+            if r.dry_run { " (dry run)" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_action(a: &ActionReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!("{} ", a.action);
+    if let Some(step) = &a.step {
+        let _ = write!(s, "({step}) ");
+    }
+    if let (Some(f), Some(t)) = (&a.from_version, &a.to_version) {
+        let _ = write!(s, "{f} -> {t} ");
+    }
+    let _ = write!(s, "reason={}", a.reason);
+    if let (Some(o), Some(t)) = (a.observed, a.threshold) {
+        let _ = write!(s, " observed={o} threshold={t}");
+    }
+    s
+}
+
+fn print_action(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        return print_json(resp);
+    }
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.as_deref().unwrap_or("failed"));
+    }
+    let a: ActionReport =
+        serde_json::from_value(resp.result.clone()).context("decoding the action")?;
+    println!("{}: {}", a.plugin, describe_action(&a));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -148,6 +148,16 @@ pub struct Metrics {
     pub grpc_stream_resets_total: IntCounterVec,
     /// `plugvisor_service_gap_seconds{listener,window}` (kernel log2 histogram).
     pub service_gap_seconds: Arc<KernelHistogramVec>,
+    /// `plugvisor_rule_state{rule}`: 0 ok, 1 pending, 2 firing.
+    pub rule_state: IntGaugeVec,
+    /// `plugvisor_rules_config_valid`: 0 while the thresholds file on disk is invalid.
+    pub rules_config_valid: prometheus::IntGauge,
+    /// `plugvisor_rollbacks_total{plugin,reason}`.
+    pub rollbacks_total: IntCounterVec,
+    /// `plugvisor_degradations_total{plugin,reason}`.
+    pub degradations_total: IntCounterVec,
+    /// `plugvisor_degraded{plugin}`: 1 while degraded.
+    pub degraded: IntGaugeVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -272,6 +282,41 @@ impl Metrics {
                     .expect("each family registers once");
                 h
             },
+            rule_state: gauge(
+                r,
+                "plugvisor_rule_state",
+                "State of each thresholds rule: 0 ok, 1 pending, 2 firing",
+                &["rule"],
+            ),
+            rules_config_valid: {
+                let g = prometheus::IntGauge::new(
+                    "plugvisor_rules_config_valid",
+                    "1 when the thresholds file in force is the one on disk; 0 while the file on disk is invalid",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("each family registers once");
+                g.set(1);
+                g
+            },
+            rollbacks_total: counter(
+                r,
+                "plugvisor_rollbacks_total",
+                "Rollbacks by plugin and reason (the rule's name, manual, or crash-in-trial)",
+                &["plugin", "reason"],
+            ),
+            degradations_total: counter(
+                r,
+                "plugvisor_degradations_total",
+                "Degradations by plugin and reason (the rule's name)",
+                &["plugin", "reason"],
+            ),
+            degraded: gauge(
+                r,
+                "plugvisor_degraded",
+                "1 while the plugin is degraded",
+                &["plugin"],
+            ),
             registry,
             refreshers: Mutex::new(Vec::new()),
         };

@@ -15,12 +15,16 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, CatalogError, Package};
-use crate::loader::{self, LoadError};
+use crate::loader::{self, LoadError, LoadedVersion};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
 use crate::probes::observer::PluginNames;
 use crate::slot::Slot;
 use crate::store::{JournalEntry, Store, StoreError, VersionRef};
+
+/// The `reason` of a rollback done at start because the process died
+/// during a trial.
+pub const CRASH_IN_TRIAL: &str = "crash-in-trial";
 
 /// Why a reload did not switch versions.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,16 @@ pub enum ReloadError {
     /// The library could not be loaded or initialised.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// This version was rolled back from; a newer one is needed.
+    #[error(
+        "plugin {plugin:?}: version {version} was rolled back and is quarantined; publish a newer version"
+    )]
+    Quarantined {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+    },
     /// Same version as the active one, different bytes.
     #[error(
         "plugin {plugin:?}: version {version} is already active with sha256 {active}, the package has {package}; bump the version"
@@ -85,9 +99,9 @@ impl ReloadError {
                 | LoadError::ManifestAbi { path, .. }
                 | LoadError::IdentityMismatch { path, .. },
             ) => path.clone(),
-            ReloadError::Load(LoadError::InitFailed { .. }) | ReloadError::VersionReused { .. } => {
-                package_dir.join(catalog::MANIFEST_FILE)
-            }
+            ReloadError::Load(LoadError::InitFailed { .. })
+            | ReloadError::VersionReused { .. }
+            | ReloadError::Quarantined { .. } => package_dir.join(catalog::MANIFEST_FILE),
         }
     }
 }
@@ -172,6 +186,11 @@ impl Reloader {
         &self.store
     }
 
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     fn plugin_index(&self, plugin: &str) -> u32 {
         self.plugin_names
             .read()
@@ -184,46 +203,114 @@ impl Reloader {
     /// Brings `plugin` up on the version its refs call active, straight from
     /// the store (used at start, before the packages are looked at).
     pub fn boot_from_store(&mut self, plugin: &str) -> Option<ReloadReport> {
-        let refs = match self.store.refs(plugin) {
+        let mut refs = match self.store.refs(plugin) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(plugin, error = %e, "cannot read refs; starting from the package instead");
                 return None;
             }
         };
-        let active = refs.active?;
-        let object = self.store.object_path(&active.sha256);
-        if !object.is_file() {
-            tracing::warn!(plugin, object = %object.display(), "active object missing from the store");
-            return None;
+        let mut active = refs.active.clone()?;
+        let mut message = "started from the store".to_owned();
+        // Boot counting: a trial that never ended means the last process
+        // died on it. Come up on the known-good version instead and keep
+        // the one on trial out.
+        if refs.trial_since_ms.is_some()
+            && let Some(good) = refs.known_good.clone()
+            && good != active
+        {
+            tracing::error!(
+                plugin,
+                crashed = %active.version,
+                known_good = %good.version,
+                "the previous process died while {} was on trial; starting on the known-good {} (crash-in-trial)",
+                active.version,
+                good.version
+            );
+            refs.quarantined.push(active.clone());
+            refs.active = Some(good.clone());
+            refs.trial_since_ms = None;
+            let mut entry = JournalEntry::now(plugin, "rollback");
+            entry.version = Some(good.version.to_string());
+            entry.from_version = Some(active.version.to_string());
+            entry.sha256 = Some(good.sha256.clone());
+            entry.reason = Some(CRASH_IN_TRIAL.to_owned());
+            if let Err(e) = self
+                .store
+                .write_refs(plugin, &refs)
+                .and_then(|()| self.store.journal(&entry))
+            {
+                tracing::error!(plugin, error = %e, "could not record the crash-in-trial rollback");
+            }
+            self.metrics
+                .rollbacks_total
+                .with_label_values(&[plugin, CRASH_IN_TRIAL])
+                .inc();
+            message = format!(
+                "crash-in-trial: started on known-good {} instead of {}",
+                good.version, active.version
+            );
+            active = good;
         }
         let slot = self.slot(plugin);
-        match loader::load(
-            plugin,
-            &active.version,
-            plugvisor_sdk::ABI_VERSION,
-            &active.sha256,
-            &object,
-        ) {
-            Ok((loaded, _)) => {
+        match self.load_from_store(plugin, &active) {
+            Ok(loaded) => {
                 slot.install(loaded);
-                tracing::info!(plugin, version = %active.version, "started on the active version from the store");
+                slot.pin(refs.known_good.as_ref().map(|k| k.version.clone()));
+                if let Some(good) = refs.known_good.as_ref().filter(|g| **g != active) {
+                    // Keep the known-good version mapped too, so a rollback
+                    // to it is a pointer swap from the first minute.
+                    match self.load_from_store(plugin, good) {
+                        Ok(l) => {
+                            slot.install(l);
+                            let _ = slot.switch_to_mapped(&active.version);
+                        }
+                        Err(e) => {
+                            tracing::warn!(plugin, error = %e, "known-good version does not load");
+                        }
+                    }
+                }
+                tracing::info!(plugin, version = %active.version, "{message}");
                 Some(ReloadReport {
                     plugin: plugin.to_owned(),
                     outcome: "success".into(),
                     active_version: Some(active.version.to_string()),
                     package_version: None,
                     from_version: None,
-                    message: Some("started from the store".into()),
+                    message: Some(message),
                     total_us: None,
                     switch_us: None,
                 })
             }
             Err(e) => {
-                tracing::error!(plugin, object = %object.display(), error = %e, "active version in the store does not load");
+                tracing::error!(plugin, error = %e, "active version in the store does not load");
                 None
             }
         }
+    }
+
+    /// Loads a version straight from its object in the store.
+    pub fn load_from_store(
+        &self,
+        plugin: &str,
+        v: &VersionRef,
+    ) -> Result<LoadedVersion, LoadError> {
+        let object = self.store.object_path(&v.sha256);
+        loader::load(
+            plugin,
+            &v.version,
+            plugvisor_sdk::ABI_VERSION,
+            &v.sha256,
+            &object,
+        )
+        .map(|(l, _)| l)
+    }
+
+    /// Opens a reload window for `plugin` (the kernel attributes what
+    /// happens until it is dropped to this switch).
+    pub fn window(&mut self, plugin: &str) -> ReloadWindow {
+        self.seq += 1;
+        ReloadWindow::open(self.plugin_index(plugin), self.seq)
     }
 
     /// Looks at the package of `plugin` and switches to it if it is new.
@@ -317,6 +404,24 @@ impl Reloader {
             };
             return self.refuse(report, &package_dir, &ReloadError::Load(e));
         }
+        let candidate = VersionRef {
+            version: package.manifest.version.clone(),
+            sha256: package.manifest.sha256.clone(),
+        };
+        if self
+            .store
+            .refs(plugin)
+            .is_ok_and(|r| r.is_quarantined(&candidate))
+        {
+            return self.refuse(
+                report,
+                &package_dir,
+                &ReloadError::Quarantined {
+                    plugin: plugin.to_owned(),
+                    version: candidate.version.to_string(),
+                },
+            );
+        }
         let verify = t0.elapsed();
 
         // Stage: hash while copying into the store — before the window opens.
@@ -409,6 +514,8 @@ impl Reloader {
         let mut refs = self.store.refs(plugin)?;
         refs.active = Some(new.clone());
         refs.history.push(new.clone());
+        // On trial until `[reload] trial` passes with no rule firing.
+        refs.trial_since_ms = Some(crate::store::now_ms());
         self.store.write_refs(plugin, &refs)?;
         let mut entry = JournalEntry::now(plugin, "activated");
         entry.version = Some(new.version.to_string());

@@ -11,6 +11,7 @@
 //! change of active version through [`Slot::subscribe`], a `watch` channel
 //! updated right after each swap; the request path never touches it.
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -33,6 +34,37 @@ pub enum DispatchError {
     /// The plugin failed this request.
     #[error(transparent)]
     Plugin(#[from] HandleError),
+    /// The slot refuses work (disabled by an operator).
+    #[error("plugin {plugin:?} is disabled; {hint}")]
+    Disabled {
+        /// The plugin.
+        plugin: String,
+        /// What to do about it.
+        hint: &'static str,
+    },
+}
+
+/// What a slot lets in, from most to least open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Admission {
+    /// Everything.
+    Open = 0,
+    /// Work on existing connections, but no new connections (the last step
+    /// of degrade).
+    ShedNewConnections = 1,
+    /// No work at all (`plugvisor disable`).
+    Disabled = 2,
+}
+
+impl Admission {
+    fn from_u8(v: u8) -> Admission {
+        match v {
+            1 => Admission::ShedNewConnections,
+            2 => Admission::Disabled,
+            _ => Admission::Open,
+        }
+    }
 }
 
 /// A version installed in a slot, with its request counters resolved once
@@ -74,6 +106,12 @@ pub struct Slot {
     published: Mutex<Vec<(String, &'static str)>>,
     // The active version's string form, for listeners that report readiness.
     active_version: watch::Sender<Option<String>>,
+    // The known-good version: never evicted from `mapped`, so rolling back
+    // to it is a pointer swap, never a dlopen.
+    pinned: Mutex<Option<Version>>,
+    admission: AtomicU8,
+    // Degrade's built-in fallback: answer each request with its own bytes.
+    passthrough: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -87,8 +125,49 @@ impl Slot {
             mapped: Mutex::new(VecDeque::new()),
             published: Mutex::new(Vec::new()),
             active_version: watch::Sender::new(None),
+            pinned: Mutex::new(None),
+            admission: AtomicU8::new(Admission::Open as u8),
+            passthrough: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// What the slot lets in now.
+    pub fn admission(&self) -> Admission {
+        Admission::from_u8(self.admission.load(Ordering::Acquire))
+    }
+
+    /// Changes what the slot lets in.
+    pub fn set_admission(&self, a: Admission) {
+        self.admission.store(a as u8, Ordering::Release);
+    }
+
+    /// Whether a listener should accept a new connection for this slot.
+    pub fn admits_connections(&self) -> bool {
+        self.admission() == Admission::Open
+    }
+
+    /// Answers every request with its own bytes instead of calling the
+    /// plugin (degrade's built-in fallback), or stops doing so.
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Release);
+    }
+
+    /// Whether the built-in pass-through is answering.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Acquire)
+    }
+
+    /// Keeps `version` mapped whatever `keep_loaded` says (the known-good one).
+    pub fn pin(&self, version: Option<Version>) {
+        *self.pinned.lock().expect("slot lock") = version;
+    }
+
+    fn refusal(&self) -> Option<DispatchError> {
+        (self.admission() == Admission::Disabled).then(|| DispatchError::Disabled {
+            plugin: self.plugin.clone(),
+            hint: "`plugvisor enable` restores it",
+        })
     }
 
     /// Follows the active version: the receiver holds its string form, or
@@ -104,6 +183,12 @@ impl Slot {
 
     /// Handles one frame on the active version.
     pub fn dispatch(&self, request: &[u8]) -> Result<Vec<u8>, DispatchError> {
+        if let Some(e) = self.refusal() {
+            return Err(e);
+        }
+        if self.passthrough() {
+            return Ok(request.to_vec());
+        }
         let guard = self.active.load();
         let Some(installed) = guard.as_ref() else {
             return Err(DispatchError::NoActiveVersion {
@@ -118,6 +203,12 @@ impl Slot {
         &self,
         request: &[u8],
     ) -> (Result<Vec<u8>, DispatchError>, Option<String>) {
+        if let Some(e) = self.refusal() {
+            return (Err(e), None);
+        }
+        if self.passthrough() {
+            return (Ok(request.to_vec()), Some("passthrough".to_owned()));
+        }
         let guard = self.active.load();
         match guard.as_ref() {
             None => (
@@ -198,8 +289,21 @@ impl Slot {
             let mut mapped = self.mapped.lock().expect("slot lock");
             mapped.retain(|i| !Arc::ptr_eq(i, &installed));
             mapped.push_back(installed);
-            let excess = mapped.len().saturating_sub(self.keep_loaded);
-            mapped.drain(..excess).collect()
+            let pinned = self.pinned.lock().expect("slot lock").clone();
+            let active = self.active.load_full();
+            // Oldest first, but never the pinned known-good version nor the
+            // active one.
+            let mut evicted = Vec::new();
+            while mapped.len() > self.keep_loaded {
+                let Some(pos) = mapped.iter().position(|i| {
+                    Some(i.loaded.version()) != pinned.as_ref()
+                        && !active.as_ref().is_some_and(|a| Arc::ptr_eq(a, i))
+                }) else {
+                    break;
+                };
+                evicted.extend(mapped.remove(pos));
+            }
+            evicted
         };
         for old in &evicted {
             for o in [

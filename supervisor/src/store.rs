@@ -95,6 +95,26 @@ pub struct Refs {
     pub known_good: Option<VersionRef>,
     /// Versions activated, oldest first (bounded).
     pub history: Vec<VersionRef>,
+    /// Set while `active` is on trial: when the trial started (ms since the
+    /// epoch). A process that finds this set at start died during the
+    /// trial, and comes up on `known_good` instead.
+    pub trial_since_ms: Option<u64>,
+    /// Versions rolled back from: not loaded again from the same package.
+    pub quarantined: Vec<VersionRef>,
+}
+
+impl Refs {
+    /// Whether `v` was rolled back from and must not come back.
+    pub fn is_quarantined(&self, v: &VersionRef) -> bool {
+        self.quarantined.iter().any(|q| q == v)
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Most history entries kept in a refs file.
@@ -121,6 +141,15 @@ pub struct JournalEntry {
     /// Why, in words.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
+    /// The rule that acted, if a rule did.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rule: Option<String>,
+    /// The value the rule observed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub observed: Option<f64>,
+    /// The threshold it crossed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub threshold: Option<f64>,
 }
 
 impl JournalEntry {
@@ -137,6 +166,9 @@ impl JournalEntry {
             from_version: None,
             sha256: None,
             reason: None,
+            rule: None,
+            observed: None,
+            threshold: None,
         }
     }
 }
@@ -385,6 +417,8 @@ mod tests {
         let refs = Refs {
             active: Some(v.clone()),
             known_good: None,
+            trial_since_ms: Some(7),
+            quarantined: vec![v.clone()],
             history: vec![v],
         };
         store.write_refs("echo", &refs).unwrap();

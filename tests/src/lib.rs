@@ -180,6 +180,12 @@ pub struct DaemonOptions {
     pub drain_timeout: Option<&'static str>,
     /// A command the binary runs under (e.g. `setpriv` dropping capabilities).
     pub wrapper: Vec<String>,
+    /// `[reload] trial`.
+    pub trial: &'static str,
+    /// Contents of a thresholds file (written beside the config and named by it).
+    pub thresholds: Option<String>,
+    /// TOML tables appended to the config (e.g. `[fallback]`).
+    pub extra_config: String,
 }
 
 /// A `setpriv` wrapper that starts the daemon as root but without the
@@ -207,6 +213,9 @@ impl Default for DaemonOptions {
             packages: vec![("echo".into(), build_echo_version("1.0.0"), "1.0.0".into())],
             drain_timeout: None,
             wrapper: Vec::new(),
+            trial: "30s",
+            thresholds: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -222,13 +231,24 @@ impl Daemon {
             install_package(&plugins_dir, name, version, lib, &PackageTweaks::default());
         }
         let metrics_port = free_port();
+        let thresholds = dir.path().join("thresholds.toml");
+        if let Some(t) = &opts.thresholds {
+            std::fs::write(&thresholds, t).unwrap();
+        }
         let mut cfg = format!(
-            "plugins_dir = \"{}\"\nstate_dir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[admin]\nsocket = \"{}\"\n[probes]\nmode = \"{}\"\n[reload]\ndebounce = \"50ms\"\n",
+            "plugins_dir = \"{}\"\nstate_dir = \"{}\"\n{}[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[admin]\nsocket = \"{}\"\n[probes]\nmode = \"{}\"\n[reload]\ndebounce = \"50ms\"\ntrial = \"{}\"\n",
             plugins_dir.display(),
             state_dir.display(),
+            if opts.thresholds.is_some() {
+                format!("thresholds = \"{}\"\n", thresholds.display())
+            } else {
+                String::new()
+            },
             dir.path().join("admin.sock").display(),
-            opts.probes
+            opts.probes,
+            opts.trial,
         );
+        cfg.push_str(&opts.extra_config);
         if let Some(drain) = opts.drain_timeout {
             let _ = write!(cfg, "[shutdown]\ndrain_timeout = \"{drain}\"\n");
         }
@@ -390,6 +410,35 @@ impl Daemon {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// The thresholds file written for this daemon (rewrite it to change the rules).
+    pub fn thresholds_path(&self) -> PathBuf {
+        self.dir.path().join("thresholds.toml")
+    }
+
+    /// The store's journal, parsed.
+    pub fn journal(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.state_dir.join("journal.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Kills the daemon with SIGKILL (no drain, no cleanup), as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `plugvisor status --json`'s result.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.cli(&["status", "--json"]);
+        assert_eq!(code, 0, "status failed: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["result"].clone()
     }
 
     /// Address of the listener called `name`.

@@ -284,7 +284,7 @@ fn answer(slot: &Slot, payload: &[u8]) -> Result<pb::Response, DispatchError> {
             plugin_version,
             error: e.to_string(),
         }),
-        Err(e @ DispatchError::NoActiveVersion { .. }) => Err(e),
+        Err(e @ (DispatchError::NoActiveVersion { .. } | DispatchError::Disabled { .. })) => Err(e),
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::slot::{DispatchError, Slot};
+use crate::slot::{Admission, DispatchError, Slot};
 
 /// Longest accepted frame, newline included.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -30,9 +30,23 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((mut stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(stream, slot.clone(), shutdown.clone()));
+                    if slot.admits_connections() {
+                        conns.spawn(connection(stream, slot.clone(), shutdown.clone()));
+                    } else {
+                        // Degraded to shedding (or disabled): say so and close,
+                        // rather than leave the client waiting.
+                        let why = format!(
+                            "ERR listener {name} refuses new connections: plugin {} is {}\n",
+                            slot.plugin(),
+                            if slot.admission() == Admission::Disabled { "disabled" } else { "degraded and shedding load" }
+                        );
+                        conns.spawn(async move {
+                            let _ = stream.write_all(why.as_bytes()).await;
+                            let _ = stream.shutdown().await;
+                        });
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -88,7 +102,7 @@ async fn connection(stream: TcpStream, slot: Arc<Slot>, mut shutdown: watch::Rec
         out.clear();
         match slot.dispatch(&frame) {
             Ok(resp) => out.extend(resp.into_iter().map(|b| if b == b'\n' { b' ' } else { b })),
-            Err(e @ DispatchError::NoActiveVersion { .. }) => {
+            Err(e @ (DispatchError::NoActiveVersion { .. } | DispatchError::Disabled { .. })) => {
                 out.extend_from_slice(format!("ERR {e}").as_bytes());
             }
             Err(DispatchError::Plugin(e)) => {

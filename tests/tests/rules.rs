@@ -1,0 +1,328 @@
+//! Thresholds that act, trial and known-good, rollback and its quarantine,
+//! crash recovery, disable/enable — through the real binary, its CLI, its
+//! thresholds file and its journal.
+#![expect(
+    clippy::too_many_lines,
+    reason = "each test is one black-box scenario that reads top to bottom"
+)]
+
+use std::time::{Duration, Instant};
+
+use plugvisor_tests::{
+    Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version, echo_version,
+    install_package, require_root, wait_until,
+};
+
+fn serving(d: &Daemon) -> Option<String> {
+    LineClient::connect(d.addr("echo-tcp"))
+        .ok()?
+        .call("v")
+        .ok()
+        .and_then(|r| echo_version(&r).map(str::to_owned))
+}
+
+fn wait_serving(d: &Daemon, v: &str) {
+    wait_until(
+        Instant::now() + Duration::from_secs(15),
+        &format!("{v} serves"),
+        || serving(d).as_deref() == Some(v),
+    );
+}
+
+fn plugin_status(d: &Daemon) -> serde_json::Value {
+    d.status()["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plugin"] == "echo")
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn trial_then_known_good_then_manual_rollback_quarantines() {
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "1s",
+        ..Default::default()
+    });
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "1.0.0 passes its trial",
+        || plugin_status(&d)["state"] == "known-good",
+    );
+    assert_eq!(plugin_status(&d)["known_good"], "1.0.0");
+
+    let v2 = build_echo_version("2.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &v2,
+        &PackageTweaks::default(),
+    );
+    wait_serving(&d, "2.0.0");
+    let p = plugin_status(&d);
+    assert_eq!(p["state"], "trial");
+    assert_eq!(p["known_good"], "1.0.0");
+
+    let (code, out, err) = d.cli(&["rollback", "echo"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("rollback 2.0.0 -> 1.0.0 reason=manual"),
+        "{out}"
+    );
+    assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
+    let m = d.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_rollbacks_total",
+            &[("plugin", "echo"), ("reason", "manual")]
+        ),
+        Some(1.0)
+    );
+    let j = d.journal();
+    let rb = j
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "rollback")
+        .expect("journalled");
+    assert_eq!(
+        (
+            rb["from_version"].as_str(),
+            rb["version"].as_str(),
+            rb["reason"].as_str()
+        ),
+        (Some("2.0.0"), Some("1.0.0"), Some("manual"))
+    );
+
+    // The quarantined version is not loaded again from the same package…
+    let (code, out, _) = d.cli(&["reload", "echo"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("quarantined"), "{out}");
+    assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
+    let (code, out, _) = d.cli(&["versions", "echo"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("quarantined  2.0.0") && out.contains("known-good   1.0.0"),
+        "{out}"
+    );
+    // …until a newer version appears.
+    let v21 = build_echo_version("2.1.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.1.0",
+        &v21,
+        &PackageTweaks::default(),
+    );
+    wait_serving(&d, "2.1.0");
+    // An explicit rollback to a named version.
+    let (code, out, err) = d.cli(&["rollback", "echo", "--to", "1.0.0"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
+    let (code, _, err) = d.cli(&["rollback", "echo", "--to", "9.9.9"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("never activated"), "{err}");
+}
+
+#[test]
+fn kill9_during_a_trial_restarts_on_known_good() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "1s",
+        ..Default::default()
+    });
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "1.0.0 known-good",
+        || plugin_status(&d)["state"] == "known-good",
+    );
+    // From here on a long trial, so 3.0.0 is still on trial when the process dies.
+    let v3 = build_echo_version("3.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "3.0.0",
+        &v3,
+        &PackageTweaks::default(),
+    );
+    wait_serving(&d, "3.0.0");
+    assert_eq!(plugin_status(&d)["state"], "trial");
+    d.kill9();
+    d.restart();
+    assert_eq!(
+        serving(&d).as_deref(),
+        Some("1.0.0"),
+        "came up on known-good, not on the version that was on trial"
+    );
+    let j = d.journal();
+    let rb = j
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "rollback")
+        .expect("journalled");
+    assert_eq!(rb["reason"], "crash-in-trial");
+    assert_eq!(rb["from_version"], "3.0.0");
+    assert_eq!(
+        d.metrics().get(
+            "plugvisor_rollbacks_total",
+            &[("plugin", "echo"), ("reason", "crash-in-trial")]
+        ),
+        Some(1.0)
+    );
+    // The package on disk is still 3.0.0; it stays out.
+    assert!(d.log_text().contains("quarantined"));
+    assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
+}
+
+#[test]
+fn disable_refuses_clearly_and_enable_restores() {
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        ..Default::default()
+    });
+    let mut open = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    assert!(open.call("a").unwrap().starts_with("[echo"));
+    let (code, out, err) = d.cli(&["disable", "echo"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let r = open.call("b").unwrap();
+    assert!(r.starts_with("ERR") && r.contains("disabled"), "{r}");
+    let mut fresh = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let r = fresh.call("c").unwrap_or_default();
+    assert!(r.contains("disabled"), "a new connection is told why: {r}");
+    assert_eq!(plugin_status(&d)["disabled"], true);
+    let (code, _, _) = d.cli(&["enable", "echo"]);
+    assert_eq!(code, 0);
+    assert!(open.call("d").unwrap().starts_with("[echo 1.0.0]"));
+}
+
+/// A rule on a kernel-observed family: more than 3 connections on the
+/// listener degrades echo (its own hook turns the transforms off); at or
+/// below 1 it clears. Then an invalid thresholds file is refused with line
+/// and column and the rule in force keeps acting; then dry_run reports
+/// without acting.
+#[test]
+fn degrade_by_rule_clears_with_hysteresis_and_survives_a_bad_file() {
+    if !require_root("degrade_by_rule_clears_with_hysteresis_and_survives_a_bad_file") {
+        return;
+    }
+    let rule = |dry: bool| {
+        format!(
+            "evaluation_interval = \"250ms\"\n[[rule]]\nname = \"too-many-conns\"\nmetric = \"plugvisor_tcp_connections\"\nlabels = {{ listener = \"echo-*\" }}\nop = \">\"\nthreshold = 3\nclear = 1\naction = \"degrade\"\ncooldown = \"0s\"\ndry_run = {dry}\n"
+        )
+    };
+    let d = Daemon::start(DaemonOptions {
+        thresholds: Some(rule(false)),
+        ..Default::default()
+    });
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let upper = |c: &mut LineClient| c.call("upper abc").unwrap();
+    let mut first = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    assert_eq!(upper(&mut first), "[echo 1.0.0] ABC");
+    let mut more: Vec<LineClient> = (0..3)
+        .map(|_| LineClient::connect(d.addr("echo-tcp")).unwrap())
+        .collect();
+    wait_until(deadline(), "degraded", || {
+        d.metrics().get("plugvisor_degraded", &[("plugin", "echo")]) == Some(1.0)
+    });
+    assert_eq!(
+        upper(&mut first),
+        "[echo 1.0.0] upper abc",
+        "the plugin's own degrade hook shed the transform"
+    );
+    let m = d.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_degradations_total",
+            &[("plugin", "echo"), ("reason", "too-many-conns")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get("plugvisor_rule_state", &[("rule", "too-many-conns")]),
+        Some(2.0)
+    );
+    let p = plugin_status(&d);
+    assert_eq!(p["degraded"], "hook");
+    assert_eq!(p["last_action"]["rule"], "too-many-conns");
+    assert_eq!(p["last_action"]["threshold"], 3.0);
+    // 2 connections: below the threshold but not yet at clear — still degraded.
+    more.truncate(1);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        d.metrics().get("plugvisor_degraded", &[("plugin", "echo")]),
+        Some(1.0),
+        "hysteresis holds it"
+    );
+    more.clear();
+    wait_until(deadline(), "cleared", || {
+        d.metrics().get("plugvisor_degraded", &[("plugin", "echo")]) == Some(0.0)
+    });
+    assert_eq!(upper(&mut first), "[echo 1.0.0] ABC", "full service again");
+    assert!(d.journal().iter().any(|e| e["event"] == "degrade-cleared"));
+
+    // A broken file: refused with line and column, the old rule stays.
+    std::fs::write(
+        d.thresholds_path(),
+        rule(false).replace("op = \">\"", "op = \">>\""),
+    )
+    .unwrap();
+    wait_until(deadline(), "invalid file noticed", || {
+        d.metrics().get("plugvisor_rules_config_valid", &[]) == Some(0.0)
+    });
+    let refusal = d
+        .log_text()
+        .lines()
+        .find(|l| l.contains("thresholds file refused"))
+        .map(str::to_owned)
+        .unwrap();
+    assert!(
+        refusal.contains("thresholds.toml:6:6:"),
+        "line and column: {refusal}"
+    );
+    let again: Vec<LineClient> = (0..3)
+        .map(|_| LineClient::connect(d.addr("echo-tcp")).unwrap())
+        .collect();
+    wait_until(deadline(), "the previous rule still acts", || {
+        d.metrics().get(
+            "plugvisor_degradations_total",
+            &[("plugin", "echo"), ("reason", "too-many-conns")],
+        ) == Some(2.0)
+    });
+    drop(again);
+    wait_until(deadline(), "cleared again", || {
+        d.metrics().get("plugvisor_degraded", &[("plugin", "echo")]) == Some(0.0)
+    });
+
+    // dry_run: evaluated and reported, nothing done. SIGHUP also re-reads.
+    std::fs::write(d.thresholds_path(), rule(true)).unwrap();
+    d.signal(libc::SIGHUP);
+    wait_until(deadline(), "valid again", || {
+        d.metrics().get("plugvisor_rules_config_valid", &[]) == Some(1.0)
+    });
+    let _many: Vec<LineClient> = (0..3)
+        .map(|_| LineClient::connect(d.addr("echo-tcp")).unwrap())
+        .collect();
+    wait_until(deadline(), "firing in dry run", || {
+        d.metrics()
+            .get("plugvisor_rule_state", &[("rule", "too-many-conns")])
+            == Some(2.0)
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let m = d.metrics();
+    assert_eq!(
+        m.get("plugvisor_degraded", &[("plugin", "echo")]),
+        Some(0.0),
+        "dry run does not act"
+    );
+    assert_eq!(
+        m.get(
+            "plugvisor_degradations_total",
+            &[("plugin", "echo"), ("reason", "too-many-conns")]
+        ),
+        Some(2.0)
+    );
+    assert!(d.log_text().contains("dry run: would degrade echo"));
+    assert_eq!(upper(&mut first), "[echo 1.0.0] ABC");
+}
