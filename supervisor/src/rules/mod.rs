@@ -100,6 +100,8 @@ struct RuleRun {
     observed: Option<f64>,
     // The plugin a degrade went to, so clearing restores the same one.
     degraded: Option<String>,
+    // The plugin the rule is firing for, if it names one.
+    target: Option<String>,
     history: HashMap<String, (BTreeMap<String, String>, History)>,
 }
 
@@ -114,6 +116,7 @@ impl RuleRun {
             last_action: None,
             observed: None,
             degraded: None,
+            target: None,
             history: HashMap::new(),
         }
     }
@@ -269,7 +272,7 @@ impl Engine {
         self.runs
             .iter()
             .filter(|r| r.state == State::Firing)
-            .filter_map(|r| r.degraded.clone().or_else(|| r.rule.plugin.clone()))
+            .filter_map(|r| r.target.clone())
             .collect()
     }
 
@@ -414,6 +417,7 @@ impl Engine {
                 run.state = State::Firing;
                 let plugin = self.target(i, observed.as_ref().map(|(_, l)| l));
                 let run = &mut self.runs[i];
+                run.target.clone_from(&plugin);
                 tracing::warn!(
                     rule = %rule.name,
                     observed = value,
@@ -463,6 +467,7 @@ impl Engine {
             State::Firing if cleared => {
                 run.state = State::Ok;
                 run.pending_since = None;
+                run.target = None;
                 tracing::info!(rule = %rule.name, observed = value, clear = rule.clear_at(), "rule cleared");
                 let plugin = run.degraded.take()?;
                 let clear_at = rule.clear_at();
