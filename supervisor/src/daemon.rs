@@ -136,6 +136,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         )?);
     }
 
+    // The signal sources measure the service as it runs, so they start
+    // once it serves.
+    crate::sampler::start(&metrics, &config.state_dir);
+
     // /metrics outlives the listeners' drain, so the drain itself (GOAWAYs,
     // connections closing) can still be scraped.
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();

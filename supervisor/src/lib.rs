@@ -42,6 +42,13 @@
 //! and `plugvisor_kernel_reload_duration_seconds`. If eBPF cannot be used,
 //! plugvisor keeps serving and exports `plugvisor_probe_up 0`.
 //!
+//! # Signals
+//!
+//! Besides the kernel's counts, `sampler` writes the levels a rule reads:
+//! memory of the daemon's cgroup and of the node and free space under
+//! `state_dir`, read at gather time beside the standard `process_*`
+//! families.
+//!
 //! # Control
 //!
 //! One task (`daemon`) owns all state changes and takes [`control::Command`]s
@@ -61,5 +68,6 @@ pub mod markers;
 pub mod metrics;
 pub mod probes;
 pub mod reload;
+pub mod sampler;
 pub mod slot;
 pub mod store;

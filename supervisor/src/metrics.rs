@@ -12,7 +12,8 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Outcome of a reload attempt (`plugvisor_reloads_total{outcome}`).
@@ -148,6 +149,16 @@ pub struct Metrics {
     pub grpc_stream_resets_total: IntCounterVec,
     /// `plugvisor_service_gap_seconds{listener,window}` (kernel log2 histogram).
     pub service_gap_seconds: Arc<KernelHistogramVec>,
+    /// `plugvisor_cgroup_memory_current_bytes` (no labels; absent where
+    /// the daemon's memory cgroup cannot be read).
+    pub cgroup_memory_current_bytes: GaugeVec,
+    /// `plugvisor_cgroup_memory_max_bytes` (no labels; `+Inf` when the
+    /// cgroup has no limit, absent where it cannot be read).
+    pub cgroup_memory_max_bytes: GaugeVec,
+    /// `plugvisor_system_memory_available_bytes` (no labels; `MemAvailable`).
+    pub system_memory_available_bytes: GaugeVec,
+    /// `plugvisor_state_dir_free_bytes` (no labels; statvfs of `state_dir`).
+    pub state_dir_free_bytes: GaugeVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -272,6 +283,30 @@ impl Metrics {
                     .expect("each family registers once");
                 h
             },
+            cgroup_memory_current_bytes: float_gauge(
+                r,
+                "plugvisor_cgroup_memory_current_bytes",
+                "Memory charged to plugvisor's own cgroup (v2 memory.current, v1 memory.usage_in_bytes)",
+                &[],
+            ),
+            cgroup_memory_max_bytes: float_gauge(
+                r,
+                "plugvisor_cgroup_memory_max_bytes",
+                "Memory limit of plugvisor's own cgroup (v2 memory.max, v1 memory.limit_in_bytes); +Inf when unlimited",
+                &[],
+            ),
+            system_memory_available_bytes: float_gauge(
+                r,
+                "plugvisor_system_memory_available_bytes",
+                "Memory available for new work on this node without swapping (/proc/meminfo MemAvailable)",
+                &[],
+            ),
+            state_dir_free_bytes: float_gauge(
+                r,
+                "plugvisor_state_dir_free_bytes",
+                "Bytes an unprivileged writer can still write on the filesystem holding state_dir (statvfs f_bavail)",
+                &[],
+            ),
             registry,
             refreshers: Mutex::new(Vec::new()),
         };
@@ -319,6 +354,15 @@ impl Default for Metrics {
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("each family registers once");
+    g
+}
+
+/// A float gauge: `+Inf` (an unlimited cgroup) is a value an integer gauge
+/// cannot hold, and byte counts stay exact up to 2^53 (8 PiB).
+fn float_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(g.clone()))
         .expect("each family registers once");
     g
