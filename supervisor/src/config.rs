@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod health_check;
+pub use health_check::{HealthCheckConfig, HealthCheckKind, HealthTarget, HttpTarget};
+
 /// The embedded default configuration (relative paths resolve against the
 /// working directory).
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -67,6 +70,10 @@ pub struct Config {
     /// Listeners owned by plugvisor.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// Dependencies checked from plugvisor, exported as
+    /// `plugvisor_health_check_up{check}` (see [`HealthCheckConfig`]).
+    #[serde(rename = "health_check")]
+    pub health_checks: Vec<HealthCheckConfig>,
     /// Where the file was read from (`None` for the embedded default).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -85,6 +92,7 @@ impl Default for Config {
             reload: ReloadConfig::default(),
             shutdown: ShutdownConfig::default(),
             listeners: Vec::new(),
+            health_checks: Vec::new(),
             source: None,
         }
     }
@@ -316,6 +324,7 @@ impl Config {
                 plugvisor_probes_common::MAX_LISTENERS
             )));
         }
+        health_check::validate_all(&self.health_checks).map_err(invalid)?;
         if self.trust.require_signature {
             return Err(invalid(
                 "[trust] require_signature is not available in this build yet".into(),

@@ -44,10 +44,12 @@
 //!
 //! # Signals
 //!
-//! Besides the kernel's counts, `sampler` writes the levels a rule reads:
-//! memory of the daemon's cgroup and of the node and free space under
-//! `state_dir`, read at gather time beside the standard `process_*`
-//! families.
+//! Besides the kernel's counts, two sources write the levels a rule reads:
+//! `sampler` (memory of the daemon's cgroup and of the node, free space
+//! under `state_dir`, read at gather time beside the standard `process_*`
+//! families) and `health` (each plugin's own `health()` hook and the
+//! configured `[[health_check]]`s of the dependencies a plugin relies on,
+//! as `plugvisor_health_check_up{check}`).
 //!
 //! # Control
 //!
@@ -62,6 +64,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod health;
 pub mod listeners;
 pub mod loader;
 pub mod markers;

@@ -159,6 +159,13 @@ pub struct Metrics {
     pub system_memory_available_bytes: GaugeVec,
     /// `plugvisor_state_dir_free_bytes` (no labels; statvfs of `state_dir`).
     pub state_dir_free_bytes: GaugeVec,
+    /// `plugvisor_health_check_up{check,plugin}`: 1 up, 0 down, absent
+    /// until the first verdict.
+    pub health_check_up: IntGaugeVec,
+    /// `plugvisor_health_check_duration_seconds{check,plugin}`.
+    pub health_check_duration_seconds: HistogramVec,
+    /// `plugvisor_health_check_failures_total{check,plugin}`.
+    pub health_check_failures_total: IntCounterVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -306,6 +313,24 @@ impl Metrics {
                 "plugvisor_state_dir_free_bytes",
                 "Bytes an unprivileged writer can still write on the filesystem holding state_dir (statvfs f_bavail)",
                 &[],
+            ),
+            health_check_up: gauge(
+                r,
+                "plugvisor_health_check_up",
+                "1 while a health check passes, 0 once it is down (plugin:<name> checks are the plugin's own health hook)",
+                &["check", "plugin"],
+            ),
+            health_check_duration_seconds: histogram(
+                r,
+                "plugvisor_health_check_duration_seconds",
+                "Time each health check attempt took, failed ones included",
+                &["check", "plugin"],
+            ),
+            health_check_failures_total: counter(
+                r,
+                "plugvisor_health_check_failures_total",
+                "Health check attempts that failed",
+                &["check", "plugin"],
             ),
             registry,
             refreshers: Mutex::new(Vec::new()),
