@@ -180,6 +180,9 @@ pub struct DaemonOptions {
     pub drain_timeout: Option<&'static str>,
     /// A command the binary runs under (e.g. `setpriv` dropping capabilities).
     pub wrapper: Vec<String>,
+    /// TOML appended to the generated config, after the listeners (e.g.
+    /// `[[health_check]]` tables).
+    pub extra_config: String,
 }
 
 /// A `setpriv` wrapper that starts the daemon as root but without the
@@ -207,6 +210,7 @@ impl Default for DaemonOptions {
             packages: vec![("echo".into(), build_echo_version("1.0.0"), "1.0.0".into())],
             drain_timeout: None,
             wrapper: Vec::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -242,6 +246,7 @@ impl Daemon {
                 l.plugin
             );
         }
+        cfg.push_str(&opts.extra_config);
         let config = dir.path().join("plugvisor.toml");
         std::fs::write(&config, cfg).unwrap();
         let log = dir.path().join("plugvisor.log");
@@ -318,6 +323,24 @@ impl Daemon {
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
             panic!("plugvisor exited with {status}; log:\n{}", self.log_text());
+        }
+    }
+
+    /// Waits at most `timeout` for the daemon to exit on its own (a crash,
+    /// say) and returns how it ended.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("daemon started");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugvisor still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
