@@ -52,6 +52,9 @@ const MAX_STATUS_LINE: usize = 16 * 1024;
 /// connection closes with FIN rather than a reset for unread data.
 const MAX_DRAIN: usize = 64 * 1024;
 
+/// How long that courtesy read may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The plugins' slots as the daemon holds them now; `None` when they
 /// cannot be looked at this moment (a reload holds them), in which case
 /// the previous list is used.
@@ -380,7 +383,7 @@ async fn http_status(t: &HttpTarget) -> Result<u16, CheckError> {
                 }
             }
         };
-        let _ = tokio::time::timeout(PLUGIN_TIMEOUT, drain).await;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
     });
     Ok(status)
 }
