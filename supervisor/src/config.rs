@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod health_check;
+pub use health_check::{HealthCheckConfig, HealthCheckKind, HealthTarget, HttpTarget};
+
 /// The embedded default configuration (relative paths resolve against the
 /// working directory).
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -72,6 +75,10 @@ pub struct Config {
     /// (answer each request with its own bytes). Without one, degrade's last
     /// step sheds new connections.
     pub fallback: std::collections::BTreeMap<String, String>,
+    /// Dependencies checked from plugvisor, exported as
+    /// `plugvisor_health_check_up{check}` (see [`HealthCheckConfig`]).
+    #[serde(rename = "health_check")]
+    pub health_checks: Vec<HealthCheckConfig>,
     /// Where the file was read from (`None` for the embedded default).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -91,6 +98,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             listeners: Vec::new(),
             fallback: std::collections::BTreeMap::new(),
+            health_checks: Vec::new(),
             source: None,
         }
     }
@@ -334,6 +342,7 @@ impl Config {
                 plugvisor_probes_common::MAX_LISTENERS
             )));
         }
+        health_check::validate_all(&self.health_checks).map_err(invalid)?;
         if self.trust.require_signature {
             return Err(invalid(
                 "[trust] require_signature is not available in this build yet".into(),

@@ -157,6 +157,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         )?);
     }
 
+    // The signal sources measure the service as it runs, so they start
+    // once it serves. The poller must not wait behind a reload (which holds
+    // the reloader through dlopen and init): it skips a busy moment.
+    crate::sampler::start(&metrics, &config.state_dir);
+    let health = {
+        let reloader = reloader.clone();
+        crate::health::start(
+            &config.health_checks,
+            Box::new(move || {
+                let r = reloader.try_lock().ok()?;
+                Some(r.slots().values().cloned().collect())
+            }),
+            &metrics,
+        )
+    };
+
     // /metrics outlives the listeners' drain, so the drain itself (GOAWAYs,
     // connections closing) can still be scraped.
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -272,6 +288,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = metrics_stop_tx.send(());
     let _ = metrics_task.await;
     let _ = std::fs::remove_file(&config.admin.socket);
+    drop(health);
     drop(probes);
     tracing::info!("plugvisor stopped");
     Ok(())

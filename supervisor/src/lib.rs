@@ -42,6 +42,15 @@
 //! and `plugvisor_kernel_reload_duration_seconds`. If eBPF cannot be used,
 //! plugvisor keeps serving and exports `plugvisor_probe_up 0`.
 //!
+//! # Signals
+//!
+//! Besides the kernel's counts, two sources write the levels a rule reads:
+//! `sampler` (memory of the daemon's cgroup and of the node, free space
+//! under `state_dir`, read at gather time beside the standard `process_*`
+//! families) and `health` (each plugin's own `health()` hook and the
+//! configured `[[health_check]]`s of the dependencies a plugin relies on,
+//! as `plugvisor_health_check_up{check}`).
+//!
 //! # Control
 //!
 //! One task (`daemon`) owns all state changes and takes [`control::Command`]s
@@ -56,6 +65,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod health;
 pub mod listeners;
 pub mod loader;
 pub mod markers;
@@ -63,5 +73,6 @@ pub mod metrics;
 pub mod probes;
 pub mod reload;
 pub mod rules;
+pub mod sampler;
 pub mod slot;
 pub mod store;

@@ -12,7 +12,8 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Outcome of a reload attempt (`plugvisor_reloads_total{outcome}`).
@@ -158,6 +159,23 @@ pub struct Metrics {
     pub degradations_total: IntCounterVec,
     /// `plugvisor_degraded{plugin}`: 1 while degraded.
     pub degraded: IntGaugeVec,
+    /// `plugvisor_cgroup_memory_current_bytes` (no labels; absent where
+    /// the daemon's memory cgroup cannot be read).
+    pub cgroup_memory_current_bytes: GaugeVec,
+    /// `plugvisor_cgroup_memory_max_bytes` (no labels; `+Inf` when the
+    /// cgroup has no limit, absent where it cannot be read).
+    pub cgroup_memory_max_bytes: GaugeVec,
+    /// `plugvisor_system_memory_available_bytes` (no labels; `MemAvailable`).
+    pub system_memory_available_bytes: GaugeVec,
+    /// `plugvisor_state_dir_free_bytes` (no labels; statvfs of `state_dir`).
+    pub state_dir_free_bytes: GaugeVec,
+    /// `plugvisor_health_check_up{check,plugin}`: 1 up, 0 down, absent
+    /// until the first verdict.
+    pub health_check_up: IntGaugeVec,
+    /// `plugvisor_health_check_duration_seconds{check,plugin}`.
+    pub health_check_duration_seconds: HistogramVec,
+    /// `plugvisor_health_check_failures_total{check,plugin}`.
+    pub health_check_failures_total: IntCounterVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -317,6 +335,48 @@ impl Metrics {
                 "1 while the plugin is degraded",
                 &["plugin"],
             ),
+            cgroup_memory_current_bytes: float_gauge(
+                r,
+                "plugvisor_cgroup_memory_current_bytes",
+                "Memory charged to plugvisor's own cgroup (v2 memory.current, v1 memory.usage_in_bytes)",
+                &[],
+            ),
+            cgroup_memory_max_bytes: float_gauge(
+                r,
+                "plugvisor_cgroup_memory_max_bytes",
+                "Memory limit of plugvisor's own cgroup (v2 memory.max, v1 memory.limit_in_bytes); +Inf when unlimited",
+                &[],
+            ),
+            system_memory_available_bytes: float_gauge(
+                r,
+                "plugvisor_system_memory_available_bytes",
+                "Memory available for new work on this node without swapping (/proc/meminfo MemAvailable)",
+                &[],
+            ),
+            state_dir_free_bytes: float_gauge(
+                r,
+                "plugvisor_state_dir_free_bytes",
+                "Bytes an unprivileged writer can still write on the filesystem holding state_dir (statvfs f_bavail)",
+                &[],
+            ),
+            health_check_up: gauge(
+                r,
+                "plugvisor_health_check_up",
+                "1 while a health check passes, 0 once it is down (plugin:<name> checks are the plugin's own health hook)",
+                &["check", "plugin"],
+            ),
+            health_check_duration_seconds: histogram(
+                r,
+                "plugvisor_health_check_duration_seconds",
+                "Time each health check attempt took, failed ones included",
+                &["check", "plugin"],
+            ),
+            health_check_failures_total: counter(
+                r,
+                "plugvisor_health_check_failures_total",
+                "Health check attempts that failed",
+                &["check", "plugin"],
+            ),
             registry,
             refreshers: Mutex::new(Vec::new()),
         };
@@ -364,6 +424,15 @@ impl Default for Metrics {
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("each family registers once");
+    g
+}
+
+/// A float gauge: `+Inf` (an unlimited cgroup) is a value an integer gauge
+/// cannot hold, and byte counts stay exact up to 2^53 (8 PiB).
+fn float_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(g.clone()))
         .expect("each family registers once");
     g

@@ -184,7 +184,8 @@ pub struct DaemonOptions {
     pub trial: &'static str,
     /// Contents of a thresholds file (written beside the config and named by it).
     pub thresholds: Option<String>,
-    /// TOML tables appended to the config (e.g. `[fallback]`).
+    /// TOML appended to the generated config, after the listeners (e.g.
+    /// `[[health_check]]` tables).
     pub extra_config: String,
 }
 
@@ -248,7 +249,6 @@ impl Daemon {
             opts.probes,
             opts.trial,
         );
-        cfg.push_str(&opts.extra_config);
         if let Some(drain) = opts.drain_timeout {
             let _ = write!(cfg, "[shutdown]\ndrain_timeout = \"{drain}\"\n");
         }
@@ -262,6 +262,7 @@ impl Daemon {
                 l.plugin
             );
         }
+        cfg.push_str(&opts.extra_config);
         let config = dir.path().join("plugvisor.toml");
         std::fs::write(&config, cfg).unwrap();
         let log = dir.path().join("plugvisor.log");
@@ -338,6 +339,24 @@ impl Daemon {
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
             panic!("plugvisor exited with {status}; log:\n{}", self.log_text());
+        }
+    }
+
+    /// Waits at most `timeout` for the daemon to exit on its own (a crash,
+    /// say) and returns how it ended.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("daemon started");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugvisor still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
