@@ -335,6 +335,18 @@ impl Daemon {
         });
     }
 
+    /// Whether the daemon has exited (reaped; `restart` may follow).
+    pub fn exited(&mut self) -> bool {
+        let exited = self
+            .child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().unwrap().is_some());
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
     /// Panics with the log if the daemon exited.
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -326,3 +326,220 @@ fn degrade_by_rule_clears_with_hysteresis_and_survives_a_bad_file() {
     assert!(d.log_text().contains("dry run: would degrade echo"));
     assert_eq!(upper(&mut first), "[echo 1.0.0] ABC");
 }
+
+fn bad_build(package: &str, lib: &str, version: &str) -> std::path::PathBuf {
+    plugvisor_tests::build_plugin_version(package, lib, version)
+}
+
+/// An error-rate rule rolls a failing version back within two evaluation
+/// ticks of the breach (the engine's own tick count, no wall clock), while
+/// the client's connection never breaks: it sees ERR answers, then the
+/// known-good version again.
+#[test]
+fn error_rate_rule_rolls_back_within_two_ticks_without_a_connection_error() {
+    let rules = "evaluation_interval = \"250ms\"\n[[rule]]\nname = \"error-burst\"\nmetric = \"plugvisor_requests_total\"\nlabels = { plugin = \"*\", outcome = \"error\" }\nfunction = \"increase\"\nwindow = \"30s\"\nop = \">\"\nthreshold = 3\naction = \"rollback\"\ncooldown = \"10s\"\n";
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "1s",
+        thresholds: Some(rules.into()),
+        env: vec![("PLUGVISOR_FIXTURE_FAIL_AFTER".into(), "2".into())],
+        ..Default::default()
+    });
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "1.0.0 known-good",
+        || plugin_status(&d)["state"] == "known-good",
+    );
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let bad = bad_build(
+        "plugvisor-fixture-fail-after",
+        "fixture_fail_after",
+        "2.0.0",
+    );
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &bad,
+        &PackageTweaks::default(),
+    );
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no rollback; saw {seen:?}");
+        let r = client.call("x").expect("the connection never breaks");
+        let tag = if r.starts_with("ERR") {
+            "ERR".to_owned()
+        } else {
+            echo_version(&r).unwrap_or("?").to_owned()
+        };
+        if seen.last() != Some(&tag) {
+            seen.push(tag.clone());
+        }
+        if tag == "1.0.0" && seen.contains(&"ERR".to_owned()) {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        ["1.0.0", "2.0.0", "ERR", "1.0.0"],
+        "known-good, the bad version, its failures, known-good again"
+    );
+    let rule = d.status()["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "error-burst")
+        .unwrap()
+        .clone();
+    let (breach, acted) = (
+        rule["breach_tick"].as_u64().unwrap(),
+        rule["acted_tick"].as_u64().unwrap(),
+    );
+    assert!(
+        acted - breach <= 2,
+        "acted at tick {acted}, breach at tick {breach}"
+    );
+    let m = d.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_rollbacks_total",
+            &[("plugin", "echo"), ("reason", "error-burst")]
+        ),
+        Some(1.0)
+    );
+    let j = d.journal();
+    let rb = j.iter().rev().find(|e| e["event"] == "rollback").unwrap();
+    assert_eq!(rb["rule"], "error-burst");
+    assert_eq!(rb["threshold"], 3.0);
+    assert!(rb["observed"].as_f64().unwrap() > 3.0);
+    assert_eq!(
+        (rb["from_version"].as_str(), rb["version"].as_str()),
+        (Some("2.0.0"), Some("1.0.0"))
+    );
+    let p = plugin_status(&d);
+    assert_eq!(p["last_action"]["reason"], "error-burst");
+    // A rollback does not clear by itself: 2.0.0 stays out.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
+}
+
+/// A memory rule degrades the leaking plugin (its hook drops what it
+/// kept, so the resident set falls) and clears by itself below `clear`.
+#[test]
+fn memory_rule_degrades_then_clears() {
+    // Rules arrive by hot reload once the baseline is known.
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        thresholds: Some(String::new()),
+        ..Default::default()
+    });
+    let leak = bad_build("plugvisor-fixture-leak", "fixture_leak", "2.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &leak,
+        &PackageTweaks::default(),
+    );
+    wait_serving(&d, "2.0.0");
+    let base = d
+        .metrics()
+        .get("process_resident_memory_bytes", &[])
+        .unwrap();
+    let mib = 1024.0 * 1024.0;
+    let rules = format!(
+        "evaluation_interval = \"250ms\"\n[[rule]]\nname = \"rss-high\"\nmetric = \"process_resident_memory_bytes\"\nop = \">\"\nthreshold = {}\nclear = {}\nplugin = \"echo\"\naction = \"degrade\"\ncooldown = \"0s\"\n",
+        base + 60.0 * mib,
+        base + 30.0 * mib
+    );
+    std::fs::write(d.thresholds_path(), &rules).unwrap();
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "rules loaded",
+        || {
+            d.metrics()
+                .get("plugvisor_rule_state", &[("rule", "rss-high")])
+                .is_some()
+        },
+    );
+    let mut c = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0;
+    while d.metrics().get("plugvisor_degraded", &[("plugin", "echo")]) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline && sent < 400,
+            "never degraded after {sent} MiB"
+        );
+        c.call("grow").unwrap();
+        sent += 1;
+    }
+    assert_eq!(
+        plugin_status(&d)["degraded"],
+        "hook",
+        "the plugin's own hook shed its cache"
+    );
+    wait_until(deadline, "cleared once memory fell below clear", || {
+        d.metrics().get("plugvisor_degraded", &[("plugin", "echo")]) == Some(0.0)
+    });
+    let m = d.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_degradations_total",
+            &[("plugin", "echo"), ("reason", "rss-high")]
+        ),
+        Some(1.0)
+    );
+    assert!(c.call("still serving").unwrap().starts_with("[echo 2.0.0]"));
+    let events: Vec<String> = d
+        .journal()
+        .iter()
+        .filter_map(|e| e["event"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        events.contains(&"degrade".to_owned()) && events.contains(&"degrade-cleared".to_owned()),
+        "{events:?}"
+    );
+}
+
+/// A plugin that segfaults takes the process down — nothing in-process can
+/// stop that — and the restart comes up on the known-good version with the
+/// journal saying why.
+#[test]
+fn a_segfault_in_trial_restarts_on_known_good() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "1s",
+        ..Default::default()
+    });
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "1.0.0 known-good",
+        || plugin_status(&d)["state"] == "known-good",
+    );
+    let segv = bad_build("plugvisor-fixture-segv", "fixture_segv", "2.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &segv,
+        &PackageTweaks::default(),
+    );
+    wait_serving(&d, "2.0.0");
+    let _ = LineClient::connect(d.addr("echo-tcp"))
+        .unwrap()
+        .call("crash");
+    wait_until(
+        Instant::now() + Duration::from_secs(5),
+        "the process died",
+        || d.exited(),
+    );
+    d.restart();
+    assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
+    let j = d.journal();
+    let rb = j.iter().rev().find(|e| e["event"] == "rollback").unwrap();
+    assert_eq!(
+        (rb["reason"].as_str(), rb["from_version"].as_str()),
+        (Some("crash-in-trial"), Some("2.0.0"))
+    );
+}
