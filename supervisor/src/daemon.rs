@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::control::{Command, ListenerStatus, PluginStatus, Status};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::probes::{self, WatchedListener};
 use crate::reload::{ReloadReport, Reloader};
 use crate::store::Store;
@@ -73,6 +74,12 @@ pub enum DaemonError {
     reason = "the start order is the point of this function and reads best in one place"
 )]
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    }));
+    // From the start: a slow start-up (probes, first loads) is still alive.
+    let watchdog = notifier.spawn_watchdog();
     let metrics = Arc::new(Metrics::new());
     std::fs::create_dir_all(&config.plugins_dir).map_err(|e| DaemonError::PluginsDir {
         path: config.plugins_dir.clone(),
@@ -162,6 +169,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
 
     tracing::info!(pid = std::process::id(), "plugvisor ready");
+    let ready_status = format!(
+        "serving {} listener(s); metrics on {}",
+        config.listeners.len(),
+        config.metrics.listen
+    );
+    notifier.ready(&ready_status);
     loop {
         // Shutdown first: a storm of reloads must not starve it.
         tokio::select! {
@@ -176,7 +189,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 // Config changes that need new sockets take a restart; the
                 // packages are what a HUP can act on without one.
                 tracing::info!("SIGHUP: rescanning plugins_dir");
+                notifier.reloading("SIGHUP: rescanning plugins_dir");
                 rescan(&reloader, None, false).await;
+                notifier.ready(&ready_status);
             }
             Some(names) = watch_rx.recv() => {
                 // Coalesce a burst of events into one pass.
@@ -200,6 +215,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
 
+    notifier.stopping("draining");
     let _ = shutdown_tx.send(true);
     admin_task.abort();
     let exit_bound = config.shutdown.drain_timeout + EXIT_TIMEOUT;
@@ -216,6 +232,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = metrics_task.await;
     let _ = std::fs::remove_file(&config.admin.socket);
     drop(probes);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("plugvisor stopped");
     Ok(())
 }
