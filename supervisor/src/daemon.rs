@@ -16,6 +16,7 @@ use crate::actions::{Actions, Why};
 use crate::config::Config;
 use crate::control::{Command, ListenerStatus, PluginStatus, Status, Versions};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::probes::{self, WatchedListener};
 use crate::reload::{ReloadReport, Reloader};
 use crate::rules::{self, Decision, DecisionKind, Engine, Thresholds};
@@ -75,6 +76,12 @@ pub enum DaemonError {
     reason = "the start order is the point of this function and reads best in one place"
 )]
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    }));
+    // From the start: a slow start-up (probes, first loads) is still alive.
+    let watchdog = notifier.spawn_watchdog();
     let metrics = Arc::new(Metrics::new());
     std::fs::create_dir_all(&config.plugins_dir).map_err(|e| DaemonError::PluginsDir {
         path: config.plugins_dir.clone(),
@@ -199,6 +206,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
 
     tracing::info!(pid = std::process::id(), "plugvisor ready");
+    let ready_status = format!(
+        "serving {} listener(s); metrics on {}",
+        config.listeners.len(),
+        config.metrics.listen
+    );
+    notifier.ready(&ready_status);
     loop {
         // Shutdown first: a storm of reloads must not starve it.
         tokio::select! {
@@ -213,11 +226,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 // Config changes that need new sockets take a restart; the
                 // thresholds and the packages are what a HUP acts on.
                 tracing::info!("SIGHUP: re-reading the thresholds file and rescanning plugins_dir");
+                notifier.reloading("SIGHUP: re-reading thresholds and rescanning plugins_dir");
                 if let Some(path) = &config.thresholds {
                     load_thresholds(&mut engine, path, &metrics);
                     ticker = retick(ticker, engine.interval());
                 }
                 rescan(&reloader, None, false).await;
+                notifier.ready(&ready_status);
             }
             Some(()) = rules_rx.recv() => {
                 while rules_rx.try_recv().is_ok() {}
@@ -273,6 +288,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
 
+    notifier.stopping("draining");
     let _ = shutdown_tx.send(true);
     admin_task.abort();
     let exit_bound = config.shutdown.drain_timeout + EXIT_TIMEOUT;
@@ -290,6 +306,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&config.admin.socket);
     drop(health);
     drop(probes);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("plugvisor stopped");
     Ok(())
 }

@@ -56,7 +56,8 @@
 //! One task (`daemon`) owns all state changes and takes [`control::Command`]s
 //! from signals (`SIGUSR1` rescan, `SIGHUP` re-read), the debounced
 //! `plugins_dir` watcher and the `admin` unix socket; shutdown has its own
-//! channel so a storm of reloads cannot starve it.
+//! channel so a storm of reloads cannot starve it. Under systemd it says
+//! `READY=1`, `RELOADING=1`, `STOPPING=1` and `WATCHDOG=1` (`notify`).
 
 pub mod actions;
 pub mod admin;
@@ -70,6 +71,7 @@ pub mod listeners;
 pub mod loader;
 pub mod markers;
 pub mod metrics;
+pub mod notify;
 pub mod probes;
 pub mod reload;
 pub mod rules;

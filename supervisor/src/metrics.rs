@@ -28,6 +28,13 @@ pub enum ReloadOutcome {
 }
 
 impl ReloadOutcome {
+    /// Every outcome, for series created at 0 before the first reload.
+    pub const ALL: [ReloadOutcome; 3] = [
+        ReloadOutcome::Success,
+        ReloadOutcome::Rejected,
+        ReloadOutcome::Failed,
+    ];
+
     /// Label value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -103,6 +110,9 @@ pub enum ProbeStage {
 }
 
 impl ProbeStage {
+    /// Every stage, for series created at 0 before the first failure.
+    pub const ALL: [ProbeStage; 3] = [ProbeStage::Load, ProbeStage::Attach, ProbeStage::Read];
+
     /// Label value.
     pub const fn as_str(self) -> &'static str {
         match self {

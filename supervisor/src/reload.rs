@@ -169,6 +169,14 @@ impl Reloader {
         }
         let slot = Arc::new(Slot::new(plugin, self.keep_loaded, self.metrics.clone()));
         self.slots.insert(plugin.to_owned(), slot.clone());
+        // Present from the start: a counter series born at 1 on its first
+        // rejection is invisible to `increase()`, so an alert on it would
+        // miss exactly the first one.
+        for outcome in ReloadOutcome::ALL {
+            self.metrics
+                .reloads_total
+                .with_label_values(&[plugin, outcome.as_str()]);
+        }
         let mut names = self.plugin_names.write().expect("plugin names");
         if !names.iter().any(|n| n == plugin) {
             names.push(plugin.to_owned());

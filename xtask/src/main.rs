@@ -13,11 +13,14 @@
 //!   the black-box integration tests, with one summary line at the end.
 //! * `bench` — measures side by side (probe overhead, reload latency) and
 //!   writes `docs/BENCHMARKS.md`; `--quick` is CI's smoke run of it.
+//! * `dashboards` — writes the Grafana dashboards in `dashboards/` from
+//!   their definitions in `dashboards.rs`; `--check` verifies them.
 //! * `demo` — starts the daemon with its embedded default config, drives
 //!   live TCP traffic through two hot reloads and reports what the clients
 //!   and the kernel saw.
 mod bench;
 mod build;
+mod dashboards;
 mod demo;
 mod setup;
 mod test;
@@ -52,6 +55,8 @@ enum Command {
     Demo(demo::Args),
     /// Measure side by side and write docs/BENCHMARKS.md.
     Bench(bench::Args),
+    /// Write the Grafana dashboards in dashboards/ (--check: verify them).
+    Dashboards(dashboards::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Command::Test(args) => return test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Dashboards(args) => dashboards::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,11 @@
 //! build and the tests can run. Idempotent: each step checks first and
 //! prints `setup: <thing> ... already present` or `... installed`.
 //!
-//! * apt packages the tests call (`promtool`, `setpriv`, `ip`, …);
+//! * apt packages the tests call (`prometheus` and `promtool`,
+//!   `systemd-analyze`, `setpriv`, `ip`, …);
+//! * `kubernetes-validate` from PyPI in a venv of its own under the target
+//!   dir: it ships the Kubernetes API JSON schemas inside the package, so the
+//!   DaemonSet is validated offline at test time;
 //! * `rust-src` for the nightly toolchain (the eBPF crate is built with
 //!   `-Z build-std=core`);
 //! * a `bpf-linker` built against the nightly's own libLLVM. bpf-linker
@@ -20,13 +24,19 @@ use crate::util;
 
 /// Debian packages whose tools the tests call, and the tools they give.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("prometheus", "promtool"),
+    ("prometheus", "prometheus, promtool"),
+    ("systemd", "systemd-analyze"),
+    ("python3-venv", "python3 -m venv, for kubernetes-validate"),
     ("binutils", "readelf, nm"),
     ("iproute2", "ip, ss"),
     ("util-linux", "setpriv"),
     ("procps", "ps, pgrep, kill"),
     ("curl", "curl"),
 ];
+
+/// The Kubernetes manifest validator, pinned: its wheel carries the API
+/// schemas of Kubernetes 1.25 … 1.37, so validating needs no network.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// The bpf-linker release with the BTF union-name fix (see module docs).
 const BPF_LINKER_VERSION: &str = "0.12.0";
@@ -41,6 +51,49 @@ pub fn run() -> Result<()> {
     apt_packages().context("installing apt packages")?;
     rust_src().context("installing rust-src for the nightly toolchain")?;
     bpf_linker().context("installing bpf-linker")?;
+    kubernetes_validate().context("installing kubernetes-validate")?;
+    Ok(())
+}
+
+/// Where `kubernetes-validate`'s venv lives: beside the build outputs, so a
+/// `cargo clean` takes it too and the next setup puts it back. The tests
+/// find it there (or through `PLUGVISOR_KUBERNETES_VALIDATE`).
+pub fn kubernetes_validate_venv() -> Result<PathBuf> {
+    Ok(util::target_dir()?.join("tools/kubernetes-validate"))
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = kubernetes_validate_venv()?;
+    let bin = venv.join("bin/kubernetes-validate");
+    let wanted = KUBERNETES_VALIDATE
+        .split_once("==")
+        .map_or(KUBERNETES_VALIDATE, |(_, v)| v);
+    let thing = format!("{KUBERNETES_VALIDATE} (venv {})", venv.display());
+    if util::output(Command::new(&bin).arg("--version"))
+        .is_ok_and(|out| out.split_whitespace().any(|w| w == wanted))
+    {
+        println!("setup: {thing} ... already present");
+        return Ok(());
+    }
+    // Debian's own python3 (python3-venv is an apt package above); a
+    // python3 on PATH elsewhere.
+    let python = Path::new("/usr/bin/python3");
+    let python = if python.is_file() {
+        python.to_path_buf()
+    } else {
+        util::which("python3").context("no python3 to make a venv with")?
+    };
+    util::run(
+        Command::new(python)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )?;
+    util::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(KUBERNETES_VALIDATE),
+    )?;
+    println!("setup: {thing} ... installed");
     Ok(())
 }
 

@@ -132,6 +132,10 @@ fn steps(
         util::run_streaming(
             util::cargo()
                 .env("PLUGVISOR_TARGET_DIR", &release_dir)
+                .env(
+                    "PLUGVISOR_KUBERNETES_VALIDATE",
+                    setup::kubernetes_validate_venv()?.join("bin/kubernetes-validate"),
+                )
                 .args([
                     "test",
                     "--release",

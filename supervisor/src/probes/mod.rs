@@ -89,6 +89,13 @@ pub fn start(
 ) -> Result<Option<Probes>, ProbeError> {
     for p in Probe::ALL {
         metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
+        // At 0 from the start, so the first failure is an increase that
+        // `increase()` and the alerts on it can see.
+        for stage in ProbeStage::ALL {
+            metrics
+                .probe_failures_total
+                .with_label_values(&[p.as_str(), stage.as_str()]);
+        }
     }
     if mode == ProbeMode::Off {
         tracing::info!("eBPF probes are off ([probes] mode = \"off\")");

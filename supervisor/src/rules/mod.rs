@@ -491,11 +491,15 @@ impl Engine {
         let rule = &self.runs[i].rule;
         rule.plugin.clone().or_else(|| {
             let labels = labels?;
-            labels.get("plugin").cloned().or_else(|| {
-                labels
-                    .get("listener")
-                    .and_then(|l| self.listener_plugins.get(l).cloned())
-            })
+            labels
+                .get("plugin")
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .or_else(|| {
+                    labels
+                        .get("listener")
+                        .and_then(|l| self.listener_plugins.get(l).cloned())
+                })
         })
     }
 }
