@@ -154,12 +154,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(config.as_ref())?;
             if check {
                 if let Some(t) = &config.thresholds {
-                    let rules = plugvisor::rules::Thresholds::load(t)?;
-                    eprintln!(
-                        "plugvisor: thresholds {} is valid ({} rules)",
-                        t.display(),
-                        rules.rules.len()
-                    );
+                    // The file may be provisioned apart from the config (a
+                    // ConfigMap mount): absent is worth saying, not fatal.
+                    if t.exists() {
+                        let rules = plugvisor::rules::Thresholds::load(t)?;
+                        eprintln!(
+                            "plugvisor: thresholds {} is valid ({} rules)",
+                            t.display(),
+                            rules.rules.len()
+                        );
+                    } else {
+                        eprintln!(
+                            "plugvisor: thresholds {} does not exist (yet); it is read when it appears",
+                            t.display()
+                        );
+                    }
                 }
                 let source = config
                     .source

@@ -168,6 +168,13 @@ impl Reloader {
             return s.clone();
         }
         let slot = Arc::new(Slot::new(plugin, self.keep_loaded, self.metrics.clone()));
+        // Present at 0 from the start, so the first rollback is an increase
+        // PromQL can see (a series born at 1 has no increase).
+        for reason in [crate::actions::MANUAL, CRASH_IN_TRIAL] {
+            self.metrics
+                .rollbacks_total
+                .with_label_values(&[plugin, reason]);
+        }
         self.slots.insert(plugin.to_owned(), slot.clone());
         // Present from the start: a counter series born at 1 on its first
         // rejection is invisible to `increase()`, so an alert on it would

@@ -67,7 +67,8 @@ const ALERTS: &[(&str, Expect)] = &[
     ("PlugvisorReloadStall", Expect::Quiet),
     // Fires once the scenario can drive a rollback (see ROLLBACK below).
     ("PlugvisorRollback", Expect::FiresIfRolledBack),
-    ("PlugvisorDegraded", Expect::Quiet),
+    // The thresholds rule on the rejected package degrades echo.
+    ("PlugvisorDegraded", Expect::Fires),
     ("PlugvisorDependencyConflict", Expect::Quiet),
     ("PlugvisorThresholdsInvalid", Expect::Quiet),
     ("PlugvisorHealthCheckFailing", Expect::Quiet),
@@ -399,6 +400,12 @@ fn every_dashboard_panel_and_alert_holds_against_a_real_prometheus() {
             ListenerSpec::tcp("slow-tcp", "slow"),
         ],
         env: vec![("PLUGVISOR_FIXTURE_INIT_MS".into(), SLOW_INIT_MS.to_string())],
+        // A rule the scenario trips (its one rejected package), so the
+        // rule and degrade families carry data.
+        thresholds: Some(
+            "evaluation_interval = \"250ms\"\n[[rule]]\nname = \"rejected-package\"\nmetric = \"plugvisor_reloads_total\"\nlabels = { plugin = \"echo\", outcome = \"rejected\" }\nop = \">\"\nthreshold = 0\naction = \"degrade\"\n"
+                .into(),
+        ),
         ..Default::default()
     };
     opts.packages.push(("slow".into(), slow_v1, "0.1.0".into()));
@@ -535,7 +542,7 @@ fn every_dashboard_panel_and_alert_holds_against_a_real_prometheus() {
     // PlugvisorRollback must fire; until then the rollback families and
     // alert are only checked to parse (PENDING_FAMILIES).
     let rolled_back = if rollback_command_exists() {
-        let (code, out, err) = node_a.cli(&["rollback", "echo"]);
+        let (code, out, err) = node_a.cli(&["rollback", "echo", "--to", "1.0.0"]);
         assert_eq!(code, 0, "plugvisor rollback echo: {out}{err}");
         true
     } else {
