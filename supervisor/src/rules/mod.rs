@@ -258,6 +258,23 @@ impl Engine {
             })
             .collect();
         for run in &self.runs {
+            // Series a rule can move exist at 0 from the moment it is
+            // loaded, so its first action is an increase PromQL can see.
+            if let Some(p) = &run.rule.plugin {
+                match run.rule.action {
+                    Action::Rollback => {
+                        self.metrics
+                            .rollbacks_total
+                            .with_label_values(&[p, &run.rule.name]);
+                    }
+                    Action::Degrade => {
+                        self.metrics
+                            .degradations_total
+                            .with_label_values(&[p, &run.rule.name]);
+                    }
+                    Action::Alert => {}
+                }
+            }
             self.metrics
                 .rule_state
                 .with_label_values(&[&run.rule.name])
