@@ -55,6 +55,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod deps;
 pub mod listeners;
 pub mod loader;
 pub mod markers;
