@@ -64,3 +64,4 @@ pub mod probes;
 pub mod reload;
 pub mod slot;
 pub mod store;
+pub mod trust;
