@@ -62,6 +62,20 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// Probe name → up.
     pub probes: Vec<(String, bool)>,
+    /// Dependency conflicts that stand now (empty when all is resolved).
+    #[serde(default)]
+    pub conflicts: Vec<ConflictStatus>,
+}
+
+/// One dependency conflict in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConflictStatus {
+    /// The plugin it holds back or concerns.
+    pub plugin: String,
+    /// missing | version | cycle | conflict | abi.
+    pub kind: String,
+    /// In words.
+    pub message: String,
 }
 
 /// One plugin in [`Status`].

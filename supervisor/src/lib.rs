@@ -17,7 +17,11 @@
 //! commit point — the `catalog` acts when it changes, never on a half-written
 //! library. The reload path (`reload`) then:
 //!
-//! 1. parses and validates the manifest (`catalog::manifest`),
+//! 1. parses and validates the manifest (`catalog::manifest`), checks who
+//!    may write the package (`catalog::strict`), its signature (`trust`),
+//!    that it is no downgrade (the store's refs keep the highest version
+//!    ever activated) and that its dependencies hold against the other
+//!    active versions (`deps`),
 //! 2. hashes the library while copying it into the content-addressed
 //!    `store` (`objects/<sha256>.so`, so `dlopen` sees a distinct path per
 //!    version) — all before the reload window opens,
@@ -27,9 +31,10 @@
 //!    swaps the slot, closes the window (`markers::reload_end`),
 //! 4. records the outcome in the store's refs and journal and in `metrics`.
 //!
-//! Any refusal leaves the previous version serving. Old versions stay mapped
-//! (`dlclose` is unsafe for Rust libraries with TLS destructors); at most
-//! `[reload] keep_loaded` per plugin are kept.
+//! Any refusal leaves the previous version serving. A package refused for
+//! its dependencies is tried again whenever another plugin switches. Old
+//! versions stay mapped (`dlclose` is unsafe for Rust libraries with TLS
+//! destructors); at most `[reload] keep_loaded` per plugin are kept.
 //!
 //! # Proof from the kernel
 //!

@@ -1,26 +1,41 @@
 //! The reload path: package → verified object in the store → loaded and
 //! initialised → swapped into the slot → recorded.
 //!
+//! A package is taken only if, in this order: the catalog accepts it
+//! (permissions, manifest, library inside the package), it is not the
+//! version already serving, its signature satisfies `[trust]`, it is not
+//! lower than the highest version ever activated (unless a rollback names
+//! it), its dependencies hold against the other active versions (`deps`),
+//! and its library hashes to what the manifest pins.
+//!
 //! Everything that reads many bytes (manifest checks, hash-while-copy)
 //! happens before the reload window opens; inside the window there is only
 //! `dlopen`, the descriptor checks, `init` and one pointer swap. Every
 //! refusal leaves the previous version serving and is said once: in the
 //! log (plugin, file, reason), the journal, and
 //! `plugvisor_reloads_total{outcome}`.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use semver::Version;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{self, CatalogError, Package};
+use crate::catalog::{self, CatalogError, Manifest, Package};
+use crate::deps::{self, Conflict, ConflictKind};
 use crate::loader::{self, LoadError};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
 use crate::probes::observer::PluginNames;
 use crate::slot::Slot;
 use crate::store::{JournalEntry, Store, StoreError, VersionRef};
+use crate::trust::{self, TrustError, TrustPolicy};
+
+/// How long a signature that names another manifest is given for that
+/// manifest to be renamed into place (the `.sig` is written first) before
+/// the pair is refused as it stands.
+pub const SIGNATURE_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a reload did not switch versions.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +49,34 @@ pub enum ReloadError {
     /// The library could not be loaded or initialised.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The signature does not satisfy `[trust]`.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// Lower than the highest version ever activated, and no rollback names it.
+    #[error(
+        "plugin {plugin:?}: version {version} is lower than {highest}, the highest version activated; refused as a downgrade (only an explicit rollback may name a lower version)"
+    )]
+    Downgrade {
+        /// The plugin.
+        plugin: String,
+        /// The package's version.
+        version: String,
+        /// The highest version activated.
+        highest: String,
+    },
+    /// The switch would leave the active versions with a dependency conflict.
+    #[error(
+        "plugin {plugin:?} {version}: dependency conflict: {}",
+        join_conflicts(conflicts)
+    )]
+    Dependencies {
+        /// The plugin.
+        plugin: String,
+        /// The package's version.
+        version: String,
+        /// What blocks it.
+        conflicts: Vec<Conflict>,
+    },
     /// Same version as the active one, different bytes.
     #[error(
         "plugin {plugin:?}: version {version} is already active with sha256 {active}, the package has {package}; bump the version"
@@ -48,6 +91,14 @@ pub enum ReloadError {
         /// Package library hash.
         package: String,
     },
+}
+
+fn join_conflicts(conflicts: &[Conflict]) -> String {
+    conflicts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl ReloadError {
@@ -71,7 +122,17 @@ impl ReloadError {
                 | CatalogError::ManifestTooLarge { path, .. }
                 | CatalogError::NoPackage { path, .. }
                 | CatalogError::Read { path, .. }
-                | CatalogError::LibraryMissing { path, .. },
+                | CatalogError::LibraryMissing { path, .. }
+                | CatalogError::Unsafe(catalog::UnsafePath { path, .. }),
+            )
+            | ReloadError::Trust(
+                TrustError::Io { path, .. }
+                | TrustError::BadKeyFile { path, .. }
+                | TrustError::SecretKeyExposed { path, .. }
+                | TrustError::KeyExists { path }
+                | TrustError::Unsigned { path, .. }
+                | TrustError::MalformedSignature { path, .. }
+                | TrustError::BadSignature { path, .. },
             )
             | ReloadError::Store(
                 StoreError::ChecksumMismatch { library: path, .. }
@@ -85,9 +146,10 @@ impl ReloadError {
                 | LoadError::ManifestAbi { path, .. }
                 | LoadError::IdentityMismatch { path, .. },
             ) => path.clone(),
-            ReloadError::Load(LoadError::InitFailed { .. }) | ReloadError::VersionReused { .. } => {
-                package_dir.join(catalog::MANIFEST_FILE)
-            }
+            ReloadError::Load(LoadError::InitFailed { .. })
+            | ReloadError::VersionReused { .. }
+            | ReloadError::Downgrade { .. }
+            | ReloadError::Dependencies { .. } => package_dir.join(catalog::MANIFEST_FILE),
         }
     }
 }
@@ -97,7 +159,9 @@ impl ReloadError {
 pub struct ReloadReport {
     /// The plugin.
     pub plugin: String,
-    /// success | rejected | failed | unchanged.
+    /// success | rejected | failed | unchanged | deferred (a signature
+    /// names a manifest not yet in place; looked at again after
+    /// [`SIGNATURE_GRACE`]) | unknown.
     pub outcome: String,
     /// Version now serving (after the attempt).
     pub active_version: Option<String>,
@@ -113,6 +177,34 @@ pub struct ReloadReport {
     pub switch_us: Option<u64>,
 }
 
+/// How one reload attempt may deviate from the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadOptions {
+    /// Re-process the manifest even if its bytes were seen before.
+    pub force: bool,
+    /// Accept the package if it is this version, even if it is lower than
+    /// the highest version ever activated (an explicit rollback).
+    pub allow_downgrade_to: Option<Version>,
+}
+
+/// A dependency conflict as `plugvisor status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandingConflict {
+    /// The plugin the conflict holds back or concerns.
+    pub plugin: String,
+    /// Its kind.
+    pub kind: ConflictKind,
+    /// In words, with what serves meanwhile.
+    pub message: String,
+}
+
+/// A package that waits on other plugins: its version and what blocks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Blocked {
+    version: Version,
+    conflicts: Vec<Conflict>,
+}
+
 /// Owns the slots and the store; all version changes go through here.
 pub struct Reloader {
     plugins_dir: PathBuf,
@@ -125,6 +217,19 @@ pub struct Reloader {
     // is not re-processed on a watcher event.
     fingerprints: HashMap<String, String>,
     seq: u64,
+    trust: TrustPolicy,
+    // Packages refused for dependency conflicts: tried again whenever
+    // another plugin switches, since that may unblock them.
+    blocked: BTreeMap<String, Blocked>,
+    // Conflicts among the active versions, as last resolved.
+    standing: Vec<Conflict>,
+    // (plugin, kind) series of dependency_conflicts now at 1.
+    conflict_series: BTreeSet<(String, ConflictKind)>,
+    // Dependency declarations of loaded objects, by sha256.
+    nodes: HashMap<String, deps::Node>,
+    // Packages whose signature names another manifest: the fingerprint
+    // and when that was first seen (see SIGNATURE_GRACE).
+    deferred: HashMap<String, (String, Instant)>,
 }
 
 impl Reloader {
@@ -145,7 +250,19 @@ impl Reloader {
             plugin_names,
             fingerprints: HashMap::new(),
             seq: 0,
+            trust: TrustPolicy::default(),
+            blocked: BTreeMap::new(),
+            standing: Vec::new(),
+            conflict_series: BTreeSet::new(),
+            nodes: HashMap::new(),
+            deferred: HashMap::new(),
         }
+    }
+
+    /// Sets the signature policy (`[trust]`); the default accepts unsigned
+    /// packages and ignores signatures.
+    pub fn set_trust(&mut self, policy: TrustPolicy) {
+        self.trust = policy;
     }
 
     /// The slot of `plugin`, created empty if it has none yet.
@@ -228,12 +345,74 @@ impl Reloader {
 
     /// Looks at the package of `plugin` and switches to it if it is new.
     /// `force` re-processes a manifest even if its bytes were seen before.
+    pub fn reload(&mut self, plugin: &str, force: bool) -> ReloadReport {
+        self.reload_with(
+            plugin,
+            &ReloadOptions {
+                force,
+                allow_downgrade_to: None,
+            },
+        )
+    }
+
+    /// The hook for an explicit rollback to a package in `plugins_dir`:
+    /// like [`Reloader::reload`] with `force`, but a package of exactly
+    /// `version` is accepted even if it is lower than the highest version
+    /// ever activated. The highest-activated mark stays where it was, so
+    /// any *other* lower version is still refused afterwards; the journal
+    /// entry says the downgrade was explicit.
+    pub fn reload_allowing_downgrade(&mut self, plugin: &str, version: &Version) -> ReloadReport {
+        self.reload_with(
+            plugin,
+            &ReloadOptions {
+                force: true,
+                allow_downgrade_to: Some(version.clone()),
+            },
+        )
+    }
+
+    /// One reload attempt with `options`. After a switch, packages that
+    /// were waiting on other plugins are tried again, and the dependency
+    /// conflicts (metric, status) are resolved anew.
+    pub fn reload_with(&mut self, plugin: &str, options: &ReloadOptions) -> ReloadReport {
+        let report = self.attempt(plugin, options, false);
+        if report.outcome == ReloadOutcome::Success.as_str() {
+            self.retry_blocked();
+        }
+        self.refresh_dependency_conflicts();
+        report
+    }
+
+    /// Tries every package that waits on other plugins again, until a
+    /// pass switches none (each switch may unblock another).
+    fn retry_blocked(&mut self) {
+        loop {
+            let waiting: Vec<String> = self.blocked.keys().cloned().collect();
+            let mut switched = false;
+            for plugin in waiting {
+                let options = ReloadOptions {
+                    force: true,
+                    allow_downgrade_to: None,
+                };
+                let report = self.attempt(&plugin, &options, true);
+                switched |= report.outcome == ReloadOutcome::Success.as_str();
+            }
+            if !switched {
+                return;
+            }
+        }
+    }
+
+    /// The attempt itself; `retry` marks a re-try of a blocked package,
+    /// which stays quiet if it is still blocked by exactly the same
+    /// conflicts (it was already reported once).
     #[expect(
         clippy::too_many_lines,
         reason = "the reload path reads top to bottom in the order it runs; its phases share the timings"
     )]
-    pub fn reload(&mut self, plugin: &str, force: bool) -> ReloadReport {
+    fn attempt(&mut self, plugin: &str, options: &ReloadOptions, retry: bool) -> ReloadReport {
         let t0 = Instant::now();
+        let force = options.force;
         let package_dir = self.plugins_dir.join(plugin);
         if !self.slots.contains_key(plugin) && !package_dir.join(catalog::MANIFEST_FILE).exists() {
             // Neither configured nor packaged: a typo, not a plugin. No slot,
@@ -267,22 +446,26 @@ impl Reloader {
             switch_us: None,
         };
 
-        // Verify: manifest parsed, validated, library located.
+        // Verify: permissions, manifest parsed and validated, library located.
         let package = match catalog::read_package(&self.plugins_dir, plugin) {
             Ok(p) => p,
             Err(e) => {
-                // An unchanged bad manifest is reported once, not on every event.
+                // An unchanged bad package is reported once, not on every
+                // event. The reason is part of what was seen: fixing the
+                // permissions leaves the bytes alone but is a change.
                 let fp = std::fs::read(package_dir.join(catalog::MANIFEST_FILE))
                     .map(|b| {
                         use sha2::Digest as _;
                         hex::encode(sha2::Sha256::digest(b))
                     })
                     .unwrap_or_default();
+                let fp = format!("{fp}!{e}");
                 if !force && self.fingerprints.get(plugin) == Some(&fp) {
                     report.outcome = "unchanged".into();
                     return report;
                 }
                 self.fingerprints.insert(plugin.to_owned(), fp);
+                self.blocked.remove(plugin);
                 return self.refuse(report, &package_dir, &ReloadError::Catalog(e));
             }
         };
@@ -291,11 +474,15 @@ impl Reloader {
             report.outcome = "unchanged".into();
             return report;
         }
-        self.fingerprints
-            .insert(plugin.to_owned(), package.fingerprint.clone());
         if let Some(active) = &from {
             if active.loaded.version() == &package.manifest.version {
+                self.fingerprints
+                    .insert(plugin.to_owned(), package.fingerprint.clone());
+                self.blocked.remove(plugin);
+                self.deferred.remove(plugin);
                 if active.loaded.sha256() == package.manifest.sha256 {
+                    // Also the case of a `.sig` written for a manifest that
+                    // is not renamed into place yet: nothing to do until it is.
                     report.outcome = "unchanged".into();
                     return report;
                 }
@@ -308,15 +495,85 @@ impl Reloader {
                 return self.refuse(report, &package_dir, &e);
             }
         }
-        if package.manifest.abi != plugvisor_sdk::ABI_VERSION {
-            let e = LoadError::ManifestAbi {
-                plugin: plugin.to_owned(),
-                path: package.manifest_path.clone(),
-                declared: package.manifest.abi,
-                expected: plugvisor_sdk::ABI_VERSION,
-            };
-            return self.refuse(report, &package_dir, &ReloadError::Load(e));
+
+        // Signature: the manifest's exact bytes under a trusted key.
+        let verdict = match self.trust.check(
+            plugin,
+            &package.manifest_path,
+            &package.manifest_bytes,
+            package.signature.as_deref(),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let another = package
+                    .signature
+                    .as_deref()
+                    .is_some_and(|sig| trust::signs_another_manifest(&package.manifest_bytes, sig));
+                if another {
+                    if let Some(r) = self.defer(plugin, &package, &mut report, &e) {
+                        return r;
+                    }
+                }
+                self.fingerprints
+                    .insert(plugin.to_owned(), package.fingerprint.clone());
+                self.blocked.remove(plugin);
+                return self.refuse(report, &package_dir, &ReloadError::Trust(e));
+            }
+        };
+        self.deferred.remove(plugin);
+        self.fingerprints
+            .insert(plugin.to_owned(), package.fingerprint.clone());
+
+        // Anti-downgrade: never below the highest version ever activated,
+        // unless a rollback names this very version.
+        let refs = match self.store.refs(plugin) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
+        };
+        let mut downgrade_from = None;
+        if let Some(highest) = refs.highest() {
+            if package.manifest.version < *highest {
+                if options.allow_downgrade_to.as_ref() != Some(&package.manifest.version) {
+                    self.blocked.remove(plugin);
+                    let e = ReloadError::Downgrade {
+                        plugin: plugin.to_owned(),
+                        version: package.manifest.version.to_string(),
+                        highest: highest.to_string(),
+                    };
+                    return self.refuse(report, &package_dir, &e);
+                }
+                downgrade_from = Some(highest.clone());
+            }
         }
+
+        // Dependencies and ABI, against the other active versions.
+        let candidate = node_of(&package.manifest);
+        let current = self.active_set();
+        let conflicts = deps::check_switch(
+            &current,
+            plugin,
+            candidate.clone(),
+            plugvisor_sdk::ABI_VERSION,
+        );
+        if !conflicts.is_empty() {
+            let blocked = Blocked {
+                version: package.manifest.version.clone(),
+                conflicts: conflicts.clone(),
+            };
+            if retry && self.blocked.get(plugin) == Some(&blocked) {
+                // Still blocked by the same: already said once.
+                report.outcome = ReloadOutcome::Rejected.as_str().into();
+                return report;
+            }
+            self.blocked.insert(plugin.to_owned(), blocked);
+            let e = ReloadError::Dependencies {
+                plugin: plugin.to_owned(),
+                version: package.manifest.version.to_string(),
+                conflicts,
+            };
+            return self.refuse(report, &package_dir, &e);
+        }
+        self.blocked.remove(plugin);
         let verify = t0.elapsed();
 
         // Stage: hash while copying into the store — before the window opens.
@@ -324,7 +581,13 @@ impl Reloader {
         let staged = match self
             .store
             .stage(plugin, &package.library_path, &package.manifest.sha256)
-        {
+            .and_then(|s| {
+                // Kept so the version's dependencies are known when it is
+                // started from the store or switched back to.
+                self.store
+                    .save_manifest(&s.sha256, &package.manifest_bytes)
+                    .map(|()| s)
+            }) {
             Ok(s) => s,
             Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
         };
@@ -355,6 +618,7 @@ impl Reloader {
         drop(window);
         let window_time = t2.elapsed();
         let total = t0.elapsed();
+        self.nodes.insert(staged.sha256.clone(), candidate);
 
         for (phase, d) in [
             (Phase::Verify, verify),
@@ -374,14 +638,26 @@ impl Reloader {
             version: package.manifest.version.clone(),
             sha256: staged.sha256.clone(),
         };
-        if let Err(e) = self.record_activation(plugin, &new_ref, from_version.as_deref()) {
+        let why = downgrade_from.as_ref().map(|h| {
+            format!(
+                "explicit rollback to {} below the highest activated version {h}",
+                package.manifest.version
+            )
+        });
+        if let Err(e) = self.record_activation(plugin, &new_ref, from_version.as_deref(), why) {
             // The new version serves; only the record of it failed. Say so loudly.
             tracing::error!(plugin, error = %e, "activated, but the store could not record it");
         }
+        let signed_by = match &verdict {
+            trust::Verdict::Signed { key_id } => key_id.as_str(),
+            trust::Verdict::Unsigned => "unsigned",
+            trust::Verdict::Unchecked => "unchecked",
+        };
         tracing::info!(
             plugin,
             from = from_version.as_deref().unwrap_or("-"),
             to = %package.manifest.version,
+            signed_by,
             total_us = total.as_micros() as u64,
             window_us = window_time.as_micros() as u64,
             "reloaded"
@@ -391,6 +667,138 @@ impl Reloader {
         report.total_us = Some(total.as_micros() as u64);
         report.switch_us = Some(window_time.as_micros() as u64);
         report
+    }
+
+    /// A signature that names another manifest: most likely a commit in
+    /// progress (the `.sig` is written before the manifest is renamed into
+    /// place), so wait up to [`SIGNATURE_GRACE`] for that manifest. Returns
+    /// the report to give while waiting, or `None` once the grace has run
+    /// out for this very pair (then it is refused as it stands).
+    fn defer(
+        &mut self,
+        plugin: &str,
+        package: &Package,
+        report: &mut ReloadReport,
+        e: &TrustError,
+    ) -> Option<ReloadReport> {
+        match self.deferred.get(plugin) {
+            Some((fp, since)) if *fp == package.fingerprint => {
+                if since.elapsed() >= SIGNATURE_GRACE {
+                    self.deferred.remove(plugin);
+                    return None;
+                }
+            }
+            _ => {
+                tracing::info!(
+                    plugin,
+                    file = %package.manifest_path.with_file_name(trust::SIGNATURE_FILE).display(),
+                    "the signature was made for another manifest; waiting {SIGNATURE_GRACE:?} for that manifest to be renamed into place"
+                );
+                self.deferred.insert(
+                    plugin.to_owned(),
+                    (package.fingerprint.clone(), Instant::now()),
+                );
+            }
+        }
+        report.outcome = "deferred".into();
+        report.message = Some(e.to_string());
+        Some(report.clone())
+    }
+
+    /// Dependency declarations of the active version of every plugin.
+    fn active_set(&mut self) -> deps::Set {
+        let mut set = deps::Set::new();
+        let actives: Vec<(String, Arc<crate::slot::Installed>)> = self
+            .slots
+            .iter()
+            .filter_map(|(name, slot)| slot.active().map(|a| (name.clone(), a)))
+            .collect();
+        for (name, active) in actives {
+            let sha = active.loaded.sha256().to_owned();
+            let node = if let Some(n) = self.nodes.get(&sha) {
+                n.clone()
+            } else {
+                // Started from the store, or switched to by a rollback: the
+                // manifest it was activated with is kept beside the object.
+                let path = self.store.manifest_path(&sha);
+                let node = self
+                    .store
+                    .manifest(&sha)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|t| Manifest::parse(&t, &path).ok())
+                    .map_or_else(
+                        || {
+                            deps::Node::standalone(
+                                active.loaded.version().clone(),
+                                plugvisor_sdk::ABI_VERSION,
+                            )
+                        },
+                        |m| node_of(&m),
+                    );
+                self.nodes.insert(sha, node.clone());
+                node
+            };
+            set.insert(name, node);
+        }
+        set
+    }
+
+    /// Resolves the dependencies of the active versions again and publishes
+    /// `plugvisor_dependency_conflicts`: 1 for every (plugin, kind) that a
+    /// standing conflict or a blocked package has, 0 for those that had one
+    /// and no longer do. The reload path calls it after every attempt;
+    /// anything else that changes an active version (a rollback that swaps
+    /// to a mapped version) must call it too.
+    pub fn refresh_dependency_conflicts(&mut self) {
+        let set = self.active_set();
+        self.standing = deps::resolve(&set, plugvisor_sdk::ABI_VERSION);
+        let mut now: BTreeSet<(String, ConflictKind)> = self
+            .standing
+            .iter()
+            .map(|c| (c.plugin.clone(), c.kind))
+            .collect();
+        for (plugin, b) in &self.blocked {
+            now.extend(b.conflicts.iter().map(|c| (plugin.clone(), c.kind)));
+        }
+        let gauge = &self.metrics.dependency_conflicts;
+        for (plugin, kind) in self.conflict_series.difference(&now) {
+            gauge.with_label_values(&[plugin, kind.as_str()]).set(0);
+        }
+        for (plugin, kind) in &now {
+            gauge.with_label_values(&[plugin, kind.as_str()]).set(1);
+        }
+        self.conflict_series = now;
+    }
+
+    /// The dependency conflicts that stand now, in words: packages that
+    /// wait on other plugins, and conflicts among the active versions.
+    pub fn dependency_conflicts(&self) -> Vec<StandingConflict> {
+        let mut out = Vec::new();
+        for (plugin, b) in &self.blocked {
+            let serving = self
+                .slots
+                .get(plugin)
+                .and_then(|s| s.active())
+                .map_or_else(|| "nothing".to_owned(), |a| a.version().to_owned());
+            for c in &b.conflicts {
+                out.push(StandingConflict {
+                    plugin: plugin.clone(),
+                    kind: c.kind,
+                    message: format!(
+                        "package {} waits: {}; {serving} serves meanwhile",
+                        b.version, c.message
+                    ),
+                });
+            }
+        }
+        for c in &self.standing {
+            out.push(StandingConflict {
+                plugin: c.plugin.clone(),
+                kind: c.kind,
+                message: format!("active versions: {}", c.message),
+            });
+        }
+        out
     }
 
     fn observe(&self, plugin: &str, phase: Phase, d: Duration) {
@@ -405,15 +813,16 @@ impl Reloader {
         plugin: &str,
         new: &VersionRef,
         from: Option<&str>,
+        reason: Option<String>,
     ) -> Result<(), StoreError> {
         let mut refs = self.store.refs(plugin)?;
-        refs.active = Some(new.clone());
-        refs.history.push(new.clone());
+        refs.record_activation(new);
         self.store.write_refs(plugin, &refs)?;
         let mut entry = JournalEntry::now(plugin, "activated");
         entry.version = Some(new.version.to_string());
         entry.from_version = from.map(str::to_owned);
         entry.sha256 = Some(new.sha256.clone());
+        entry.reason = reason;
         self.store.journal(&entry)
     }
 
@@ -462,5 +871,15 @@ impl Reloader {
     /// The package of `plugin` as the catalog reads it now.
     pub fn package(&self, plugin: &str) -> Result<Package, CatalogError> {
         catalog::read_package(&self.plugins_dir, plugin)
+    }
+}
+
+/// What the resolver needs from a manifest.
+fn node_of(m: &Manifest) -> deps::Node {
+    deps::Node {
+        version: m.version.clone(),
+        abi: m.abi,
+        requires: m.requires.clone(),
+        conflicts: m.conflicts.clone(),
     }
 }
