@@ -53,6 +53,12 @@
 //! from signals (`SIGUSR1` rescan, `SIGHUP` re-read), the debounced
 //! `plugins_dir` watcher and the `admin` unix socket; shutdown has its own
 //! channel so a storm of reloads cannot starve it.
+//!
+//! # Offline
+//!
+//! `pack` builds and signs packages, `trust` holds the keys and the
+//! signature format, and `plugvisor verify` runs the daemon's own checks on
+//! a package directory without a daemon.
 
 pub mod admin;
 pub mod bundle;
@@ -65,6 +71,7 @@ pub mod listeners;
 pub mod loader;
 pub mod markers;
 pub mod metrics;
+pub mod pack;
 pub mod probes;
 pub mod reload;
 pub mod slot;
