@@ -205,6 +205,20 @@ struct Blocked {
     conflicts: Vec<Conflict>,
 }
 
+impl Blocked {
+    /// The same package blocked by the same conflicts (plugin, kind and
+    /// other plugin), whatever their wording.
+    fn same_as(&self, other: &Blocked) -> bool {
+        self.version == other.version
+            && self.conflicts.len() == other.conflicts.len()
+            && self
+                .conflicts
+                .iter()
+                .zip(&other.conflicts)
+                .all(|(a, b)| a.key() == b.key())
+    }
+}
+
 /// Owns the slots and the store; all version changes go through here.
 pub struct Reloader {
     plugins_dir: PathBuf,
@@ -560,8 +574,15 @@ impl Reloader {
                 version: package.manifest.version.clone(),
                 conflicts: conflicts.clone(),
             };
-            if retry && self.blocked.get(plugin) == Some(&blocked) {
-                // Still blocked by the same: already said once.
+            if retry
+                && self
+                    .blocked
+                    .get(plugin)
+                    .is_some_and(|b| b.same_as(&blocked))
+            {
+                // Still blocked by the same conflicts (the wording may name
+                // another version of the other plugin): already said once.
+                self.blocked.insert(plugin.to_owned(), blocked);
                 report.outcome = ReloadOutcome::Rejected.as_str().into();
                 return report;
             }
@@ -881,5 +902,95 @@ fn node_of(m: &Manifest) -> deps::Node {
         abi: m.abi,
         requires: m.requires.clone(),
         conflicts: m.conflicts.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::RwLock;
+
+    use super::*;
+    use crate::store::Refs;
+
+    /// The example plugin as built by `cargo build --release` (which
+    /// `cargo xtask test` runs before the tests).
+    fn echo_library() -> PathBuf {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+        ["release", "debug"]
+            .iter()
+            .map(|p| root.join(p).join("libplugvisor_echo.so"))
+            .find(|p| p.is_file())
+            .expect("libplugvisor_echo.so: run `cargo build --release` first")
+    }
+
+    /// The hook an explicit rollback calls: only the version it names may
+    /// go below the highest version ever activated, and the mark stays.
+    #[test]
+    fn a_lower_version_needs_an_explicit_rollback() {
+        let t = tempfile::tempdir().unwrap();
+        let plugins = t.path().join("plugins");
+        let store = Store::open(&t.path().join("state")).unwrap();
+        let highest = Version::new(99, 0, 0);
+        // As if 99.0.0 had been active once.
+        store
+            .write_refs(
+                "echo",
+                &Refs {
+                    highest_activated: Some(highest.clone()),
+                    ..Refs::default()
+                },
+            )
+            .unwrap();
+        let version = Version::parse(plugvisor_echo::VERSION).unwrap();
+        crate::bundle::write_package(
+            &plugins.join("echo"),
+            "echo",
+            plugvisor_echo::VERSION,
+            plugvisor_sdk::ABI_VERSION,
+            &echo_library(),
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut r = Reloader::new(
+            plugins,
+            store,
+            metrics.clone(),
+            2,
+            Arc::new(RwLock::new(vec!["echo".to_owned()])),
+        );
+
+        let rep = r.reload("echo", false);
+        assert_eq!(rep.outcome, "rejected", "{rep:?}");
+        assert!(
+            rep.message.as_deref().unwrap().contains("downgrade"),
+            "{rep:?}"
+        );
+        assert!(r.slot("echo").active().is_none());
+        // A rollback that names another version does not open the door.
+        let rep = r.reload_allowing_downgrade("echo", &Version::new(98, 0, 0));
+        assert_eq!(rep.outcome, "rejected", "{rep:?}");
+        // The one it names does.
+        let rep = r.reload_allowing_downgrade("echo", &version);
+        assert_eq!(rep.outcome, "success", "{rep:?}");
+        assert_eq!(r.slot("echo").active().unwrap().loaded.version(), &version);
+        let refs = r.store().refs("echo").unwrap();
+        assert_eq!(refs.highest_activated, Some(highest), "the mark stays");
+        assert_eq!(refs.active.unwrap().version, version);
+        let journal = r.store().read_journal().unwrap();
+        let last = journal.last().unwrap();
+        assert_eq!(last.event, "activated");
+        assert!(
+            last.reason
+                .as_deref()
+                .is_some_and(|w| w.contains("explicit rollback")),
+            "{last:?}"
+        );
+        assert_eq!(
+            metrics
+                .reloads_total
+                .with_label_values(&["echo", "rejected"])
+                .get(),
+            2
+        );
     }
 }
