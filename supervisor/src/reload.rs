@@ -32,9 +32,10 @@ use crate::slot::Slot;
 use crate::store::{JournalEntry, Store, StoreError, VersionRef};
 use crate::trust::{self, TrustError, TrustPolicy};
 
-/// How long a signature that names another manifest is given for that
-/// manifest to be renamed into place (the `.sig` is written first) before
-/// the pair is refused as it stands.
+/// How long a signature that names another manifest (or does not parse)
+/// is given for the commit to finish — the `.sig` is written first, then
+/// the manifest renamed into place — before the pair is refused as it
+/// stands.
 pub const SIGNATURE_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a reload did not switch versions.
@@ -159,8 +160,8 @@ impl ReloadError {
 pub struct ReloadReport {
     /// The plugin.
     pub plugin: String,
-    /// success | rejected | failed | unchanged | deferred (a signature
-    /// names a manifest not yet in place; looked at again after
+    /// success | rejected | failed | unchanged | deferred (the signature
+    /// belongs to a commit still in progress; looked at again after
     /// [`SIGNATURE_GRACE`]) | unknown.
     pub outcome: String,
     /// Version now serving (after the attempt).
@@ -519,11 +520,11 @@ impl Reloader {
         ) {
             Ok(v) => v,
             Err(e) => {
-                let another = package
+                let in_progress = package
                     .signature
                     .as_deref()
-                    .is_some_and(|sig| trust::signs_another_manifest(&package.manifest_bytes, sig));
-                if another {
+                    .is_some_and(|sig| trust::may_be_in_progress(&package.manifest_bytes, sig));
+                if in_progress {
                     if let Some(r) = self.defer(plugin, &package, &mut report, &e) {
                         return r;
                     }
@@ -690,11 +691,12 @@ impl Reloader {
         report
     }
 
-    /// A signature that names another manifest: most likely a commit in
-    /// progress (the `.sig` is written before the manifest is renamed into
-    /// place), so wait up to [`SIGNATURE_GRACE`] for that manifest. Returns
-    /// the report to give while waiting, or `None` once the grace has run
-    /// out for this very pair (then it is refused as it stands).
+    /// A signature that names another manifest or does not parse: most
+    /// likely a commit in progress (the `.sig` is written before the
+    /// manifest is renamed into place, perhaps not atomically), so wait up
+    /// to [`SIGNATURE_GRACE`] for the pair to settle. Returns the report to
+    /// give while waiting, or `None` once the grace has run out for this
+    /// very pair (then it is refused as it stands).
     fn defer(
         &mut self,
         plugin: &str,
@@ -713,7 +715,7 @@ impl Reloader {
                 tracing::info!(
                     plugin,
                     file = %package.manifest_path.with_file_name(trust::SIGNATURE_FILE).display(),
-                    "the signature was made for another manifest; waiting {SIGNATURE_GRACE:?} for that manifest to be renamed into place"
+                    "the signature does not match this manifest yet (made for another, or incomplete); waiting {SIGNATURE_GRACE:?} for the commit to finish"
                 );
                 self.deferred.insert(
                     plugin.to_owned(),

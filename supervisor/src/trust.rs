@@ -463,14 +463,20 @@ impl TrustPolicy {
     }
 }
 
-/// Whether a signature that failed to verify names a manifest other than
-/// `manifest` — the sign of a commit in progress (the `.sig` is written
-/// before the manifest is renamed into place) or of a stale signature.
-pub fn signs_another_manifest(manifest: &[u8], signature: &[u8]) -> bool {
-    std::str::from_utf8(signature)
+/// Whether a signature that failed to verify may belong to a commit in
+/// progress rather than be wrong: it names a manifest other than
+/// `manifest` (the `.sig` is written before the manifest is renamed into
+/// place, so the old manifest may still be there), or it does not parse
+/// (it may still be being written). A stale or truncated signature looks
+/// the same; the reload path tells them apart by waiting.
+pub fn may_be_in_progress(manifest: &[u8], signature: &[u8]) -> bool {
+    match std::str::from_utf8(signature)
         .ok()
         .and_then(|t| SignatureFile::parse(t).ok())
-        .is_some_and(|s| s.manifest_sha256 != hex::encode(Sha256::digest(manifest)))
+    {
+        None => true,
+        Some(s) => s.manifest_sha256 != hex::encode(Sha256::digest(manifest)),
+    }
 }
 
 #[cfg(test)]
@@ -504,7 +510,7 @@ mod tests {
         );
         let parsed = SignatureFile::parse(&sig).unwrap();
         assert_eq!(parsed.key_id.len(), 16);
-        assert!(!signs_another_manifest(MANIFEST, sig.as_bytes()));
+        assert!(!may_be_in_progress(MANIFEST, sig.as_bytes()));
     }
 
     #[test]
@@ -522,7 +528,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, TrustError::BadSignature { .. }), "{err}");
         assert!(err.to_string().contains("made for a manifest"), "{err}");
-        assert!(signs_another_manifest(edited, sig.as_bytes()));
+        assert!(may_be_in_progress(edited, sig.as_bytes()));
+        assert!(
+            may_be_in_progress(MANIFEST, &sig.as_bytes()[..40]),
+            "truncated"
+        );
     }
 
     #[test]
