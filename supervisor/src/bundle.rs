@@ -1,13 +1,10 @@
 //! The bundled example plugin: on the embedded default, a fresh
 //! `plugins_dir` is seeded with the `echo` package built beside the binary,
 //! so `plugvisor run` with no flags serves something real.
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::catalog::MANIFEST_FILE;
-use crate::loader;
+use crate::{loader, pack};
 
 /// File name of the bundled example library.
 pub const BUNDLED_ECHO: &str = "libplugvisor_echo.so";
@@ -32,6 +29,9 @@ pub enum BundleError {
     /// The library is not a loadable plugin.
     #[error(transparent)]
     Load(#[from] loader::LoadError),
+    /// The package could not be written.
+    #[error(transparent)]
+    Pack(#[from] pack::PackError),
 }
 
 /// Where the bundled library is expected: beside the running executable.
@@ -62,6 +62,7 @@ pub fn seed_echo(plugins_dir: &Path) -> Result<Option<String>, BundleError> {
 
 /// Writes a package the way an operator should: the library under a new
 /// name first, then the manifest renamed into place (the commit point).
+/// The same code as `plugvisor pack`, unsigned.
 pub fn write_package(
     dir: &Path,
     name: &str,
@@ -69,23 +70,19 @@ pub fn write_package(
     abi: u32,
     lib: &Path,
 ) -> Result<(), BundleError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| BundleError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let bytes = std::fs::read(lib).map_err(io(lib))?;
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let lib_name = format!("lib{}-{version}.so", name.replace('-', "_"));
-    let lib_path = dir.join(&lib_name);
-    std::fs::write(&lib_path, &bytes).map_err(io(&lib_path))?;
-    let manifest = format!(
-        "name = \"{name}\"\nversion = \"{version}\"\nlibrary = \"{lib_name}\"\nsha256 = \"{sha}\"\nabi = {abi}\n"
-    );
-    let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(manifest.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    let target = dir.join(MANIFEST_FILE);
-    std::fs::rename(&tmp, &target).map_err(io(&target))
+    let version = semver::Version::parse(version).map_err(|e| BundleError::Io {
+        path: lib.to_owned(),
+        source: std::io::Error::other(format!("version {version:?} is not semver: {e}")),
+    })?;
+    pack::pack(
+        dir,
+        pack::PackOptions {
+            library: Some(lib.to_owned()),
+            name: Some(name.to_owned()),
+            version: Some(version),
+            abi: Some(abi),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
 }

@@ -161,9 +161,10 @@ pub struct ProbesConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustConfig {
-    /// ed25519 public key files.
+    /// ed25519 public key files (`plugvisor keygen` writes them). A package
+    /// with a `plugin.toml.sig` must verify under one of them.
     pub public_keys: Vec<PathBuf>,
-    /// Refuse unsigned packages.
+    /// Refuse packages without a signature (needs at least one key).
     pub require_signature: bool,
 }
 
@@ -343,10 +344,16 @@ impl Config {
             )));
         }
         health_check::validate_all(&self.health_checks).map_err(invalid)?;
-        if self.trust.require_signature {
+        if self.trust.require_signature && self.trust.public_keys.is_empty() {
             return Err(invalid(
-                "[trust] require_signature is not available in this build yet".into(),
+                "[trust] require_signature = true needs at least one key in public_keys".into(),
             ));
+        }
+        // A key file that cannot be read would refuse every signed package
+        // later; say so now (and in `run --check`).
+        for key in &self.trust.public_keys {
+            crate::trust::read_public_key(key)
+                .map_err(|e| invalid(format!("[trust] public_keys: {e}")))?;
         }
         Ok(self)
     }
@@ -454,6 +461,46 @@ plugin = "echo"
         assert_eq!(c.shutdown.drain_timeout, Duration::from_millis(2500));
         let err = Config::parse("[shutdown]\ndrain = \"1s\"\n", Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("drain"), "{err}");
+    }
+
+    #[test]
+    fn trust_needs_readable_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let err = Config::parse("[trust]\nrequire_signature = true\n", Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("at least one key"), "{err}");
+        let missing = t.path().join("missing.pub");
+        let text = format!(
+            "[trust]\npublic_keys = [{:?}]\n",
+            missing.display().to_string()
+        );
+        let err = Config::parse(&text, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("missing.pub"), "{err}");
+        let key = crate::trust::SecretKey::generate().unwrap();
+        let (sk, pk) = (t.path().join("k"), t.path().join("k.pub"));
+        crate::trust::write_key_pair(&key, &sk, &pk).unwrap();
+        let text = format!(
+            "[trust]\npublic_keys = [{:?}]\nrequire_signature = true\n",
+            pk.display().to_string()
+        );
+        let c = Config::parse(&text, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap();
+        assert!(c.trust.require_signature);
+        // A secret key is not a public key.
+        let text = format!("[trust]\npublic_keys = [{:?}]\n", sk.display().to_string());
+        assert!(
+            Config::parse(&text, Path::new("t"))
+                .unwrap()
+                .validate(Path::new("t"))
+                .is_err()
+        );
     }
 
     #[test]

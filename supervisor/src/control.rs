@@ -137,10 +137,24 @@ pub struct Status {
     /// Whether the thresholds file on disk is the one in force.
     #[serde(default = "yes")]
     pub rules_config_valid: bool,
+    /// Dependency conflicts that stand now (empty when all is resolved).
+    #[serde(default)]
+    pub conflicts: Vec<ConflictStatus>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// One dependency conflict in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConflictStatus {
+    /// The plugin it holds back or concerns.
+    pub plugin: String,
+    /// missing | version | cycle | conflict | abi.
+    pub kind: String,
+    /// In words.
+    pub message: String,
 }
 
 /// One plugin in [`Status`].

@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::actions::{Actions, Why};
 use crate::config::Config;
-use crate::control::{Command, ListenerStatus, PluginStatus, Status, Versions};
+use crate::control::{Command, ConflictStatus, ListenerStatus, PluginStatus, Status, Versions};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::probes::{self, WatchedListener};
-use crate::reload::{ReloadReport, Reloader};
+use crate::reload::{ReloadReport, Reloader, SIGNATURE_GRACE};
 use crate::rules::{self, Decision, DecisionKind, Engine, Thresholds};
 use crate::store::Store;
 use crate::{admin, bundle, catalog, listeners};
@@ -27,6 +27,10 @@ use crate::{admin, bundle, catalog, listeners};
 /// listener tasks before it exits anyway. Each listener bounds its own drain
 /// by `drain_timeout`; this only covers one that fails to.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long after [`SIGNATURE_GRACE`] a deferred package is looked at
+/// again, so the grace has surely run out by then.
+const DEFERRED_RECHECK_MARGIN: Duration = Duration::from_millis(100);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,9 @@ pub enum DaemonError {
     /// The `plugins_dir` watcher could not start.
     #[error(transparent)]
     Watch(#[from] catalog::watch::WatchError),
+    /// A `[trust]` key file could not be read.
+    #[error("[trust]: {0}")]
+    Trust(#[from] crate::trust::TrustError),
     /// Installing a signal handler failed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -87,6 +94,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         path: config.plugins_dir.clone(),
         message: e.to_string(),
     })?;
+    // Whoever may write plugins_dir may run code in this process.
+    catalog::strict::check_path("plugins_dir", &config.plugins_dir).map_err(|e| {
+        DaemonError::PluginsDir {
+            path: config.plugins_dir.clone(),
+            message: e.reason,
+        }
+    })?;
+    let trust = crate::trust::TrustPolicy::load(&config.trust)?;
+    tracing::info!(
+        require_signature = trust.require_signature(),
+        keys = %trust.keys().iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(","),
+        "package trust"
+    );
     if config.is_embedded_default() {
         match bundle::seed_echo(&config.plugins_dir) {
             Ok(Some(v)) => {
@@ -123,12 +143,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.reload.keep_loaded,
         plugin_names,
     );
+    reloader.set_trust(trust);
     for plugin in config.plugins() {
         reloader.slot(&plugin);
         reloader.boot_from_store(&plugin);
     }
+    reloader.refresh_dependency_conflicts();
     let reloader = Arc::new(Mutex::new(reloader));
-    rescan(&reloader, None, false).await;
+    // Created before the first scan: a deferred package schedules its
+    // second look through it.
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+    rescan(&reloader, None, false, &cmd_tx).await;
 
     let mut actions = Actions::default();
     actions.fallbacks = config.fallbacks();
@@ -193,7 +218,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     })?;
     tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
 
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     let admin_listener = admin::bind(&config.admin.socket)?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, cmd_tx.clone()));
 
@@ -220,7 +244,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
             _ = sigusr1.recv() => {
                 tracing::info!("SIGUSR1: rescanning plugins_dir");
-                rescan(&reloader, None, true).await;
+                rescan(&reloader, None, true, &cmd_tx).await;
             }
             _ = sighup.recv() => {
                 // Config changes that need new sockets take a restart; the
@@ -231,7 +255,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     load_thresholds(&mut engine, path, &metrics);
                     ticker = retick(ticker, engine.interval());
                 }
-                rescan(&reloader, None, false).await;
+                rescan(&reloader, None, false, &cmd_tx).await;
                 notifier.ready(&ready_status);
             }
             Some(()) = rules_rx.recv() => {
@@ -255,11 +279,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 while let Ok(more) = watch_rx.try_recv() {
                     names.extend(more);
                 }
-                rescan(&reloader, Some(names.into_iter().collect()), false).await;
+                rescan(&reloader, Some(names.into_iter().collect()), false, &cmd_tx).await;
             }
             Some(cmd) = cmd_rx.recv() => match cmd {
                 Command::Rescan { plugins, force, reply } => {
-                    let reports = rescan(&reloader, plugins, force).await;
+                    let reports = rescan(&reloader, plugins, force, &cmd_tx).await;
                     if let Some(reply) = reply {
                         let _ = reply.send(reports);
                     }
@@ -394,8 +418,38 @@ fn versions(reloader: &Arc<Mutex<Reloader>>, plugin: &str) -> Result<Versions, S
 }
 
 /// Runs reloads for `plugins` (or every package and slot) off the async
-/// workers: `dlopen` and `init` block.
+/// workers: `dlopen` and `init` block. A package that was deferred (its
+/// signature names a manifest not yet in place) is looked at again once
+/// the grace has passed, whether or not another event arrives.
 async fn rescan(
+    reloader: &Arc<Mutex<Reloader>>,
+    plugins: Option<Vec<String>>,
+    force: bool,
+    commands: &mpsc::Sender<Command>,
+) -> Vec<ReloadReport> {
+    let reports = rescan_now(reloader, plugins, force).await;
+    let deferred: Vec<String> = reports
+        .iter()
+        .filter(|r| r.outcome == "deferred")
+        .map(|r| r.plugin.clone())
+        .collect();
+    if !deferred.is_empty() {
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SIGNATURE_GRACE + DEFERRED_RECHECK_MARGIN).await;
+            let _ = commands
+                .send(Command::Rescan {
+                    plugins: Some(deferred),
+                    force: false,
+                    reply: None,
+                })
+                .await;
+        });
+    }
+    reports
+}
+
+async fn rescan_now(
     reloader: &Arc<Mutex<Reloader>>,
     plugins: Option<Vec<String>>,
     force: bool,
@@ -457,6 +511,15 @@ fn status(
         })
         .collect();
     plugins.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    let conflicts = r
+        .dependency_conflicts()
+        .into_iter()
+        .map(|c| ConflictStatus {
+            plugin: c.plugin,
+            kind: c.kind.as_str().to_owned(),
+            message: c.message,
+        })
+        .collect();
     let probes = plugvisor_probes_common::Probe::ALL
         .iter()
         .map(|p| {
@@ -482,5 +545,6 @@ fn status(
         probes,
         rules: engine.status(),
         rules_config_valid: metrics.rules_config_valid.get() == 1,
+        conflicts,
     }
 }

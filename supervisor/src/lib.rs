@@ -17,7 +17,11 @@
 //! commit point — the `catalog` acts when it changes, never on a half-written
 //! library. The reload path (`reload`) then:
 //!
-//! 1. parses and validates the manifest (`catalog::manifest`),
+//! 1. parses and validates the manifest (`catalog::manifest`), checks who
+//!    may write the package (`catalog::strict`), its signature (`trust`),
+//!    that it is no downgrade (the store's refs keep the highest version
+//!    ever activated) and that its dependencies hold against the other
+//!    active versions (`deps`),
 //! 2. hashes the library while copying it into the content-addressed
 //!    `store` (`objects/<sha256>.so`, so `dlopen` sees a distinct path per
 //!    version) — all before the reload window opens,
@@ -27,9 +31,10 @@
 //!    swaps the slot, closes the window (`markers::reload_end`),
 //! 4. records the outcome in the store's refs and journal and in `metrics`.
 //!
-//! Any refusal leaves the previous version serving. Old versions stay mapped
-//! (`dlclose` is unsafe for Rust libraries with TLS destructors); at most
-//! `[reload] keep_loaded` per plugin are kept.
+//! Any refusal leaves the previous version serving. A package refused for
+//! its dependencies is tried again whenever another plugin switches. Old
+//! versions stay mapped (`dlclose` is unsafe for Rust libraries with TLS
+//! destructors); at most `[reload] keep_loaded` per plugin are kept.
 //!
 //! # Proof from the kernel
 //!
@@ -58,6 +63,12 @@
 //! `plugins_dir` watcher and the `admin` unix socket; shutdown has its own
 //! channel so a storm of reloads cannot starve it. Under systemd it says
 //! `READY=1`, `RELOADING=1`, `STOPPING=1` and `WATCHDOG=1` (`notify`).
+//!
+//! # Offline
+//!
+//! `pack` builds and signs packages, `trust` holds the keys and the
+//! signature format, and `plugvisor verify` runs the daemon's own checks on
+//! a package directory without a daemon.
 
 pub mod actions;
 pub mod admin;
@@ -66,15 +77,18 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod deps;
 pub mod health;
 pub mod listeners;
 pub mod loader;
 pub mod markers;
 pub mod metrics;
 pub mod notify;
+pub mod pack;
 pub mod probes;
 pub mod reload;
 pub mod rules;
 pub mod sampler;
 pub mod slot;
 pub mod store;
+pub mod trust;

@@ -1,6 +1,8 @@
-//! The `plugvisor` command: the daemon (`run`) and the clients that talk to
-//! it over the admin socket.
-use std::path::PathBuf;
+//! The `plugvisor` command: the daemon (`run`), the clients that talk to
+//! it over the admin socket, and the offline tools (`keygen`, `pack`,
+//! `verify`).
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -107,6 +109,57 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make an ed25519 key pair for signing packages (offline).
+    Keygen {
+        /// Directory for `plugvisor.key` (mode 0600) and `plugvisor.pub`.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Secret key file (instead of OUT/plugvisor.key).
+        #[arg(long)]
+        secret: Option<PathBuf>,
+        /// Public key file (instead of OUT/plugvisor.pub, or SECRET.pub).
+        #[arg(long)]
+        public: Option<PathBuf>,
+    },
+    /// Write or update the package in DIR: library, plugin.toml, and with
+    /// --key the signature (offline). The manifest is renamed into place last.
+    Pack {
+        /// The package directory (created if missing).
+        dir: PathBuf,
+        /// The library (default: the one the manifest names, else the only *.so in DIR).
+        #[arg(long)]
+        library: Option<PathBuf>,
+        /// Sign with this secret key (from `plugvisor keygen`).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Plugin name (default: the library's descriptor).
+        #[arg(long)]
+        name: Option<String>,
+        /// Version (default: the library's descriptor).
+        #[arg(long)]
+        version: Option<semver::Version>,
+        /// Plugin ABI (default: the library's descriptor).
+        #[arg(long)]
+        abi: Option<u32>,
+        /// A requirement, NAME=RANGE (repeatable; replaces the manifest's [requires]).
+        #[arg(long = "requires", value_name = "NAME=RANGE")]
+        requires: Vec<String>,
+        /// A plugin this one conflicts with (repeatable; replaces `conflicts`).
+        #[arg(long = "conflicts", value_name = "NAME")]
+        conflicts: Vec<String>,
+    },
+    /// Check the package in DIR as the daemon would (offline); exit 0 if it
+    /// would be accepted.
+    Verify {
+        /// The package directory.
+        dir: PathBuf,
+        /// Trust settings and state (for the downgrade check) from this config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Trust this public key (repeatable); a signature is then required.
+        #[arg(long = "public-key", value_name = "FILE")]
+        public_keys: Vec<PathBuf>,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -145,6 +198,48 @@ fn main() -> ExitCode {
     reason = "one arm per CLI verb, each a few lines"
 )]
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The offline tools need no runtime and no daemon.
+    match cli.command {
+        Cmd::Keygen {
+            out,
+            secret,
+            public,
+        } => return keygen(&out, secret, public),
+        Cmd::Pack {
+            dir,
+            library,
+            key,
+            name,
+            version,
+            abi,
+            requires,
+            conflicts,
+        } => {
+            let requires = if requires.is_empty() {
+                None
+            } else {
+                Some(parse_requires(&requires)?)
+            };
+            let options = plugvisor::pack::PackOptions {
+                library,
+                name,
+                version,
+                abi,
+                requires,
+                conflicts: (!conflicts.is_empty()).then_some(conflicts),
+                key: key
+                    .map(|k| plugvisor::trust::read_secret_key(&k))
+                    .transpose()?,
+            };
+            return pack(&dir, options);
+        }
+        Cmd::Verify {
+            dir,
+            config,
+            public_keys,
+        } => return verify(&dir, config.as_ref(), &public_keys),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -274,7 +369,132 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Keygen { .. } | Cmd::Pack { .. } | Cmd::Verify { .. } => {
+            unreachable!("handled above")
+        }
     }
+}
+
+fn keygen(
+    out: &Path,
+    secret: Option<PathBuf>,
+    public: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let secret = secret.unwrap_or_else(|| out.join("plugvisor.key"));
+    let public = public.unwrap_or_else(|| {
+        if secret == out.join("plugvisor.key") {
+            out.join("plugvisor.pub")
+        } else {
+            let mut p = secret.clone().into_os_string();
+            p.push(".pub");
+            PathBuf::from(p)
+        }
+    });
+    let key = plugvisor::trust::SecretKey::generate()?;
+    plugvisor::trust::write_key_pair(&key, &secret, &public)?;
+    println!(
+        "secret key: {} (mode 0600; keep it offline)",
+        secret.display()
+    );
+    println!(
+        "public key: {} (list it in [trust] public_keys)",
+        public.display()
+    );
+    println!("key id:     {}", key.public().id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_requires(items: &[String]) -> anyhow::Result<BTreeMap<String, semver::VersionReq>> {
+    items
+        .iter()
+        .map(|item| {
+            let (name, range) = item
+                .split_once('=')
+                .with_context(|| format!("--requires {item:?}: expected NAME=RANGE"))?;
+            let range = semver::VersionReq::parse(range.trim())
+                .with_context(|| format!("--requires {item:?}: {range:?} is not a semver range"))?;
+            Ok((name.trim().to_owned(), range))
+        })
+        .collect()
+}
+
+fn pack(dir: &Path, options: plugvisor::pack::PackOptions) -> anyhow::Result<ExitCode> {
+    let packed = plugvisor::pack::pack(dir, options)
+        .with_context(|| format!("packing {}", dir.display()))?;
+    let m = &packed.manifest;
+    println!(
+        "packed {} {} in {}: library {} (sha256 {})",
+        m.name,
+        m.version,
+        dir.display(),
+        m.library,
+        m.sha256
+    );
+    match &packed.key_id {
+        Some(id) => println!("signed by key {id} ({})", plugvisor::trust::SIGNATURE_FILE),
+        None => println!("unsigned"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(dir: &Path, config: Option<&PathBuf>, keys: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    use plugvisor::trust::{TrustPolicy, Verdict};
+    let (policy, store) = match config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            let mut policy = TrustPolicy::load(&config.trust)?;
+            if !keys.is_empty() {
+                policy = with_keys(&policy, keys, true)?;
+            }
+            (policy, plugvisor::store::Store::existing(&config.state_dir))
+        }
+        None => (
+            with_keys(&TrustPolicy::default(), keys, !keys.is_empty())?,
+            None,
+        ),
+    };
+    let v = plugvisor::pack::verify(dir, &policy, store.as_ref())
+        .with_context(|| format!("verify {}: refused", dir.display()))?;
+    let signed = match &v.verdict {
+        Verdict::Signed { key_id } => format!("signed by trusted key {key_id}"),
+        Verdict::Unsigned => "unsigned (no signature required)".to_owned(),
+        Verdict::Unchecked => "signature present but not checked (no keys given)".to_owned(),
+    };
+    println!(
+        "{}: {} {} would be accepted: manifest valid, library sha256 matches, \
+         ELF shared object with descriptor {} {} (ABI {}), {signed}{}",
+        dir.display(),
+        v.manifest.name,
+        v.manifest.version,
+        v.identity.name,
+        v.identity.version,
+        v.identity.abi,
+        if store.is_some() {
+            ", not a downgrade"
+        } else {
+            ""
+        }
+    );
+    for note in &v.notes {
+        println!("note: {note}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `policy` with the keys in `files` added.
+fn with_keys(
+    policy: &plugvisor::trust::TrustPolicy,
+    files: &[PathBuf],
+    require: bool,
+) -> anyhow::Result<plugvisor::trust::TrustPolicy> {
+    let mut keys = policy.keys().to_vec();
+    for f in files {
+        keys.push(plugvisor::trust::read_public_key(f)?);
+    }
+    Ok(plugvisor::trust::TrustPolicy::new(
+        keys,
+        require || policy.require_signature(),
+    ))
 }
 
 fn print_json(resp: &AdminResponse) -> anyhow::Result<ExitCode> {
@@ -357,6 +577,14 @@ fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
             r.action,
             if r.dry_run { " (dry run)" } else { "" }
         );
+    }
+    if s.conflicts.is_empty() {
+        println!("\nno dependency conflicts");
+    } else {
+        println!("\n{:<20} {:<10} DEPENDENCY CONFLICT", "PLUGIN", "KIND");
+        for c in &s.conflicts {
+            println!("{:<20} {:<10} {}", c.plugin, c.kind, c.message);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -123,6 +123,46 @@ impl ProbeStage {
     }
 }
 
+/// Kind of a dependency conflict (`plugvisor_dependency_conflicts{kind}`).
+///
+/// Defined here, not in `deps`, because `metrics` imports none of the
+/// parts; `deps` re-exports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ConflictKind {
+    /// A required plugin is not active.
+    Missing,
+    /// A required plugin is active in a version outside the range.
+    Version,
+    /// Requirements form a cycle.
+    Cycle,
+    /// A plugin declared a conflict with one that is active.
+    Conflict,
+    /// A manifest's plugin ABI differs from the host's or its dependency's.
+    Abi,
+}
+
+impl ConflictKind {
+    /// Every kind, in label order.
+    pub const ALL: [ConflictKind; 5] = [
+        ConflictKind::Missing,
+        ConflictKind::Version,
+        ConflictKind::Cycle,
+        ConflictKind::Conflict,
+        ConflictKind::Abi,
+    ];
+
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConflictKind::Missing => "missing",
+            ConflictKind::Version => "version",
+            ConflictKind::Cycle => "cycle",
+            ConflictKind::Conflict => "conflict",
+            ConflictKind::Abi => "abi",
+        }
+    }
+}
+
 /// Every plugvisor family, registered in one registry.
 pub struct Metrics {
     /// The registry `/metrics` encodes (and the rules engine reads).
@@ -139,6 +179,9 @@ pub struct Metrics {
     pub kernel_reload_duration_seconds: HistogramVec,
     /// `plugvisor_requests_total{plugin,version,outcome}`.
     pub requests_total: IntCounterVec,
+    /// `plugvisor_dependency_conflicts{plugin,kind}`: 1 while the conflict
+    /// stands, 0 once it is resolved.
+    pub dependency_conflicts: IntGaugeVec,
     /// `plugvisor_tcp_connections{listener}` (kernel-observed).
     pub tcp_connections: IntGaugeVec,
     /// `plugvisor_reload_broken_connections_total{listener,protocol}` (kernel-observed).
@@ -244,6 +287,12 @@ impl Metrics {
                 "plugvisor_requests_total",
                 "Requests handled, by the plugin version that handled them",
                 &["plugin", "version", "outcome"],
+            ),
+            dependency_conflicts: gauge(
+                r,
+                "plugvisor_dependency_conflicts",
+                "1 while a plugin has a dependency conflict of this kind (missing, version, cycle, conflict, abi), 0 once resolved",
+                &["plugin", "kind"],
             ),
             tcp_connections: gauge(
                 r,

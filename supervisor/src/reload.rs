@@ -1,26 +1,42 @@
 //! The reload path: package → verified object in the store → loaded and
 //! initialised → swapped into the slot → recorded.
 //!
+//! A package is taken only if, in this order: the catalog accepts it
+//! (permissions, manifest, library inside the package), it is not the
+//! version already serving, its signature satisfies `[trust]`, it is not
+//! lower than the highest version ever activated (unless a rollback names
+//! it), its dependencies hold against the other active versions (`deps`),
+//! and its library hashes to what the manifest pins.
+//!
 //! Everything that reads many bytes (manifest checks, hash-while-copy)
 //! happens before the reload window opens; inside the window there is only
 //! `dlopen`, the descriptor checks, `init` and one pointer swap. Every
 //! refusal leaves the previous version serving and is said once: in the
 //! log (plugin, file, reason), the journal, and
 //! `plugvisor_reloads_total{outcome}`.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use semver::Version;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{self, CatalogError, Package};
+use crate::catalog::{self, CatalogError, Manifest, Package};
+use crate::deps::{self, Conflict, ConflictKind};
 use crate::loader::{self, LoadError, LoadedVersion};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
 use crate::probes::observer::PluginNames;
 use crate::slot::Slot;
 use crate::store::{JournalEntry, Store, StoreError, VersionRef};
+use crate::trust::{self, TrustError, TrustPolicy};
+
+/// How long a signature that names another manifest (or does not parse)
+/// is given for the commit to finish — the `.sig` is written first, then
+/// the manifest renamed into place — before the pair is refused as it
+/// stands.
+pub const SIGNATURE_GRACE: Duration = Duration::from_secs(2);
 
 /// The `reason` of a rollback done at start because the process died
 /// during a trial.
@@ -48,6 +64,34 @@ pub enum ReloadError {
         /// The version.
         version: String,
     },
+    /// The signature does not satisfy `[trust]`.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// Lower than the highest version ever activated, and no rollback names it.
+    #[error(
+        "plugin {plugin:?}: version {version} is lower than {highest}, the highest version activated; refused as a downgrade (only an explicit rollback may name a lower version)"
+    )]
+    Downgrade {
+        /// The plugin.
+        plugin: String,
+        /// The package's version.
+        version: String,
+        /// The highest version activated.
+        highest: String,
+    },
+    /// The switch would leave the active versions with a dependency conflict.
+    #[error(
+        "plugin {plugin:?} {version}: dependency conflict: {}",
+        join_conflicts(conflicts)
+    )]
+    Dependencies {
+        /// The plugin.
+        plugin: String,
+        /// The package's version.
+        version: String,
+        /// What blocks it.
+        conflicts: Vec<Conflict>,
+    },
     /// Same version as the active one, different bytes.
     #[error(
         "plugin {plugin:?}: version {version} is already active with sha256 {active}, the package has {package}; bump the version"
@@ -62,6 +106,14 @@ pub enum ReloadError {
         /// Package library hash.
         package: String,
     },
+}
+
+fn join_conflicts(conflicts: &[Conflict]) -> String {
+    conflicts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl ReloadError {
@@ -85,7 +137,17 @@ impl ReloadError {
                 | CatalogError::ManifestTooLarge { path, .. }
                 | CatalogError::NoPackage { path, .. }
                 | CatalogError::Read { path, .. }
-                | CatalogError::LibraryMissing { path, .. },
+                | CatalogError::LibraryMissing { path, .. }
+                | CatalogError::Unsafe(catalog::UnsafePath { path, .. }),
+            )
+            | ReloadError::Trust(
+                TrustError::Io { path, .. }
+                | TrustError::BadKeyFile { path, .. }
+                | TrustError::SecretKeyExposed { path, .. }
+                | TrustError::KeyExists { path }
+                | TrustError::Unsigned { path, .. }
+                | TrustError::MalformedSignature { path, .. }
+                | TrustError::BadSignature { path, .. },
             )
             | ReloadError::Store(
                 StoreError::ChecksumMismatch { library: path, .. }
@@ -101,7 +163,9 @@ impl ReloadError {
             ) => path.clone(),
             ReloadError::Load(LoadError::InitFailed { .. })
             | ReloadError::VersionReused { .. }
-            | ReloadError::Quarantined { .. } => package_dir.join(catalog::MANIFEST_FILE),
+            | ReloadError::Quarantined { .. }
+            | ReloadError::Downgrade { .. }
+            | ReloadError::Dependencies { .. } => package_dir.join(catalog::MANIFEST_FILE),
         }
     }
 }
@@ -111,7 +175,9 @@ impl ReloadError {
 pub struct ReloadReport {
     /// The plugin.
     pub plugin: String,
-    /// success | rejected | failed | unchanged.
+    /// success | rejected | failed | unchanged | deferred (the signature
+    /// belongs to a commit still in progress; looked at again after
+    /// [`SIGNATURE_GRACE`]) | unknown.
     pub outcome: String,
     /// Version now serving (after the attempt).
     pub active_version: Option<String>,
@@ -127,6 +193,48 @@ pub struct ReloadReport {
     pub switch_us: Option<u64>,
 }
 
+/// How one reload attempt may deviate from the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadOptions {
+    /// Re-process the manifest even if its bytes were seen before.
+    pub force: bool,
+    /// Accept the package if it is this version, even if it is lower than
+    /// the highest version ever activated (an explicit rollback).
+    pub allow_downgrade_to: Option<Version>,
+}
+
+/// A dependency conflict as `plugvisor status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandingConflict {
+    /// The plugin the conflict holds back or concerns.
+    pub plugin: String,
+    /// Its kind.
+    pub kind: ConflictKind,
+    /// In words, with what serves meanwhile.
+    pub message: String,
+}
+
+/// A package that waits on other plugins: its version and what blocks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Blocked {
+    version: Version,
+    conflicts: Vec<Conflict>,
+}
+
+impl Blocked {
+    /// The same package blocked by the same conflicts (plugin, kind and
+    /// other plugin), whatever their wording.
+    fn same_as(&self, other: &Blocked) -> bool {
+        self.version == other.version
+            && self.conflicts.len() == other.conflicts.len()
+            && self
+                .conflicts
+                .iter()
+                .zip(&other.conflicts)
+                .all(|(a, b)| a.key() == b.key())
+    }
+}
+
 /// Owns the slots and the store; all version changes go through here.
 pub struct Reloader {
     plugins_dir: PathBuf,
@@ -139,6 +247,19 @@ pub struct Reloader {
     // is not re-processed on a watcher event.
     fingerprints: HashMap<String, String>,
     seq: u64,
+    trust: TrustPolicy,
+    // Packages refused for dependency conflicts: tried again whenever
+    // another plugin switches, since that may unblock them.
+    blocked: BTreeMap<String, Blocked>,
+    // Conflicts among the active versions, as last resolved.
+    standing: Vec<Conflict>,
+    // (plugin, kind) series of dependency_conflicts now at 1.
+    conflict_series: BTreeSet<(String, ConflictKind)>,
+    // Dependency declarations of loaded objects, by sha256.
+    nodes: HashMap<String, deps::Node>,
+    // Packages whose signature names another manifest: the fingerprint
+    // and when that was first seen (see SIGNATURE_GRACE).
+    deferred: HashMap<String, (String, Instant)>,
 }
 
 impl Reloader {
@@ -159,7 +280,19 @@ impl Reloader {
             plugin_names,
             fingerprints: HashMap::new(),
             seq: 0,
+            trust: TrustPolicy::default(),
+            blocked: BTreeMap::new(),
+            standing: Vec::new(),
+            conflict_series: BTreeSet::new(),
+            nodes: HashMap::new(),
+            deferred: HashMap::new(),
         }
+    }
+
+    /// Sets the signature policy (`[trust]`); the default accepts unsigned
+    /// packages and ignores signatures.
+    pub fn set_trust(&mut self, policy: TrustPolicy) {
+        self.trust = policy;
     }
 
     /// The slot of `plugin`, created empty if it has none yet.
@@ -330,12 +463,74 @@ impl Reloader {
 
     /// Looks at the package of `plugin` and switches to it if it is new.
     /// `force` re-processes a manifest even if its bytes were seen before.
+    pub fn reload(&mut self, plugin: &str, force: bool) -> ReloadReport {
+        self.reload_with(
+            plugin,
+            &ReloadOptions {
+                force,
+                allow_downgrade_to: None,
+            },
+        )
+    }
+
+    /// The hook for an explicit rollback to a package in `plugins_dir`:
+    /// like [`Reloader::reload`] with `force`, but a package of exactly
+    /// `version` is accepted even if it is lower than the highest version
+    /// ever activated. The highest-activated mark stays where it was, so
+    /// any *other* lower version is still refused afterwards; the journal
+    /// entry says the downgrade was explicit.
+    pub fn reload_allowing_downgrade(&mut self, plugin: &str, version: &Version) -> ReloadReport {
+        self.reload_with(
+            plugin,
+            &ReloadOptions {
+                force: true,
+                allow_downgrade_to: Some(version.clone()),
+            },
+        )
+    }
+
+    /// One reload attempt with `options`. After a switch, packages that
+    /// were waiting on other plugins are tried again, and the dependency
+    /// conflicts (metric, status) are resolved anew.
+    pub fn reload_with(&mut self, plugin: &str, options: &ReloadOptions) -> ReloadReport {
+        let report = self.attempt(plugin, options, false);
+        if report.outcome == ReloadOutcome::Success.as_str() {
+            self.retry_blocked();
+        }
+        self.refresh_dependency_conflicts();
+        report
+    }
+
+    /// Tries every package that waits on other plugins again, until a
+    /// pass switches none (each switch may unblock another).
+    fn retry_blocked(&mut self) {
+        loop {
+            let waiting: Vec<String> = self.blocked.keys().cloned().collect();
+            let mut switched = false;
+            for plugin in waiting {
+                let options = ReloadOptions {
+                    force: true,
+                    allow_downgrade_to: None,
+                };
+                let report = self.attempt(&plugin, &options, true);
+                switched |= report.outcome == ReloadOutcome::Success.as_str();
+            }
+            if !switched {
+                return;
+            }
+        }
+    }
+
+    /// The attempt itself; `retry` marks a re-try of a blocked package,
+    /// which stays quiet if it is still blocked by exactly the same
+    /// conflicts (it was already reported once).
     #[expect(
         clippy::too_many_lines,
         reason = "the reload path reads top to bottom in the order it runs; its phases share the timings"
     )]
-    pub fn reload(&mut self, plugin: &str, force: bool) -> ReloadReport {
+    fn attempt(&mut self, plugin: &str, options: &ReloadOptions, retry: bool) -> ReloadReport {
         let t0 = Instant::now();
+        let force = options.force;
         let package_dir = self.plugins_dir.join(plugin);
         if !self.slots.contains_key(plugin) && !package_dir.join(catalog::MANIFEST_FILE).exists() {
             // Neither configured nor packaged: a typo, not a plugin. No slot,
@@ -369,22 +564,26 @@ impl Reloader {
             switch_us: None,
         };
 
-        // Verify: manifest parsed, validated, library located.
+        // Verify: permissions, manifest parsed and validated, library located.
         let package = match catalog::read_package(&self.plugins_dir, plugin) {
             Ok(p) => p,
             Err(e) => {
-                // An unchanged bad manifest is reported once, not on every event.
+                // An unchanged bad package is reported once, not on every
+                // event. The reason is part of what was seen: fixing the
+                // permissions leaves the bytes alone but is a change.
                 let fp = std::fs::read(package_dir.join(catalog::MANIFEST_FILE))
                     .map(|b| {
                         use sha2::Digest as _;
                         hex::encode(sha2::Sha256::digest(b))
                     })
                     .unwrap_or_default();
+                let fp = format!("{fp}!{e}");
                 if !force && self.fingerprints.get(plugin) == Some(&fp) {
                     report.outcome = "unchanged".into();
                     return report;
                 }
                 self.fingerprints.insert(plugin.to_owned(), fp);
+                self.blocked.remove(plugin);
                 return self.refuse(report, &package_dir, &ReloadError::Catalog(e));
             }
         };
@@ -393,11 +592,15 @@ impl Reloader {
             report.outcome = "unchanged".into();
             return report;
         }
-        self.fingerprints
-            .insert(plugin.to_owned(), package.fingerprint.clone());
         if let Some(active) = &from {
             if active.loaded.version() == &package.manifest.version {
+                self.fingerprints
+                    .insert(plugin.to_owned(), package.fingerprint.clone());
+                self.blocked.remove(plugin);
+                self.deferred.remove(plugin);
                 if active.loaded.sha256() == package.manifest.sha256 {
+                    // Also the case of a `.sig` written for a manifest that
+                    // is not renamed into place yet: nothing to do until it is.
                     report.outcome = "unchanged".into();
                     return report;
                 }
@@ -410,33 +613,110 @@ impl Reloader {
                 return self.refuse(report, &package_dir, &e);
             }
         }
-        if package.manifest.abi != plugvisor_sdk::ABI_VERSION {
-            let e = LoadError::ManifestAbi {
-                plugin: plugin.to_owned(),
-                path: package.manifest_path.clone(),
-                declared: package.manifest.abi,
-                expected: plugvisor_sdk::ABI_VERSION,
-            };
-            return self.refuse(report, &package_dir, &ReloadError::Load(e));
+
+        // Signature: the manifest's exact bytes under a trusted key.
+        let verdict = match self.trust.check(
+            plugin,
+            &package.manifest_path,
+            &package.manifest_bytes,
+            package.signature.as_deref(),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let in_progress = package
+                    .signature
+                    .as_deref()
+                    .is_some_and(|sig| trust::may_be_in_progress(&package.manifest_bytes, sig));
+                if in_progress {
+                    if let Some(r) = self.defer(plugin, &package, &mut report, &e) {
+                        return r;
+                    }
+                }
+                self.fingerprints
+                    .insert(plugin.to_owned(), package.fingerprint.clone());
+                self.blocked.remove(plugin);
+                return self.refuse(report, &package_dir, &ReloadError::Trust(e));
+            }
+        };
+        self.deferred.remove(plugin);
+        self.fingerprints
+            .insert(plugin.to_owned(), package.fingerprint.clone());
+
+        // Anti-downgrade: never below the highest version ever activated,
+        // unless a rollback names this very version.
+        let refs = match self.store.refs(plugin) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
+        };
+        let mut downgrade_from = None;
+        if let Some(highest) = refs.highest() {
+            if package.manifest.version < *highest {
+                if options.allow_downgrade_to.as_ref() != Some(&package.manifest.version) {
+                    self.blocked.remove(plugin);
+                    let e = ReloadError::Downgrade {
+                        plugin: plugin.to_owned(),
+                        version: package.manifest.version.to_string(),
+                        highest: highest.to_string(),
+                    };
+                    return self.refuse(report, &package_dir, &e);
+                }
+                downgrade_from = Some(highest.clone());
+            }
         }
-        let candidate = VersionRef {
+        let candidate_ref = VersionRef {
             version: package.manifest.version.clone(),
             sha256: package.manifest.sha256.clone(),
         };
         if self
             .store
             .refs(plugin)
-            .is_ok_and(|r| r.is_quarantined(&candidate))
+            .is_ok_and(|r| r.is_quarantined(&candidate_ref))
         {
             return self.refuse(
                 report,
                 &package_dir,
                 &ReloadError::Quarantined {
                     plugin: plugin.to_owned(),
-                    version: candidate.version.to_string(),
+                    version: candidate_ref.version.to_string(),
                 },
             );
         }
+
+        // Dependencies and ABI, against the other active versions.
+        let candidate = node_of(&package.manifest);
+        let current = self.active_set();
+        let conflicts = deps::check_switch(
+            &current,
+            plugin,
+            candidate.clone(),
+            plugvisor_sdk::ABI_VERSION,
+        );
+        if !conflicts.is_empty() {
+            let blocked = Blocked {
+                version: package.manifest.version.clone(),
+                conflicts: conflicts.clone(),
+            };
+            if retry
+                && self
+                    .blocked
+                    .get(plugin)
+                    .is_some_and(|b| b.same_as(&blocked))
+            {
+                // Still blocked by the same conflicts (the wording may name
+                // another version of the other plugin): already said once.
+                self.blocked.insert(plugin.to_owned(), blocked);
+                report.outcome = ReloadOutcome::Rejected.as_str().into();
+                return report;
+            }
+            self.blocked.insert(plugin.to_owned(), blocked);
+            let e = ReloadError::Dependencies {
+                plugin: plugin.to_owned(),
+                version: package.manifest.version.to_string(),
+                conflicts,
+            };
+            return self.refuse(report, &package_dir, &e);
+        }
+        self.blocked.remove(plugin);
         let verify = t0.elapsed();
 
         // Stage: hash while copying into the store — before the window opens.
@@ -444,7 +724,13 @@ impl Reloader {
         let staged = match self
             .store
             .stage(plugin, &package.library_path, &package.manifest.sha256)
-        {
+            .and_then(|s| {
+                // Kept so the version's dependencies are known when it is
+                // started from the store or switched back to.
+                self.store
+                    .save_manifest(&s.sha256, &package.manifest_bytes)
+                    .map(|()| s)
+            }) {
             Ok(s) => s,
             Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
         };
@@ -475,6 +761,7 @@ impl Reloader {
         drop(window);
         let window_time = t2.elapsed();
         let total = t0.elapsed();
+        self.nodes.insert(staged.sha256.clone(), candidate);
 
         for (phase, d) in [
             (Phase::Verify, verify),
@@ -494,14 +781,26 @@ impl Reloader {
             version: package.manifest.version.clone(),
             sha256: staged.sha256.clone(),
         };
-        if let Err(e) = self.record_activation(plugin, &new_ref, from_version.as_deref()) {
+        let why = downgrade_from.as_ref().map(|h| {
+            format!(
+                "explicit rollback to {} below the highest activated version {h}",
+                package.manifest.version
+            )
+        });
+        if let Err(e) = self.record_activation(plugin, &new_ref, from_version.as_deref(), why) {
             // The new version serves; only the record of it failed. Say so loudly.
             tracing::error!(plugin, error = %e, "activated, but the store could not record it");
         }
+        let signed_by = match &verdict {
+            trust::Verdict::Signed { key_id } => key_id.as_str(),
+            trust::Verdict::Unsigned => "unsigned",
+            trust::Verdict::Unchecked => "unchecked",
+        };
         tracing::info!(
             plugin,
             from = from_version.as_deref().unwrap_or("-"),
             to = %package.manifest.version,
+            signed_by,
             total_us = total.as_micros() as u64,
             window_us = window_time.as_micros() as u64,
             "reloaded"
@@ -511,6 +810,139 @@ impl Reloader {
         report.total_us = Some(total.as_micros() as u64);
         report.switch_us = Some(window_time.as_micros() as u64);
         report
+    }
+
+    /// A signature that names another manifest or does not parse: most
+    /// likely a commit in progress (the `.sig` is written before the
+    /// manifest is renamed into place, perhaps not atomically), so wait up
+    /// to [`SIGNATURE_GRACE`] for the pair to settle. Returns the report to
+    /// give while waiting, or `None` once the grace has run out for this
+    /// very pair (then it is refused as it stands).
+    fn defer(
+        &mut self,
+        plugin: &str,
+        package: &Package,
+        report: &mut ReloadReport,
+        e: &TrustError,
+    ) -> Option<ReloadReport> {
+        match self.deferred.get(plugin) {
+            Some((fp, since)) if *fp == package.fingerprint => {
+                if since.elapsed() >= SIGNATURE_GRACE {
+                    self.deferred.remove(plugin);
+                    return None;
+                }
+            }
+            _ => {
+                tracing::info!(
+                    plugin,
+                    file = %package.manifest_path.with_file_name(trust::SIGNATURE_FILE).display(),
+                    "the signature does not match this manifest yet (made for another, or incomplete); waiting {SIGNATURE_GRACE:?} for the commit to finish"
+                );
+                self.deferred.insert(
+                    plugin.to_owned(),
+                    (package.fingerprint.clone(), Instant::now()),
+                );
+            }
+        }
+        report.outcome = "deferred".into();
+        report.message = Some(e.to_string());
+        Some(report.clone())
+    }
+
+    /// Dependency declarations of the active version of every plugin.
+    fn active_set(&mut self) -> deps::Set {
+        let mut set = deps::Set::new();
+        let actives: Vec<(String, Arc<crate::slot::Installed>)> = self
+            .slots
+            .iter()
+            .filter_map(|(name, slot)| slot.active().map(|a| (name.clone(), a)))
+            .collect();
+        for (name, active) in actives {
+            let sha = active.loaded.sha256().to_owned();
+            let node = if let Some(n) = self.nodes.get(&sha) {
+                n.clone()
+            } else {
+                // Started from the store, or switched to by a rollback: the
+                // manifest it was activated with is kept beside the object.
+                let path = self.store.manifest_path(&sha);
+                let node = self
+                    .store
+                    .manifest(&sha)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|t| Manifest::parse(&t, &path).ok())
+                    .map_or_else(
+                        || {
+                            deps::Node::standalone(
+                                active.loaded.version().clone(),
+                                plugvisor_sdk::ABI_VERSION,
+                            )
+                        },
+                        |m| node_of(&m),
+                    );
+                self.nodes.insert(sha, node.clone());
+                node
+            };
+            set.insert(name, node);
+        }
+        set
+    }
+
+    /// Resolves the dependencies of the active versions again and publishes
+    /// `plugvisor_dependency_conflicts`: 1 for every (plugin, kind) that a
+    /// standing conflict or a blocked package has, 0 for those that had one
+    /// and no longer do. The reload path calls it after every attempt;
+    /// anything else that changes an active version (a rollback that swaps
+    /// to a mapped version) must call it too.
+    pub fn refresh_dependency_conflicts(&mut self) {
+        let set = self.active_set();
+        self.standing = deps::resolve(&set, plugvisor_sdk::ABI_VERSION);
+        let mut now: BTreeSet<(String, ConflictKind)> = self
+            .standing
+            .iter()
+            .map(|c| (c.plugin.clone(), c.kind))
+            .collect();
+        for (plugin, b) in &self.blocked {
+            now.extend(b.conflicts.iter().map(|c| (plugin.clone(), c.kind)));
+        }
+        let gauge = &self.metrics.dependency_conflicts;
+        for (plugin, kind) in self.conflict_series.difference(&now) {
+            gauge.with_label_values(&[plugin, kind.as_str()]).set(0);
+        }
+        for (plugin, kind) in &now {
+            gauge.with_label_values(&[plugin, kind.as_str()]).set(1);
+        }
+        self.conflict_series = now;
+    }
+
+    /// The dependency conflicts that stand now, in words: packages that
+    /// wait on other plugins, and conflicts among the active versions.
+    pub fn dependency_conflicts(&self) -> Vec<StandingConflict> {
+        let mut out = Vec::new();
+        for (plugin, b) in &self.blocked {
+            let serving = self
+                .slots
+                .get(plugin)
+                .and_then(|s| s.active())
+                .map_or_else(|| "nothing".to_owned(), |a| a.version().to_owned());
+            for c in &b.conflicts {
+                out.push(StandingConflict {
+                    plugin: plugin.clone(),
+                    kind: c.kind,
+                    message: format!(
+                        "package {} waits: {}; {serving} serves meanwhile",
+                        b.version, c.message
+                    ),
+                });
+            }
+        }
+        for c in &self.standing {
+            out.push(StandingConflict {
+                plugin: c.plugin.clone(),
+                kind: c.kind,
+                message: format!("active versions: {}", c.message),
+            });
+        }
+        out
     }
 
     fn observe(&self, plugin: &str, phase: Phase, d: Duration) {
@@ -525,10 +957,10 @@ impl Reloader {
         plugin: &str,
         new: &VersionRef,
         from: Option<&str>,
+        reason: Option<String>,
     ) -> Result<(), StoreError> {
         let mut refs = self.store.refs(plugin)?;
-        refs.active = Some(new.clone());
-        refs.history.push(new.clone());
+        refs.record_activation(new);
         // On trial until `[reload] trial` passes with no rule firing.
         refs.trial_since_ms = Some(crate::store::now_ms());
         self.store.write_refs(plugin, &refs)?;
@@ -536,6 +968,7 @@ impl Reloader {
         entry.version = Some(new.version.to_string());
         entry.from_version = from.map(str::to_owned);
         entry.sha256 = Some(new.sha256.clone());
+        entry.reason = reason;
         self.store.journal(&entry)
     }
 
@@ -584,5 +1017,105 @@ impl Reloader {
     /// The package of `plugin` as the catalog reads it now.
     pub fn package(&self, plugin: &str) -> Result<Package, CatalogError> {
         catalog::read_package(&self.plugins_dir, plugin)
+    }
+}
+
+/// What the resolver needs from a manifest.
+fn node_of(m: &Manifest) -> deps::Node {
+    deps::Node {
+        version: m.version.clone(),
+        abi: m.abi,
+        requires: m.requires.clone(),
+        conflicts: m.conflicts.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::RwLock;
+
+    use super::*;
+    use crate::store::Refs;
+
+    /// The example plugin as built by `cargo build --release` (which
+    /// `cargo xtask test` runs before the tests).
+    fn echo_library() -> PathBuf {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+        ["release", "debug"]
+            .iter()
+            .map(|p| root.join(p).join("libplugvisor_echo.so"))
+            .find(|p| p.is_file())
+            .expect("libplugvisor_echo.so: run `cargo build --release` first")
+    }
+
+    /// The hook an explicit rollback calls: only the version it names may
+    /// go below the highest version ever activated, and the mark stays.
+    #[test]
+    fn a_lower_version_needs_an_explicit_rollback() {
+        let t = tempfile::tempdir().unwrap();
+        let plugins = t.path().join("plugins");
+        let store = Store::open(&t.path().join("state")).unwrap();
+        let highest = Version::new(99, 0, 0);
+        // As if 99.0.0 had been active once.
+        store
+            .write_refs(
+                "echo",
+                &Refs {
+                    highest_activated: Some(highest.clone()),
+                    ..Refs::default()
+                },
+            )
+            .unwrap();
+        let version = Version::parse(plugvisor_echo::VERSION).unwrap();
+        crate::bundle::write_package(
+            &plugins.join("echo"),
+            "echo",
+            plugvisor_echo::VERSION,
+            plugvisor_sdk::ABI_VERSION,
+            &echo_library(),
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut r = Reloader::new(
+            plugins,
+            store,
+            metrics.clone(),
+            2,
+            Arc::new(RwLock::new(vec!["echo".to_owned()])),
+        );
+
+        let rep = r.reload("echo", false);
+        assert_eq!(rep.outcome, "rejected", "{rep:?}");
+        assert!(
+            rep.message.as_deref().unwrap().contains("downgrade"),
+            "{rep:?}"
+        );
+        assert!(r.slot("echo").active().is_none());
+        // A rollback that names another version does not open the door.
+        let rep = r.reload_allowing_downgrade("echo", &Version::new(98, 0, 0));
+        assert_eq!(rep.outcome, "rejected", "{rep:?}");
+        // The one it names does.
+        let rep = r.reload_allowing_downgrade("echo", &version);
+        assert_eq!(rep.outcome, "success", "{rep:?}");
+        assert_eq!(r.slot("echo").active().unwrap().loaded.version(), &version);
+        let refs = r.store().refs("echo").unwrap();
+        assert_eq!(refs.highest_activated, Some(highest), "the mark stays");
+        assert_eq!(refs.active.unwrap().version, version);
+        let journal = r.store().read_journal().unwrap();
+        let last = journal.last().unwrap();
+        assert_eq!(last.event, "activated");
+        assert!(
+            last.reason
+                .as_deref()
+                .is_some_and(|w| w.contains("explicit rollback")),
+            "{last:?}"
+        );
+        assert_eq!(
+            metrics
+                .reloads_total
+                .with_label_values(&["echo", "rejected"])
+                .get(),
+            2
+        );
     }
 }

@@ -4,7 +4,11 @@
 //!   always sees a distinct path (it returns the old image for a path it
 //!   already has open). Written as a temp file, fsynced, renamed.
 //! * `refs/<plugin>.json` — which version is active, which is known-good,
-//!   and the history; replaced by atomic rename, never edited in place.
+//!   the highest ever activated (anti-downgrade), and the history; replaced
+//!   by atomic rename, never edited in place.
+//! * `manifests/<sha256>.toml` — the manifest a version was activated
+//!   with, so its `[requires]`, `conflicts` and `abi` are known when it is
+//!   started from the store or switched back to.
 //! * `journal.jsonl` — append-only record of every activation, refusal and
 //!   failure, each line fsynced before the call returns.
 //!
@@ -101,12 +105,38 @@ pub struct Refs {
     pub trial_since_ms: Option<u64>,
     /// Versions rolled back from: not loaded again from the same package.
     pub quarantined: Vec<VersionRef>,
+    /// The highest version ever activated: a lower one is refused unless a
+    /// rollback names it (TUF's rollback attack). Absent in refs written
+    /// before it existed; [`Refs::highest`] then falls back to the history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub highest_activated: Option<Version>,
 }
 
 impl Refs {
     /// Whether `v` was rolled back from and must not come back.
     pub fn is_quarantined(&self, v: &VersionRef) -> bool {
         self.quarantined.iter().any(|q| q == v)
+    }
+
+    /// The highest version ever activated, as far as these refs know.
+    pub fn highest(&self) -> Option<&Version> {
+        self.highest_activated
+            .iter()
+            .chain(self.active.iter().map(|r| &r.version))
+            .chain(self.history.iter().map(|r| &r.version))
+            .max()
+    }
+
+    /// Records that `new` became active: active, history and the highest
+    /// activated version (which never goes down, not even on a rollback).
+    pub fn record_activation(&mut self, new: &VersionRef) {
+        let highest = match self.highest() {
+            Some(h) if *h >= new.version => h.clone(),
+            _ => new.version.clone(),
+        };
+        self.highest_activated = Some(highest);
+        self.active = Some(new.clone());
+        self.history.push(new.clone());
     }
 }
 
@@ -179,6 +209,7 @@ pub struct Store {
     root: PathBuf,
     objects: PathBuf,
     refs: PathBuf,
+    manifests: PathBuf,
     journal: PathBuf,
 }
 
@@ -189,9 +220,10 @@ impl Store {
             root: state_dir.to_owned(),
             objects: state_dir.join("objects"),
             refs: state_dir.join("refs"),
+            manifests: state_dir.join("manifests"),
             journal: state_dir.join("journal.jsonl"),
         };
-        for dir in [&store.root, &store.objects, &store.refs] {
+        for dir in [&store.root, &store.objects, &store.refs, &store.manifests] {
             std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
         // Leftovers of a copy interrupted by a crash are never referenced.
@@ -203,6 +235,19 @@ impl Store {
             }
         }
         Ok(store)
+    }
+
+    /// The store at `state_dir` if one exists there, opened without
+    /// creating or cleaning anything (for offline checks such as
+    /// `plugvisor verify`).
+    pub fn existing(state_dir: &Path) -> Option<Store> {
+        state_dir.join("refs").is_dir().then(|| Store {
+            root: state_dir.to_owned(),
+            objects: state_dir.join("objects"),
+            refs: state_dir.join("refs"),
+            manifests: state_dir.join("manifests"),
+            journal: state_dir.join("journal.jsonl"),
+        })
     }
 
     /// The store's root (`state_dir`).
@@ -275,6 +320,35 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Keeps `bytes`, the manifest that pins object `sha256`, beside it
+    /// (temp file, fsync, rename). Content-addressed by the object: the
+    /// same library always carries the same dependency declarations, and a
+    /// second manifest for it replaces the first.
+    pub fn save_manifest(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.manifests.join(format!("{sha256}.toml"));
+        if std::fs::read(&path).is_ok_and(|old| old == bytes) {
+            return Ok(());
+        }
+        let tmp = self.manifests.join(format!(".{sha256}.toml.tmp"));
+        let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
+        f.write_all(bytes).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
+        sync_dir(&self.manifests)
+    }
+
+    /// Where the manifest of object `sha256` is kept.
+    pub fn manifest_path(&self, sha256: &str) -> PathBuf {
+        self.manifests.join(format!("{sha256}.toml"))
+    }
+
+    /// The manifest saved with object `sha256`, if any (stores written
+    /// before manifests were kept have none).
+    pub fn manifest(&self, sha256: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.manifest_path(sha256)).ok()
     }
 
     fn refs_path(&self, plugin: &str) -> PathBuf {
@@ -350,6 +424,21 @@ impl Store {
     }
 }
 
+/// sha256 of the file at `path`, hex, read in chunks.
+pub fn sha256_file(path: &Path) -> Result<String, StoreError> {
+    let mut f = File::open(path).map_err(io("opening", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; COPY_CHUNK];
+    loop {
+        let n = f.read(&mut buf).map_err(io("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -420,6 +509,7 @@ mod tests {
             trial_since_ms: Some(7),
             quarantined: vec![v.clone()],
             history: vec![v],
+            highest_activated: None,
         };
         store.write_refs("echo", &refs).unwrap();
         assert_eq!(store.refs("echo").unwrap(), refs);
@@ -428,6 +518,57 @@ mod tests {
             store.refs("echo"),
             Err(StoreError::CorruptRefs { .. })
         ));
+    }
+
+    #[test]
+    fn old_refs_parse_and_highest_never_goes_down() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        // A refs file as written before `highest_activated` existed.
+        let sha = "ab".repeat(32);
+        std::fs::write(
+            t.path().join("refs/echo.json"),
+            format!(
+                r#"{{"active":{{"version":"1.5.0","sha256":"{sha}"}},"known_good":null,"history":[{{"version":"2.0.0","sha256":"{sha}"}},{{"version":"1.5.0","sha256":"{sha}"}}]}}"#
+            ),
+        )
+        .unwrap();
+        let mut refs = store.refs("echo").unwrap();
+        assert_eq!(refs.highest_activated, None);
+        assert_eq!(
+            refs.highest(),
+            Some(&Version::new(2, 0, 0)),
+            "from the history"
+        );
+        let v = |s: &str| VersionRef {
+            version: Version::parse(s).unwrap(),
+            sha256: sha.clone(),
+        };
+        refs.record_activation(&v("1.0.0"));
+        assert_eq!(refs.highest_activated, Some(Version::new(2, 0, 0)));
+        assert_eq!(refs.active, Some(v("1.0.0")));
+        refs.record_activation(&v("3.0.0"));
+        store.write_refs("echo", &refs).unwrap();
+        let text = std::fs::read_to_string(t.path().join("refs/echo.json")).unwrap();
+        assert!(text.contains("\"highest_activated\": \"3.0.0\""), "{text}");
+        assert_eq!(
+            store.refs("echo").unwrap().highest(),
+            Some(&Version::new(3, 0, 0))
+        );
+    }
+
+    #[test]
+    fn manifests_are_kept_by_object() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        let sha = "cd".repeat(32);
+        assert_eq!(store.manifest(&sha), None);
+        store.save_manifest(&sha, b"name = \"echo\"\n").unwrap();
+        store.save_manifest(&sha, b"name = \"echo\"\n").unwrap();
+        assert_eq!(
+            store.manifest(&sha).as_deref(),
+            Some(&b"name = \"echo\"\n"[..])
+        );
     }
 
     #[test]

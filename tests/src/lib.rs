@@ -187,6 +187,19 @@ pub struct DaemonOptions {
     /// TOML appended to the generated config, after the listeners (e.g.
     /// `[[health_check]]` tables).
     pub extra_config: String,
+    /// `[trust]`, and the key the initial packages are signed with.
+    pub trust: TrustOptions,
+}
+
+/// `[trust]` for a test daemon.
+#[derive(Debug, Clone, Default)]
+pub struct TrustOptions {
+    /// `public_keys`.
+    pub public_keys: Vec<PathBuf>,
+    /// `require_signature`.
+    pub require_signature: bool,
+    /// Sign the initial packages with this secret key (`plugvisor pack --key`).
+    pub sign_with: Option<PathBuf>,
 }
 
 /// A `setpriv` wrapper that starts the daemon as root but without the
@@ -217,6 +230,7 @@ impl Default for DaemonOptions {
             trial: "30s",
             thresholds: None,
             extra_config: String::new(),
+            trust: TrustOptions::default(),
         }
     }
 }
@@ -229,7 +243,14 @@ impl Daemon {
         let state_dir = dir.path().join("state");
         std::fs::create_dir_all(&plugins_dir).unwrap();
         for (name, lib, version) in &opts.packages {
-            install_package(&plugins_dir, name, version, lib, &PackageTweaks::default());
+            match &opts.trust.sign_with {
+                None => {
+                    install_package(&plugins_dir, name, version, lib, &PackageTweaks::default());
+                }
+                Some(key) => {
+                    pack(&plugins_dir.join(name), lib, Some(key), &[]);
+                }
+            }
         }
         let metrics_port = free_port();
         let thresholds = dir.path().join("thresholds.toml");
@@ -251,6 +272,20 @@ impl Daemon {
         );
         if let Some(drain) = opts.drain_timeout {
             let _ = write!(cfg, "[shutdown]\ndrain_timeout = \"{drain}\"\n");
+        }
+        if !opts.trust.public_keys.is_empty() || opts.trust.require_signature {
+            let keys: Vec<String> = opts
+                .trust
+                .public_keys
+                .iter()
+                .map(|k| format!("{:?}", k.display().to_string()))
+                .collect();
+            let _ = write!(
+                cfg,
+                "[trust]\npublic_keys = [{}]\nrequire_signature = {}\n",
+                keys.join(", "),
+                opts.trust.require_signature
+            );
         }
         for l in &opts.listeners {
             let _ = write!(
@@ -729,11 +764,36 @@ pub fn build_echo_version(version: &str) -> PathBuf {
 
 /// Builds workspace plugin `package` (library `lib`) stamped with `version`.
 pub fn build_plugin_version(package: &str, lib: &str, version: &str) -> PathBuf {
+    build_stamped(
+        package,
+        lib,
+        &format!("lib{lib}-{version}.so"),
+        &[("PLUGVISOR_PLUGIN_VERSION", version)],
+    )
+}
+
+/// Builds the `named` fixture as plugin `name` at `version` (a distinct
+/// plugin per name, for dependency tests). It answers `[NAME VERSION] frame`.
+pub fn build_named_plugin(name: &str, version: &str) -> PathBuf {
+    build_stamped(
+        "plugvisor-fixture-named",
+        "fixture_named",
+        &format!("lib{name}-{version}.so"),
+        &[
+            ("PLUGVISOR_PLUGIN_NAME", name),
+            ("PLUGVISOR_PLUGIN_VERSION", version),
+        ],
+    )
+}
+
+/// Builds `package` with `env` set (cargo rebuilds when an `option_env!`
+/// it read changes) and keeps the library as `file` (once per test run).
+fn build_stamped(package: &str, lib: &str, file: &str, env: &[(&str, &str)]) -> PathBuf {
     static BUILD_LOCK: Mutex<()> = Mutex::new(());
     let _g = BUILD_LOCK.lock().unwrap();
     let out_dir = target_dir().join("stamped").join(package);
     std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(format!("lib{lib}-{version}.so"));
+    let out = out_dir.join(file);
     if !out.is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let build_dir = target_dir().join("stamped").join("build");
@@ -747,11 +807,11 @@ pub fn build_plugin_version(package: &str, lib: &str, version: &str) -> PathBuf 
                 "--target-dir",
             ])
             .arg(&build_dir)
-            .env("PLUGVISOR_PLUGIN_VERSION", version)
+            .envs(env.iter().copied())
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .unwrap();
-        assert!(status.success(), "building {package} {version}");
+        assert!(status.success(), "building {package} with {env:?}");
         std::fs::copy(build_dir.join(format!("release/lib{lib}.so")), &out).unwrap();
     }
     out
@@ -770,6 +830,8 @@ pub struct PackageTweaks {
     pub abi: Option<u32>,
     /// Write these bytes as the manifest, verbatim.
     pub raw_manifest: Option<String>,
+    /// Append these lines to the manifest (`conflicts = …`, `[requires]` …).
+    pub extra: Option<String>,
 }
 
 /// sha256 of a file, hex.
@@ -792,11 +854,12 @@ pub fn install_package(
     std::fs::copy(lib, dir.join(&lib_name)).unwrap();
     let manifest = t.raw_manifest.clone().unwrap_or_else(|| {
         format!(
-            "name = \"{name}\"\nversion = \"{}\"\nlibrary = \"{}\"\nsha256 = \"{}\"\nabi = {}\n",
+            "name = \"{name}\"\nversion = \"{}\"\nlibrary = \"{}\"\nsha256 = \"{}\"\nabi = {}\n{}",
             t.version.as_deref().unwrap_or(version),
             t.library.as_deref().unwrap_or(&lib_name),
             t.sha256.clone().unwrap_or_else(|| sha256_file(lib)),
-            t.abi.unwrap_or(1)
+            t.abi.unwrap_or(1),
+            t.extra.as_deref().unwrap_or_default()
         )
     });
     let tmp = dir.join(".plugin.toml.tmp");
@@ -950,5 +1013,135 @@ impl Drop for Prometheus {
         if std::thread::panicking() {
             eprintln!("--- prometheus log ---\n{}", self.log_text());
         }
+    }
+}
+
+/// What an offline `plugvisor` command printed.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Panics with both streams unless the command succeeded.
+    pub fn assert_ok(&self) {
+        assert_eq!(
+            self.code, 0,
+            "plugvisor failed:\n{}\n{}",
+            self.stdout, self.stderr
+        );
+    }
+
+    /// [`CliOutput::assert_ok`], then the output.
+    #[must_use]
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(
+            self.code, 0,
+            "plugvisor failed:\n{}\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `plugvisor ARGS` (no daemon, no `--config` added).
+pub fn plugvisor(args: &[&std::ffi::OsStr]) -> CliOutput {
+    let out = Command::new(binary()).args(args).output().unwrap();
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `plugvisor keygen --out DIR`: returns (secret key, public key) paths.
+pub fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    plugvisor(&["keygen".as_ref(), "--out".as_ref(), dir.as_os_str()]).assert_ok();
+    (dir.join("plugvisor.key"), dir.join("plugvisor.pub"))
+}
+
+/// `plugvisor pack DIR --library LIB [--key KEY] EXTRA…`, which must succeed.
+pub fn pack(dir: &Path, lib: &Path, key: Option<&Path>, extra: &[&str]) -> CliOutput {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "pack".as_ref(),
+        dir.as_os_str(),
+        "--library".as_ref(),
+        lib.as_os_str(),
+    ];
+    if let Some(k) = key {
+        args.push("--key".as_ref());
+        args.push(k.as_os_str());
+    }
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    plugvisor(&args).ok()
+}
+
+/// Moves a package prepared in `staging` into `plugins_dir/name` in the
+/// contract's order: every other file first, `plugin.toml` renamed into
+/// place last.
+pub fn drop_package(staging: &Path, plugins_dir: &Path, name: &str) {
+    let dir = plugins_dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest = None;
+    for e in std::fs::read_dir(staging).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() == "plugin.toml" {
+            manifest = Some(e.path());
+        } else {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let manifest = manifest.expect("staging has a plugin.toml");
+    let tmp = dir.join(".plugin.toml.tmp");
+    std::fs::copy(manifest, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("plugin.toml")).unwrap();
+}
+
+/// Journal entries of `state_dir` (parsed JSON lines).
+pub fn journal(state_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(state_dir.join("journal.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+impl Daemon {
+    /// The JSON log lines logged since line `from` that start with
+    /// "reload refused".
+    pub fn refusals_since(&self, from: usize) -> Vec<serde_json::Value> {
+        self.log_lines()
+            .into_iter()
+            .skip(from)
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("reload refused"))
+            })
+            .collect()
+    }
+
+    /// `plugvisor_reloads_total{plugin, outcome}` now (0 when absent).
+    pub fn reloads(&self, plugin: &str, outcome: &str) -> u64 {
+        self.metrics()
+            .get(
+                "plugvisor_reloads_total",
+                &[("plugin", plugin), ("outcome", outcome)],
+            )
+            .map_or(0, |v| v as u64)
+    }
+
+    /// The version the TCP listener `listener` answers with now.
+    pub fn serving(&self, listener: &str) -> Option<String> {
+        LineClient::connect(self.addr(listener))
+            .and_then(|mut c| c.call("version?"))
+            .ok()
+            .and_then(|r| echo_version(&r).map(str::to_owned))
     }
 }

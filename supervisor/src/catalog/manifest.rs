@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
 use semver::{Version, VersionReq};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::CatalogError;
 use crate::config::valid_name;
@@ -12,7 +12,7 @@ use crate::config::valid_name;
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
 /// A parsed and validated manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Plugin name; must match the package directory and the descriptor.
@@ -26,10 +26,10 @@ pub struct Manifest {
     /// Plugin ABI version the library implements.
     pub abi: u32,
     /// Plugins that must not be active at the same time.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<String>,
     /// Other plugins this one needs, with semver ranges.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub requires: BTreeMap<String, VersionReq>,
 }
 
@@ -41,6 +41,17 @@ impl Manifest {
             message: e.to_string().trim_end().to_owned(),
         })?;
         m.validate(path)
+    }
+
+    /// The manifest's text as `plugvisor pack` writes it (parses back to
+    /// an equal manifest).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a manifest always serialises")
+    }
+
+    /// Validates a manifest built in code (as `plugvisor pack` does).
+    pub fn validated(self, path: &Path) -> Result<Manifest, CatalogError> {
+        self.validate(path)
     }
 
     fn validate(self, path: &Path) -> Result<Manifest, CatalogError> {
@@ -174,6 +185,24 @@ codec = ">=1.2, <2"
             let err = parse(&minimal("", "a.so", sha)).unwrap_err();
             assert!(err.to_string().contains("sha256"), "{err}");
         }
+    }
+
+    #[test]
+    fn serialises_back_to_an_equal_manifest() {
+        let text = minimal(
+            "conflicts = [\"legacy-echo\"]\n[requires]\ncodec = \">=1.2, <2\"\n",
+            "a.so",
+            SHA,
+        );
+        let m = parse(&text).unwrap();
+        let again = parse(&m.to_toml()).unwrap();
+        assert_eq!(m, again);
+        assert!(
+            !parse(&minimal("", "a.so", SHA))
+                .unwrap()
+                .to_toml()
+                .contains("requires")
+        );
     }
 
     #[test]

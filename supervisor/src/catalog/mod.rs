@@ -4,7 +4,15 @@
 //! A package is `plugins_dir/<name>/plugin.toml` plus the library it names.
 //! Nothing here touches the store or a slot; the reload path asks the
 //! catalog for a [`Package`] and decides.
+//!
+//! A package may carry a detached signature, `plugin.toml.sig`, written
+//! *before* the manifest is renamed into place. The catalog reads the
+//! manifest, then the signature, then the manifest again, and retries if
+//! the manifest changed in between, so the pair it hands on was on disk
+//! together (see `trust` for what happens when a signature names another
+//! manifest).
 pub mod manifest;
+pub mod strict;
 pub mod watch;
 
 use std::io::Read as _;
@@ -13,9 +21,18 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 pub use manifest::Manifest;
+pub use strict::UnsafePath;
+
+use crate::trust::SIGNATURE_FILE;
 
 /// File name of the manifest inside a package directory.
 pub const MANIFEST_FILE: &str = "plugin.toml";
+
+/// Largest signature file read (a real one is under 300 bytes).
+const MAX_SIGNATURE_BYTES: u64 = 4096;
+/// How often the manifest–signature pair is re-read when the manifest
+/// changes under the reader, before the last pair read is used.
+const CONSISTENT_READ_ATTEMPTS: usize = 3;
 
 /// Why a package was refused by the catalog.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +97,10 @@ pub enum CatalogError {
         /// The `library` value.
         library: String,
     },
+    /// A directory or file of the package may be written by someone other
+    /// than the daemon's user or root.
+    #[error(transparent)]
+    Unsafe(#[from] UnsafePath),
     /// The library named by the manifest is missing or unreadable.
     #[error("library {path} named by the manifest cannot be read: {source}")]
     LibraryMissing {
@@ -99,7 +120,15 @@ pub struct Package {
     pub manifest_path: PathBuf,
     /// The manifest.
     pub manifest: Manifest,
-    /// sha256 of the manifest's bytes: what the catalog has already acted on.
+    /// The manifest's exact bytes (what a signature covers).
+    pub manifest_bytes: Vec<u8>,
+    /// sha256 of the manifest's bytes.
+    pub manifest_sha256: String,
+    /// The detached signature's bytes, if `plugin.toml.sig` exists.
+    pub signature: Option<Vec<u8>>,
+    /// sha256 of the manifest's bytes, plus that of the signature if there
+    /// is one: what the reload path has already acted on. A re-signed
+    /// package (same manifest, new signature) is a change.
     pub fingerprint: String,
     /// Canonical path of the library (inside `dir`).
     pub library_path: PathBuf,
@@ -125,58 +154,50 @@ pub fn list(plugins_dir: &Path) -> Result<Vec<String>, CatalogError> {
     Ok(names)
 }
 
-/// Reads and checks the package of `plugin`.
+/// Reads and checks the package of `plugin` in `plugins_dir` (whose
+/// permissions are checked too).
 pub fn read_package(plugins_dir: &Path, plugin: &str) -> Result<Package, CatalogError> {
-    let dir = plugins_dir.join(plugin);
+    strict::check_path("plugins_dir", plugins_dir)?;
+    read_package_at(&plugins_dir.join(plugin), Some(plugin))
+}
+
+/// Reads and checks the package in `dir`. With `expected_name`, the
+/// manifest must name that plugin (the daemon passes the directory's name;
+/// `plugvisor verify` of a package not yet in `plugins_dir` passes none).
+pub fn read_package_at(dir: &Path, expected_name: Option<&str>) -> Result<Package, CatalogError> {
     let manifest_path = dir.join(MANIFEST_FILE);
-    let file = match std::fs::File::open(&manifest_path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CatalogError::NoPackage {
-                plugin: plugin.to_owned(),
-                path: manifest_path,
-            });
-        }
-        Err(source) => {
-            return Err(CatalogError::Read {
-                path: manifest_path,
-                source,
-            });
-        }
-    };
-    let read = |source| CatalogError::Read {
-        path: manifest_path.clone(),
-        source,
-    };
-    let size = file.metadata().map_err(read)?.len();
-    if size > manifest::MAX_MANIFEST_BYTES {
-        return Err(CatalogError::ManifestTooLarge {
+    let plugin = expected_name.unwrap_or("<package>");
+    if !manifest_path.exists() {
+        return Err(CatalogError::NoPackage {
+            plugin: plugin.to_owned(),
             path: manifest_path,
-            size,
-            max: manifest::MAX_MANIFEST_BYTES,
-        });
-    }
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.take(manifest::MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read)?;
-    let fingerprint = hex::encode(Sha256::digest(&bytes));
-    let text = String::from_utf8(bytes).map_err(|e| CatalogError::ManifestSyntax {
-        path: manifest_path.clone(),
-        message: format!("not UTF-8: {e}"),
-    })?;
-    let manifest = Manifest::parse(&text, &manifest_path)?;
-    if manifest.name != plugin {
-        return Err(CatalogError::NameMismatch {
-            path: manifest_path,
-            expected: plugin.to_owned(),
-            found: manifest.name,
         });
     }
     let canonical_dir = dir.canonicalize().map_err(|source| CatalogError::Read {
-        path: dir.clone(),
+        path: dir.to_owned(),
         source,
     })?;
+    strict::check_path("package directory", &canonical_dir)?;
+    let (bytes, signature) = read_consistent(plugin, &manifest_path)?;
+    let manifest_sha256 = hex::encode(Sha256::digest(&bytes));
+    let fingerprint = match &signature {
+        None => manifest_sha256.clone(),
+        Some(sig) => format!("{manifest_sha256}+{}", hex::encode(Sha256::digest(sig))),
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| CatalogError::ManifestSyntax {
+        path: manifest_path.clone(),
+        message: format!("not UTF-8: {e}"),
+    })?;
+    let manifest = Manifest::parse(text, &manifest_path)?;
+    if let Some(expected) = expected_name {
+        if manifest.name != expected {
+            return Err(CatalogError::NameMismatch {
+                path: manifest_path,
+                expected: expected.to_owned(),
+                found: manifest.name,
+            });
+        }
+    }
     let library_path = dir
         .join(&manifest.library)
         .canonicalize()
@@ -191,13 +212,77 @@ pub fn read_package(plugins_dir: &Path, plugin: &str) -> Result<Package, Catalog
             library: manifest.library,
         });
     }
+    strict::check_path("library", &library_path)?;
     Ok(Package {
-        dir,
+        dir: dir.to_owned(),
         manifest_path,
         manifest,
+        manifest_bytes: bytes,
+        manifest_sha256,
+        signature,
         fingerprint,
         library_path,
     })
+}
+
+/// The manifest's bytes and the signature's (if any), read as a pair that
+/// was on disk together: manifest, signature, manifest again — retried
+/// while the manifest changes under us. Both files' permissions are checked
+/// on the open file (no window between the check and the read).
+fn read_consistent(
+    plugin: &str,
+    manifest_path: &Path,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), CatalogError> {
+    let sig_path = manifest_path.with_file_name(SIGNATURE_FILE);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let manifest = read_manifest_bytes(plugin, manifest_path)?;
+        let signature = read_bounded(&sig_path, "signature", MAX_SIGNATURE_BYTES)?;
+        let again = read_manifest_bytes(plugin, manifest_path)?;
+        if manifest == again || attempt >= CONSISTENT_READ_ATTEMPTS {
+            return Ok((again, signature));
+        }
+    }
+}
+
+fn read_manifest_bytes(plugin: &str, path: &Path) -> Result<Vec<u8>, CatalogError> {
+    match read_bounded(path, "manifest", manifest::MAX_MANIFEST_BYTES + 1)? {
+        None => Err(CatalogError::NoPackage {
+            plugin: plugin.to_owned(),
+            path: path.to_owned(),
+        }),
+        Some(bytes) if bytes.len() as u64 > manifest::MAX_MANIFEST_BYTES => {
+            Err(CatalogError::ManifestTooLarge {
+                path: path.to_owned(),
+                size: std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len()),
+                max: manifest::MAX_MANIFEST_BYTES,
+            })
+        }
+        Some(bytes) => Ok(bytes),
+    }
+}
+
+/// At most `limit` bytes of `path`, `None` if it does not exist.
+fn read_bounded(
+    path: &Path,
+    what: &'static str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, CatalogError> {
+    let read = |source| CatalogError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read(e)),
+    };
+    let meta = file.metadata().map_err(read)?;
+    strict::check_metadata(what, path, &meta)?;
+    let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
+    file.take(limit).read_to_end(&mut bytes).map_err(read)?;
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
@@ -248,6 +333,57 @@ mod tests {
         std::fs::rename(&dir, t.path().join("other")).unwrap();
         let err = read_package(t.path(), "other").unwrap_err();
         assert!(matches!(err, CatalogError::NameMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_signature_is_read_with_the_manifest_and_changes_the_fingerprint() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = write_pkg(t.path(), "echo", "lib.so");
+        std::fs::write(dir.join("lib.so"), b"x").unwrap();
+        let unsigned = read_package(t.path(), "echo").unwrap();
+        assert_eq!(unsigned.signature, None);
+        assert_eq!(unsigned.fingerprint, unsigned.manifest_sha256);
+        std::fs::write(dir.join(SIGNATURE_FILE), b"sig").unwrap();
+        let signed = read_package(t.path(), "echo").unwrap();
+        assert_eq!(signed.signature.as_deref(), Some(&b"sig"[..]));
+        assert_eq!(signed.manifest_sha256, unsigned.manifest_sha256);
+        assert_ne!(
+            signed.fingerprint, unsigned.fingerprint,
+            "re-signing is a change"
+        );
+    }
+
+    #[test]
+    fn writable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        let t = tempfile::tempdir().unwrap();
+        let dir = write_pkg(t.path(), "echo", "lib.so");
+        let lib = dir.join("lib.so");
+        std::fs::write(&lib, b"x").unwrap();
+        for (path, bad, good, what) in [
+            (t.path().to_owned(), 0o777, 0o755, "plugins_dir"),
+            (dir.clone(), 0o775, 0o755, "package directory"),
+            (dir.join(MANIFEST_FILE), 0o666, 0o644, "manifest"),
+            (lib.clone(), 0o646, 0o644, "library"),
+        ] {
+            mode(&path, bad);
+            let err = read_package(t.path(), "echo").unwrap_err();
+            assert!(
+                matches!(&err, CatalogError::Unsafe(u) if u.what == what),
+                "{what}: {err}"
+            );
+            assert!(err.to_string().contains("chmod go-w"), "{err}");
+            mode(&path, good);
+        }
+        std::fs::write(dir.join(SIGNATURE_FILE), b"sig").unwrap();
+        mode(&dir.join(SIGNATURE_FILE), 0o666);
+        assert!(matches!(
+            read_package(t.path(), "echo"),
+            Err(CatalogError::Unsafe(u)) if u.what == "signature"
+        ));
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! and does nothing when its bytes are what it already acted on, so writes
 //! of a library alone, editor temp files and event storms cost a stat and a
 //! hash of a small file, never a load.
+//!
+//! A storm can overflow the kernel's inotify queue: events are then lost,
+//! and notify says so with a "rescan" event (or an error). Then every
+//! package directory is reported, so a manifest committed inside the lost
+//! events is still seen.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,19 +48,25 @@ pub fn start(
             None,
             move |result: DebounceEventResult| match result {
                 Ok(events) => {
-                    let names: BTreeSet<String> = events
-                        .iter()
-                        .flat_map(|e| e.paths.iter())
-                        .filter_map(|p| package_of(&root_for_events, p))
-                        .collect();
+                    let names: BTreeSet<String> = if events.iter().any(|e| e.need_rescan()) {
+                        tracing::warn!("plugins_dir watcher lost events; rescanning every package");
+                        all_packages(&root_for_events)
+                    } else {
+                        events
+                            .iter()
+                            .flat_map(|e| e.paths.iter())
+                            .filter_map(|p| package_of(&root_for_events, p))
+                            .collect()
+                    };
                     if !names.is_empty() {
                         let _ = tx.send(names);
                     }
                 }
                 Err(errors) => {
                     for e in errors {
-                        tracing::warn!(error = %e, "plugins_dir watcher error");
+                        tracing::warn!(error = %e, "plugins_dir watcher error; rescanning every package");
                     }
+                    let _ = tx.send(all_packages(&root_for_events));
                 }
             },
         )
@@ -72,6 +83,18 @@ pub fn start(
     Ok(Watcher {
         _debouncer: debouncer,
     })
+}
+
+/// Every entry of `root` (the reload path skips those without a manifest).
+fn all_packages(root: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(root)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The package directory name a path under `root` belongs to.
