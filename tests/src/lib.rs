@@ -726,6 +726,16 @@ impl LineClient {
         Ok(line.trim_end_matches('\n').to_owned())
     }
 
+    /// Reads one line without sending anything first (for an answer the
+    /// server gives to bytes already written, after which it may have closed).
+    pub fn read_line(&mut self) -> std::io::Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim_end_matches('\n').to_owned())
+    }
+
     /// The underlying stream.
     pub fn stream(&self) -> &TcpStream {
         &self.writer

@@ -128,7 +128,7 @@ fn connections_closed_inside_a_reload_window_are_counted_exactly() {
     drop(it);
     let big = vec![b'x'; 70 * 1024];
     let _ = oversized.stream().try_clone().unwrap().write_all(&big);
-    let resp = oversized.call("");
+    let resp = oversized.read_line();
     assert!(
         resp.as_deref()
             .is_ok_and(|r| r.starts_with("ERR frame longer")),
@@ -245,7 +245,7 @@ fn resets_are_counted_by_direction() {
     let mut c = LineClient::connect(daemon.addr("echo-tcp")).unwrap();
     let mut w = c.stream().try_clone().unwrap();
     let _ = w.write_all(&vec![b'x'; 200 * 1024]);
-    let resp = c.call("");
+    let resp = c.read_line();
     assert!(
         resp.as_deref()
             .is_ok_and(|r| r.starts_with("ERR frame longer")),
