@@ -102,6 +102,10 @@ struct RuleRun {
     degraded: Option<String>,
     // The plugin the rule is firing for, if it names one.
     target: Option<String>,
+    // Evaluations so far: a series that appears after the first one was
+    // born during this rule's watch, at 0 (a new counter series starts at
+    // 0), so its first sample already counts as an increase.
+    evaluations: u64,
     history: HashMap<String, (BTreeMap<String, String>, History)>,
 }
 
@@ -117,6 +121,7 @@ impl RuleRun {
             observed: None,
             degraded: None,
             target: None,
+            evaluations: 0,
             history: HashMap::new(),
         }
     }
@@ -356,10 +361,14 @@ impl Engine {
                 continue;
             }
             let key = format!("{labels:?}");
-            let entry = run
-                .history
-                .entry(key.clone())
-                .or_insert_with(|| (labels.clone(), VecDeque::new()));
+            let born_here = run.evaluations > 0 && rule.function != Function::Value;
+            let entry = run.history.entry(key.clone()).or_insert_with(|| {
+                let mut h = VecDeque::new();
+                if born_here {
+                    h.push_back((now, 0.0));
+                }
+                (labels.clone(), h)
+            });
             entry.1.push_back((now, *value));
             // Keep one sample at or before the window's start, so the
             // increase covers the whole window.
@@ -375,6 +384,7 @@ impl Engine {
         }
         // Series that disappeared stop counting.
         run.history.retain(|k, _| seen.contains(k));
+        run.evaluations += 1;
         let upper = matches!(rule.op, Op::Gt | Op::Ge | Op::Eq | Op::Ne);
         let mut worst: Option<(f64, BTreeMap<String, String>)> = None;
         for (labels, h) in run.history.values() {
@@ -698,6 +708,19 @@ level = 2
             );
         let (mut e, _) = engine(&breach);
         assert_eq!(e.evaluate()[0].kind, DecisionKind::Rollback);
+    }
+
+    #[test]
+    fn a_series_born_after_the_first_evaluation_counts_from_zero() {
+        let (mut e, m) = engine(ERRORS);
+        assert!(e.evaluate().is_empty());
+        // A new version's error series appears already at 5.
+        m.requests_total
+            .with_label_values(&["echo", "3.0.0", "error"])
+            .inc_by(5);
+        let d = e.evaluate();
+        assert_eq!(d.len(), 1, "fires on the series' first sample");
+        assert_eq!(d[0].observed, 5.0);
     }
 
     #[test]

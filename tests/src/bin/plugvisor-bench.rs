@@ -248,7 +248,7 @@ fn breach_to_rollback(interval: &str, trials: usize) -> Vec<f64> {
         );
         let daemon = Daemon::start(DaemonOptions {
             probes: "off",
-            trial: "500ms",
+            trial: "3s",
             thresholds: Some(rules),
             env: vec![("PLUGVISOR_FIXTURE_FAIL_AFTER".into(), "0".into())],
             ..Default::default()
