@@ -289,9 +289,12 @@ async fn rescan_now(
             all.extend(r.slots().keys().cloned());
             all.into_iter().collect()
         });
-        names
-            .iter()
+        let names: Vec<String> = names
+            .into_iter()
             .filter(|n| crate::config::valid_name(n))
+            .collect();
+        r.in_dependency_order(&names)
+            .iter()
             .map(|n| r.reload(n, force))
             .filter(|rep| force || rep.outcome != "unchanged")
             .collect::<Vec<_>>()
