@@ -81,10 +81,23 @@ pub enum DaemonError {
 )]
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
-    std::fs::create_dir_all(&config.plugins_dir).map_err(|e| DaemonError::PluginsDir {
-        path: config.plugins_dir.clone(),
-        message: e.to_string(),
-    })?;
+    if !config.plugins_dir.exists() {
+        // Created 0755 whatever the umask: the check below refuses a
+        // group-writable plugins_dir, and the daemon must not refuse the
+        // one it made itself.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&config.plugins_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &config.plugins_dir,
+                    std::fs::Permissions::from_mode(0o755),
+                )
+            })
+            .map_err(|e| DaemonError::PluginsDir {
+                path: config.plugins_dir.clone(),
+                message: e.to_string(),
+            })?;
+    }
     // Whoever may write plugins_dir may run code in this process.
     catalog::strict::check_path("plugins_dir", &config.plugins_dir).map_err(|e| {
         DaemonError::PluginsDir {
