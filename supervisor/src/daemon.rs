@@ -90,10 +90,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // From the start: a slow start-up (probes, first loads) is still alive.
     let watchdog = notifier.spawn_watchdog();
     let metrics = Arc::new(Metrics::new());
-    std::fs::create_dir_all(&config.plugins_dir).map_err(|e| DaemonError::PluginsDir {
-        path: config.plugins_dir.clone(),
-        message: e.to_string(),
-    })?;
+    if !config.plugins_dir.exists() {
+        // Created 0755 whatever the umask: the check below refuses a
+        // group-writable plugins_dir, and the daemon must not refuse the
+        // one it made itself.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&config.plugins_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &config.plugins_dir,
+                    std::fs::Permissions::from_mode(0o755),
+                )
+            })
+            .map_err(|e| DaemonError::PluginsDir {
+                path: config.plugins_dir.clone(),
+                message: e.to_string(),
+            })?;
+    }
     // Whoever may write plugins_dir may run code in this process.
     catalog::strict::check_path("plugins_dir", &config.plugins_dir).map_err(|e| {
         DaemonError::PluginsDir {
@@ -462,9 +475,12 @@ async fn rescan_now(
             all.extend(r.slots().keys().cloned());
             all.into_iter().collect()
         });
-        names
-            .iter()
+        let names: Vec<String> = names
+            .into_iter()
             .filter(|n| crate::config::valid_name(n))
+            .collect();
+        r.in_dependency_order(&names)
+            .iter()
             .map(|n| r.reload(n, force))
             .filter(|rep| force || rep.outcome != "unchanged")
             .collect::<Vec<_>>()

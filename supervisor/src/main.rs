@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::os::unix::fs::DirBuilderExt as _;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use plugvisor::actions::ActionReport;
@@ -390,6 +392,19 @@ fn keygen(
             PathBuf::from(p)
         }
     });
+    for p in [&secret, &public] {
+        if let Some(dir) = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
+            // A new directory for a secret key is private too.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
     let key = plugvisor::trust::SecretKey::generate()?;
     plugvisor::trust::write_key_pair(&key, &secret, &public)?;
     println!(

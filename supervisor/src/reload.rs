@@ -1003,6 +1003,45 @@ impl Reloader {
         report
     }
 
+    /// `plugins` reordered so that a plugin comes after the plugins its
+    /// package requires (when both are in the list), otherwise keeping
+    /// their order. A start or a rescan then takes `codec` before the
+    /// `echo` that needs it, instead of refusing `echo` first and taking
+    /// it on the retry. Unreadable packages and cycles keep their place.
+    pub fn in_dependency_order(&self, plugins: &[String]) -> Vec<String> {
+        fn visit(
+            p: &str,
+            requires: &HashMap<String, Vec<String>>,
+            seen: &mut BTreeSet<String>,
+            out: &mut Vec<String>,
+        ) {
+            if !seen.insert(p.to_owned()) {
+                return;
+            }
+            for d in requires.get(p).into_iter().flatten() {
+                if requires.contains_key(d) {
+                    visit(d, requires, seen, out);
+                }
+            }
+            out.push(p.to_owned());
+        }
+        let requires: HashMap<String, Vec<String>> = plugins
+            .iter()
+            .map(|p| {
+                let deps = catalog::read_package(&self.plugins_dir, p)
+                    .map(|pkg| pkg.manifest.requires.keys().cloned().collect())
+                    .unwrap_or_default();
+                (p.clone(), deps)
+            })
+            .collect();
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::with_capacity(plugins.len());
+        for p in plugins {
+            visit(p, &requires, &mut seen, &mut out);
+        }
+        out
+    }
+
     /// Names of the packages present in `plugins_dir`.
     pub fn packages(&self) -> Vec<String> {
         match catalog::list(&self.plugins_dir) {
@@ -1116,6 +1155,46 @@ mod tests {
                 .with_label_values(&["echo", "rejected"])
                 .get(),
             2
+        );
+    }
+
+    #[test]
+    fn packages_are_taken_in_dependency_order() {
+        let t = tempfile::tempdir().unwrap();
+        let plugins = t.path().join("plugins");
+        let sha = "ab".repeat(32);
+        for (name, requires) in [
+            ("alpha", "zeta = \"*\"\n"),
+            ("mid", "alpha = \"*\"\nnot-here = \"*\"\n"),
+            ("zeta", ""),
+            ("solo", ""),
+        ] {
+            let dir = plugins.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("lib.so"), b"x").unwrap();
+            std::fs::write(
+                dir.join(catalog::MANIFEST_FILE),
+                format!(
+                    "name = \"{name}\"\nversion = \"1.0.0\"\nlibrary = \"lib.so\"\nsha256 = \"{sha}\"\nabi = 1\n[requires]\n{requires}"
+                ),
+            )
+            .unwrap();
+        }
+        let r = Reloader::new(
+            plugins,
+            Store::open(&t.path().join("state")).unwrap(),
+            Arc::new(Metrics::new()),
+            2,
+            Arc::new(RwLock::new(Vec::new())),
+        );
+        let names = ["mid", "solo", "alpha", "zeta", "typo"]
+            .map(str::to_owned)
+            .to_vec();
+        assert_eq!(
+            r.in_dependency_order(&names),
+            ["zeta", "alpha", "mid", "solo", "typo"]
+                .map(str::to_owned)
+                .to_vec()
         );
     }
 }

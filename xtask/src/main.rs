@@ -9,8 +9,9 @@
 //!   nightly's own LLVM). Idempotent.
 //! * `build` — `cargo build` of the workspace; the eBPF object is built by
 //!   `supervisor/build.rs`, the plugins are cdylibs in the target dir.
-//! * `test` — what CI runs (`.ci/run`): setup, lints, build, unit tests and
-//!   the black-box integration tests, with one summary line at the end.
+//! * `test` — what CI runs (`.ci/run`): setup, lints, build, unit tests,
+//!   the black-box integration tests and a short run of every fuzz target,
+//!   with one summary line at the end.
 //! * `bench` — measures side by side (probe overhead, reload latency) and
 //!   writes `docs/BENCHMARKS.md`; `--quick` is CI's smoke run of it.
 //! * `dashboards` — writes the Grafana dashboards in `dashboards/` from
@@ -49,7 +50,7 @@ enum Command {
     Setup,
     /// Build the workspace: daemon, eBPF object and plugins.
     Build(build::Args),
-    /// Run what CI runs: setup, fmt, clippy, build, unit and integration tests.
+    /// Run what CI runs: setup, fmt, clippy, build, unit and integration tests, fuzz.
     Test(test::Args),
     /// Run the daemon and hot-reload the echo plugin under live traffic.
     Demo(demo::Args),

@@ -9,6 +9,8 @@
 //!   DaemonSet is validated offline at test time;
 //! * `rust-src` for the nightly toolchain (the eBPF crate is built with
 //!   `-Z build-std=core`);
+//! * `cargo-fuzz`, which runs the fuzz targets in `fuzz/` (see
+//!   `docs/FUZZING.md`);
 //! * a `bpf-linker` built against the nightly's own libLLVM. bpf-linker
 //!   must speak the LLVM bitcode rustc emits, so its LLVM major has to match
 //!   the nightly's; Debian 12 has no system LLVM that new, and 0.12 has the
@@ -52,6 +54,7 @@ pub fn run() -> Result<()> {
     rust_src().context("installing rust-src for the nightly toolchain")?;
     bpf_linker().context("installing bpf-linker")?;
     kubernetes_validate().context("installing kubernetes-validate")?;
+    cargo_fuzz().context("installing cargo-fuzz")?;
     Ok(())
 }
 
@@ -94,6 +97,18 @@ fn kubernetes_validate() -> Result<()> {
             .arg(KUBERNETES_VALIDATE),
     )?;
     println!("setup: {thing} ... installed");
+    Ok(())
+}
+
+/// `cargo fuzz`, for the fuzz targets in `fuzz/` (run by `cargo xtask
+/// test` and `fuzz/run.sh`). Installed from crates.io with its lock file.
+fn cargo_fuzz() -> Result<()> {
+    if util::output(Command::new("cargo").args(["fuzz", "--version"])).is_ok() {
+        println!("setup: cargo-fuzz ... already present");
+        return Ok(());
+    }
+    util::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    println!("setup: cargo-fuzz ... installed");
     Ok(())
 }
 

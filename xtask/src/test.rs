@@ -4,7 +4,8 @@
 //! Steps run in order and stop at the first failure, naming it: setup,
 //! `cargo fmt --check`, clippy, the release build (the integration tests
 //! load its plugin cdylibs), unit tests, then the black-box integration
-//! tests one at a time (they change kernel state: eBPF programs, ports).
+//! tests one at a time (they change kernel state: eBPF programs, ports),
+//! then every fuzz target for [`FUZZ_SECONDS`] (`fuzz/run.sh`).
 //! The last line is always `xtask test: N passed, M failed`, summed over
 //! every `cargo test` run, so a CI log can be judged from its tail.
 use std::process::ExitCode;
@@ -17,6 +18,11 @@ use crate::{build, setup, util};
 /// The black-box integration test crate.
 const INTEGRATION_CRATE: &str = "plugvisor-tests";
 
+/// How long each fuzz target runs in every `cargo xtask test`: enough to
+/// catch a shallow regression in a parser, short enough for every CI run.
+/// Longer runs and their results are in `docs/FUZZING.md`.
+const FUZZ_SECONDS: u32 = 20;
+
 /// Flags of `cargo xtask test`; CI uses none.
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,6 +32,9 @@ pub struct Args {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     pub no_lint: bool,
+    /// Skip the fuzz targets.
+    #[arg(long)]
+    pub no_fuzz: bool,
 }
 
 /// Tests passed and failed, from libtest's `test result:` lines.
@@ -147,6 +156,15 @@ fn steps(
             |line| tally.add_line(line),
         )
     })?;
+    if !args.no_fuzz {
+        // Every target `cargo fuzz list` knows, so a new one is run without
+        // touching this file. A crash fails the step and leaves its input
+        // in fuzz/artifacts/.
+        step("fuzz", timings, || {
+            let script = util::workspace_root().join("fuzz/run.sh");
+            util::run(util::cmd(script).args(["all", &FUZZ_SECONDS.to_string()]))
+        })?;
+    }
     // The benchmark harness, briefly: it must not rot between full runs.
     // Its times are not judged here.
     step("bench --quick", timings, || {
