@@ -164,6 +164,16 @@ enum Cmd {
     },
 }
 
+/// Sends one request to the daemon named by the config at `config`.
+fn ask(
+    runtime: &tokio::runtime::Runtime,
+    config: Option<&PathBuf>,
+    req: &AdminRequest,
+) -> anyhow::Result<AdminResponse> {
+    let config = load_config(config)?;
+    Ok(runtime.block_on(plugvisor::admin::request(&config.admin.socket, req))?)
+}
+
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     match path {
         Some(p) => Config::load(p).map_err(Into::into),
@@ -278,11 +288,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { config, json } => {
-            let config = load_config(config.as_ref())?;
-            let resp = runtime.block_on(plugvisor::admin::request(
-                &config.admin.socket,
-                &AdminRequest::Status,
-            ))?;
+            let resp = ask(&runtime, config.as_ref(), &AdminRequest::Status)?;
             print_status(&resp, json)
         }
         Cmd::Reload {
@@ -290,11 +296,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             json,
         } => {
-            let config = load_config(config.as_ref())?;
-            let resp = runtime.block_on(plugvisor::admin::request(
-                &config.admin.socket,
-                &AdminRequest::Reload { plugin },
-            ))?;
+            let resp = ask(&runtime, config.as_ref(), &AdminRequest::Reload { plugin })?;
             print_reload(&resp, json)
         }
         Cmd::Rollback {
@@ -303,11 +305,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             json,
         } => {
-            let config = load_config(config.as_ref())?;
-            let resp = runtime.block_on(plugvisor::admin::request(
-                &config.admin.socket,
+            let resp = ask(
+                &runtime,
+                config.as_ref(),
                 &AdminRequest::Rollback { plugin, to },
-            ))?;
+            )?;
             print_action(&resp, json)
         }
         Cmd::Disable {
@@ -315,11 +317,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             json,
         } => {
-            let config = load_config(config.as_ref())?;
-            let resp = runtime.block_on(plugvisor::admin::request(
-                &config.admin.socket,
-                &AdminRequest::Disable { plugin },
-            ))?;
+            let resp = ask(&runtime, config.as_ref(), &AdminRequest::Disable { plugin })?;
             print_action(&resp, json)
         }
         Cmd::Enable {
@@ -327,11 +325,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             json,
         } => {
-            let config = load_config(config.as_ref())?;
-            let resp = runtime.block_on(plugvisor::admin::request(
-                &config.admin.socket,
-                &AdminRequest::Enable { plugin },
-            ))?;
+            let resp = ask(&runtime, config.as_ref(), &AdminRequest::Enable { plugin })?;
             print_action(&resp, json)
         }
         Cmd::Versions {
@@ -339,11 +333,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             json,
         } => {
-            let config = load_config(config.as_ref())?;
-            let resp = runtime.block_on(plugvisor::admin::request(
-                &config.admin.socket,
+            let resp = ask(
+                &runtime,
+                config.as_ref(),
                 &AdminRequest::Versions { plugin },
-            ))?;
+            )?;
             if json {
                 return print_json(&resp);
             }
