@@ -257,6 +257,8 @@ impl Actions {
         }
         r.store().write_refs(plugin, &refs)?;
         slot.pin(refs.known_good.as_ref().map(|k| k.version.clone()));
+        // Another plugin may have been blocked on (or by) the version left.
+        r.refresh_dependency_conflicts();
         r.metrics()
             .rollbacks_total
             .with_label_values(&[plugin, &why.reason])
