@@ -105,15 +105,15 @@ fn signed_end_to_end_through_the_cli() {
         .strip_prefix("key-id ")
         .unwrap()
         .to_owned();
-    assert!(
-        daemon
-            .log_lines()
-            .iter()
-            .any(|l| l["fields"]["message"] == "reloaded"
+    // (The client can see 2.0.0 a moment before the line is logged: the
+    // swap comes before the store records it.)
+    wait_until(deadline, "the reload names the signing key", || {
+        daemon.log_lines().iter().any(|l| {
+            l["fields"]["message"] == "reloaded"
                 && l["fields"]["to"] == "2.0.0"
-                && l["fields"]["signed_by"] == key_id.as_str()),
-        "the reload names the signing key"
-    );
+                && l["fields"]["signed_by"] == key_id.as_str()
+        })
+    });
 
     // `pack` straight into plugins_dir writes the .sig before the manifest.
     pack(
