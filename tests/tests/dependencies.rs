@@ -49,6 +49,15 @@ fn gauge(daemon: &Daemon, plugin: &str, kind: &str) -> Option<f64> {
     )
 }
 
+/// Waits for `plugvisor_dependency_conflicts{plugin,kind}` to read `value`
+/// (it is published after the attempt's counter, so a moment later).
+fn gauge_becomes(daemon: &Daemon, plugin: &str, kind: &str, value: f64) {
+    wait_for(
+        &format!("dependency_conflicts{{plugin={plugin},kind={kind}}} = {value}"),
+        || gauge(daemon, plugin, kind) == Some(value),
+    );
+}
+
 /// The version of `plugin` that is active, from `plugvisor status --json`.
 fn active(daemon: &Daemon, plugin: &str) -> Option<String> {
     let (code, out, err) = daemon.cli(&["status", "--json"]);
@@ -110,7 +119,7 @@ fn missing_and_version_conflicts_block_until_resolved() {
             && msg.contains("echo 2.0.0 requires codec >=1.2, <2; codec is not active (missing)"),
         "{msg}"
     );
-    assert_eq!(gauge(&daemon, "echo", "missing"), Some(1.0));
+    gauge_becomes(&daemon, "echo", "missing", 1.0);
     assert_eq!(daemon.serving("echo-tcp").as_deref(), Some("1.0.0"));
     let (code, out, _) = daemon.cli(&["status"]);
     assert_eq!(code, 0);
@@ -129,7 +138,7 @@ fn missing_and_version_conflicts_block_until_resolved() {
         daemon.serving("echo-tcp").as_deref() == Some("2.0.0")
     });
     assert_eq!(active(&daemon, "codec").as_deref(), Some("1.2.0"));
-    assert_eq!(gauge(&daemon, "echo", "missing"), Some(0.0), "resolved");
+    gauge_becomes(&daemon, "echo", "missing", 0.0);
     let (_, out, _) = daemon.cli(&["status"]);
     assert!(out.contains("no dependency conflicts"), "{out}");
 
@@ -142,7 +151,7 @@ fn missing_and_version_conflicts_block_until_resolved() {
         msg.contains("echo 2.0.0 requires codec >=1.2, <2; codec is 2.0.0 (version)"),
         "{msg}"
     );
-    assert_eq!(gauge(&daemon, "codec", "version"), Some(1.0));
+    gauge_becomes(&daemon, "codec", "version", 1.0);
     assert_eq!(active(&daemon, "codec").as_deref(), Some("1.2.0"));
 
     // echo 2.1.0 widens its range: taken, and codec 2.0.0 follows.
@@ -156,7 +165,7 @@ fn missing_and_version_conflicts_block_until_resolved() {
         active(&daemon, "codec").as_deref() == Some("2.0.0")
     });
     assert_eq!(daemon.serving("echo-tcp").as_deref(), Some("2.1.0"));
-    assert_eq!(gauge(&daemon, "codec", "version"), Some(0.0), "resolved");
+    gauge_becomes(&daemon, "codec", "version", 0.0);
     assert_eq!(daemon.reloads("echo", "rejected"), 1);
     assert_eq!(daemon.reloads("codec", "rejected"), 1);
 }
@@ -189,7 +198,7 @@ fn cycle_conflict_and_abi_are_refused_and_shown() {
         msg.contains("requirement cycle codec -> echo -> codec (cycle)"),
         "{msg}"
     );
-    assert_eq!(gauge(&daemon, "codec", "cycle"), Some(1.0));
+    gauge_becomes(&daemon, "codec", "cycle", 1.0);
     assert_eq!(active(&daemon, "codec").as_deref(), Some("1.0.0"));
 
     // conflict: echo declared one with legacy-echo.
@@ -200,7 +209,7 @@ fn cycle_conflict_and_abi_are_refused_and_shown() {
         msg.contains("echo 2.0.0 declares a conflict with legacy-echo 0.1.0 (conflict)"),
         "{msg}"
     );
-    assert_eq!(gauge(&daemon, "legacy-echo", "conflict"), Some(1.0));
+    gauge_becomes(&daemon, "legacy-echo", "conflict", 1.0);
     assert_eq!(active(&daemon, "legacy-echo"), None);
 
     // An unrelated switch retries the blocked packages, quietly: they are
@@ -214,6 +223,8 @@ fn cycle_conflict_and_abi_are_refused_and_shown() {
     wait_for("echo 2.0.1 serves", || {
         daemon.serving("echo-tcp").as_deref() == Some("2.0.1")
     });
+    // (status waits for the reload pass, retries included, to finish)
+    assert_eq!(active(&daemon, "codec").as_deref(), Some("1.0.0"));
     assert_eq!(daemon.reloads("codec", "rejected"), 1);
     assert_eq!(daemon.reloads("legacy-echo", "rejected"), 1);
 
@@ -225,9 +236,9 @@ fn cycle_conflict_and_abi_are_refused_and_shown() {
         msg.contains("the manifest declares plugin ABI 7, this plugvisor speaks ABI 1 (abi)"),
         "{msg}"
     );
-    assert_eq!(gauge(&daemon, "codec", "abi"), Some(1.0));
+    gauge_becomes(&daemon, "codec", "abi", 1.0);
     // codec's waiting package is now this one: its cycle is gone.
-    assert_eq!(gauge(&daemon, "codec", "cycle"), Some(0.0));
+    gauge_becomes(&daemon, "codec", "cycle", 0.0);
 
     let (code, out, _) = daemon.cli(&["status"]);
     assert_eq!(code, 0);
