@@ -827,6 +827,56 @@ fn build_stamped(package: &str, lib: &str, file: &str, env: &[(&str, &str)]) -> 
     out
 }
 
+/// `count` distinct builds of the echo plugin, versions `MAJOR.0.100001`,
+/// `MAJOR.0.100002`, … in ascending order, as `(version, library)`.
+///
+/// One cargo build stamps `MAJOR.0.100000`; every other version is that
+/// library with the version's bytes rewritten in place (same length, so
+/// no offset moves). Each result is a real, distinct library — its own
+/// sha256, its descriptor and its responses carry its own version — at the
+/// cost of one build instead of `count`, which is what makes 1000-reload
+/// soaks and benchmarks affordable.
+///
+/// # Panics
+/// When `count` exceeds 99 999 or the stamped version is not found in the
+/// built library.
+pub fn echo_version_series(major: u64, count: usize) -> Vec<(String, PathBuf)> {
+    assert!(count < 100_000, "at most 99 999 versions in a series");
+    let base_version = format!("{major}.0.100000");
+    let base = build_echo_version(&base_version);
+    let bytes = std::fs::read(&base).unwrap();
+    let needle = base_version.as_bytes();
+    let hits: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        !hits.is_empty(),
+        "{base_version} not found in {}",
+        base.display()
+    );
+    let dir = target_dir().join("stamped").join("echo-series");
+    std::fs::create_dir_all(&dir).unwrap();
+    (1..=count)
+        .map(|i| {
+            let version = format!("{major}.0.{}", 100_000 + i);
+            let out = dir.join(format!("libplugvisor_echo-{version}.so"));
+            if !out.is_file() {
+                let mut patched = bytes.clone();
+                for &at in &hits {
+                    patched[at..at + needle.len()].copy_from_slice(version.as_bytes());
+                }
+                let tmp = out.with_extension("tmp");
+                std::fs::write(&tmp, &patched).unwrap();
+                std::fs::rename(&tmp, &out).unwrap();
+            }
+            (version, out)
+        })
+        .collect()
+}
+
 /// Deliberate defects for a package under test.
 #[derive(Debug, Default, Clone)]
 pub struct PackageTweaks {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use plugvisor_tests::{
     Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version, echo_version,
-    install_package, require_root, wait_until,
+    echo_version_series, install_package, require_root, sha256_file, wait_until,
 };
 
 const CONNECTIONS: usize = 20;
@@ -211,4 +211,41 @@ fn fifty_reloads_under_twenty_live_connections_break_nothing() {
             * 1e6
     );
     assert_eq!(daemon.stop(), Some(0), "SIGTERM drains and exits 0");
+}
+
+/// The version series that soaks and benchmarks rely on: each member is a
+/// distinct library the loader accepts and that answers with its own
+/// version (a patch that missed one copy of the version would be refused
+/// as a name/version mismatch or would answer with the wrong tag).
+#[test]
+fn patched_version_series_loads_and_answers_with_each_version() {
+    let series = echo_version_series(5, 3);
+    let shas: std::collections::HashSet<String> =
+        series.iter().map(|(_, lib)| sha256_file(lib)).collect();
+    assert_eq!(
+        shas.len(),
+        3,
+        "every member of the series is a distinct library"
+    );
+
+    let mut daemon = Daemon::start(DaemonOptions::default());
+    let mut client = LineClient::connect(daemon.addr("echo-tcp")).expect("connect");
+    for (version, lib) in &series {
+        install_package(
+            &daemon.plugins_dir,
+            "echo",
+            version,
+            lib,
+            &PackageTweaks::default(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        wait_until(deadline, &format!("reload to {version}"), || {
+            echo_version(&client.call("version").unwrap()) == Some(version.as_str())
+        });
+        assert_eq!(
+            client.call("version").unwrap(),
+            format!("[echo {version}] {version}")
+        );
+    }
+    assert_eq!(daemon.stop(), Some(0));
 }

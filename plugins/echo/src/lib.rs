@@ -17,6 +17,15 @@ pub const VERSION: &str = match option_env!("PLUGVISOR_PLUGIN_VERSION") {
     None => env!("CARGO_PKG_VERSION"),
 };
 
+/// [`VERSION`] as the bytes in the library's read-only data, read at run
+/// time: without the opaque read the compiler folds the short string into
+/// immediate stores, and a library whose version string was rewritten in
+/// place (the test harness' version series) would answer with a version
+/// its descriptor no longer claims.
+fn version() -> &'static str {
+    std::hint::black_box(VERSION)
+}
+
 /// Echo state: only the degrade level.
 pub struct Echo {
     level: AtomicU32,
@@ -26,7 +35,7 @@ impl Echo {
     fn transform(&self, line: &[u8]) -> Vec<u8> {
         let full = self.level.load(Ordering::Relaxed) == 0;
         if line == b"version" {
-            return VERSION.as_bytes().to_vec();
+            return version().as_bytes().to_vec();
         }
         if full {
             if let Some(rest) = line.strip_prefix(b"upper ") {
@@ -51,9 +60,10 @@ impl Plugin for Echo {
 
     fn handle(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let body = self.transform(request);
-        let mut out = Vec::with_capacity(body.len() + VERSION.len() + 8);
+        let version = version();
+        let mut out = Vec::with_capacity(body.len() + version.len() + 8);
         out.extend_from_slice(b"[echo ");
-        out.extend_from_slice(VERSION.as_bytes());
+        out.extend_from_slice(version.as_bytes());
         out.extend_from_slice(b"] ");
         out.extend_from_slice(&body);
         Ok(out)
