@@ -285,6 +285,9 @@ fn heatmap(title: &str, description: &str, unit: &str, expr: String) -> Value {
         "title": title,
         "description": description,
         "datasource": datasource(),
+        // Each cell is an increase() over $__interval: at least a few
+        // scrapes wide, or short ranges would show empty cells.
+        "interval": "1m",
         "fieldConfig": { "defaults": {}, "overrides": [] },
         "options": {
             "calculate": false,
@@ -406,7 +409,7 @@ fn dashboard(
                 "enable": true,
                 "iconColor": "blue",
                 "expr": format!("sum by (instance, plugin, outcome) (increase(plugvisor_reloads_total{{{SEL}}}[$__interval])) > 0"),
-                "step": "10s",
+                "step": "1m",
                 "titleFormat": "reload {{outcome}}: {{plugin}}",
                 "textFormat": "{{instance}}",
             },
@@ -416,7 +419,7 @@ fn dashboard(
                 "enable": true,
                 "iconColor": "red",
                 "expr": format!("sum by (instance, plugin, reason) (increase(plugvisor_rollbacks_total{{{SEL}}}[$__interval])) > 0"),
-                "step": "10s",
+                "step": "1m",
                 "titleFormat": "rollback of {{plugin}}: {{reason}}",
                 "textFormat": "{{instance}}",
             },
