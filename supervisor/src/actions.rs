@@ -8,13 +8,14 @@
 //! `plugvisor_degradations_total{plugin,reason}`, `plugvisor_degraded`), and
 //! `plugvisor status` (the last action per plugin).
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::reload::Reloader;
-use crate::slot::Admission;
+use crate::slot::{Admission, Slot};
 use crate::store::{JournalEntry, StoreError, VersionRef, now_ms};
 
 /// The `reason` of an operator's own rollback.
@@ -174,6 +175,17 @@ fn report(plugin: &str, action: &str, why: &Why) -> ActionReport {
     }
 }
 
+/// The slot `plugin` serves from; an action on a plugin no listener uses
+/// is refused by name.
+fn slot_of(r: &Reloader, plugin: &str) -> Result<Arc<Slot>, ActionError> {
+    r.slots()
+        .get(plugin)
+        .cloned()
+        .ok_or_else(|| ActionError::UnknownPlugin {
+            plugin: plugin.to_owned(),
+        })
+}
+
 fn journal(r: &Reloader, rep: &ActionReport) {
     let mut e = JournalEntry::now(&rep.plugin, &rep.action);
     e.version.clone_from(&rep.to_version);
@@ -202,13 +214,7 @@ impl Actions {
         to: Option<&Version>,
         why: &Why,
     ) -> Result<ActionReport, ActionError> {
-        let slot = r
-            .slots()
-            .get(plugin)
-            .cloned()
-            .ok_or_else(|| ActionError::UnknownPlugin {
-                plugin: plugin.to_owned(),
-            })?;
+        let slot = slot_of(r, plugin)?;
         let mut refs = r.store().refs(plugin)?;
         let from = slot.active().ok_or_else(|| ActionError::UnknownPlugin {
             plugin: plugin.to_owned(),
@@ -291,13 +297,7 @@ impl Actions {
         level: u32,
         why: &Why,
     ) -> Result<ActionReport, ActionError> {
-        let slot = r
-            .slots()
-            .get(plugin)
-            .cloned()
-            .ok_or_else(|| ActionError::UnknownPlugin {
-                plugin: plugin.to_owned(),
-            })?;
+        let slot = slot_of(r, plugin)?;
         let active = slot.active();
         let step = if active.as_ref().and_then(|a| a.loaded.degrade(level)) == Some(true) {
             DegradeStep::Hook
@@ -382,13 +382,7 @@ impl Actions {
         plugin: &str,
         enabled: bool,
     ) -> Result<ActionReport, ActionError> {
-        let slot = r
-            .slots()
-            .get(plugin)
-            .cloned()
-            .ok_or_else(|| ActionError::UnknownPlugin {
-                plugin: plugin.to_owned(),
-            })?;
+        let slot = slot_of(r, plugin)?;
         let degraded_shed = matches!(self.degraded.get(plugin), Some(DegradeStep::Shed));
         slot.set_admission(match (enabled, degraded_shed) {
             (false, _) => Admission::Disabled,

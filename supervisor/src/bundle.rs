@@ -9,6 +9,19 @@ use crate::{loader, pack};
 /// File name of the bundled example library.
 pub const BUNDLED_ECHO: &str = "libplugvisor_echo.so";
 
+/// The example plugin as `cargo build --release` (which `cargo xtask test`
+/// runs before the tests) leaves it, for unit tests that load a real
+/// library.
+#[cfg(test)]
+pub(crate) fn built_echo_library() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    ["release", "debug"]
+        .iter()
+        .map(|p| root.join(p).join(BUNDLED_ECHO))
+        .find(|p| p.is_file())
+        .expect("libplugvisor_echo.so: run `cargo build --release` first")
+}
+
 /// Why the bundled plugin could not be seeded.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {

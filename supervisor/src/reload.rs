@@ -1074,18 +1074,8 @@ mod tests {
     use std::sync::RwLock;
 
     use super::*;
+    use crate::bundle::built_echo_library as echo_library;
     use crate::store::Refs;
-
-    /// The example plugin as built by `cargo build --release` (which
-    /// `cargo xtask test` runs before the tests).
-    fn echo_library() -> PathBuf {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
-        ["release", "debug"]
-            .iter()
-            .map(|p| root.join(p).join("libplugvisor_echo.so"))
-            .find(|p| p.is_file())
-            .expect("libplugvisor_echo.so: run `cargo build --release` first")
-    }
 
     /// The hook an explicit rollback calls: only the version it names may
     /// go below the highest version ever activated, and the mark stays.

@@ -344,21 +344,10 @@ impl Slot {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
 
     use super::*;
+    use crate::bundle::built_echo_library as echo_library;
     use crate::loader;
-
-    /// The example plugin as built by `cargo build --release` (which
-    /// `cargo xtask test` runs before the tests).
-    fn echo_library() -> PathBuf {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
-        ["release", "debug"]
-            .iter()
-            .map(|p| root.join(p).join("libplugvisor_echo.so"))
-            .find(|p| p.is_file())
-            .expect("libplugvisor_echo.so: run `cargo build --release` first")
-    }
 
     /// Loads the echo plugin from its own copy (dlopen needs a distinct path
     /// to give a distinct image).
