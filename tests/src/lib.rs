@@ -519,13 +519,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- plugvisor log ---\n{}", self.log_text());
-        }
+        reap(self.child.take(), "plugvisor", || self.log_text());
     }
 }
 
@@ -576,22 +570,28 @@ pub fn grpc_health(addr: SocketAddr, service: &str) -> Result<ServingStatus, Str
     })
 }
 
-/// A minimal HTTP/1.0 GET.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or(std::io::ErrorKind::InvalidData)?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(
-            head.lines().next().unwrap_or_default().to_owned(),
-        ));
+/// Kills and reaps a child process a test owns; when the test is failing,
+/// prints the child's log so the failure explains itself.
+fn reap(child: Option<Child>, name: &str, log: impl FnOnce() -> String) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
     }
-    Ok(body.to_owned())
+    if std::thread::panicking() {
+        eprintln!("--- {name} log ---\n{}", log());
+    }
+}
+
+/// A minimal HTTP/1.0 GET of a page that must answer 200; another status
+/// is an error carrying the status line.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    match http_get_status(addr, path)? {
+        (200, body) => Ok(body),
+        (code, body) => Err(std::io::Error::other(format!(
+            "HTTP {code}: {}",
+            body.lines().next().unwrap_or_default()
+        ))),
+    }
 }
 
 /// A scrape, indexed by series.
@@ -1066,13 +1066,7 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- prometheus log ---\n{}", self.log_text());
-        }
+        reap(self.child.take(), "prometheus", || self.log_text());
     }
 }
 
