@@ -34,6 +34,20 @@ fn one_refusal(daemon: &Daemon, from: usize, n: u64, what: &str) -> serde_json::
     line
 }
 
+/// The refusal's message names every one of `needles` and its `file`
+/// field is the file at fault.
+fn assert_names(line: &serde_json::Value, needles: &[&str], file_suffix: &str) {
+    let msg = line["fields"]["message"].as_str().unwrap();
+    for n in needles {
+        assert!(msg.contains(n), "{n:?} not in {msg}");
+    }
+    let file = line["fields"]["file"].as_str().unwrap();
+    assert!(
+        file.ends_with(file_suffix),
+        "{file} is not the {file_suffix}"
+    );
+}
+
 #[test]
 fn signed_end_to_end_through_the_cli() {
     let keys = tempfile::tempdir().unwrap();
@@ -164,13 +178,10 @@ fn unsigned_wrong_key_and_tampered_packages_are_refused() {
     );
     rejected += 1;
     let line = one_refusal(&daemon, from, rejected, "stale signature");
-    let msg = line["fields"]["message"].as_str().unwrap();
-    assert!(msg.contains("made for a manifest with sha256"), "{msg}");
-    assert!(
-        line["fields"]["file"]
-            .as_str()
-            .unwrap()
-            .ends_with("plugin.toml.sig")
+    assert_names(
+        &line,
+        &["made for a manifest with sha256"],
+        "plugin.toml.sig",
     );
     assert_eq!(line["fields"]["serving"], "1.0.0");
 
@@ -179,14 +190,7 @@ fn unsigned_wrong_key_and_tampered_packages_are_refused() {
     std::fs::remove_file(daemon.plugins_dir.join("echo/plugin.toml.sig")).unwrap();
     rejected += 1;
     let line = one_refusal(&daemon, from, rejected, "unsigned");
-    let msg = line["fields"]["message"].as_str().unwrap();
-    assert!(msg.contains("is not signed"), "{msg}");
-    assert!(
-        line["fields"]["file"]
-            .as_str()
-            .unwrap()
-            .ends_with("plugin.toml")
-    );
+    assert_names(&line, &["is not signed"], "plugin.toml");
     assert_eq!(line["fields"]["serving"], "1.0.0");
 
     // Signed by a key the daemon does not trust.
@@ -196,14 +200,7 @@ fn unsigned_wrong_key_and_tampered_packages_are_refused() {
     drop_package(&stage, &daemon.plugins_dir, "echo");
     rejected += 1;
     let line = one_refusal(&daemon, from, rejected, "wrong key");
-    let msg = line["fields"]["message"].as_str().unwrap();
-    assert!(msg.contains("no trusted key made it"), "{msg}");
-    assert!(
-        line["fields"]["file"]
-            .as_str()
-            .unwrap()
-            .ends_with("plugin.toml.sig")
-    );
+    assert_names(&line, &["no trusted key made it"], "plugin.toml.sig");
 
     // Signed, then a byte of the library flipped before it was dropped in:
     // the signature holds, the sha256 pin refuses it.
@@ -362,16 +359,10 @@ fn a_downgrade_is_refused_and_journaled_across_restarts() {
         &PackageTweaks::default(),
     );
     let line = one_refusal(&daemon, from, 1, "downgrade");
-    let msg = line["fields"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("1.5.0 is lower than 2.0.0") && msg.contains("downgrade"),
-        "{msg}"
-    );
-    assert!(
-        line["fields"]["file"]
-            .as_str()
-            .unwrap()
-            .ends_with("plugin.toml")
+    assert_names(
+        &line,
+        &["1.5.0 is lower than 2.0.0", "downgrade"],
+        "plugin.toml",
     );
     assert_eq!(daemon.serving("echo-tcp").as_deref(), Some("2.0.0"));
     let entry = journal(&daemon.state_dir)
