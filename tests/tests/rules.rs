@@ -8,9 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use plugvisor_tests::pb::plugin_client::PluginClient;
 use plugvisor_tests::{
-    Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version, echo_version,
-    install_package, require_root, wait_until,
+    Daemon, DaemonOptions, LineClient, ListenerSpec, PackageTweaks, build_echo_version,
+    build_named_plugin, echo_version, grpc_channel, install_package, pb, require_root, wait_until,
 };
 
 fn serving(d: &Daemon) -> Option<String> {
@@ -542,4 +543,150 @@ fn a_segfault_in_trial_restarts_on_known_good() {
         (rb["reason"].as_str(), rb["from_version"].as_str()),
         (Some("crash-in-trial"), Some("2.0.0"))
     );
+}
+
+/// A daemon serving plugin `svc` (the `named` fixture: no degrade hook of
+/// its own) on a TCP and a gRPC listener, with a rule that degrades it while
+/// the health check of a dependency on `dep_port` reads down.
+fn hookless_daemon(dep_port: u16, extra: &str) -> Daemon {
+    Daemon::start(DaemonOptions {
+        probes: "off",
+        listeners: vec![
+            ListenerSpec::tcp("svc-tcp", "svc"),
+            ListenerSpec::grpc("svc-grpc", "svc"),
+        ],
+        packages: vec![(
+            "svc".into(),
+            build_named_plugin("svc", "1.0.0"),
+            "1.0.0".into(),
+        )],
+        thresholds: Some(
+            "evaluation_interval = \"250ms\"\n[[rule]]\nname = \"dep-down\"\nmetric = \"plugvisor_health_check_up\"\nlabels = { check = \"dep\" }\nop = \"<\"\nthreshold = 1\nplugin = \"svc\"\naction = \"degrade\"\ncooldown = \"0s\"\n"
+                .into(),
+        ),
+        extra_config: format!(
+            "[[health_check]]\nname = \"dep\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:{dep_port}\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfailures_before_down = 1\nplugin = \"svc\"\n{extra}"
+        ),
+        ..Default::default()
+    })
+}
+
+fn degraded(d: &Daemon, plugin: &str) -> Option<f64> {
+    d.metrics().get("plugvisor_degraded", &[("plugin", plugin)])
+}
+
+fn svc_call(addr: std::net::SocketAddr, frame: &str) -> String {
+    LineClient::connect(addr).unwrap().call(frame).unwrap()
+}
+
+/// The degrade steps past a plugin's own hook, for a plugin without one:
+/// with a `[fallback]` version mapped, the slot serves it until the rule
+/// clears; with none, both listener kinds refuse new connections with a
+/// reason while connections already open are served on.
+#[test]
+fn degrade_without_a_hook_falls_back_then_sheds() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dep = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dep_port = dep.local_addr().unwrap().port();
+    let deadline = || Instant::now() + Duration::from_secs(10);
+
+    // The fallback step: 1.0.0 stays mapped when 1.1.0 arrives.
+    let mut d = hookless_daemon(dep_port, "[fallback]\nsvc = \"1.0.0\"\n");
+    let tcp = d.addr("svc-tcp");
+    install_package(
+        &d.plugins_dir,
+        "svc",
+        "1.1.0",
+        &build_named_plugin("svc", "1.1.0"),
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "1.1.0 serves", || {
+        svc_call(tcp, "x") == "[svc 1.1.0] x"
+    });
+    drop(dep);
+    wait_until(deadline(), "degraded", || degraded(&d, "svc") == Some(1.0));
+    assert_eq!(svc_call(tcp, "x"), "[svc 1.0.0] x", "the fallback serves");
+    let status = d.status();
+    let svc = status["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plugin"] == "svc")
+        .unwrap();
+    assert_eq!(svc["degraded"], "fallback", "{svc}");
+    let dep = std::net::TcpListener::bind(("127.0.0.1", dep_port)).unwrap();
+    wait_until(deadline(), "degrade cleared", || {
+        degraded(&d, "svc") == Some(0.0)
+    });
+    assert_eq!(svc_call(tcp, "x"), "[svc 1.1.0] x", "back on 1.1.0");
+    assert_eq!(d.stop(), Some(0));
+
+    // The shed step: no fallback configured.
+    let mut d = hookless_daemon(dep_port, "");
+    let tcp = d.addr("svc-tcp");
+    let grpc = d.addr("svc-grpc");
+    let mut open_tcp = LineClient::connect(tcp).unwrap();
+    let invoke = |client: &mut PluginClient<tonic::transport::Channel>| {
+        rt.block_on(client.invoke(pb::Request {
+            payload: b"g".to_vec(),
+        }))
+        .map(|r| r.into_inner().payload)
+        .map_err(Box::new)
+    };
+    let mut open_grpc = PluginClient::new(rt.block_on(grpc_channel(grpc)).unwrap());
+    assert_eq!(invoke(&mut open_grpc).unwrap(), b"[svc 1.0.0] g");
+    drop(dep);
+    wait_until(deadline(), "degraded", || degraded(&d, "svc") == Some(1.0));
+
+    let refused = svc_call(tcp, "x");
+    assert!(
+        refused.starts_with("ERR") && refused.contains("degraded and shedding load"),
+        "a new TCP connection is told why: {refused}"
+    );
+    let mut new_grpc = PluginClient::new(rt.block_on(grpc_channel(grpc)).unwrap());
+    let status = invoke(&mut new_grpc).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("svc is degraded and shedding load"),
+        "a new gRPC connection is told why: {status:?}"
+    );
+    assert_eq!(
+        open_tcp.call("still").unwrap(),
+        "[svc 1.0.0] still",
+        "an open TCP connection is served on"
+    );
+    assert_eq!(
+        invoke(&mut open_grpc).unwrap(),
+        b"[svc 1.0.0] g",
+        "an open gRPC connection is served on"
+    );
+    let m = d.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_degradations_total",
+            &[("plugin", "svc"), ("reason", "dep-down")]
+        ),
+        Some(1.0)
+    );
+    let shed = d
+        .journal()
+        .into_iter()
+        .filter(|e| e["event"] == "degrade" && e["reason"] == "dep-down (step: shed)")
+        .count();
+    assert_eq!(shed, 1, "the journal names the step");
+
+    // Once the dependency is back, the connection accepted while shedding
+    // is served again: a channel keeps its connection for life.
+    let _dep = std::net::TcpListener::bind(("127.0.0.1", dep_port)).unwrap();
+    wait_until(deadline(), "degrade cleared", || {
+        degraded(&d, "svc") == Some(0.0)
+    });
+    assert_eq!(invoke(&mut new_grpc).unwrap(), b"[svc 1.0.0] g");
+    assert_eq!(svc_call(tcp, "x"), "[svc 1.0.0] x");
+    assert_eq!(d.stop(), Some(0));
 }

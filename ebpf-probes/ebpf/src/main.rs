@@ -249,11 +249,11 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 fn length_event(ctx: &TracePointContext) -> Option<*mut SockState> {
     let layout = layout()?;
     let daemon = RELOAD_WINDOW.get(0).map_or(0, |w| w.tgid);
-    // SAFETY: plain helper call.
-    if daemon != 0 && (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32 != daemon {
+    if daemon != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != daemon {
         return None;
     }
-    // SAFETY: as above.
+    // SAFETY: the offset is the tracepoint's own field, from its format
+    // file; read_at checks the access with bpf_probe_read.
     let ret: i32 = unsafe { ctx.read_at(layout.length_ret as usize) }.ok()?;
     if ret <= 0 {
         return None;
