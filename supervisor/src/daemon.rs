@@ -132,6 +132,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     let store = Store::open(&config.state_dir)?;
+    if let Err(e) = store.check_writable() {
+        // Serve on from what the store holds; say once why nothing new is
+        // recorded (each refused write also says so as it happens).
+        tracing::error!(state_dir = %config.state_dir.display(), "state_dir is not writable ({e}): serving the versions the store holds; reloads are refused and rollbacks and trial results go unrecorded until it is writable again");
+    }
 
     let bound = listeners::bind_all(&config.listeners)?;
     for b in &bound {

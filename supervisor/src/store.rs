@@ -250,6 +250,20 @@ impl Store {
         })
     }
 
+    /// Whether the store can be written now (`access(2)` with `W_OK`,
+    /// which also sees a read-only mount).
+    pub fn check_writable(&self) -> Result<(), std::io::Error> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a NUL-terminated path; access(2) has no other preconditions.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// The store's root (`state_dir`).
     pub fn root(&self) -> &Path {
         &self.root
