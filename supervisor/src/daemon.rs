@@ -152,7 +152,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             protocol: b.config.protocol,
         })
         .collect();
-    let probes = probes::start(config.probes.mode, &watched, &plugin_names, &metrics)?;
+    let probes = probes::start(&config.probes, &watched, &plugin_names, &metrics)?;
 
     let mut reloader = Reloader::new(
         config.plugins_dir.clone(),
