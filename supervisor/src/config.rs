@@ -527,6 +527,29 @@ plugin = "echo"
     }
 
     #[test]
+    fn ring_buffer_size_is_a_power_of_two_of_a_page_or_more() {
+        let parse = |bytes: u32| {
+            Config::parse(
+                &format!("[probes]\nring_buffer_bytes = {bytes}\n"),
+                Path::new("t"),
+            )
+            .and_then(|c| c.validate(Path::new("t")))
+        };
+        assert_eq!(
+            Config::parse("", Path::new("t"))
+                .unwrap()
+                .probes
+                .ring_buffer_bytes,
+            DEFAULT_RING_BUFFER_BYTES
+        );
+        assert_eq!(parse(4096).unwrap().probes.ring_buffer_bytes, 4096);
+        for bad in [0, 2048, 5000] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("ring_buffer_bytes"), "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::parse("plugins_dri = \"x\"\n", Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("plugins_dri"), "{err}");
