@@ -189,6 +189,20 @@ pub mod ffi {
     use super::{AssertUnwindSafe, PvBuf, c_void, catch_unwind, status};
     use crate::Plugin;
 
+    /// "panic in ENTRY: MESSAGE", with the panic's own message when it
+    /// carried one (`panic!`, `assert!`, `.expect()` all do), so the host
+    /// can say which bug it was.
+    pub(crate) fn panic_text(entry: &str, payload: &(dyn std::any::Any + Send)) -> String {
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+        match message {
+            Some(m) => format!("panic in {entry}: {m}"),
+            None => format!("panic in {entry}"),
+        }
+    }
+
     fn write_error(out: *mut PvBuf, msg: String) {
         if !out.is_null() {
             // SAFETY: the host passes a valid, writable PvBuf.
@@ -209,8 +223,8 @@ pub mod ffi {
                 write_error(err, e);
                 status::ERROR
             }
-            Err(_) => {
-                write_error(err, "panic in init".to_owned());
+            Err(payload) => {
+                write_error(err, panic_text("init", payload.as_ref()));
                 status::PANIC
             }
         }
@@ -245,8 +259,8 @@ pub mod ffi {
                 write_error(out, e);
                 status::ERROR
             }
-            Err(_) => {
-                write_error(out, "panic in handle".to_owned());
+            Err(payload) => {
+                write_error(out, panic_text("handle", payload.as_ref()));
                 status::PANIC
             }
         }
@@ -324,4 +338,23 @@ macro_rules! export_plugin {
             free: $crate::ffi::free,
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ffi::panic_text;
+
+    #[test]
+    fn a_panic_keeps_its_message() {
+        let s = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
+        assert_eq!(
+            panic_text("handle", s.as_ref()),
+            "panic in handle: static text"
+        );
+        let n = 7;
+        let f = std::panic::catch_unwind(|| panic!("formatted {n}")).unwrap_err();
+        assert_eq!(panic_text("init", f.as_ref()), "panic in init: formatted 7");
+        let other = std::panic::catch_unwind(|| std::panic::panic_any(42u8)).unwrap_err();
+        assert_eq!(panic_text("handle", other.as_ref()), "panic in handle");
+    }
 }

@@ -7,7 +7,7 @@
 //! metrics (`plugvisor_rollbacks_total{plugin,reason}`,
 //! `plugvisor_degradations_total{plugin,reason}`, `plugvisor_degraded`), and
 //! `plugvisor status` (the last action per plugin).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,6 +158,9 @@ pub struct Actions {
     degraded: HashMap<String, DegradeStep>,
     /// Degrade fallbacks from the config.
     pub fallbacks: HashMap<String, Fallback>,
+    // Plugins whose passed trial could not be recorded (said once, then
+    // retried quietly every tick until the store takes it).
+    unrecorded_trials: HashSet<String>,
 }
 
 fn report(plugin: &str, action: &str, why: &Why) -> ActionReport {
@@ -416,12 +419,26 @@ impl Actions {
             let Some(active) = refs.active.clone() else {
                 continue;
             };
+            // Only what serves can pass a trial: the refs may still name a
+            // version this process did not start on (a crash-in-trial
+            // rollback the store could not record at start).
+            let serving = r
+                .slots()
+                .get(&plugin)
+                .and_then(|s| s.active())
+                .is_some_and(|a| a.loaded.sha256() == active.sha256);
+            if !serving {
+                continue;
+            }
             refs.known_good = Some(active.clone());
             refs.trial_since_ms = None;
             if let Err(e) = r.store().write_refs(&plugin, &refs) {
-                tracing::error!(plugin, error = %e, "could not record the passed trial");
+                if self.unrecorded_trials.insert(plugin.clone()) {
+                    tracing::error!(plugin, error = %e, "could not record the passed trial; retrying every evaluation until state_dir takes it");
+                }
                 continue;
             }
+            self.unrecorded_trials.remove(&plugin);
             if let Some(slot) = r.slots().get(&plugin) {
                 slot.pin(Some(active.version.clone()));
             }

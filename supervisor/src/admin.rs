@@ -17,6 +17,9 @@ use crate::control::{AdminRequest, AdminResponse, Command};
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client waits for the daemon before giving up.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a refused client is given to send its request before it is
+/// told why it was refused.
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the admin socket could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,16 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
                     "admin socket: refused a client that is neither root nor the daemon's user"
                 );
                 let mut stream = stream;
+                // Read the request first: a client that is still writing it
+                // when the answer comes and the socket closes sees EPIPE,
+                // not the answer that says why.
+                let mut line = String::new();
+                {
+                    let mut reader =
+                        BufReader::new(tokio::io::AsyncReadExt::take(&mut stream, MAX_REQUEST));
+                    let _ = tokio::time::timeout(REFUSAL_READ_TIMEOUT, reader.read_line(&mut line))
+                        .await;
+                }
                 let resp = AdminResponse {
                     ok: false,
                     result: serde_json::Value::Null,
@@ -264,9 +277,15 @@ pub async fn request(path: &Path, req: &AdminRequest) -> Result<AdminResponse, A
         action,
         source,
     };
-    let mut stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| io("connecting (is plugvisor running?)", e))?;
+    let mut stream = UnixStream::connect(path).await.map_err(|e| {
+        let action = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                "connecting: only root or the daemon's user may use the admin socket (mode 0600)"
+            }
+            _ => "connecting (is plugvisor running?)",
+        };
+        io(action, e)
+    })?;
     let mut line = serde_json::to_vec(req).expect("requests serialise");
     line.push(b'\n');
     stream

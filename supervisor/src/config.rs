@@ -150,11 +150,28 @@ pub enum ProbeMode {
 }
 
 /// `[probes]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbesConfig {
     /// auto | on | off.
     pub mode: ProbeMode,
+    /// Size of the ring buffer that carries kernel events to userspace
+    /// (ends of reload windows, connections broken inside one), in bytes:
+    /// a power of two, at least 4096 (one page). An event that finds it
+    /// full is counted in `plugvisor_probe_events_dropped_total`.
+    pub ring_buffer_bytes: u32,
+}
+
+/// Default `[probes] ring_buffer_bytes`: room for about 6500 events.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig {
+            mode: ProbeMode::default(),
+            ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+        }
+    }
 }
 
 /// `[trust]`.
@@ -344,6 +361,12 @@ impl Config {
             )));
         }
         health_check::validate_all(&self.health_checks).map_err(invalid)?;
+        let ring = self.probes.ring_buffer_bytes;
+        if ring < 4096 || !ring.is_power_of_two() {
+            return Err(invalid(format!(
+                "[probes] ring_buffer_bytes = {ring}: a power of two of at least 4096 (one page)"
+            )));
+        }
         if self.trust.require_signature && self.trust.public_keys.is_empty() {
             return Err(invalid(
                 "[trust] require_signature = true needs at least one key in public_keys".into(),
@@ -501,6 +524,29 @@ plugin = "echo"
                 .validate(Path::new("t"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn ring_buffer_size_is_a_power_of_two_of_a_page_or_more() {
+        let parse = |bytes: u32| {
+            Config::parse(
+                &format!("[probes]\nring_buffer_bytes = {bytes}\n"),
+                Path::new("t"),
+            )
+            .and_then(|c| c.validate(Path::new("t")))
+        };
+        assert_eq!(
+            Config::parse("", Path::new("t"))
+                .unwrap()
+                .probes
+                .ring_buffer_bytes,
+            DEFAULT_RING_BUFFER_BYTES
+        );
+        assert_eq!(parse(4096).unwrap().probes.ring_buffer_bytes, 4096);
+        for bad in [0, 2048, 5000] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("ring_buffer_bytes"), "{err}");
+        }
     }
 
     #[test]

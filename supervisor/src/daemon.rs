@@ -132,6 +132,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     let store = Store::open(&config.state_dir)?;
+    if let Err(e) = store.check_writable() {
+        // Serve on from what the store holds; say once why nothing new is
+        // recorded (each refused write also says so as it happens).
+        tracing::error!(state_dir = %config.state_dir.display(), "state_dir is not writable ({e}): serving the versions the store holds; reloads are refused and rollbacks and trial results go unrecorded until it is writable again");
+    }
 
     let bound = listeners::bind_all(&config.listeners)?;
     for b in &bound {
@@ -147,7 +152,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             protocol: b.config.protocol,
         })
         .collect();
-    let probes = probes::start(config.probes.mode, &watched, &plugin_names, &metrics)?;
+    let probes = probes::start(&config.probes, &watched, &plugin_names, &metrics)?;
 
     let mut reloader = Reloader::new(
         config.plugins_dir.clone(),

@@ -193,13 +193,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The error and its causes, each said once: most errors here already
+/// carry their cause in their own message (`reading F: No such file…`),
+/// which `{:#}` would repeat.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("plugvisor: {e:#}");
+            eprintln!("plugvisor: {}", render(&e));
             ExitCode::FAILURE
         }
     }

@@ -17,7 +17,9 @@
 //! * `plugvisor_state_dir_free_bytes` — `f_bavail × f_frsize` of `state_dir`:
 //!   what an unprivileged writer can still write. A root daemon may dip into
 //!   the filesystem's reserved blocks below that; a rule should not count
-//!   on them.
+//!   on them. A filesystem mounted read-only (an edge node's flash
+//!   remounted `ro` after errors, say) has 0 bytes writable, whatever
+//!   statvfs says is free.
 //!
 //! Every value is read at gather time (a [`Metrics`] refresher), so a scrape
 //! and a rule see the level of that moment. A value that cannot be read is
@@ -271,6 +273,9 @@ pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     // SAFETY: a NUL-terminated path and a writable statvfs.
     if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if st.f_flag & libc::ST_RDONLY != 0 {
+        return Ok(0);
     }
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

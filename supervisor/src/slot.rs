@@ -76,6 +76,10 @@ pub struct Installed {
     ok: IntCounter,
     error: IntCounter,
     panic: IntCounter,
+    // A panic is a bug in the plugin: the first one of each version is
+    // logged with its message, the rest only counted (a version that
+    // panics on every request must not flood the log).
+    panic_logged: AtomicBool,
 }
 
 impl Installed {
@@ -84,7 +88,16 @@ impl Installed {
         match &r {
             Ok(_) => self.ok.inc(),
             Err(HandleError::Plugin(_)) => self.error.inc(),
-            Err(HandleError::Panic(_)) => self.panic.inc(),
+            Err(HandleError::Panic(message)) => {
+                self.panic.inc();
+                if !self.panic_logged.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        plugin = self.loaded.plugin(),
+                        version = %self.version_label,
+                        "plugin panicked while handling a request: {message}; that request was answered with an error and the version serves on (further panics of this version are counted in plugvisor_requests_total{{outcome=\"panic\"}}, not logged)"
+                    );
+                }
+            }
         }
         r
     }
@@ -256,6 +269,7 @@ impl Slot {
             ok: counter(RequestOutcome::Ok),
             error: counter(RequestOutcome::Error),
             panic: counter(RequestOutcome::Panic),
+            panic_logged: AtomicBool::new(false),
             version_label: version_label.clone(),
             loaded,
         });

@@ -250,6 +250,20 @@ impl Store {
         })
     }
 
+    /// Whether the store can be written now (`access(2)` with `W_OK`,
+    /// which also sees a read-only mount).
+    pub fn check_writable(&self) -> Result<(), std::io::Error> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a NUL-terminated path; access(2) has no other preconditions.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// The store's root (`state_dir`).
     pub fn root(&self) -> &Path {
         &self.root
@@ -332,11 +346,7 @@ impl Store {
             return Ok(());
         }
         let tmp = self.manifests.join(format!(".{sha256}.toml.tmp"));
-        let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(bytes).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
+        replace_file(&tmp, &path, bytes)?;
         sync_dir(&self.manifests)
     }
 
@@ -382,15 +392,13 @@ impl Store {
             refs.history.drain(..excess);
         }
         let bytes = serde_json::to_vec_pretty(&refs).expect("refs serialise");
-        let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&bytes).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
+        replace_file(&tmp, &path, &bytes)?;
         sync_dir(&self.refs)
     }
 
-    /// Appends `entry` to the journal and fsyncs it.
+    /// Appends `entry` to the journal and fsyncs it. An append that fails
+    /// part-way (a full disk takes the bytes that fit) is cut off again, so
+    /// the journal never keeps a torn line for the next entry to run into.
     pub fn journal(&self, entry: &JournalEntry) -> Result<(), StoreError> {
         let mut line = serde_json::to_vec(entry).expect("journal entries serialise");
         line.push(b'\n');
@@ -399,9 +407,19 @@ impl Store {
             .append(true)
             .open(&self.journal)
             .map_err(io("opening journal", &self.journal))?;
-        f.write_all(&line)
-            .map_err(io("appending to journal", &self.journal))?;
-        f.sync_data().map_err(io("syncing journal", &self.journal))
+        let whole = f
+            .metadata()
+            .map_err(io("reading the size of journal", &self.journal))?
+            .len();
+        let appended = f
+            .write_all(&line)
+            .map_err(io("appending to journal", &self.journal))
+            .and_then(|()| f.sync_data().map_err(io("syncing journal", &self.journal)));
+        if appended.is_err() {
+            // Best effort: truncating frees blocks, so it works on a full disk.
+            let _ = f.set_len(whole).and_then(|()| f.sync_data());
+        }
+        appended
     }
 
     /// Every journal entry, oldest first (a torn last line is skipped).
@@ -437,6 +455,23 @@ pub fn sha256_file(path: &Path) -> Result<String, StoreError> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Writes `bytes` to `tmp`, fsyncs it and renames it over `path`. On any
+/// failure `tmp` is removed: a full or read-only disk leaves nothing
+/// half-written behind.
+fn replace_file(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let result = File::create(tmp)
+        .map_err(io("creating", tmp))
+        .and_then(|mut f| {
+            f.write_all(bytes).map_err(io("writing", tmp))?;
+            f.sync_all().map_err(io("syncing", tmp))
+        })
+        .and_then(|()| std::fs::rename(tmp, path).map_err(io("renaming", path)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tonic_health::pb::health_check_response::ServingStatus;
 
+pub mod live;
+pub mod state_check;
+
 /// The `plugvisor.v1` client, generated from
 /// `supervisor/proto/plugvisor/v1/plugin.proto`.
 pub mod pb {
@@ -189,6 +192,10 @@ pub struct DaemonOptions {
     pub extra_config: String,
     /// `[trust]`, and the key the initial packages are signed with.
     pub trust: TrustOptions,
+    /// `state_dir`, if not `DIR/state` (a filesystem the test mounted, say).
+    pub state_dir: Option<PathBuf>,
+    /// `[probes] ring_buffer_bytes`, if not the daemon's default.
+    pub ring_buffer_bytes: Option<u32>,
 }
 
 /// `[trust]` for a test daemon.
@@ -231,6 +238,8 @@ impl Default for DaemonOptions {
             thresholds: None,
             extra_config: String::new(),
             trust: TrustOptions::default(),
+            state_dir: None,
+            ring_buffer_bytes: None,
         }
     }
 }
@@ -240,7 +249,10 @@ impl Daemon {
     pub fn start(opts: DaemonOptions) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let plugins_dir = dir.path().join("plugins");
-        let state_dir = dir.path().join("state");
+        let state_dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         std::fs::create_dir_all(&plugins_dir).unwrap();
         for (name, lib, version) in &opts.packages {
             match &opts.trust.sign_with {
@@ -258,7 +270,7 @@ impl Daemon {
             std::fs::write(&thresholds, t).unwrap();
         }
         let mut cfg = format!(
-            "plugins_dir = \"{}\"\nstate_dir = \"{}\"\n{}[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[admin]\nsocket = \"{}\"\n[probes]\nmode = \"{}\"\n[reload]\ndebounce = \"50ms\"\ntrial = \"{}\"\n",
+            "plugins_dir = \"{}\"\nstate_dir = \"{}\"\n{}[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[admin]\nsocket = \"{}\"\n[probes]\nmode = \"{}\"\n{}[reload]\ndebounce = \"50ms\"\ntrial = \"{}\"\n",
             plugins_dir.display(),
             state_dir.display(),
             if opts.thresholds.is_some() {
@@ -268,6 +280,9 @@ impl Daemon {
             },
             dir.path().join("admin.sock").display(),
             opts.probes,
+            opts.ring_buffer_bytes
+                .map(|b| format!("ring_buffer_bytes = {b}\n"))
+                .unwrap_or_default(),
             opts.trial,
         );
         if let Some(drain) = opts.drain_timeout {
@@ -796,6 +811,22 @@ pub fn build_named_plugin(name: &str, version: &str) -> PathBuf {
     )
 }
 
+/// Builds fixture crate `package` (library `lib`) as plugin `name` at
+/// `version`, for the fixtures whose name can be stamped
+/// (`PLUGVISOR_PLUGIN_NAME`): a misbehaving plugin loaded beside a good
+/// echo instead of as echo.
+pub fn build_fixture_as(package: &str, lib: &str, name: &str, version: &str) -> PathBuf {
+    build_stamped(
+        package,
+        lib,
+        &format!("lib{name}-{version}.so"),
+        &[
+            ("PLUGVISOR_PLUGIN_NAME", name),
+            ("PLUGVISOR_PLUGIN_VERSION", version),
+        ],
+    )
+}
+
 /// Builds `package` with `env` set (cargo rebuilds when an `option_env!`
 /// it read changes) and keeps the library as `file` (once per test run).
 fn build_stamped(package: &str, lib: &str, file: &str, env: &[(&str, &str)]) -> PathBuf {
@@ -892,6 +923,29 @@ pub struct PackageTweaks {
     pub raw_manifest: Option<String>,
     /// Append these lines to the manifest (`conflicts = …`, `[requires]` …).
     pub extra: Option<String>,
+    /// Sign the manifest with this secret key (`plugvisor keygen`'s file):
+    /// `plugin.toml.sig` is written before the manifest is renamed into place.
+    pub sign_with: Option<PathBuf>,
+}
+
+/// The detached signature (`plugin.toml.sig`) of `manifest` under the
+/// secret key file `key`, in the format `plugvisor pack` writes — for
+/// packages `pack` cannot make (a library that does not load, a manifest
+/// that lies).
+pub fn sign_manifest(key: &Path, manifest: &[u8]) -> String {
+    let text = std::fs::read_to_string(key).unwrap();
+    let seed: [u8; 32] = hex::decode(text.lines().nth(1).expect("key line").trim())
+        .unwrap()
+        .try_into()
+        .expect("a 32-byte seed");
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let signature = ed25519_dalek::Signer::sign(&key, manifest);
+    format!(
+        "plugvisor ed25519 signature v1\nkey-id {}\nmanifest-sha256 {}\nsignature {}\n",
+        hex::encode(&Sha256::digest(key.verifying_key().as_bytes())[..8]),
+        hex::encode(Sha256::digest(manifest)),
+        hex::encode(signature.to_bytes())
+    )
 }
 
 /// sha256 of a file, hex.
@@ -922,6 +976,11 @@ pub fn install_package(
             t.extra.as_deref().unwrap_or_default()
         )
     });
+    if let Some(key) = &t.sign_with {
+        let sig = dir.join(".plugin.toml.sig.tmp");
+        std::fs::write(&sig, sign_manifest(key, manifest.as_bytes())).unwrap();
+        std::fs::rename(&sig, dir.join("plugin.toml.sig")).unwrap();
+    }
     let tmp = dir.join(".plugin.toml.tmp");
     std::fs::write(&tmp, manifest).unwrap();
     std::fs::rename(&tmp, dir.join("plugin.toml")).unwrap();

@@ -76,6 +76,16 @@ fn auto_serves_on_without_ebpf_and_says_so_once() {
         None,
         "nothing kernel-measured without probes"
     );
+    // The store is whole and records the reload (fault matrix, issue #9).
+    wait_until(
+        Instant::now() + Duration::from_secs(15),
+        "refs record 1.9.0",
+        || {
+            plugvisor_tests::state_check::check_state(&daemon.state_dir)
+                .is_ok_and(|s| s.active_version("echo") == Some("1.9.0"))
+        },
+    );
+    plugvisor_tests::state_check::assert_state_consistent(&daemon.state_dir);
 }
 
 #[test]

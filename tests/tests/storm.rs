@@ -218,6 +218,10 @@ fn a_storm_of_writes_loads_each_committed_manifest_once() {
     let mut sorted = seen.clone();
     sorted.sort_by_key(|v| semver_key(v));
     assert_eq!(seen, sorted, "versions seen by the client: {seen:?}");
+    // Nothing half-written reached the store (fault matrix, issue #9).
+    let s = plugvisor_tests::state_check::assert_state_consistent(&daemon.state_dir);
+    assert_eq!(s.active_version("echo"), Some("1.7.0"));
+    assert!(s.temp_files.is_empty(), "{:?}", s.temp_files);
 }
 
 fn semver_key(v: &str) -> Vec<u64> {

@@ -9,11 +9,16 @@
 //! and notify says so with a "rescan" event (or an error). Then every
 //! package directory is reported, so a manifest committed inside the lost
 //! events is still seen.
+//!
+//! Events that only say a file was opened or read are ignored: the reload
+//! path reads the files it is told about, and acting on its own reads
+//! would re-read every package every debounce period, forever.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::RecursiveMode;
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc;
 
@@ -54,6 +59,7 @@ pub fn start(
                     } else {
                         events
                             .iter()
+                            .filter(|e| may_change_content(&e.kind))
                             .flat_map(|e| e.paths.iter())
                             .filter_map(|p| package_of(&root_for_events, p))
                             .collect()
@@ -85,6 +91,12 @@ pub fn start(
     })
 }
 
+/// Whether an event of this kind may mean the bytes or the names changed:
+/// everything but an open or a close after reading.
+pub fn may_change_content(kind: &EventKind) -> bool {
+    !matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
 /// Every entry of `root` (the reload path skips those without a manifest).
 fn all_packages(root: &Path) -> BTreeSet<String> {
     std::fs::read_dir(root)
@@ -107,6 +119,22 @@ fn package_of(root: &Path, path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_are_not_changes() {
+        use notify::event::{CreateKind, ModifyKind};
+        assert!(!may_change_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!may_change_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(may_change_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(may_change_content(&EventKind::Create(CreateKind::File)));
+        assert!(may_change_content(&EventKind::Modify(ModifyKind::Any)));
+    }
 
     #[test]
     fn package_names_from_paths() {

@@ -19,7 +19,7 @@ use aya::programs::{CgroupAttachMode, CgroupSkb, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use plugvisor_probes_common::{Probe, WatchedPort, maps, markers, programs};
 
-use crate::config::{ProbeMode, Protocol};
+use crate::config::{ProbeMode, ProbesConfig, Protocol};
 use crate::metrics::{Metrics, ProbeStage};
 
 /// The eBPF object built by `build.rs`.
@@ -82,7 +82,7 @@ pub struct Probes {
 /// Starts the probes as `mode` asks. `Ok(None)` means plugvisor runs
 /// without (some or all of) them; the metrics say which.
 pub fn start(
-    mode: ProbeMode,
+    config: &ProbesConfig,
     listeners: &[WatchedListener],
     plugins: &observer::PluginNames,
     metrics: &Arc<Metrics>,
@@ -97,12 +97,19 @@ pub fn start(
                 .with_label_values(&[p.as_str(), stage.as_str()]);
         }
     }
+    let mode = config.mode;
     if mode == ProbeMode::Off {
         tracing::info!("eBPF probes are off ([probes] mode = \"off\")");
         return Ok(None);
     }
     let mut errors = Vec::new();
-    let result = try_start(listeners, plugins, metrics, &mut errors);
+    let result = try_start(
+        config.ring_buffer_bytes,
+        listeners,
+        plugins,
+        metrics,
+        &mut errors,
+    );
     for e in &errors {
         metrics
             .probe_failures_total
@@ -128,6 +135,7 @@ pub fn start(
 }
 
 fn try_start(
+    ring_buffer_bytes: u32,
     listeners: &[WatchedListener],
     plugins: &observer::PluginNames,
     metrics: &Arc<Metrics>,
@@ -141,7 +149,10 @@ fn try_start(
     // SAFETY: plain setrlimit with a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
 
-    let mut ebpf = match EbpfLoader::new().load(PROBES_OBJECT) {
+    let mut ebpf = match EbpfLoader::new()
+        .map_max_entries(maps::EVENTS, ring_buffer_bytes)
+        .load(PROBES_OBJECT)
+    {
         Ok(e) => e,
         Err(e) => {
             for p in Probe::ALL {

@@ -357,7 +357,23 @@ impl Thresholds {
                 max: MAX_FILE_BYTES,
             });
         }
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        // Read no more than the limit even if the file grew since the
+        // size was taken (a writer still at work, or a hostile one).
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::fs::File::open(path).map_err(read)?, MAX_FILE_BYTES + 1),
+            &mut bytes,
+        )
+        .map_err(read)?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(ThresholdsError::TooLarge {
+                path: path.to_owned(),
+                size: std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len()),
+                max: MAX_FILE_BYTES,
+            });
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::parse(&text, path)
     }
 

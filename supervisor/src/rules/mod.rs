@@ -563,6 +563,8 @@ pub fn watch_file(
             if let Ok(events) = result
                 && events
                     .iter()
+                    // Not its own reads of the file: they would re-read it forever.
+                    .filter(|e| crate::catalog::watch::may_change_content(&e.kind))
                     .flat_map(|e| e.paths.iter())
                     .any(|p| p.file_name().map(std::ffi::OsStr::to_owned) == name)
             {

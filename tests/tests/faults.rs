@@ -1,0 +1,1812 @@
+//! The fault matrix (issue #9, part B): the real binary driven through bad
+//! packages, bad signatures, broken dependencies, misbehaving plugins,
+//! hostile manifests and thresholds files, a full and a read-only
+//! `state_dir`, a client that may not use the admin socket, a crashing
+//! plugin, a config with a typo and a starved eBPF ring buffer.
+//!
+//! Most cases are rows of one table applied in turn to one long-lived
+//! daemon (`matrix`), which serves a good `echo` to live clients — two
+//! persistent TCP connections and a gRPC `Exchange` stream — all the while.
+//! After every row the same three things are checked:
+//!
+//! * (a) the good version still serves: the live clients saw no error and
+//!   only the good versions, and a fresh TCP connection and a fresh gRPC
+//!   call are answered by the version that should serve;
+//! * (b) `state_dir` is whole (`assert_state_consistent`: journal lines,
+//!   refs, every object's sha256), nothing half-written is left in it, no
+//!   object that was there is gone, and the refs name what serves;
+//! * (c) the operator was told, in the row itself: the cause in words in the
+//!   log line (one line per refusal), the journal, the metric that moved,
+//!   and `plugvisor status` where it shows the thing.
+//!
+//! The daemon runs with `require_signature` (every package below is signed
+//! unless the row is about signatures) and its `state_dir` on a small tmpfs
+//! the test mounted, so the full and read-only rows can happen to it live.
+//! Cases that take the process down or happen at start have daemons of
+//! their own (the other tests in this file). Each row names its test in
+//! `docs/RELIABILITY.md`.
+#![expect(
+    clippy::too_many_lines,
+    reason = "each test is one black-box scenario that reads top to bottom"
+)]
+#![expect(
+    clippy::float_cmp,
+    reason = "metric values are integer counts carried in f64; exact comparison is the point"
+)]
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use plugvisor_tests::live::{Live, LiveOptions, Tally};
+use plugvisor_tests::pb::Request;
+use plugvisor_tests::pb::plugin_client::PluginClient;
+use plugvisor_tests::state_check::{assert_state_consistent, check_state};
+use plugvisor_tests::{
+    Daemon, DaemonOptions, LineClient, ListenerSpec, Metrics, PackageTweaks, TrustOptions, binary,
+    build_fixture_as, build_named_plugin, build_plugin_version, echo_version, echo_version_series,
+    grpc_channel, install_package, keygen, library, require_root, sha256_file, wait_until,
+};
+
+/// The echo series every good version comes from (shared with the soak:
+/// one cargo build).
+const SERIES_MAJOR: u64 = 7;
+/// Versions of the series the matrix may use.
+const SERIES_LEN: usize = 60;
+/// Size of the tmpfs that holds the matrix's `state_dir`.
+const STATE_FS_SIZE: &str = "48m";
+/// How long a row waits for the daemon to act on what it did.
+const ACT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn deadline() -> Instant {
+    Instant::now() + ACT_TIMEOUT
+}
+
+/// A tmpfs the test mounted; lazily unmounted on drop (after the daemon
+/// that used it is gone).
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(path));
+        Tmpfs {
+            path: path.to_owned(),
+        }
+    }
+
+    /// `mount -o remount,OPTS`: `ro` or `rw`.
+    fn remount(&self, opts: &str) {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.path));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One `plugvisor.v1.Plugin/Invoke` on a fresh connection; the version
+/// that answered.
+fn grpc_invoke(addr: SocketAddr) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let call = async {
+            let channel = grpc_channel(addr).await.map_err(|e| e.to_string())?;
+            let r = PluginClient::new(channel)
+                .invoke(Request {
+                    payload: b"fresh".to_vec(),
+                })
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            if r.error.is_empty() {
+                Ok(r.plugin_version)
+            } else {
+                Err(r.error)
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .map_err(|_| "no answer within 5 s".to_owned())?
+    })
+}
+
+/// What a refusal must say (c).
+struct Refusal<'a> {
+    plugin: &'a str,
+    /// `rejected` (bad package) or `failed` (good package, could not start).
+    outcome: &'a str,
+    /// Words the log line and the journal entry must contain.
+    cause: &'a [&'a str],
+    /// The end of the file the log line names.
+    file: &'a str,
+    /// Whether the refusal can be in the journal (not when `state_dir`
+    /// cannot be written).
+    journaled: bool,
+}
+
+/// The long-lived daemon and what the rows share.
+struct Matrix {
+    // Declared in drop order: clients, then the daemon, then its state fs.
+    live: Live,
+    d: Daemon,
+    state_fs: Tmpfs,
+    _state_parent: tempfile::TempDir,
+    trusted: PathBuf,
+    untrusted: PathBuf,
+    series: Vec<(String, PathBuf)>,
+    next: usize,
+    /// The echo version that must serve.
+    good: String,
+    /// The metrics and log length when the row began.
+    before: Metrics,
+    log_from: usize,
+    journal_from: usize,
+    /// Objects in the store after the last row: none may disappear.
+    objects: BTreeSet<String>,
+    /// RSS when the rules were written.
+    rules: String,
+}
+
+impl Matrix {
+    /// The next unused version of the series (version, library).
+    fn fresh(&mut self) -> (String, PathBuf) {
+        let v = self.series[self.next].clone();
+        self.next += 1;
+        v
+    }
+
+    /// Installs a package signed by the trusted key (unless `t` says
+    /// otherwise), the contract's way: library, signature, then manifest.
+    fn install(&self, name: &str, version: &str, lib: &Path, t: PackageTweaks) {
+        let t = PackageTweaks {
+            sign_with: t.sign_with.or_else(|| Some(self.trusted.clone())),
+            ..t
+        };
+        install_package(&self.d.plugins_dir, name, version, lib, &t);
+    }
+
+    /// Installs the next good echo version and waits until it serves.
+    fn advance(&mut self, why: &str) {
+        let (v, lib) = self.fresh();
+        self.install("echo", &v, &lib, PackageTweaks::default());
+        wait_until(deadline(), &format!("{why}: echo {v} serves"), || {
+            self.d.serving("echo-tcp").as_deref() == Some(v.as_str())
+        });
+        self.good = v;
+    }
+
+    fn plugin_status(&self, plugin: &str) -> serde_json::Value {
+        self.d.status()["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["plugin"] == plugin)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until no plugin is on trial: nothing is left for the daemon
+    /// to write on its own (the rows that take `state_dir` away want it
+    /// quiet).
+    fn settle(&self) {
+        wait_until(deadline(), "every plugin known-good", || {
+            self.d.status()["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["state"] == "known-good")
+        });
+    }
+
+    /// (c) for a refused package: counted once, said in exactly one ERROR
+    /// line naming plugin, file and cause, and journaled with the cause.
+    fn refused(&self, r: &Refusal) -> serde_json::Value {
+        let key = [("plugin", r.plugin), ("outcome", r.outcome)];
+        let before = self
+            .before
+            .get("plugvisor_reloads_total", &key)
+            .unwrap_or(0.0) as u64;
+        wait_until(
+            deadline(),
+            &format!("{} refused ({})", r.plugin, r.outcome),
+            || self.d.reloads(r.plugin, r.outcome) > before,
+        );
+        let lines: Vec<serde_json::Value> = self
+            .d
+            .refusals_since(self.log_from)
+            .into_iter()
+            .filter(|l| l["fields"]["plugin"] == r.plugin)
+            .collect();
+        assert_eq!(lines.len(), 1, "one log line per refusal: {lines:#?}");
+        assert_eq!(self.d.reloads(r.plugin, r.outcome), before + 1);
+        let line = lines.into_iter().next().unwrap();
+        let message = line["fields"]["message"].as_str().unwrap();
+        assert_eq!(line["level"], "ERROR", "{message}");
+        assert_eq!(line["fields"]["outcome"], r.outcome, "{message}");
+        for word in r.cause {
+            assert!(message.contains(word), "{message:?} should say {word:?}");
+        }
+        let file = line["fields"]["file"].as_str().unwrap();
+        assert!(
+            file.ends_with(r.file),
+            "file {file:?} should end with {:?}",
+            r.file
+        );
+        if r.plugin == "echo" {
+            assert_eq!(line["fields"]["serving"], self.good.as_str(), "{message}");
+        }
+        if r.journaled {
+            let entries: Vec<serde_json::Value> = self.d.journal()[self.journal_from..]
+                .iter()
+                .filter(|e| e["plugin"] == r.plugin && e["event"] == r.outcome)
+                .cloned()
+                .collect();
+            assert_eq!(entries.len(), 1, "one journal entry: {entries:#?}");
+            let entry = &entries[0];
+            let reason = entry["reason"].as_str().unwrap_or_default();
+            for word in r.cause {
+                assert!(
+                    reason.contains(word),
+                    "journal {reason:?} should say {word:?}"
+                );
+            }
+        }
+        line
+    }
+
+    /// (c) for a dependency refusal: the gauge of its kind is 1 and
+    /// `plugvisor status` shows the conflict with what serves meanwhile;
+    /// then a plain good version clears it (gauge back to 0).
+    fn dependency_refused(&mut self, kind: &str, cause: &str) {
+        self.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["dependency conflict", cause],
+            file: "echo/plugin.toml",
+            journaled: true,
+        });
+        let gauge = |m: &Matrix| {
+            m.d.metrics().get(
+                "plugvisor_dependency_conflicts",
+                &[("plugin", "echo"), ("kind", kind)],
+            )
+        };
+        wait_until(
+            deadline(),
+            &format!("dependency_conflicts{{kind={kind}}} 1"),
+            || gauge(self) == Some(1.0),
+        );
+        let (code, out, _) = self.d.cli(&["status"]);
+        assert_eq!(code, 0);
+        for words in [
+            "DEPENDENCY CONFLICT",
+            kind,
+            &format!("{} serves meanwhile", self.good),
+        ] {
+            assert!(out.contains(words), "status should say {words:?}:\n{out}");
+        }
+        self.advance("a plain package clears the conflict");
+        wait_until(
+            deadline(),
+            &format!("dependency_conflicts{{kind={kind}}} 0"),
+            || gauge(self) == Some(0.0),
+        );
+    }
+
+    /// (c) for a refused thresholds file: logged with the cause, the
+    /// gauge at 0, `status` says so and still lists the rules in force;
+    /// then the good file is restored (gauge back to 1).
+    fn thresholds_refused(&self, cause: &[&str]) {
+        let valid = |m: &Matrix| m.d.metrics().get("plugvisor_rules_config_valid", &[]);
+        wait_until(deadline(), "rules_config_valid 0", || {
+            valid(self) == Some(0.0)
+        });
+        let lines: Vec<String> = self.d.log_lines()[self.log_from..]
+            .iter()
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("thresholds file refused"))
+            })
+            .map(|l| l["fields"]["message"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(!lines.is_empty(), "no refusal logged");
+        for l in &lines {
+            assert!(l.contains("previous rules stay in force"), "{l}");
+            for word in cause {
+                assert!(l.contains(word), "{l:?} should say {word:?}");
+            }
+        }
+        let status = self.d.status();
+        assert_eq!(status["rules_config_valid"], false);
+        let rules: BTreeSet<&str> = status["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        assert_eq!(
+            rules,
+            BTreeSet::from(["fixture-panics", "fixture-rss"]),
+            "the rules in force stay"
+        );
+        write_atomically(&self.d.thresholds_path(), self.rules.as_bytes());
+        wait_until(deadline(), "rules_config_valid 1 again", || {
+            valid(self) == Some(1.0)
+        });
+    }
+
+    /// The uniform checks (a) and (b) after a row. `before` is the version
+    /// that served when the row began.
+    fn check(&mut self, row: &str, before: &str) {
+        // (a) fresh clients are answered by the good version…
+        wait_until(
+            deadline(),
+            &format!("{row}: fresh TCP answered by {}", self.good),
+            || self.d.serving("echo-tcp").as_deref() == Some(self.good.as_str()),
+        );
+        assert_eq!(
+            grpc_invoke(self.d.addr("echo-grpc")).as_deref(),
+            Ok(self.good.as_str()),
+            "{row}: fresh gRPC call"
+        );
+        // …and the live ones saw nothing but good versions.
+        let Tally {
+            frames,
+            versions,
+            errors,
+        } = self.live.take();
+        assert!(
+            errors.is_empty(),
+            "{row}: live clients saw errors: {errors:#?}"
+        );
+        assert!(frames > 0, "{row}: the live clients made no progress");
+        let allowed = BTreeSet::from([before.to_owned(), self.good.clone()]);
+        assert!(
+            versions.is_subset(&allowed),
+            "{row}: live clients were answered by {versions:?}, only {allowed:?} may serve"
+        );
+        assert_eq!(
+            self.d.metrics().get(
+                "plugvisor_plugin_info",
+                &[
+                    ("plugin", "echo"),
+                    ("version", &self.good),
+                    ("state", "active")
+                ]
+            ),
+            Some(1.0),
+            "{row}: plugin_info names the good version active"
+        );
+        // (b) the store is whole and says what serves.
+        wait_until(
+            deadline(),
+            &format!("{row}: refs name {}", self.good),
+            || {
+                check_state(&self.d.state_dir)
+                    .is_ok_and(|s| s.active_version("echo") == Some(self.good.as_str()))
+            },
+        );
+        let s = assert_state_consistent(&self.d.state_dir);
+        assert!(
+            s.temp_files.is_empty(),
+            "{row}: half-written files left in state_dir: {:?}",
+            s.temp_files
+        );
+        let lost: Vec<&String> = self.objects.difference(&s.objects).collect();
+        assert!(
+            lost.is_empty(),
+            "{row}: objects lost from the store: {lost:?}"
+        );
+        self.objects = s.objects;
+        self.d.assert_running();
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `lib` with its program headers scrambled: still an ELF file by its
+/// magic, not one the dynamic loader can map.
+fn corrupted(lib: &Path, out: &Path) -> PathBuf {
+    let mut b = std::fs::read(lib).unwrap();
+    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
+    let phnum = usize::from(u16::from_le_bytes([b[56], b[57]]));
+    for x in &mut b[phoff..phoff + phnum * 56] {
+        *x ^= 0x5a;
+    }
+    std::fs::write(out, b).unwrap();
+    out.to_owned()
+}
+
+/// The matrix's thresholds file: a memory rule that degrades the fixture
+/// 64 MiB above `base` and clears 32 MiB above it, and an alert on any
+/// panic of the fixture.
+fn rules(base: f64) -> String {
+    let mib = f64::from(1 << 20);
+    format!(
+        "evaluation_interval = \"250ms\"\n\
+         [[rule]]\nname = \"fixture-rss\"\nmetric = \"process_resident_memory_bytes\"\nop = \">\"\nthreshold = {}\nclear = {}\nplugin = \"fixture\"\naction = \"degrade\"\nlevel = 1\ncooldown = \"0s\"\n\
+         [[rule]]\nname = \"fixture-panics\"\nmetric = \"plugvisor_requests_total\"\nlabels = {{ plugin = \"fixture\", outcome = \"panic\" }}\nfunction = \"increase\"\nwindow = \"2s\"\nop = \">\"\nthreshold = 0\nplugin = \"fixture\"\naction = \"alert\"\ncooldown = \"0s\"\n",
+        (base + 64.0 * mib).round(),
+        (base + 32.0 * mib).round()
+    )
+}
+
+type Row = (&'static str, fn(&mut Matrix));
+
+/// The table. Order matters only where a row says so.
+const ROWS: &[Row] = &[
+    ("corrupt library", |m| {
+        let (v, lib) = m.fresh();
+        let bad = corrupted(&lib, &m.d.dir.path().join("corrupt.so"));
+        m.install("echo", &v, &bad, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["cannot load", "ELF"],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("truncated library", |m| {
+        let (v, lib) = m.fresh();
+        let bytes = std::fs::read(&lib).unwrap();
+        let bad = m.d.dir.path().join("truncated.so");
+        std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+        m.install("echo", &v, &bad, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["cannot load", "truncated"],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("empty library", |m| {
+        let (v, _) = m.fresh();
+        let bad = m.d.dir.path().join("empty.so");
+        std::fs::write(&bad, b"").unwrap();
+        m.install("echo", &v, &bad, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["cannot load", "not an ELF object (0 bytes)"],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("library is not ELF", |m| {
+        let (v, _) = m.fresh();
+        let bad = m.d.dir.path().join("script.so");
+        std::fs::write(
+            &bad,
+            "#!/bin/sh\n# a script, not a shared library: longer than an ELF header\necho hello\n",
+        )
+        .unwrap();
+        m.install("echo", &v, &bad, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["cannot load", "not an ELF object (bad magic)"],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("library without a descriptor", |m| {
+        let (v, _) = m.fresh();
+        m.install(
+            "echo",
+            &v,
+            &library("fixture_no_descriptor"),
+            PackageTweaks::default(),
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["no `plugvisor_plugin` descriptor"],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("library path escapes the package", |m| {
+        let (v, lib) = m.fresh();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                library: Some("../../outside.so".into()),
+                ..Default::default()
+            },
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["escapes the package directory"],
+            file: "plugin.toml",
+            journaled: true,
+        });
+    }),
+    ("sha256 mismatch", |m| {
+        let (v, lib) = m.fresh();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                sha256: Some("ab".repeat(32)),
+                ..Default::default()
+            },
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["sha256", "the manifest says", &"ab".repeat(32)],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("signed by an untrusted key", |m| {
+        let (v, lib) = m.fresh();
+        let key = m.untrusted.clone();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                sign_with: Some(key),
+                ..Default::default()
+            },
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["does not verify", "no trusted key made it"],
+            file: "plugin.toml.sig",
+            journaled: true,
+        });
+    }),
+    ("signature that does not verify (tampered)", |m| {
+        // Signed by the trusted key, then one digit of the signature
+        // changed before the commit.
+        let (v, lib) = m.fresh();
+        let dir = m.d.plugins_dir.join("echo");
+        let lib_name = format!("libecho-{v}.so");
+        std::fs::copy(&lib, dir.join(&lib_name)).unwrap();
+        let manifest = format!(
+            "name = \"echo\"\nversion = \"{v}\"\nlibrary = \"{lib_name}\"\nsha256 = \"{}\"\nabi = 1\n",
+            sha256_file(&lib)
+        );
+        let sig = plugvisor_tests::sign_manifest(&m.trusted, manifest.as_bytes());
+        let flipped: String = sig
+            .lines()
+            .map(|l| match l.strip_prefix("signature ") {
+                Some(hex) => {
+                    let first = if hex.starts_with('0') { '1' } else { '0' };
+                    format!("signature {first}{}\n", &hex[1..])
+                }
+                None => format!("{l}\n"),
+            })
+            .collect();
+        write_atomically(&dir.join("plugin.toml.sig"), flipped.as_bytes());
+        write_atomically(&dir.join("plugin.toml"), manifest.as_bytes());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["does not verify"],
+            file: "plugin.toml.sig",
+            journaled: true,
+        });
+    }),
+    ("no signature while require_signature is set", |m| {
+        // The package that serves back in place first: the daemon may look
+        // between the old signature's removal and the new manifest, and
+        // must then find the serving version, not the last row's package.
+        let good = m.good.clone();
+        let good_lib = m.series.iter().find(|(v, _)| *v == good).unwrap().1.clone();
+        m.install("echo", &good, &good_lib, PackageTweaks::default());
+        wait_until(deadline(), "the serving package is back in place", || {
+            m.d.cli(&["reload", "echo"])
+                .1
+                .contains(&format!("unchanged, {good} is serving"))
+        });
+        let (v, lib) = m.fresh();
+        std::fs::remove_file(m.d.plugins_dir.join("echo/plugin.toml.sig")).unwrap();
+        install_package(
+            &m.d.plugins_dir,
+            "echo",
+            &v,
+            &lib,
+            &PackageTweaks::default(),
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["is not signed", "require_signature"],
+            file: "echo/plugin.toml",
+            journaled: true,
+        });
+    }),
+    ("library built for another plugin ABI", |m| {
+        let (v, _) = m.fresh();
+        m.install(
+            "echo",
+            &v,
+            &library("fixture_abi_mismatch"),
+            PackageTweaks::default(),
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["implements plugin ABI 2, this plugvisor speaks ABI 1"],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("manifest declares another plugin ABI", |m| {
+        let (v, lib) = m.fresh();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                abi: Some(7),
+                ..Default::default()
+            },
+        );
+        m.dependency_refused(
+            "abi",
+            "the manifest declares plugin ABI 7, this plugvisor speaks ABI 1 (abi)",
+        );
+    }),
+    ("library's name differs from the manifest's", |m| {
+        let (v, _) = m.fresh();
+        let codec = build_named_plugin("codec", "1.2.0");
+        m.install("echo", &v, &codec, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &[&format!(
+                "says it is codec 1.2.0, the manifest says echo {v}"
+            )],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("library's version differs from the manifest's", |m| {
+        let (built, lib) = m.fresh();
+        let (claimed, _) = m.fresh();
+        m.install("echo", &claimed, &lib, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &[&format!(
+                "says it is echo {built}, the manifest says echo {claimed}"
+            )],
+            file: ".so",
+            journaled: true,
+        });
+    }),
+    ("dependency missing", |m| {
+        let (v, lib) = m.fresh();
+        let extra = "[requires]\nnot-here = \">=1\"\n".to_owned();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                extra: Some(extra),
+                ..Default::default()
+            },
+        );
+        m.dependency_refused(
+            "missing",
+            &format!("echo {v} requires not-here >=1; not-here is not active (missing)"),
+        );
+    }),
+    ("dependency out of range", |m| {
+        let (v, lib) = m.fresh();
+        let extra = "[requires]\nlegacy-echo = \">=1\"\n".to_owned();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                extra: Some(extra),
+                ..Default::default()
+            },
+        );
+        m.dependency_refused(
+            "version",
+            &format!("echo {v} requires legacy-echo >=1; legacy-echo is 0.1.0 (version)"),
+        );
+    }),
+    ("dependency cycle", |m| {
+        // codec 1.1.0 (active) requires echo.
+        let (v, lib) = m.fresh();
+        let extra = "[requires]\ncodec = \"^1\"\n".to_owned();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                extra: Some(extra),
+                ..Default::default()
+            },
+        );
+        m.dependency_refused("cycle", "requirement cycle echo -> codec -> echo (cycle)");
+    }),
+    ("conflicting plugin active", |m| {
+        let (v, lib) = m.fresh();
+        let extra = "conflicts = [\"legacy-echo\"]\n".to_owned();
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                extra: Some(extra),
+                ..Default::default()
+            },
+        );
+        m.dependency_refused(
+            "conflict",
+            &format!("echo {v} declares a conflict with legacy-echo 0.1.0 (conflict)"),
+        );
+    }),
+    ("manifest is not TOML", |m| {
+        m.install(
+            "echo",
+            "0.0.0",
+            &m.series[0].1.clone(),
+            PackageTweaks {
+                raw_manifest: Some("name = \"echo\nversion = [".into()),
+                ..Default::default()
+            },
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["is not valid", "TOML parse error at line 1"],
+            file: "echo/plugin.toml",
+            journaled: true,
+        });
+    }),
+    ("manifest half-written in place, then completed", |m| {
+        // An operator copying a manifest over the old one instead of
+        // renaming it into place: the daemon looks at the half it finds.
+        let (v, lib) = m.fresh();
+        let dir = m.d.plugins_dir.join("echo");
+        let lib_name = format!("libecho-{v}.so");
+        std::fs::copy(&lib, dir.join(&lib_name)).unwrap();
+        let manifest = format!(
+            "name = \"echo\"\nversion = \"{v}\"\nlibrary = \"{lib_name}\"\nsha256 = \"{}\"\nabi = 1\n",
+            sha256_file(&lib)
+        );
+        let sig = plugvisor_tests::sign_manifest(&m.trusted, manifest.as_bytes());
+        write_atomically(&dir.join("plugin.toml.sig"), sig.as_bytes());
+        let half = manifest.find("sha256").unwrap();
+        let mut f = std::fs::File::create(dir.join("plugin.toml")).unwrap();
+        f.write_all(&manifest.as_bytes()[..half]).unwrap();
+        f.sync_all().unwrap();
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["is not valid", "missing field `sha256`"],
+            file: "echo/plugin.toml",
+            journaled: true,
+        });
+        // The rest of the write arrives: the whole manifest is taken.
+        f.write_all(&manifest.as_bytes()[half..]).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        wait_until(deadline(), "the completed manifest is taken", || {
+            m.d.serving("echo-tcp").as_deref() == Some(v.as_str())
+        });
+        m.good = v;
+    }),
+    ("manifest of 50 MB", |m| {
+        let (v, lib) = m.fresh();
+        let mut huge = String::with_capacity(50 << 20);
+        let mut i = 0u64;
+        while huge.len() < 50 << 20 {
+            let _ = std::fmt::Write::write_fmt(&mut huge, format_args!("key{i:016} = {i}\n"));
+            i += 1;
+        }
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                raw_manifest: Some(huge),
+                ..Default::default()
+            },
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["more than the 65536 allowed"],
+            file: "echo/plugin.toml",
+            journaled: true,
+        });
+    }),
+    ("manifest nested 60 000 deep", |m| {
+        let (v, lib) = m.fresh();
+        let nested = format!("name = {}\n", "[".repeat(60_000));
+        m.install(
+            "echo",
+            &v,
+            &lib,
+            PackageTweaks {
+                raw_manifest: Some(nested),
+                ..Default::default()
+            },
+        );
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "rejected",
+            cause: &["is not valid", "recursion limit exceeded"],
+            file: "echo/plugin.toml",
+            journaled: true,
+        });
+    }),
+    ("thresholds file malformed", |m| {
+        // A closing quote lost: the line and column of the damage are named.
+        let line = m
+            .rules
+            .lines()
+            .position(|l| l == "name = \"fixture-panics\"")
+            .unwrap()
+            + 1;
+        let bad = m
+            .rules
+            .replace("name = \"fixture-panics\"", "name = \"fixture-panics");
+        write_atomically(&m.d.thresholds_path(), bad.as_bytes());
+        m.thresholds_refused(&[&format!("thresholds.toml:{line}:")]);
+    }),
+    ("thresholds file half-written in place", |m| {
+        let half = &m.rules[..m
+            .rules
+            .find("metric = \"plugvisor_requests_total\"")
+            .unwrap()];
+        std::fs::write(m.d.thresholds_path(), half).unwrap();
+        m.thresholds_refused(&["thresholds.toml", "missing field `metric`"]);
+    }),
+    ("thresholds file of 2 MiB", |m| {
+        let mut huge = m.rules.clone();
+        while huge.len() < 2 << 20 {
+            huge.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        write_atomically(&m.d.thresholds_path(), huge.as_bytes());
+        m.thresholds_refused(&["more than the 1048576 allowed"]);
+    }),
+    ("thresholds file nested 500 000 deep", |m| {
+        let nested = format!("x = {}\n", "[".repeat(500_000));
+        write_atomically(&m.d.thresholds_path(), nested.as_bytes());
+        m.thresholds_refused(&["thresholds.toml:1:", "recursion limit exceeded"]);
+    }),
+    ("plugin panics in handle", |m| {
+        // After the thresholds rows: the alert rule that sees it was
+        // loaded before four invalid files came and went.
+        let lib = build_fixture_as(
+            "plugvisor-fixture-panic-handle",
+            "fixture_panic_handle",
+            "fixture",
+            "1.1.0",
+        );
+        m.install("fixture", "1.1.0", &lib, PackageTweaks::default());
+        let addr = m.d.addr("fixture-tcp");
+        wait_until(deadline(), "fixture 1.1.0 serves", || {
+            LineClient::connect(addr)
+                .and_then(|mut c| c.call("v"))
+                .is_ok_and(|r| echo_version(&r) == Some("1.1.0"))
+        });
+        let mut c = LineClient::connect(addr).unwrap();
+        assert_eq!(c.call("before").unwrap(), "[fixture 1.1.0] before");
+        let resp = c.call("panic").unwrap();
+        assert!(
+            resp.starts_with("ERR") && resp.contains("panicked"),
+            "a panic is answered as an error: {resp}"
+        );
+        assert_eq!(
+            c.call("after").unwrap(),
+            "[fixture 1.1.0] after",
+            "the same connection serves on"
+        );
+        let panics = [
+            ("plugin", "fixture"),
+            ("version", "1.1.0"),
+            ("outcome", "panic"),
+        ];
+        assert_eq!(
+            m.d.metrics().get("plugvisor_requests_total", &panics),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.d.metrics().get(
+                "plugvisor_requests_total",
+                &[
+                    ("plugin", "fixture"),
+                    ("version", "1.1.0"),
+                    ("outcome", "error")
+                ]
+            ),
+            Some(0.0),
+            "a panic is not counted as a plain error"
+        );
+        let said: Vec<String> = m.d.log_lines()[m.log_from..]
+            .iter()
+            .filter(|l| l["level"] == "ERROR" && l["fields"]["plugin"] == "fixture")
+            .filter_map(|l| l["fields"]["message"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(
+            said[0].contains("plugin panicked while handling a request")
+                && said[0].contains("panic-handle fixture: asked to panic"),
+            "{said:?}"
+        );
+        assert_eq!(m.plugin_status("fixture")["active"], "1.1.0");
+        wait_until(deadline(), "the alert rule fires", || {
+            m.d.log_lines()[m.log_from..].iter().any(|l| {
+                l["fields"]["message"] == "alert" && l["fields"]["rule"] == "fixture-panics"
+            })
+        });
+    }),
+    ("plugin leaks memory", |m| {
+        let lib = build_fixture_as("plugvisor-fixture-leak", "fixture_leak", "fixture", "1.2.0");
+        m.install("fixture", "1.2.0", &lib, PackageTweaks::default());
+        let addr = m.d.addr("fixture-tcp");
+        wait_until(deadline(), "fixture 1.2.0 serves", || {
+            LineClient::connect(addr)
+                .and_then(|mut c| c.call("v"))
+                .is_ok_and(|r| echo_version(&r) == Some("1.2.0"))
+        });
+        let rss = |m: &Matrix| {
+            m.d.metrics()
+                .get("process_resident_memory_bytes", &[])
+                .unwrap()
+        };
+        // The memory rule, re-based on the RSS of now (a panic's backtrace,
+        // when RUST_BACKTRACE is set, costs the plugin's std tens of MiB of
+        // symbol tables for good), degrades it: the leak's own hook drops
+        // what it kept, and the rule clears.
+        let base = rss(m);
+        m.rules = rules(base);
+        write_atomically(&m.d.thresholds_path(), m.rules.as_bytes());
+        wait_until(deadline(), "the re-based rules are loaded", || {
+            m.d.log_lines()[m.log_from..]
+                .iter()
+                .any(|l| l["fields"]["message"] == "thresholds loaded")
+        });
+        let mut c = LineClient::connect(addr).unwrap();
+        let mut sent = 0u32;
+        let mut peak = base;
+        while m
+            .d
+            .metrics()
+            .get("plugvisor_degraded", &[("plugin", "fixture")])
+            != Some(1.0)
+        {
+            assert!(sent < 400, "never degraded after {sent} MiB leaked");
+            assert_eq!(
+                c.call(&format!("{sent}")).unwrap(),
+                format!("[fixture 1.2.0] {sent}")
+            );
+            sent += 1;
+            peak = peak.max(rss(m));
+        }
+        // Each request kept a written MiB until the hook let go (the rule
+        // fires at its next tick, so the last few may not show in a scrape).
+        let mib = f64::from(1 << 20);
+        assert!(
+            peak - base >= 60.0 * mib,
+            "RSS grew by {:.0} MiB only after {sent} requests",
+            (peak - base) / mib
+        );
+        // (Read from the log: the rule may clear before status is asked.)
+        assert!(
+            m.d.log_lines()[m.log_from..].iter().any(|l| {
+                l["fields"]["message"] == "degraded"
+                    && l["fields"]["plugin"] == "fixture"
+                    && l["fields"]["step"] == "hook"
+                    && l["fields"]["reason"] == "fixture-rss"
+            }),
+            "the plugin's own hook shed what it kept"
+        );
+        wait_until(deadline(), "cleared once memory fell below clear", || {
+            m.d.metrics()
+                .get("plugvisor_degraded", &[("plugin", "fixture")])
+                == Some(0.0)
+        });
+        assert_eq!(
+            m.d.metrics().get(
+                "plugvisor_degradations_total",
+                &[("plugin", "fixture"), ("reason", "fixture-rss")]
+            ),
+            Some(1.0)
+        );
+        let journal = m.d.journal();
+        let entry = journal.iter().rfind(|e| e["event"] == "degrade").unwrap();
+        assert_eq!(entry["plugin"], "fixture");
+        assert_eq!(entry["rule"], "fixture-rss");
+        assert!(entry["observed"].as_f64().unwrap() > entry["threshold"].as_f64().unwrap());
+        assert!(
+            journal[m.journal_from..]
+                .iter()
+                .any(|e| e["event"] == "degrade-cleared" && e["plugin"] == "fixture"),
+            "the clearing is journaled too"
+        );
+        assert!(
+            c.call("still serving")
+                .unwrap()
+                .starts_with("[fixture 1.2.0]")
+        );
+    }),
+    ("a non-root user at the admin socket", |m| {
+        // The CLI needs the socket's path only: a minimal config others
+        // may read, in a directory they may traverse.
+        let dir = m.d.dir.path();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let config = dir.join("nobody.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "plugins_dir = \"{}\"\nstate_dir = \"{}\"\n[admin]\nsocket = \"{}\"\n",
+                m.d.plugins_dir.display(),
+                m.d.state_dir.display(),
+                dir.join("admin.sock").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A copy of the CLI others may run, wherever the checkout is.
+        let cli = dir.join("plugvisor-cli");
+        std::fs::copy(binary(), &cli).unwrap();
+        std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let as_nobody = || {
+            let out = Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(&cli)
+                .args(["status", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        // The socket's mode keeps others out before the daemon sees them.
+        let (code, err) = as_nobody();
+        assert_ne!(code, Some(0), "{err}");
+        assert!(
+            err.contains("only root or the daemon's user may use the admin socket")
+                && err.contains("Permission denied")
+                && !err.contains("is plugvisor running"),
+            "{err}"
+        );
+        assert_eq!(
+            err.matches("Permission denied").count(),
+            1,
+            "said once: {err}"
+        );
+        // Loosened by mistake, the daemon refuses by the peer's uid and
+        // says so to the client and in its log.
+        let sock = dir.join("admin.sock");
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (code, err) = as_nobody();
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_ne!(code, Some(0), "{err}");
+        assert!(
+            err.contains("permission denied: only root or the daemon's user may use this socket"),
+            "{err}"
+        );
+        let warned: Vec<serde_json::Value> = m.d.log_lines()[m.log_from..]
+            .iter()
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("admin socket: refused a client"))
+            })
+            .cloned()
+            .collect();
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert_eq!(warned[0]["level"], "WARN");
+        assert!(
+            warned[0]["fields"]["uid"]
+                .as_str()
+                .unwrap()
+                .contains("65534")
+        );
+        // Root still gets in.
+        assert_eq!(m.d.cli(&["status"]).0, 0);
+    }),
+    ("state_dir full during a store write", |m| {
+        m.settle();
+        let filler = m.d.state_dir.join("filler");
+        {
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![0u8; 1 << 20];
+            loop {
+                match f.write_all(&chunk) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                    Err(e) => panic!("filling state_dir: {e}"),
+                }
+            }
+            let _ = f.sync_all();
+        }
+        assert_eq!(
+            m.d.metrics().get("plugvisor_state_dir_free_bytes", &[]),
+            Some(0.0),
+            "the operator's gauge reads full"
+        );
+        let (v, lib) = m.fresh();
+        m.install("echo", &v, &lib, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "failed",
+            cause: &["No space left on device"],
+            file: &format!(
+                "{}/objects/.tmp-{}-{}",
+                m.d.state_dir.display(),
+                m.d.pid(),
+                sha256_file(&lib)
+            ),
+            journaled: false,
+        });
+        // Asked again until the journal itself cannot take the line: it
+        // must stay whole (no torn line for the next entry to run into).
+        let mut tries = 0;
+        while !m.d.log_text().contains("could not journal the refusal") {
+            assert!(tries < 60, "the journal never filled up");
+            let (code, out, _) = m.d.cli(&["reload", "echo"]);
+            assert_ne!(code, 0, "{out}");
+            assert!(
+                out.contains("failed")
+                    && out.contains("No space left on device")
+                    && out.contains(&format!("still serving {}", m.good)),
+                "{out}"
+            );
+            tries += 1;
+        }
+        let summary = assert_state_consistent(&m.d.state_dir);
+        assert!(summary.temp_files.is_empty(), "{:?}", summary.temp_files);
+        // Space comes back: the same package is taken on the next reload.
+        std::fs::remove_file(&filler).unwrap();
+        let (code, out, err) = m.d.cli(&["reload", "echo"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(&format!("-> {v}")), "{out}");
+        m.good = v;
+    }),
+    ("state_dir read-only at run time", |m| {
+        m.settle();
+        m.state_fs.remount("ro");
+        let free = m.d.metrics().get("plugvisor_state_dir_free_bytes", &[]);
+        let (v, lib) = m.fresh();
+        m.install("echo", &v, &lib, PackageTweaks::default());
+        m.refused(&Refusal {
+            plugin: "echo",
+            outcome: "failed",
+            cause: &["Read-only file system"],
+            file: &format!("/objects/.tmp-{}-{}", m.d.pid(), sha256_file(&lib)),
+            journaled: false,
+        });
+        assert!(
+            m.d.log_lines()[m.log_from..].iter().any(|l| {
+                l["fields"]["message"] == "could not journal the refusal"
+                    && l["fields"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("Read-only file system"))
+            }),
+            "the lost journal line is said"
+        );
+        let summary = assert_state_consistent(&m.d.state_dir);
+        assert!(summary.temp_files.is_empty(), "{:?}", summary.temp_files);
+        assert_eq!(
+            free,
+            Some(0.0),
+            "a read-only state_dir has no bytes writable"
+        );
+        m.state_fs.remount("rw");
+        let (code, out, err) = m.d.cli(&["reload", "echo"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(&format!("-> {v}")), "{out}");
+        m.good = v;
+    }),
+];
+
+#[test]
+fn matrix() {
+    if !require_root("matrix (mounts a tmpfs as state_dir)") {
+        return;
+    }
+    let started = Instant::now();
+    let keys = tempfile::tempdir().unwrap();
+    let (trusted, public) = keygen(&keys.path().join("trusted"));
+    let (untrusted, _) = keygen(&keys.path().join("untrusted"));
+    let series = echo_version_series(SERIES_MAJOR, SERIES_LEN);
+    let state_parent = tempfile::tempdir().unwrap();
+    let state_fs = Tmpfs::mount(&state_parent.path().join("state"), STATE_FS_SIZE);
+    let d = Daemon::start(DaemonOptions {
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+            ListenerSpec::tcp("fixture-tcp", "fixture"),
+        ],
+        probes: "off",
+        packages: vec![
+            ("echo".into(), series[0].1.clone(), series[0].0.clone()),
+            (
+                "fixture".into(),
+                build_named_plugin("fixture", "1.0.0"),
+                "1.0.0".into(),
+            ),
+        ],
+        trial: "1s",
+        thresholds: Some("evaluation_interval = \"250ms\"\n".into()),
+        trust: TrustOptions {
+            public_keys: vec![public],
+            require_signature: true,
+            sign_with: Some(trusted.clone()),
+        },
+        state_dir: Some(state_fs.path.clone()),
+        ..Default::default()
+    });
+    let live = Live::start(&LiveOptions {
+        tcp: vec![d.addr("echo-tcp"), d.addr("echo-tcp")],
+        grpc: vec![d.addr("echo-grpc")],
+        pause: Duration::from_millis(2),
+    });
+    let mut m = Matrix {
+        live,
+        good: series[0].0.clone(),
+        series,
+        next: 1,
+        before: d.metrics(),
+        log_from: 0,
+        journal_from: 0,
+        objects: BTreeSet::new(),
+        rules: String::new(),
+        d,
+        state_fs,
+        _state_parent: state_parent,
+        trusted,
+        untrusted,
+    };
+    // Other plugins the dependency rows need: codec (which requires
+    // echo) and legacy-echo.
+    m.install(
+        "codec",
+        "1.1.0",
+        &build_named_plugin("codec", "1.1.0"),
+        PackageTweaks {
+            extra: Some("[requires]\necho = \"*\"\n".into()),
+            ..Default::default()
+        },
+    );
+    m.install(
+        "legacy-echo",
+        "0.1.0",
+        &build_named_plugin("legacy-echo", "0.1.0"),
+        PackageTweaks::default(),
+    );
+    wait_until(deadline(), "codec and legacy-echo active", || {
+        m.plugin_status("codec")["active"] == "1.1.0"
+            && m.plugin_status("legacy-echo")["active"] == "0.1.0"
+    });
+    // The rules every thresholds row must leave in force: an alert on
+    // fixture panics, and a memory rule over the daemon's RSS as it is now.
+    m.rules = rules(
+        m.d.metrics()
+            .get("process_resident_memory_bytes", &[])
+            .unwrap(),
+    );
+    write_atomically(&m.d.thresholds_path(), m.rules.as_bytes());
+    wait_until(deadline(), "rules loaded", || {
+        m.d.metrics()
+            .get("plugvisor_rule_state", &[("rule", "fixture-rss")])
+            .is_some()
+    });
+    // A file at rest is read once: the daemon's own reads of it are not
+    // changes (they once re-read it every debounce period, forever).
+    let loads = |m: &Matrix| {
+        m.d.log_lines()
+            .iter()
+            .filter(|l| l["fields"]["message"] == "thresholds loaded")
+            .count()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let settled = loads(&m);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        loads(&m),
+        settled,
+        "an unchanged thresholds file is not re-read"
+    );
+    m.check("start", &m.good.clone());
+
+    let mut timings = BTreeMap::new();
+    for (i, (name, row)) in ROWS.iter().enumerate() {
+        let t = Instant::now();
+        let before = m.good.clone();
+        m.before = m.d.metrics();
+        m.log_from = m.d.log_lines().len();
+        m.journal_from = m.d.journal().len();
+        eprintln!(
+            "row {:2}: {name} (rss {:.1} MiB)",
+            i + 1,
+            m.before
+                .get("process_resident_memory_bytes", &[])
+                .unwrap_or(0.0)
+                / f64::from(1 << 20)
+        );
+        row(&mut m);
+        m.check(name, &before);
+        timings.insert(i + 1, (name, t.elapsed()));
+    }
+    let tally = m.live.take();
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    for (i, (name, took)) in &timings {
+        eprintln!("row {i:2} {took:>10.2?}  {name}");
+    }
+    eprintln!(
+        "matrix: {} rows in {:.1?}, echo {} serving",
+        ROWS.len(),
+        started.elapsed(),
+        m.good
+    );
+}
+
+/// A plugin that segfaults takes the process down — nothing in-process can
+/// stop that — and the restart comes up on the known-good version, with
+/// the journal, the log and the metrics saying why, and the crashed
+/// version kept out.
+#[test]
+fn segfault_restarts_on_the_known_good_version() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "1s",
+        ..Default::default()
+    });
+    wait_until(deadline(), "1.0.0 known-good", || {
+        d.status()["plugins"][0]["state"] == "known-good"
+    });
+    let segv = build_plugin_version("plugvisor-fixture-segv", "fixture_segv", "2.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &segv,
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "2.0.0 serves", || {
+        d.serving("echo-tcp").as_deref() == Some("2.0.0")
+    });
+    let live = Live::start(&LiveOptions {
+        tcp: vec![d.addr("echo-tcp")],
+        grpc: Vec::new(),
+        pause: Duration::from_millis(2),
+    });
+    let mut c = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    assert_eq!(c.call("fine").unwrap(), "[echo 2.0.0] fine");
+    assert!(
+        c.call("crash").is_err(),
+        "the connection dies with the process"
+    );
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSEGV),
+        "a real segfault, not a caught panic: {status}"
+    );
+    // What the crash left behind is whole: 2.0.0 is on trial in the refs.
+    let s = assert_state_consistent(&d.state_dir);
+    assert!(s.refs["echo"].on_trial);
+    assert_eq!(s.active_version("echo"), Some("2.0.0"));
+    d.restart();
+    assert_eq!(d.serving("echo-tcp").as_deref(), Some("1.0.0"));
+    // The clients that were connected saw their connections go; the ones
+    // that came back are answered by the known-good version.
+    let _ = live.take();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = live.stop();
+    assert!(
+        after.errors.is_empty(),
+        "after the restart: {:?}",
+        after.errors
+    );
+    assert_eq!(after.versions, BTreeSet::from(["1.0.0".to_owned()]));
+
+    let j = d.journal();
+    let rb = j.iter().rev().find(|e| e["event"] == "rollback").unwrap();
+    assert_eq!(
+        (
+            rb["reason"].as_str(),
+            rb["from_version"].as_str(),
+            rb["version"].as_str()
+        ),
+        (Some("crash-in-trial"), Some("2.0.0"), Some("1.0.0"))
+    );
+    assert!(
+        d.log_lines().iter().any(|l| l["level"] == "ERROR"
+            && l["fields"]["message"].as_str().is_some_and(|m| m
+                .contains("died while 2.0.0 was on trial")
+                && m.contains("crash-in-trial"))),
+        "the restart says why"
+    );
+    assert_eq!(
+        d.metrics().get(
+            "plugvisor_rollbacks_total",
+            &[("plugin", "echo"), ("reason", "crash-in-trial")]
+        ),
+        Some(1.0)
+    );
+    // The package that crashed is still in plugins_dir: refused once, by name.
+    let refusals = d.refusals_since(0);
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert!(
+        refusals[0]["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("version 2.0.0 was rolled back and is quarantined"),
+        "{refusals:#?}"
+    );
+    let s = assert_state_consistent(&d.state_dir);
+    assert_eq!(s.active_version("echo"), Some("1.0.0"));
+    assert!(!s.refs["echo"].on_trial);
+    assert!(
+        s.refs["echo"]
+            .quarantined
+            .iter()
+            .any(|q| q.version == "2.0.0")
+    );
+}
+
+/// Every file under `dir` with the sha256 of its bytes.
+fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), sha256_file(&p));
+            }
+        }
+    }
+    out
+}
+
+/// A typo in the config stops a restart before anything is touched: exit
+/// non-zero, the key and its line named; `state_dir` byte for byte as it
+/// was; the corrected config comes up on the same version.
+#[test]
+fn a_config_with_an_unknown_key_is_refused_at_start() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        ..Default::default()
+    });
+    let (v, lib) = echo_version_series(SERIES_MAJOR, 1).remove(0);
+    install_package(&d.plugins_dir, "echo", &v, &lib, &PackageTweaks::default());
+    wait_until(deadline(), "the new version serves", || {
+        d.serving("echo-tcp").as_deref() == Some(v.as_str())
+    });
+    assert_eq!(d.stop(), Some(0));
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    let line = good.lines().position(|l| l == "[reload]").unwrap() + 2;
+    std::fs::write(
+        &d.config,
+        good.replace("[reload]\n", "[reload]\nkeep_loded = 4\n"),
+    )
+    .unwrap();
+    let before = tree_digest(&d.state_dir);
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unknown field `keep_loded`")
+            && err.contains(&format!("line {line}"))
+            && err.contains(&d.config.display().to_string())
+            && err.contains("expected one of")
+            && err.contains("`keep_loaded`"),
+        "the key, its line and the keys that exist: {err}"
+    );
+    assert_eq!(tree_digest(&d.state_dir), before, "state_dir untouched");
+    assert_state_consistent(&d.state_dir);
+    std::fs::write(&d.config, good).unwrap();
+    d.restart();
+    assert_eq!(d.serving("echo-tcp").as_deref(), Some(v.as_str()));
+}
+
+/// A `state_dir` that is read-only when the daemon starts (a flash device
+/// the kernel remounted `ro` after errors): the daemon comes up on what
+/// the store holds, says once why nothing new can be recorded, refuses
+/// reloads with the cause, and takes them again once it is writable.
+#[test]
+fn a_read_only_state_dir_at_start_serves_from_the_store() {
+    if !require_root("a_read_only_state_dir_at_start (mounts a tmpfs)") {
+        return;
+    }
+    let parent = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&parent.path().join("state"), "16m");
+    let series = echo_version_series(SERIES_MAJOR, 3);
+    let mut d = Daemon::start(DaemonOptions {
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+        ],
+        probes: "off",
+        trial: "1s",
+        packages: vec![("echo".into(), series[0].1.clone(), series[0].0.clone())],
+        state_dir: Some(fs.path.clone()),
+        ..Default::default()
+    });
+    let (v1, lib1) = series[1].clone();
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        &v1,
+        &lib1,
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "v1 known-good", || {
+        d.status()["plugins"][0]["state"] == "known-good"
+            && d.status()["plugins"][0]["active"] == v1.as_str()
+    });
+    assert_eq!(d.stop(), Some(0));
+    fs.remount("ro");
+    let before = tree_digest(&d.state_dir);
+    d.restart();
+    let live = Live::start(&LiveOptions {
+        tcp: vec![d.addr("echo-tcp")],
+        grpc: vec![d.addr("echo-grpc")],
+        pause: Duration::from_millis(2),
+    });
+    assert_eq!(d.serving("echo-tcp").as_deref(), Some(v1.as_str()));
+    let said: Vec<String> = d
+        .log_lines()
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("state_dir is not writable"))
+        })
+        .map(|l| l["fields"]["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        said.len(),
+        1,
+        "said once, at the start on a read-only fs: {said:?}"
+    );
+    assert!(said[0].contains("Read-only file system"), "{said:?}");
+    assert_eq!(
+        d.metrics().get("plugvisor_state_dir_free_bytes", &[]),
+        Some(0.0)
+    );
+    // A new package: refused with the cause, v1 serves on.
+    let from = d.log_lines().len();
+    let (v2, lib2) = series[2].clone();
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        &v2,
+        &lib2,
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "v2 refused", || {
+        d.reloads("echo", "failed") == 1
+    });
+    let refusals = d.refusals_since(from);
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    let message = refusals[0]["fields"]["message"].as_str().unwrap();
+    assert!(message.contains("Read-only file system"), "{message}");
+    assert_eq!(refusals[0]["fields"]["serving"], v1.as_str());
+    assert_eq!(d.serving("echo-tcp").as_deref(), Some(v1.as_str()));
+    assert_eq!(tree_digest(&d.state_dir), before, "nothing written");
+    assert_state_consistent(&d.state_dir);
+    // Writable again: the next look takes v2.
+    fs.remount("rw");
+    d.signal(libc::SIGUSR1);
+    wait_until(deadline(), "v2 serves", || {
+        d.serving("echo-tcp").as_deref() == Some(v2.as_str())
+    });
+    let t = live.stop();
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert!(t.frames > 0);
+    assert!(
+        t.versions
+            .is_subset(&BTreeSet::from([v1.clone(), v2.clone()]))
+    );
+    wait_until(deadline(), "refs record v2", || {
+        check_state(&d.state_dir).is_ok_and(|s| s.active_version("echo") == Some(v2.as_str()))
+    });
+    let s = assert_state_consistent(&d.state_dir);
+    assert!(s.temp_files.is_empty(), "{:?}", s.temp_files);
+    drop(d);
+}
+
+/// Server sockets of `port` that are ESTABLISHED, from `/proc/net/tcp`.
+fn established(port: u16) -> usize {
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].rsplit(':').next() == Some(&format!("{port:04X}")) && f[3] == "01"
+        })
+        .count()
+}
+
+/// The eBPF ring buffer overflows: a connection storm breaks more
+/// connections inside one reload window than the ring holds while the
+/// daemon is not scheduled (SIGSTOP — as a starved or frozen consumer
+/// would be). Every event that did not fit is counted as dropped, the
+/// kernel's own counter misses none, the daemon serves on.
+#[test]
+fn a_ring_buffer_overflow_is_counted_and_serving_goes_on() {
+    const STORM: usize = 400;
+    /// One page: about a hundred 40-byte records.
+    const RING: u32 = 4096;
+    if !require_root("a_ring_buffer_overflow_is_counted_and_serving_goes_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("init-mark");
+    let d = Daemon::start(DaemonOptions {
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+        ],
+        probes: "on",
+        ring_buffer_bytes: Some(RING),
+        env: vec![
+            ("PLUGVISOR_FIXTURE_INIT_MS".into(), "3000".into()),
+            (
+                "PLUGVISOR_FIXTURE_INIT_MARK".into(),
+                mark.display().to_string(),
+            ),
+        ],
+        ..Default::default()
+    });
+    let live = Live::start(&LiveOptions {
+        tcp: vec![d.addr("echo-tcp")],
+        grpc: vec![d.addr("echo-grpc")],
+        pause: Duration::from_millis(2),
+    });
+    let port = d.addr("echo-tcp").port();
+    let mut storm: Vec<LineClient> = (0..STORM)
+        .map(|_| LineClient::connect(d.addr("echo-tcp")).unwrap())
+        .collect();
+    for c in &mut storm {
+        assert!(c.call("hello").unwrap().starts_with("[echo 1.0.0]"));
+    }
+    let broken = |d: &Daemon| {
+        d.metrics()
+            .get(
+                "plugvisor_reload_broken_connections_total",
+                &[("listener", "echo-tcp")],
+            )
+            .unwrap()
+    };
+    let dropped = |d: &Daemon| {
+        d.metrics()
+            .get(
+                "plugvisor_probe_events_dropped_total",
+                &[("probe", "inet_sock_set_state")],
+            )
+            .unwrap()
+    };
+    assert_eq!((broken(&d), dropped(&d)), (0.0, 0.0));
+    // Another plugin's reload opens the window (one window for all
+    // listeners) and holds it for three seconds of init.
+    let slow = build_plugin_version("plugvisor-fixture-slow-init", "fixture_slow_init", "1.0.0");
+    install_package(
+        &d.plugins_dir,
+        "slow",
+        "1.0.0",
+        &slow,
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "slow's init runs (window open)", || {
+        mark.exists()
+    });
+    // Server sockets of the listener still established: the storm's and
+    // the live client's.
+    let live_tcp = established(port) - STORM;
+    d.signal(libc::SIGSTOP);
+    drop(storm);
+    let all_closed = Instant::now() + Duration::from_secs(10);
+    while established(port) > live_tcp && Instant::now() < all_closed {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = established(port);
+    d.signal(libc::SIGCONT);
+    assert_eq!(
+        left, live_tcp,
+        "the kernel saw every storm connection close while plugvisor was stopped"
+    );
+    wait_until(deadline(), "slow serves (window closed)", || {
+        d.status()["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["plugin"] == "slow" && p["active"] == "1.0.0")
+    });
+    let warned = |d: &Daemon| {
+        d.log_lines()
+            .iter()
+            .filter(|l| {
+                l["fields"]["message"]
+                    == "kernel saw a connection leave ESTABLISHED while a reload window was open"
+            })
+            .count()
+    };
+    // The kernel's counter is exact; the ring carried what fitted, the
+    // rest is counted as dropped: together, every connection.
+    wait_until(deadline(), "every broken connection accounted for", || {
+        broken(&d) == STORM as f64 && warned(&d) as f64 + dropped(&d) == STORM as f64
+    });
+    let lost = dropped(&d);
+    assert!(
+        lost >= (STORM / 2) as f64,
+        "a {RING}-byte ring cannot hold {STORM} events: only {lost} dropped"
+    );
+    eprintln!(
+        "ring overflow: {STORM} broken connections, {} events delivered, {lost} dropped",
+        warned(&d)
+    );
+    let t = live.stop();
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert!(t.frames > 0);
+    assert_eq!(d.serving("echo-tcp").as_deref(), Some("1.0.0"));
+    assert_eq!(
+        d.metrics()
+            .get("plugvisor_probe_up", &[("probe", "inet_sock_set_state")]),
+        Some(1.0),
+        "the probe stays up"
+    );
+    assert_state_consistent(&d.state_dir);
+}

@@ -1,0 +1,235 @@
+//! Soak: 1000 hot reloads of `echo` under load — persistent TCP clients
+//! and an open gRPC `Exchange` stream sending all the while — with the
+//! eBPF probes watching. Afterwards: no client saw an error, the kernel saw
+//! no connection break, the resident set grew by no more than the versions
+//! kept mapped may take, the fds are where they were, the daemon logged
+//! no error, and `state_dir` is whole. What it cost is printed: reloads
+//! per second, RSS and fds before and after, and how much `state_dir` grew
+//! (every version's object is kept in the store; see
+//! `docs/RELIABILITY.md`).
+#![expect(
+    clippy::too_many_lines,
+    reason = "one black-box scenario that reads top to bottom"
+)]
+#![expect(
+    clippy::float_cmp,
+    reason = "metric values are integer counts carried in f64; exact comparison is the point"
+)]
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use plugvisor_tests::live::{Live, LiveOptions};
+use plugvisor_tests::state_check::assert_state_consistent;
+use plugvisor_tests::{
+    Daemon, DaemonOptions, ListenerSpec, PackageTweaks, echo_version_series, install_package,
+    require_root, sha256_file, wait_until,
+};
+
+/// Reloads measured.
+const RELOADS: usize = 1000;
+/// Reloads before the first measure: the mapped set is full and the
+/// allocator has seen a reload or twenty.
+const WARMUP: usize = 20;
+/// `[reload] keep_loaded` (the daemon's default).
+const KEEP_LOADED: u64 = 4;
+/// What the resident set may grow by besides the mapped versions:
+/// allocator arenas and caches that a thousand reloads settle into.
+const RSS_ALLOWANCE: u64 = 8 << 20;
+/// The echo series (shared with the fault matrix: one build).
+const SERIES_MAJOR: u64 = 7;
+/// The soak gives up (fails) after this long; it is a bound, not a target.
+const SOAK_BOUND: Duration = Duration::from_secs(600);
+
+/// Resident set of `pid` in bytes (`VmRSS`).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+/// Open fds of `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Distinct store objects `pid` has mapped.
+fn mapped_objects(pid: u32, state_dir: &Path) -> BTreeSet<String> {
+    let objects = state_dir.join("objects").display().to_string();
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.starts_with(&objects))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Bytes of every file under `dir`.
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_thousand_reloads_under_load() {
+    if !require_root("a_thousand_reloads_under_load (counts broken connections in the kernel)") {
+        return;
+    }
+    let series = echo_version_series(SERIES_MAJOR, 1 + WARMUP + RELOADS);
+    let lib_size = std::fs::metadata(&series[0].1).unwrap().len();
+    let d = Daemon::start(DaemonOptions {
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+        ],
+        probes: "on",
+        packages: vec![("echo".into(), series[0].1.clone(), series[0].0.clone())],
+        ..Default::default()
+    });
+    let pid = d.pid();
+    let live = Live::start(&LiveOptions {
+        tcp: vec![d.addr("echo-tcp"); 4],
+        grpc: vec![d.addr("echo-grpc")],
+        pause: Duration::from_millis(1),
+    });
+    let pkg = d.plugins_dir.join("echo");
+    let mut previous_lib: Option<std::path::PathBuf> = None;
+    // One reload: the package committed the operator's way, `plugvisor
+    // reload` to act on it now (the watcher may get there first), the
+    // previous library removed once it no longer serves.
+    let mut reload = |(version, lib): &(String, std::path::PathBuf)| {
+        install_package(
+            &d.plugins_dir,
+            "echo",
+            version,
+            lib,
+            &PackageTweaks::default(),
+        );
+        let (code, out, err) = d.cli(&["reload", "echo"]);
+        assert_eq!(code, 0, "reload to {version}: {out}{err}");
+        assert!(
+            out.contains(&format!("-> {version} in"))
+                || out.contains(&format!("{version} is serving")),
+            "reload to {version}: {out}"
+        );
+        if let Some(old) = previous_lib.take() {
+            std::fs::remove_file(old).unwrap();
+        }
+        previous_lib = Some(pkg.join(format!("libecho-{version}-{}.so", &sha256_file(lib)[..8])));
+    };
+    for v in &series[1..=WARMUP] {
+        reload(v);
+    }
+    let (rss_before, fds_before) = (rss(pid), fds(pid));
+    let disk_before = disk_usage(&d.state_dir);
+    let _ = live.take();
+
+    let started = Instant::now();
+    for (i, v) in series[WARMUP + 1..].iter().enumerate() {
+        assert!(
+            started.elapsed() < SOAK_BOUND,
+            "only {i} reloads in {SOAK_BOUND:?}"
+        );
+        reload(v);
+    }
+    let took = started.elapsed();
+    let last = &series.last().unwrap().0;
+
+    // The clients were answered throughout, by the versions as they came.
+    let tally = live.stop();
+    assert!(
+        tally.errors.is_empty(),
+        "client errors: {:#?}",
+        tally.errors
+    );
+    let published: BTreeSet<String> = series.iter().map(|(v, _)| v.clone()).collect();
+    assert!(tally.versions.is_subset(&published), "{:?}", tally.versions);
+    assert!(tally.versions.contains(last), "the last version answered");
+    // Connections the clients closed settle before fds are counted.
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "fds back where they were",
+        || fds(pid) <= fds_before,
+    );
+    let (rss_after, fds_after) = (rss(pid), fds(pid));
+    let disk_after = disk_usage(&d.state_dir);
+    let mapped = mapped_objects(pid, &d.state_dir);
+    let m = d.metrics();
+    let broken = m.sum("plugvisor_reload_broken_connections_total", &[]);
+    let successes = d.reloads("echo", "success");
+    let errors: Vec<String> = d
+        .log_lines()
+        .iter()
+        .filter(|l| l["level"] == "ERROR")
+        .map(ToString::to_string)
+        .collect();
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    eprintln!(
+        "soak: {RELOADS} reloads in {took:.1?} ({:.1} reloads/s) under {} answered frames ({:.0}/s); \
+         RSS {:.1} -> {:.1} MiB (budget +{:.1} MiB: {KEEP_LOADED} x {:.2} MiB library + {:.0} MiB); \
+         fds {fds_before} -> {fds_after}; {} objects mapped; state_dir {:.1} -> {:.1} MiB \
+         (+{:.1} KiB per reload); kernel-broken connections {broken}",
+        RELOADS as f64 / took.as_secs_f64(),
+        tally.frames,
+        tally.frames as f64 / took.as_secs_f64(),
+        mib(rss_before),
+        mib(rss_after),
+        mib(KEEP_LOADED * lib_size + RSS_ALLOWANCE),
+        mib(lib_size),
+        mib(RSS_ALLOWANCE),
+        mapped.len(),
+        mib(disk_before),
+        mib(disk_after),
+        (disk_after - disk_before) as f64 / 1024.0 / RELOADS as f64,
+    );
+
+    assert_eq!(
+        successes,
+        (1 + WARMUP + RELOADS) as u64,
+        "every version was taken once"
+    );
+    assert_eq!(broken, 0.0, "the kernel saw no connection break");
+    assert!(
+        m.get("plugvisor_probe_up", &[("probe", "inet_sock_set_state")]) == Some(1.0),
+        "the probe watched all along"
+    );
+    assert!(errors.is_empty(), "error lines in the log: {errors:#?}");
+    assert!(
+        mapped.len() as u64 <= KEEP_LOADED,
+        "at most {KEEP_LOADED} versions mapped, found {}: {mapped:#?}",
+        mapped.len()
+    );
+    assert!(
+        rss_after <= rss_before + KEEP_LOADED * lib_size + RSS_ALLOWANCE,
+        "RSS grew from {:.1} to {:.1} MiB",
+        mib(rss_before),
+        mib(rss_after)
+    );
+    assert!(fds_after <= fds_before, "fds {fds_before} -> {fds_after}");
+    let s = assert_state_consistent(&d.state_dir);
+    assert_eq!(s.active_version("echo"), Some(last.as_str()));
+    assert!(s.temp_files.is_empty(), "{:?}", s.temp_files);
+}
