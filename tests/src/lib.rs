@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tonic_health::pb::health_check_response::ServingStatus;
 
+pub mod state_check;
+
 /// The `plugvisor.v1` client, generated from
 /// `supervisor/proto/plugvisor/v1/plugin.proto`.
 pub mod pb {
