@@ -13,6 +13,7 @@ use std::time::Duration;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
+use crate::failpoints::{CrashPoint, crash_point};
 use crate::reload::Reloader;
 use crate::slot::Admission;
 use crate::store::{JournalEntry, StoreError, VersionRef, now_ms};
@@ -241,12 +242,15 @@ impl Actions {
             version: from.loaded.version().clone(),
             sha256: from.loaded.sha256().to_owned(),
         };
+        let key = target.version.to_string();
+        crash_point(CrashPoint::RollbackBeforeSwap, &key);
         let window = r.window(plugin);
         if slot.switch_to_mapped(&target.version).is_none() {
             let loaded = r.load_from_store(plugin, &target)?;
             slot.install(loaded);
         }
         drop(window);
+        crash_point(CrashPoint::RollbackAfterSwap, &key);
         if !refs.is_quarantined(&from_ref) {
             refs.quarantined.push(from_ref.clone());
         }
@@ -256,6 +260,7 @@ impl Actions {
             refs.known_good = Some(target.clone());
         }
         r.store().write_refs(plugin, &refs)?;
+        crash_point(CrashPoint::RollbackAfterRefs, &key);
         slot.pin(refs.known_good.as_ref().map(|k| k.version.clone()));
         // Another plugin may have been blocked on (or by) the version left.
         r.refresh_dependency_conflicts();
@@ -422,12 +427,15 @@ impl Actions {
             let Some(active) = refs.active.clone() else {
                 continue;
             };
+            let key = active.version.to_string();
+            crash_point(CrashPoint::TrialBeforeRefs, &key);
             refs.known_good = Some(active.clone());
             refs.trial_since_ms = None;
             if let Err(e) = r.store().write_refs(&plugin, &refs) {
                 tracing::error!(plugin, error = %e, "could not record the passed trial");
                 continue;
             }
+            crash_point(CrashPoint::TrialAfterRefs, &key);
             if let Some(slot) = r.slots().get(&plugin) {
                 slot.pin(Some(active.version.clone()));
             }

@@ -180,7 +180,18 @@ pub struct ReloadConfig {
     /// Quiet period of the `plugins_dir` watcher before it acts.
     #[serde(deserialize_with = "duration")]
     pub debounce: Duration,
+    /// How long a plugin's `init` may run before the load is refused and
+    /// the version quarantined. The thread stuck in it cannot be killed:
+    /// it is abandoned and its library stays mapped until restart.
+    #[serde(deserialize_with = "duration")]
+    pub init_timeout: Duration,
 }
+
+/// `[reload] init_timeout` when the config does not set it.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[[listener]] request_timeout` when the config does not set it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ReloadConfig {
     fn default() -> Self {
@@ -188,6 +199,7 @@ impl Default for ReloadConfig {
             trial: Duration::from_secs(30),
             keep_loaded: 4,
             debounce: Duration::from_millis(200),
+            init_timeout: DEFAULT_INIT_TIMEOUT,
         }
     }
 }
@@ -244,6 +256,15 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// Plugin that serves it.
     pub plugin: String,
+    /// How long the plugin may take to answer one request (a TCP frame, a
+    /// gRPC message) before the request is answered with a timeout error
+    /// and the call abandoned.
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    pub request_timeout: Duration,
+}
+
+fn default_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -306,6 +327,11 @@ impl Config {
                 )));
             }
         }
+        if self.reload.init_timeout.is_zero() {
+            return Err(invalid(
+                "[reload] init_timeout must be more than 0 (every init is bounded)".into(),
+            ));
+        }
         if self.reload.keep_loaded == 0 {
             return Err(invalid(
                 "[reload] keep_loaded must be at least 1 (the active version)".into(),
@@ -324,6 +350,12 @@ impl Config {
                 return Err(invalid(format!(
                     "listener {:?}: plugin name {:?} is not valid",
                     l.name, l.plugin
+                )));
+            }
+            if l.request_timeout.is_zero() {
+                return Err(invalid(format!(
+                    "listener {:?}: request_timeout must be more than 0 (every request is bounded)",
+                    l.name
                 )));
             }
             if !names.insert(l.name.clone()) {
@@ -406,6 +438,12 @@ mod tests {
             "the default serves echo over gRPC too"
         );
         assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.reload.init_timeout, DEFAULT_INIT_TIMEOUT);
+        assert!(
+            c.listeners
+                .iter()
+                .all(|l| l.request_timeout == DEFAULT_REQUEST_TIMEOUT)
+        );
         assert!(c.is_embedded_default());
     }
 
@@ -501,6 +539,36 @@ plugin = "echo"
                 .validate(Path::new("t"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn timeouts_parse_and_zero_is_refused() {
+        let text = r#"
+[reload]
+init_timeout = "2s"
+[[listener]]
+name = "a"
+protocol = "tcp"
+bind = "127.0.0.1:1"
+plugin = "echo"
+request_timeout = "250ms"
+"#;
+        let c = Config::parse(text, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap();
+        assert_eq!(c.reload.init_timeout, Duration::from_secs(2));
+        assert_eq!(c.listeners[0].request_timeout, Duration::from_millis(250));
+        for (zero, key) in [
+            (text.replace("\"250ms\"", "\"0s\""), "request_timeout"),
+            (text.replace("\"2s\"", "\"0s\""), "init_timeout"),
+        ] {
+            let err = Config::parse(&zero, Path::new("t"))
+                .unwrap()
+                .validate(Path::new("t"))
+                .unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

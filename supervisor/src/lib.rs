@@ -78,6 +78,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod deps;
+pub mod failpoints;
 pub mod health;
 pub mod listeners;
 pub mod loader;

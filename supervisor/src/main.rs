@@ -162,6 +162,9 @@ enum Cmd {
         #[arg(long = "public-key", value_name = "FILE")]
         public_keys: Vec<PathBuf>,
     },
+    /// List the crash points `FAILPOINTS` can arm (failpoints build only).
+    #[cfg(feature = "failpoints")]
+    Failpoints,
 }
 
 /// Sends one request to the daemon named by the config at `config`.
@@ -193,7 +196,9 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    plugvisor::failpoints::setup();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match real_main(cli) {
@@ -250,6 +255,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             public_keys,
         } => return verify(&dir, config.as_ref(), &public_keys),
+        #[cfg(feature = "failpoints")]
+        Cmd::Failpoints => {
+            for p in plugvisor::failpoints::CrashPoint::ALL {
+                println!("{}", p.as_str());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -284,7 +296,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("plugvisor: config {source} is valid");
                 return Ok(ExitCode::SUCCESS);
             }
-            runtime.block_on(plugvisor::daemon::run(config))?;
+            let result = runtime.block_on(plugvisor::daemon::run(config));
+            // Dropping the runtime would wait for every blocking task, and a
+            // plugin call abandoned after its timeout may never return.
+            runtime.shutdown_background();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { config, json } => {
@@ -368,6 +384,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Keygen { .. } | Cmd::Pack { .. } | Cmd::Verify { .. } => {
             unreachable!("handled above")
         }
+        #[cfg(feature = "failpoints")]
+        Cmd::Failpoints => unreachable!("handled above"),
     }
 }
 
