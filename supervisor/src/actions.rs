@@ -256,7 +256,9 @@ impl Actions {
         }
         refs.active = Some(target.clone());
         refs.trial_since_ms = None;
-        if refs.known_good.is_none() {
+        // Never leave the quarantined version as the one a crash in a
+        // later trial would come back to.
+        if refs.known_good.is_none() || refs.known_good.as_ref() == Some(&from_ref) {
             refs.known_good = Some(target.clone());
         }
         r.store().write_refs(plugin, &refs)?;

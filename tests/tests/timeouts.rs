@@ -28,19 +28,20 @@ const MAX_STUCK_HANDLES: usize = 16;
 /// The per-plugin bound on abandoned `init` calls (`loader::MAX_STUCK_INITS`).
 const MAX_STUCK_INITS: usize = 2;
 
-fn metric(d: &Daemon, name: &str, call: &str) -> f64 {
+/// A counter or gauge of `plugin="echo"` and `call`, as an integer.
+fn metric(d: &Daemon, name: &str, call: &str) -> u64 {
     d.metrics()
         .get(name, &[("plugin", "echo"), ("call", call)])
-        .unwrap_or_else(|| panic!("{name}{{plugin=echo,call={call}}} is exported"))
+        .unwrap_or_else(|| panic!("{name}{{plugin=echo,call={call}}} is exported")) as u64
 }
 
-fn reloads(d: &Daemon, outcome: &str) -> f64 {
+fn reloads(d: &Daemon, outcome: &str) -> u64 {
     d.metrics()
         .get(
             "plugvisor_reloads_total",
             &[("plugin", "echo"), ("outcome", outcome)],
         )
-        .unwrap_or(0.0)
+        .unwrap_or(0.0) as u64
 }
 
 /// Log lines from `from` on whose message contains `needle`.
@@ -99,9 +100,9 @@ fn an_init_that_hangs_is_bounded_and_the_old_version_serves_on() {
     assert_eq!(echo_version(&client.call("ping").unwrap()), Some("1.0.0"));
     assert_eq!(
         metric(&d, "plugvisor_plugin_call_timeouts_total", "init"),
-        0.0
+        0
     );
-    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "init"), 0.0);
+    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "init"), 0);
 
     // Each hanging version in turn: refused after the bound, quarantined,
     // its thread counted as stuck, while 1.0.0 answers every request.
@@ -136,7 +137,7 @@ fn an_init_that_hangs_is_bounded_and_the_old_version_serves_on() {
         assert_eq!(lines.len(), 1, "said once in the log");
         assert_eq!(lines[0]["fields"]["serving"], "1.0.0");
         assert_eq!(lines[0]["fields"]["outcome"], "failed");
-        let n = (i + 1) as f64;
+        let n = (i + 1) as u64;
         assert_eq!(
             metric(&d, "plugvisor_plugin_call_timeouts_total", "init"),
             n
@@ -171,7 +172,7 @@ fn an_init_that_hangs_is_bounded_and_the_old_version_serves_on() {
     );
     assert_eq!(
         metric(&d, "plugvisor_plugin_calls_stuck", "init"),
-        MAX_STUCK_INITS as f64
+        MAX_STUCK_INITS as u64
     );
 
     // The bound: with MAX_STUCK_INITS threads stuck, the next version is
@@ -196,10 +197,10 @@ fn an_init_that_hangs_is_bounded_and_the_old_version_serves_on() {
         "earlier init calls of this plugin are still running",
     );
     assert_eq!(lines.len(), 1, "the refusal names the stuck inits");
-    assert_eq!(metric(&d, "plugvisor_plugin_calls_shed_total", "init"), 1.0);
+    assert_eq!(metric(&d, "plugvisor_plugin_calls_shed_total", "init"), 1);
     assert_eq!(
         metric(&d, "plugvisor_plugin_call_timeouts_total", "init"),
-        MAX_STUCK_INITS as f64,
+        MAX_STUCK_INITS as u64,
         "no init was called"
     );
 
@@ -237,7 +238,7 @@ fn an_init_that_hangs_is_bounded_and_the_old_version_serves_on() {
                 .is_ok_and(|r| echo_version(&r) == Some(third.as_str()))
         },
     );
-    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "init"), 0.0);
+    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "init"), 0);
     assert_state_consistent(&d.state_dir);
 }
 
@@ -284,9 +285,9 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
     );
     assert_eq!(
         metric(&d, "plugvisor_plugin_call_timeouts_total", "handle"),
-        1.0
+        1
     );
-    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "handle"), 1.0);
+    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "handle"), 1);
     let lines = logged(&d, from, "request timed out");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["fields"]["plugin"], "echo");
@@ -298,11 +299,11 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
     wait_until(
         Instant::now() + Duration::from_secs(10),
         "the late call to leave the stuck count",
-        || metric(&d, "plugvisor_plugin_calls_stuck", "handle") == 1.0,
+        || metric(&d, "plugvisor_plugin_calls_stuck", "handle") == 1,
     );
     assert_eq!(
         metric(&d, "plugvisor_plugin_call_timeouts_total", "handle"),
-        2.0
+        2
     );
 
     // Up to the bound, concurrently: every one times out on its own.
@@ -323,7 +324,7 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
     }
     assert_eq!(
         metric(&d, "plugvisor_plugin_calls_stuck", "handle"),
-        MAX_STUCK_HANDLES as f64
+        MAX_STUCK_HANDLES as u64
     );
     // Past it: shed at once with a clear refusal, the plugin not called.
     let shed = other.call("ping").unwrap();
@@ -332,10 +333,7 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
             && shed.contains(&format!("{MAX_STUCK_HANDLES} earlier requests are stuck")),
         "{shed}"
     );
-    assert_eq!(
-        metric(&d, "plugvisor_plugin_calls_shed_total", "handle"),
-        1.0
-    );
+    assert_eq!(metric(&d, "plugvisor_plugin_calls_shed_total", "handle"), 1);
 
     // The bound is per version: a fixed version serves at once, on the
     // same connection; the stuck calls keep the bad one mapped.
@@ -355,13 +353,9 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
                 .is_ok_and(|r| echo_version(&r) == Some("2.0.0"))
         },
     );
-    let m = d.metrics();
     assert_eq!(
-        m.get(
-            "plugvisor_plugin_calls_stuck",
-            &[("plugin", "echo"), ("call", "handle")]
-        ),
-        Some(MAX_STUCK_HANDLES as f64)
+        metric(&d, "plugvisor_plugin_calls_stuck", "handle"),
+        MAX_STUCK_HANDLES as u64
     );
     let state = assert_state_consistent(&d.state_dir);
     assert_eq!(state.active_version("echo"), Some("2.0.0"));
@@ -435,12 +429,12 @@ fn a_handle_that_hangs_times_out_on_grpc() {
     });
     assert_eq!(
         metric(&d, "plugvisor_plugin_call_timeouts_total", "handle"),
-        2.0
+        2
     );
-    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "handle"), 2.0);
+    assert_eq!(metric(&d, "plugvisor_plugin_calls_stuck", "handle"), 2);
     assert_eq!(
         metric(&d, "plugvisor_plugin_call_timeouts_total", "init"),
-        0.0
+        0
     );
     assert_state_consistent(&d.state_dir);
 }
