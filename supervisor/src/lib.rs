@@ -73,6 +73,7 @@
 pub mod actions;
 pub mod admin;
 pub mod bundle;
+pub mod calls;
 pub mod catalog;
 pub mod config;
 pub mod control;

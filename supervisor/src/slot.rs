@@ -7,8 +7,9 @@
 //! finishes on the version it started on. The last `keep_loaded` versions
 //! stay mapped, so going back to one of them is the same pointer swap.
 //!
-//! A request runs on tokio's blocking pool, never on an async worker, and
-//! is bounded by its listener's `request_timeout`: a `handle` that hangs
+//! A request runs on a runner of the slot's [`CallPool`] (a thread of
+//! tokio's blocking pool), never on an async worker, and is bounded by its
+//! listener's `request_timeout`: a `handle` that hangs
 //! is answered with a timeout error and abandoned, still holding its
 //! version — which therefore stays mapped (its `Arc` is alive) until the
 //! call returns, if ever. At most [`MAX_STUCK_HANDLES`] abandoned calls per
@@ -30,6 +31,7 @@ use prometheus::IntCounter;
 use semver::Version;
 use tokio::sync::watch;
 
+use crate::calls::{Abandon, CallError, CallPool};
 use crate::loader::{self, HandleError, InitBound, LoadedVersion, StuckCalls};
 use crate::metrics::{Metrics, PluginCall, RequestOutcome};
 
@@ -119,7 +121,27 @@ pub struct Installed {
     error: IntCounter,
     panic: IntCounter,
     // Calls into this version abandoned after their timeout, still running.
-    stuck: Arc<AtomicUsize>,
+    stuck: Arc<VersionStuck>,
+}
+
+/// Abandoned calls of one version, also counted for the whole plugin.
+struct VersionStuck {
+    count: AtomicUsize,
+    plugin: Arc<StuckCalls>,
+    timeouts: IntCounter,
+}
+
+impl Abandon for VersionStuck {
+    fn gave_up(&self) {
+        self.timeouts.inc();
+        self.plugin.enter();
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn returned_late(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.plugin.leave();
+    }
 }
 
 impl Installed {
@@ -164,6 +186,7 @@ pub struct Slot {
     handle_timeouts: IntCounter,
     init_shed: IntCounter,
     handle_shed: IntCounter,
+    calls: Arc<CallPool>,
     metrics: Arc<Metrics>,
 }
 
@@ -196,6 +219,7 @@ impl Slot {
             handle_timeouts: timeouts(PluginCall::Handle),
             init_shed: shed(PluginCall::Init),
             handle_shed: shed(PluginCall::Handle),
+            calls: CallPool::new(),
             plugin: plugin.to_owned(),
             keep_loaded: keep_loaded.max(1),
             active: ArcSwapOption::empty(),
@@ -259,9 +283,10 @@ impl Slot {
     }
 
     /// Handles one frame on the active version and says which version
-    /// answered. The plugin runs on the blocking pool, never on an async
-    /// worker; after `timeout` the call is abandoned and answered with
-    /// [`DispatchError::Timeout`]. While [`MAX_STUCK_HANDLES`] abandoned
+    /// answered. The plugin runs on a runner of the slot's [`CallPool`],
+    /// never on an async worker; after `timeout` the call is abandoned and
+    /// answered with [`DispatchError::Timeout`]. A zero `timeout` means no
+    /// bound: the plugin is called inline, on the caller's thread. While [`MAX_STUCK_HANDLES`] abandoned
     /// calls still run, new ones are shed ([`DispatchError::Shed`]).
     pub async fn call(
         &self,
@@ -283,7 +308,7 @@ impl Slot {
             );
         };
         let version = installed.version_label.clone();
-        let stuck_here = installed.stuck.load(Ordering::Acquire);
+        let stuck_here = installed.stuck.count.load(Ordering::Acquire);
         if stuck_here >= MAX_STUCK_HANDLES {
             self.handle_shed.inc();
             let e = DispatchError::Shed {
@@ -294,24 +319,30 @@ impl Slot {
             };
             return (Err(e), Some(version));
         }
-        let version_stuck = installed.stuck.clone();
-        // The closure owns an Arc of the version: a call that never returns
-        // keeps it mapped for good, which is what running code needs.
-        let mut call = tokio::task::spawn_blocking(move || installed.handle(&request));
-        match tokio::time::timeout(timeout, &mut call).await {
-            Ok(Ok(r)) => (r.map_err(Into::into), Some(version)),
+        if timeout.is_zero() {
+            // `request_timeout = "0s"`: no bound, called right here on the
+            // async worker — the fastest path, for a plugin trusted never
+            // to block (one that hangs then holds this worker for good).
+            return (
+                installed.handle(&request).map_err(Into::into),
+                Some(version),
+            );
+        }
+        let stuck = installed.stuck.clone();
+        // The call owns an Arc of the version: one that never returns keeps
+        // it mapped for good, which is what running code needs.
+        let result = self
+            .calls
+            .call(timeout, move || installed.handle(&request), &stuck)
+            .await;
+        match result {
+            Ok(r) => (r.map_err(Into::into), Some(version)),
             // The SDK catches a plugin's panics; this is one in the glue.
-            Ok(Err(e)) => (Err(HandleError::Panic(e.to_string()).into()), Some(version)),
-            Err(_) => {
-                self.handle_timeouts.inc();
-                let stuck = self.stuck_handle.clone();
-                stuck.enter();
-                version_stuck.fetch_add(1, Ordering::AcqRel);
-                tokio::spawn(async move {
-                    let _ = call.await;
-                    version_stuck.fetch_sub(1, Ordering::AcqRel);
-                    stuck.leave();
-                });
+            Err(CallError::Panicked) => (
+                Err(HandleError::Panic("the call panicked outside the plugin".into()).into()),
+                Some(version),
+            ),
+            Err(CallError::TimedOut) => {
                 tracing::warn!(
                     plugin = %self.plugin,
                     version,
@@ -380,7 +411,11 @@ impl Slot {
             ok: counter(RequestOutcome::Ok),
             error: counter(RequestOutcome::Error),
             panic: counter(RequestOutcome::Panic),
-            stuck: Arc::new(AtomicUsize::new(0)),
+            stuck: Arc::new(VersionStuck {
+                count: AtomicUsize::new(0),
+                plugin: self.stuck_handle.clone(),
+                timeouts: self.handle_timeouts.clone(),
+            }),
             version_label: version_label.clone(),
             loaded,
         });

@@ -248,10 +248,19 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
     let d = Daemon::start(DaemonOptions {
         probes: "off",
         packages: vec![("echo".into(), hang, "1.0.0".into())],
-        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo").request_timeout("300ms")],
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo").request_timeout("300ms"),
+            ListenerSpec::tcp("unbounded", "echo").request_timeout("0s"),
+        ],
         ..DaemonOptions::default()
     });
     let addr = d.addr("echo-tcp");
+    // `0s` is no bound at all: a slow call is waited for.
+    let mut unbounded = LineClient::connect(d.addr("unbounded")).unwrap();
+    assert_eq!(
+        unbounded.call("sleep 400").unwrap(),
+        "[echo 1.0.0] sleep 400"
+    );
     let mut other = LineClient::connect(addr).unwrap();
     assert_eq!(echo_version(&other.call("ping").unwrap()), Some("1.0.0"));
 
