@@ -14,6 +14,7 @@ use std::time::Duration;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
+use crate::failpoints::{CrashPoint, crash_point};
 use crate::reload::Reloader;
 use crate::slot::{Admission, Slot};
 use crate::store::{JournalEntry, StoreError, VersionRef, now_ms};
@@ -250,21 +251,27 @@ impl Actions {
             version: from.loaded.version().clone(),
             sha256: from.loaded.sha256().to_owned(),
         };
+        let key = target.version.to_string();
+        crash_point(CrashPoint::RollbackBeforeSwap, &key);
         let window = r.window(plugin);
         if slot.switch_to_mapped(&target.version).is_none() {
             let loaded = r.load_from_store(plugin, &target)?;
             slot.install(loaded);
         }
         drop(window);
+        crash_point(CrashPoint::RollbackAfterSwap, &key);
         if !refs.is_quarantined(&from_ref) {
             refs.quarantined.push(from_ref.clone());
         }
         refs.active = Some(target.clone());
         refs.trial_since_ms = None;
-        if refs.known_good.is_none() {
+        // Never leave the quarantined version as the one a crash in a
+        // later trial would come back to.
+        if refs.known_good.is_none() || refs.known_good.as_ref() == Some(&from_ref) {
             refs.known_good = Some(target.clone());
         }
         r.store().write_refs(plugin, &refs)?;
+        crash_point(CrashPoint::RollbackAfterRefs, &key);
         slot.pin(refs.known_good.as_ref().map(|k| k.version.clone()));
         // Another plugin may have been blocked on (or by) the version left.
         r.refresh_dependency_conflicts();
@@ -430,6 +437,8 @@ impl Actions {
             if !serving {
                 continue;
             }
+            let key = active.version.to_string();
+            crash_point(CrashPoint::TrialBeforeRefs, &key);
             refs.known_good = Some(active.clone());
             refs.trial_since_ms = None;
             if let Err(e) = r.store().write_refs(&plugin, &refs) {
@@ -439,6 +448,7 @@ impl Actions {
                 continue;
             }
             self.unrecorded_trials.remove(&plugin);
+            crash_point(CrashPoint::TrialAfterRefs, &key);
             if let Some(slot) = r.slots().get(&plugin) {
                 slot.pin(Some(active.version.clone()));
             }

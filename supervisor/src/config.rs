@@ -197,7 +197,18 @@ pub struct ReloadConfig {
     /// Quiet period of the `plugins_dir` watcher before it acts.
     #[serde(deserialize_with = "duration")]
     pub debounce: Duration,
+    /// How long a plugin's `init` may run before the load is refused and
+    /// the version quarantined. The thread stuck in it cannot be killed:
+    /// it is abandoned and its library stays mapped until restart.
+    #[serde(deserialize_with = "duration")]
+    pub init_timeout: Duration,
 }
+
+/// `[reload] init_timeout` when the config does not set it.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[[listener]] request_timeout` when the config does not set it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ReloadConfig {
     fn default() -> Self {
@@ -205,6 +216,7 @@ impl Default for ReloadConfig {
             trial: Duration::from_secs(30),
             keep_loaded: 4,
             debounce: Duration::from_millis(200),
+            init_timeout: DEFAULT_INIT_TIMEOUT,
         }
     }
 }
@@ -261,6 +273,17 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// Plugin that serves it.
     pub plugin: String,
+    /// How long the plugin may take to answer one request (a TCP frame, a
+    /// gRPC message) before the request is answered with a timeout error
+    /// and the call abandoned. `"0s"` means no bound: the plugin is called
+    /// inline on the async worker — the fastest path, for a plugin trusted
+    /// never to block, since one that hangs then holds that worker.
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    pub request_timeout: Duration,
+}
+
+fn default_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -322,6 +345,11 @@ impl Config {
                     "[fallback] {plugin} = {v:?}: a semver version or \"passthrough\""
                 )));
             }
+        }
+        if self.reload.init_timeout.is_zero() {
+            return Err(invalid(
+                "[reload] init_timeout must be more than 0 (every init is bounded)".into(),
+            ));
         }
         if self.reload.keep_loaded == 0 {
             return Err(invalid(
@@ -429,6 +457,12 @@ mod tests {
             "the default serves echo over gRPC too"
         );
         assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.reload.init_timeout, DEFAULT_INIT_TIMEOUT);
+        assert!(
+            c.listeners
+                .iter()
+                .all(|l| l.request_timeout == DEFAULT_REQUEST_TIMEOUT)
+        );
         assert!(c.is_embedded_default());
     }
 
@@ -547,6 +581,37 @@ plugin = "echo"
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains("ring_buffer_bytes"), "{err}");
         }
+    }
+
+    #[test]
+    fn timeouts_parse_and_a_zero_init_timeout_is_refused() {
+        let text = r#"
+[reload]
+init_timeout = "2s"
+[[listener]]
+name = "a"
+protocol = "tcp"
+bind = "127.0.0.1:1"
+plugin = "echo"
+request_timeout = "250ms"
+"#;
+        let c = Config::parse(text, Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap();
+        assert_eq!(c.reload.init_timeout, Duration::from_secs(2));
+        assert_eq!(c.listeners[0].request_timeout, Duration::from_millis(250));
+        let err = Config::parse(&text.replace("\"2s\"", "\"0s\""), Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("init_timeout"), "{err}");
+        // An unbounded request path is the operator's choice to make.
+        let c = Config::parse(&text.replace("\"250ms\"", "\"0s\""), Path::new("t"))
+            .unwrap()
+            .validate(Path::new("t"))
+            .unwrap();
+        assert!(c.listeners[0].request_timeout.is_zero());
     }
 
     #[test]

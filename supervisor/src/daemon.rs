@@ -162,6 +162,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         plugin_names,
     );
     reloader.set_trust(trust);
+    reloader.set_init_timeout(config.reload.init_timeout);
     for plugin in config.plugins() {
         reloader.slot(&plugin);
         reloader.boot_from_store(&plugin);

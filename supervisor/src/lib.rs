@@ -73,11 +73,13 @@
 pub mod actions;
 pub mod admin;
 pub mod bundle;
+pub mod calls;
 pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod deps;
+pub mod failpoints;
 pub mod health;
 pub mod listeners;
 pub mod loader;

@@ -5,13 +5,29 @@
 //! 0 in every ABI) before anything else in the descriptor is trusted, and
 //! name and version are compared with the manifest before any entry point
 //! is called — a library that claims to be something else never runs.
+//!
+//! `init` runs on a thread of its own, bounded by `[reload] init_timeout`.
+//! A thread that overruns cannot be killed (there is no safe way to stop a
+//! thread inside foreign code), so it is abandoned: the load is refused,
+//! and the library is leaked — never `dlclose`d — because unmapping code
+//! that a thread is still executing would crash the whole process. At most
+//! [`MAX_STUCK_INITS`] such threads may exist per plugin ([`StuckCalls`]);
+//! beyond that further loads of the plugin are refused before `dlopen`.
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugvisor_sdk::{ABI_VERSION, DESCRIPTOR_SYMBOL, PluginDescriptor, PvBuf, status};
+use prometheus::IntGauge;
 use semver::Version;
+
+/// Abandoned `init` calls (still running past `init_timeout`) allowed per
+/// plugin before further loads of that plugin are refused. Each one holds
+/// a thread and a library mapping for as long as it runs.
+pub const MAX_STUCK_INITS: usize = 2;
 
 /// Why a library was not loaded.
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +106,115 @@ pub enum LoadError {
         /// The plugin's message.
         message: String,
     },
+    /// The plugin's `init` did not return within `[reload] init_timeout`.
+    #[error(
+        "plugin {plugin:?} {version}: init did not return within {timeout:?} ([reload] init_timeout); its thread is abandoned and the library stays mapped until plugvisor restarts"
+    )]
+    InitTimeout {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// The bound it overran.
+        timeout: Duration,
+    },
+    /// Too many earlier `init` calls of this plugin are still stuck.
+    #[error(
+        "plugin {plugin:?} {version}: not loaded: {stuck} earlier init calls of this plugin are still running past their timeout (at most {limit}); publish a fixed version and restart plugvisor to reclaim them"
+    )]
+    TooManyStuckInits {
+        /// The plugin.
+        plugin: String,
+        /// The version that was not loaded.
+        version: String,
+        /// Stuck init calls now.
+        stuck: usize,
+        /// [`MAX_STUCK_INITS`].
+        limit: usize,
+    },
 }
 
 impl LoadError {
     /// Whether the package itself is bad (`rejected`), as opposed to a
     /// well-formed package that failed to start (`failed`).
     pub fn is_rejection(&self) -> bool {
-        !matches!(self, LoadError::InitFailed { .. })
+        !matches!(
+            self,
+            LoadError::InitFailed { .. }
+                | LoadError::InitTimeout { .. }
+                | LoadError::TooManyStuckInits { .. }
+        )
+    }
+}
+
+/// Calls into one plugin that overran their timeout and still run on a
+/// thread plugvisor gave up on, bounded by a limit and mirrored in a gauge
+/// (`plugvisor_plugin_calls_stuck{plugin,call}`).
+#[derive(Debug)]
+pub struct StuckCalls {
+    count: AtomicUsize,
+    limit: usize,
+    gauge: IntGauge,
+}
+
+impl StuckCalls {
+    /// None stuck yet; at most `limit`.
+    pub fn new(limit: usize, gauge: IntGauge) -> StuckCalls {
+        gauge.set(0);
+        StuckCalls {
+            count: AtomicUsize::new(0),
+            limit,
+            gauge,
+        }
+    }
+
+    /// Calls stuck now.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// The most that may be stuck before new calls are refused.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether the limit is reached.
+    pub fn is_full(&self) -> bool {
+        self.count() >= self.limit
+    }
+
+    /// One more call overran its timeout.
+    pub fn enter(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.gauge.inc();
+    }
+
+    /// A call counted by [`StuckCalls::enter`] returned at last.
+    pub fn leave(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+/// How `init` is bounded for one load.
+#[derive(Debug, Clone)]
+pub struct InitBound {
+    /// How long `init` may run (`[reload] init_timeout`).
+    pub timeout: Duration,
+    /// The plugin's abandoned init calls, shared by all its loads.
+    pub stuck: Arc<StuckCalls>,
+}
+
+impl InitBound {
+    /// A bound of `timeout` with its own tracker (tests, offline tools).
+    pub fn standalone(timeout: Duration) -> InitBound {
+        InitBound {
+            timeout,
+            stuck: Arc::new(StuckCalls::new(
+                MAX_STUCK_INITS,
+                IntGauge::new("stuck_inits", "unregistered").expect("valid gauge"),
+            )),
+        }
     }
 }
 
@@ -318,15 +436,25 @@ pub fn inspect(path: &Path) -> Result<Identity, LoadError> {
 }
 
 /// Loads `object` for `plugin`, checks it against the manifest's `version`
-/// and `abi`, and runs `init`.
+/// and `abi`, and runs `init` within `bound`.
 pub fn load(
     plugin: &str,
     version: &Version,
     abi: u32,
     sha256: &str,
     object: &Path,
+    bound: &InitBound,
 ) -> Result<(LoadedVersion, LoadTimings), LoadError> {
     let t0 = Instant::now();
+    if bound.stuck.is_full() {
+        // Refused before dlopen: every abandoned init pins a mapping.
+        return Err(LoadError::TooManyStuckInits {
+            plugin: plugin.to_owned(),
+            version: version.to_string(),
+            stuck: bound.stuck.count(),
+            limit: bound.stuck.limit(),
+        });
+    }
     if abi != ABI_VERSION {
         return Err(LoadError::ManifestAbi {
             plugin: plugin.to_owned(),
@@ -349,10 +477,18 @@ pub fn load(
     let t1 = Instant::now();
     // SAFETY: descriptor validated above.
     let d = unsafe { &*descriptor };
-    let mut instance: *mut c_void = std::ptr::null_mut();
-    let mut err = PvBuf::EMPTY;
-    // SAFETY: valid out-pointers; ABI checked.
-    let st = unsafe { (d.init)(&raw mut instance, &raw mut err) };
+    let Some(InitReturn { st, instance, err }) = run_init(plugin, version, descriptor, bound)
+    else {
+        // The thread runs on inside the library: it must stay mapped for
+        // the life of the process (dlclose under a running thread would
+        // pull its code from under it).
+        std::mem::forget(library);
+        return Err(LoadError::InitTimeout {
+            plugin: plugin.to_owned(),
+            version: version.to_string(),
+            timeout: bound.timeout,
+        });
+    };
     let init = t1.elapsed();
     if st != status::OK {
         // SAFETY: err was filled by this plugin (or is empty).
@@ -380,6 +516,126 @@ pub fn load(
         },
         LoadTimings { load, init },
     ))
+}
+
+/// What `init` handed back.
+struct InitReturn {
+    st: i32,
+    instance: *mut c_void,
+    err: PvBuf,
+}
+
+// SAFETY: the instance and buffer are plain data handed from the init
+// thread to the loading thread, which alone uses them afterwards.
+unsafe impl Send for InitReturn {}
+
+/// The descriptor, sent to the init thread. It is static data of a library
+/// that stays mapped while that thread runs.
+struct DescriptorPtr(*const PluginDescriptor);
+
+// SAFETY: the descriptor is immutable static data (see PluginDescriptor's Sync).
+unsafe impl Send for DescriptorPtr {}
+
+/// `init` is running; it has returned and its result was taken; it was
+/// given up on (the thread cleans up after itself if it ever returns).
+const INIT_RUNNING: u8 = 0;
+const INIT_TAKEN: u8 = 1;
+const INIT_ABANDONED: u8 = 2;
+
+/// Runs `init` on a thread of its own and waits at most `bound.timeout`.
+/// `None` when it overran: the thread is abandoned and counted in
+/// `bound.stuck` until it returns, if it ever does.
+fn run_init(
+    plugin: &str,
+    version: &Version,
+    descriptor: *const PluginDescriptor,
+    bound: &InitBound,
+) -> Option<InitReturn> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<InitReturn>(1);
+    let state = Arc::new(AtomicU8::new(INIT_RUNNING));
+    let thread_state = state.clone();
+    let stuck = bound.stuck.clone();
+    let desc = DescriptorPtr(descriptor);
+    let (name, ver) = (plugin.to_owned(), version.to_string());
+    let spawned = std::thread::Builder::new()
+        .name(format!("init-{plugin}"))
+        .spawn(move || {
+            let desc = desc;
+            // SAFETY: the library stays mapped while this thread runs: the
+            // loader keeps it, or leaks it when it gives up on this thread.
+            let d = unsafe { &*desc.0 };
+            let mut instance: *mut c_void = std::ptr::null_mut();
+            let mut err = PvBuf::EMPTY;
+            let started = Instant::now();
+            // SAFETY: valid out-pointers; ABI checked by the caller.
+            let st = unsafe { (d.init)(&raw mut instance, &raw mut err) };
+            let taken = thread_state
+                .compare_exchange(
+                    INIT_RUNNING,
+                    INIT_TAKEN,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok();
+            if taken {
+                let _ = tx.send(InitReturn { st, instance, err });
+                return;
+            }
+            // Given up on: nobody will use what init made. Hand it back to
+            // the plugin; the library itself stays mapped (leaked).
+            if st == status::OK {
+                // SAFETY: instance from this init, never shared.
+                unsafe { (d.shutdown)(instance) };
+            } else {
+                // SAFETY: err was filled by this plugin (or is empty).
+                let _ = unsafe { take_buf(d, err) };
+            }
+            stuck.leave();
+            tracing::warn!(
+                plugin = %name,
+                version = %ver,
+                after_ms = started.elapsed().as_millis() as u64,
+                "an init abandoned after its timeout returned at last; its thread is free again (the library stays mapped)"
+            );
+        });
+    if let Err(e) = spawned {
+        // No thread, no init: an init that failed.
+        tracing::error!(plugin, error = %e, "cannot start a thread for init");
+        return Some(InitReturn {
+            st: status::ERROR,
+            instance: std::ptr::null_mut(),
+            err: PvBuf::EMPTY,
+        });
+    }
+    match rx.recv_timeout(bound.timeout) {
+        Ok(r) => Some(r),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            // Counted before the state flips, so the thread's `leave` can
+            // never come first.
+            bound.stuck.enter();
+            if state
+                .compare_exchange(
+                    INIT_RUNNING,
+                    INIT_ABANDONED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                return None;
+            }
+            // It returned just now; its answer is on the way.
+            bound.stuck.leave();
+            rx.recv().ok()
+        }
+        // The thread ended without an answer (it cannot: init is caught at
+        // the boundary); treat it as a failed init.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Some(InitReturn {
+            st: status::ERROR,
+            instance: std::ptr::null_mut(),
+            err: PvBuf::EMPTY,
+        }),
+    }
 }
 
 /// Copies a plugin-owned buffer out and gives it back to the plugin.

@@ -162,6 +162,9 @@ enum Cmd {
         #[arg(long = "public-key", value_name = "FILE")]
         public_keys: Vec<PathBuf>,
     },
+    /// List the crash points `FAILPOINTS` can arm (failpoints build only).
+    #[cfg(feature = "failpoints")]
+    Failpoints,
 }
 
 /// Sends one request to the daemon named by the config at `config`.
@@ -208,7 +211,9 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
-fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    plugvisor::failpoints::setup();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match real_main(cli) {
@@ -265,6 +270,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             public_keys,
         } => return verify(&dir, config.as_ref(), &public_keys),
+        #[cfg(feature = "failpoints")]
+        Cmd::Failpoints => {
+            for p in plugvisor::failpoints::CrashPoint::ALL {
+                println!("{}", p.as_str());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -299,7 +311,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("plugvisor: config {source} is valid");
                 return Ok(ExitCode::SUCCESS);
             }
-            runtime.block_on(plugvisor::daemon::run(config))?;
+            let result = runtime.block_on(plugvisor::daemon::run(config));
+            // Dropping the runtime would wait for every blocking task, and a
+            // plugin call abandoned after its timeout may never return.
+            runtime.shutdown_background();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { config, json } => {
@@ -383,6 +399,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Keygen { .. } | Cmd::Pack { .. } | Cmd::Verify { .. } => {
             unreachable!("handled above")
         }
+        #[cfg(feature = "failpoints")]
+        Cmd::Failpoints => unreachable!("handled above"),
     }
 }
 

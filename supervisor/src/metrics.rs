@@ -98,6 +98,26 @@ impl RequestOutcome {
     }
 }
 
+/// An entry point of a plugin that plugvisor bounds in time
+/// (`plugvisor_plugin_call_timeouts_total{call}` and its siblings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginCall {
+    /// `init`, bounded by `[reload] init_timeout`.
+    Init,
+    /// `handle`, bounded by the listener's `request_timeout`.
+    Handle,
+}
+
+impl PluginCall {
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PluginCall::Init => "init",
+            PluginCall::Handle => "handle",
+        }
+    }
+}
+
 /// Stage at which a probe failed (`plugvisor_probe_failures_total{stage}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeStage {
@@ -229,6 +249,15 @@ pub struct Metrics {
     pub health_check_duration_seconds: HistogramVec,
     /// `plugvisor_health_check_failures_total{check,plugin}`.
     pub health_check_failures_total: IntCounterVec,
+    /// `plugvisor_plugin_call_timeouts_total{plugin,call}`: calls into a
+    /// plugin that overran their bound and were given up on.
+    pub plugin_call_timeouts_total: IntCounterVec,
+    /// `plugvisor_plugin_calls_stuck{plugin,call}`: calls given up on that
+    /// still run (each holds a thread and keeps its version mapped).
+    pub plugin_calls_stuck: IntGaugeVec,
+    /// `plugvisor_plugin_calls_shed_total{plugin,call}`: calls not made
+    /// because too many earlier ones are stuck.
+    pub plugin_calls_shed_total: IntCounterVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -435,6 +464,24 @@ impl Metrics {
                 "plugvisor_health_check_failures_total",
                 "Health check attempts that failed",
                 &["check", "plugin"],
+            ),
+            plugin_call_timeouts_total: counter(
+                r,
+                "plugvisor_plugin_call_timeouts_total",
+                "Calls into a plugin (init, handle) that overran their timeout and were given up on",
+                &["plugin", "call"],
+            ),
+            plugin_calls_stuck: gauge(
+                r,
+                "plugvisor_plugin_calls_stuck",
+                "Calls given up on after their timeout that still run, each holding a thread and its version mapped",
+                &["plugin", "call"],
+            ),
+            plugin_calls_shed_total: counter(
+                r,
+                "plugvisor_plugin_calls_shed_total",
+                "Calls refused without calling the plugin because too many earlier calls are stuck",
+                &["plugin", "call"],
             ),
             registry,
             refreshers: Mutex::new(Vec::new()),

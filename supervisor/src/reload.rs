@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, CatalogError, Manifest, Package};
 use crate::deps::{self, Conflict, ConflictKind};
+use crate::failpoints::{CrashPoint, crash_point};
 use crate::loader::{self, LoadError, LoadedVersion};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
@@ -56,7 +57,7 @@ pub enum ReloadError {
     Load(#[from] LoadError),
     /// This version was rolled back from; a newer one is needed.
     #[error(
-        "plugin {plugin:?}: version {version} was rolled back and is quarantined; publish a newer version"
+        "plugin {plugin:?}: version {version} is quarantined (rolled back from, or its init timed out); publish a newer version"
     )]
     Quarantined {
         /// The plugin.
@@ -161,7 +162,11 @@ impl ReloadError {
                 | LoadError::ManifestAbi { path, .. }
                 | LoadError::IdentityMismatch { path, .. },
             ) => path.clone(),
-            ReloadError::Load(LoadError::InitFailed { .. })
+            ReloadError::Load(
+                LoadError::InitFailed { .. }
+                | LoadError::InitTimeout { .. }
+                | LoadError::TooManyStuckInits { .. },
+            )
             | ReloadError::VersionReused { .. }
             | ReloadError::Quarantined { .. }
             | ReloadError::Downgrade { .. }
@@ -260,6 +265,8 @@ pub struct Reloader {
     // Packages whose signature names another manifest: the fingerprint
     // and when that was first seen (see SIGNATURE_GRACE).
     deferred: HashMap<String, (String, Instant)>,
+    // `[reload] init_timeout`.
+    init_timeout: Duration,
 }
 
 impl Reloader {
@@ -286,7 +293,41 @@ impl Reloader {
             conflict_series: BTreeSet::new(),
             nodes: HashMap::new(),
             deferred: HashMap::new(),
+            init_timeout: crate::config::DEFAULT_INIT_TIMEOUT,
         }
+    }
+
+    /// Sets how long a plugin's `init` may run (`[reload] init_timeout`).
+    pub fn set_init_timeout(&mut self, timeout: Duration) {
+        self.init_timeout = timeout;
+    }
+
+    /// Loads `object` as `version` of `plugin` with `init` bounded by
+    /// `[reload] init_timeout`, counting an init that overran or was not
+    /// made because too many are stuck.
+    fn load_object(
+        &mut self,
+        plugin: &str,
+        version: &Version,
+        abi: u32,
+        sha256: &str,
+        object: &Path,
+    ) -> Result<(LoadedVersion, loader::LoadTimings), LoadError> {
+        let slot = self.slot(plugin);
+        let result = loader::load(
+            plugin,
+            version,
+            abi,
+            sha256,
+            object,
+            &slot.init_bound(self.init_timeout),
+        );
+        match &result {
+            Err(LoadError::InitTimeout { .. }) => slot.count_init_trouble(false),
+            Err(LoadError::TooManyStuckInits { .. }) => slot.count_init_trouble(true),
+            _ => {}
+        }
+        result
     }
 
     /// Sets the signature policy (`[trust]`); the default accepts unsigned
@@ -439,12 +480,12 @@ impl Reloader {
 
     /// Loads a version straight from its object in the store.
     pub fn load_from_store(
-        &self,
+        &mut self,
         plugin: &str,
         v: &VersionRef,
     ) -> Result<LoadedVersion, LoadError> {
         let object = self.store.object_path(&v.sha256);
-        loader::load(
+        self.load_object(
             plugin,
             &v.version,
             plugvisor_sdk::ABI_VERSION,
@@ -718,6 +759,8 @@ impl Reloader {
         }
         self.blocked.remove(plugin);
         let verify = t0.elapsed();
+        let version_key = package.manifest.version.to_string();
+        crash_point(CrashPoint::ReloadAfterVerify, &version_key);
 
         // Stage: hash while copying into the store — before the window opens.
         let t1 = Instant::now();
@@ -735,12 +778,13 @@ impl Reloader {
             Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
         };
         let stage = t1.elapsed();
+        crash_point(CrashPoint::ReloadAfterStage, &version_key);
 
         // The window: dlopen, checks, init, swap.
         self.seq += 1;
         let t2 = Instant::now();
         let mut window = ReloadWindow::open(self.plugin_index(plugin), self.seq);
-        let (loaded, timings) = match loader::load(
+        let (loaded, timings) = match self.load_object(
             plugin,
             &package.manifest.version,
             package.manifest.abi,
@@ -751,9 +795,14 @@ impl Reloader {
             Err(e) => {
                 window.set_outcome(1);
                 drop(window);
+                if matches!(e, LoadError::InitTimeout { .. }) {
+                    // Trying it again would only strand another thread.
+                    self.quarantine(plugin, &candidate_ref);
+                }
                 return self.refuse(report, &package_dir, &ReloadError::Load(e));
             }
         };
+        crash_point(CrashPoint::ReloadAfterInit, &version_key);
         let t_swap = Instant::now();
         slot.install(loaded);
         let switch = t_swap.elapsed();
@@ -787,10 +836,12 @@ impl Reloader {
                 package.manifest.version
             )
         });
+        crash_point(CrashPoint::ReloadAfterSwitch, &version_key);
         if let Err(e) = self.record_activation(plugin, &new_ref, from_version.as_deref(), why) {
             // The new version serves; only the record of it failed. Say so loudly.
             tracing::error!(plugin, error = %e, "activated, but the store could not record it");
         }
+        crash_point(CrashPoint::ReloadAfterJournal, &version_key);
         let signed_by = match &verdict {
             trust::Verdict::Signed { key_id } => key_id.as_str(),
             trust::Verdict::Unsigned => "unsigned",
@@ -964,12 +1015,28 @@ impl Reloader {
         // On trial until `[reload] trial` passes with no rule firing.
         refs.trial_since_ms = Some(crate::store::now_ms());
         self.store.write_refs(plugin, &refs)?;
+        crash_point(CrashPoint::ReloadAfterRefs, &new.version.to_string());
         let mut entry = JournalEntry::now(plugin, "activated");
         entry.version = Some(new.version.to_string());
         entry.from_version = from.map(str::to_owned);
         entry.sha256 = Some(new.sha256.clone());
         entry.reason = reason;
         self.store.journal(&entry)
+    }
+
+    /// Keeps `v` of `plugin` out for good (a newer version is needed), as
+    /// a rollback does to the version it leaves.
+    fn quarantine(&self, plugin: &str, v: &VersionRef) {
+        let result = self.store.refs(plugin).and_then(|mut refs| {
+            if refs.is_quarantined(v) {
+                return Ok(());
+            }
+            refs.quarantined.push(v.clone());
+            self.store.write_refs(plugin, &refs)
+        });
+        if let Err(e) = result {
+            tracing::error!(plugin, version = %v.version, error = %e, "could not record the quarantine");
+        }
     }
 
     fn refuse(

@@ -7,20 +7,38 @@
 //! finishes on the version it started on. The last `keep_loaded` versions
 //! stay mapped, so going back to one of them is the same pointer swap.
 //!
+//! A request runs on a runner of the slot's [`CallPool`] (a thread of
+//! tokio's blocking pool), never on an async worker, and is bounded by its
+//! listener's `request_timeout`: a `handle` that hangs
+//! is answered with a timeout error and abandoned, still holding its
+//! version — which therefore stays mapped (its `Arc` is alive) until the
+//! call returns, if ever. At most [`MAX_STUCK_HANDLES`] abandoned calls per
+//! version; beyond that new requests to that version are shed with a clear
+//! error. The bound is per version so that a fixed version (or a rollback)
+//! serves again at once; the calls stuck in the bad one stay counted in
+//! `plugvisor_plugin_calls_stuck` until they return.
+//!
 //! Listeners that advertise readiness (the gRPC health service) learn of a
 //! change of active version through [`Slot::subscribe`], a `watch` channel
 //! updated right after each swap; the request path never touches it.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use prometheus::IntCounter;
 use semver::Version;
 use tokio::sync::watch;
 
-use crate::loader::{HandleError, LoadedVersion};
-use crate::metrics::{Metrics, RequestOutcome};
+use crate::calls::{Abandon, CallError, CallPool};
+use crate::loader::{self, HandleError, InitBound, LoadedVersion, StuckCalls};
+use crate::metrics::{Metrics, PluginCall, RequestOutcome};
+
+/// Abandoned `handle` calls (still running past their `request_timeout`)
+/// allowed per plugin version before new requests to it are shed. Each
+/// holds a thread of the blocking pool.
+pub const MAX_STUCK_HANDLES: usize = 16;
 
 /// Why a frame was not answered by a plugin.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -41,6 +59,32 @@ pub enum DispatchError {
         plugin: String,
         /// What to do about it.
         hint: &'static str,
+    },
+    /// The plugin did not answer within the listener's `request_timeout`.
+    #[error(
+        "plugin {plugin:?} {version} did not answer within {timeout:?} (the listener's request_timeout); the request was abandoned"
+    )]
+    Timeout {
+        /// The plugin.
+        plugin: String,
+        /// The version that did not answer.
+        version: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// Too many earlier calls to this version are stuck: this one was not made.
+    #[error(
+        "plugin {plugin:?} {version}: {stuck} earlier requests are stuck past their timeout (at most {limit}); new requests to this version are refused until they return or another version is activated"
+    )]
+    Shed {
+        /// The plugin.
+        plugin: String,
+        /// The active version.
+        version: String,
+        /// Calls stuck now.
+        stuck: usize,
+        /// [`MAX_STUCK_HANDLES`].
+        limit: usize,
     },
 }
 
@@ -80,6 +124,28 @@ pub struct Installed {
     // logged with its message, the rest only counted (a version that
     // panics on every request must not flood the log).
     panic_logged: AtomicBool,
+    // Calls into this version abandoned after their timeout, still running.
+    stuck: Arc<VersionStuck>,
+}
+
+/// Abandoned calls of one version, also counted for the whole plugin.
+struct VersionStuck {
+    count: AtomicUsize,
+    plugin: Arc<StuckCalls>,
+    timeouts: IntCounter,
+}
+
+impl Abandon for VersionStuck {
+    fn gave_up(&self) {
+        self.timeouts.inc();
+        self.plugin.enter();
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn returned_late(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.plugin.leave();
+    }
 }
 
 impl Installed {
@@ -125,13 +191,48 @@ pub struct Slot {
     admission: AtomicU8,
     // Degrade's built-in fallback: answer each request with its own bytes.
     passthrough: AtomicBool,
+    // Abandoned calls still running, and the counters of timeouts and
+    // sheds, resolved once (no label lookup per request).
+    stuck_init: Arc<StuckCalls>,
+    stuck_handle: Arc<StuckCalls>,
+    init_timeouts: IntCounter,
+    handle_timeouts: IntCounter,
+    init_shed: IntCounter,
+    handle_shed: IntCounter,
+    calls: Arc<CallPool>,
     metrics: Arc<Metrics>,
 }
 
 impl Slot {
     /// An empty slot for `plugin` keeping at most `keep_loaded` versions mapped.
     pub fn new(plugin: &str, keep_loaded: usize, metrics: Arc<Metrics>) -> Slot {
+        // Every series present at 0 from the start, so the first timeout is
+        // an increase PromQL can see.
+        let series = |call: PluginCall| [plugin, call.as_str()];
+        let stuck = |call: PluginCall, limit: usize| {
+            Arc::new(StuckCalls::new(
+                limit,
+                metrics.plugin_calls_stuck.with_label_values(&series(call)),
+            ))
+        };
+        let timeouts = |call: PluginCall| {
+            metrics
+                .plugin_call_timeouts_total
+                .with_label_values(&series(call))
+        };
+        let shed = |call: PluginCall| {
+            metrics
+                .plugin_calls_shed_total
+                .with_label_values(&series(call))
+        };
         Slot {
+            stuck_init: stuck(PluginCall::Init, loader::MAX_STUCK_INITS),
+            stuck_handle: stuck(PluginCall::Handle, MAX_STUCK_HANDLES),
+            init_timeouts: timeouts(PluginCall::Init),
+            handle_timeouts: timeouts(PluginCall::Handle),
+            init_shed: shed(PluginCall::Init),
+            handle_shed: shed(PluginCall::Handle),
+            calls: CallPool::new(),
             plugin: plugin.to_owned(),
             keep_loaded: keep_loaded.max(1),
             active: ArcSwapOption::empty(),
@@ -194,46 +295,100 @@ impl Slot {
         &self.plugin
     }
 
-    /// Handles one frame on the active version.
-    pub fn dispatch(&self, request: &[u8]) -> Result<Vec<u8>, DispatchError> {
-        if let Some(e) = self.refusal() {
-            return Err(e);
-        }
-        if self.passthrough() {
-            return Ok(request.to_vec());
-        }
-        let guard = self.active.load();
-        let Some(installed) = guard.as_ref() else {
-            return Err(DispatchError::NoActiveVersion {
-                plugin: self.plugin.clone(),
-            });
-        };
-        Ok(installed.handle(request)?)
-    }
-
-    /// Handles one frame and says which version answered.
-    pub fn dispatch_versioned(
+    /// Handles one frame on the active version and says which version
+    /// answered. The plugin runs on a runner of the slot's [`CallPool`],
+    /// never on an async worker; after `timeout` the call is abandoned and
+    /// answered with [`DispatchError::Timeout`]. A zero `timeout` means no
+    /// bound: the plugin is called inline, on the caller's thread. While [`MAX_STUCK_HANDLES`] abandoned
+    /// calls still run, new ones are shed ([`DispatchError::Shed`]).
+    pub async fn call(
         &self,
-        request: &[u8],
+        request: Vec<u8>,
+        timeout: Duration,
     ) -> (Result<Vec<u8>, DispatchError>, Option<String>) {
         if let Some(e) = self.refusal() {
             return (Err(e), None);
         }
         if self.passthrough() {
-            return (Ok(request.to_vec()), Some("passthrough".to_owned()));
+            return (Ok(request), Some("passthrough".to_owned()));
         }
-        let guard = self.active.load();
-        match guard.as_ref() {
-            None => (
+        let Some(installed) = self.active.load_full() else {
+            return (
                 Err(DispatchError::NoActiveVersion {
                     plugin: self.plugin.clone(),
                 }),
                 None,
+            );
+        };
+        let version = installed.version_label.clone();
+        let stuck_here = installed.stuck.count.load(Ordering::Acquire);
+        if stuck_here >= MAX_STUCK_HANDLES {
+            self.handle_shed.inc();
+            let e = DispatchError::Shed {
+                plugin: self.plugin.clone(),
+                version: version.clone(),
+                stuck: stuck_here,
+                limit: MAX_STUCK_HANDLES,
+            };
+            return (Err(e), Some(version));
+        }
+        if timeout.is_zero() {
+            // `request_timeout = "0s"`: no bound, called right here on the
+            // async worker — the fastest path, for a plugin trusted never
+            // to block (one that hangs then holds this worker for good).
+            return (
+                installed.handle(&request).map_err(Into::into),
+                Some(version),
+            );
+        }
+        let stuck = installed.stuck.clone();
+        // The call owns an Arc of the version: one that never returns keeps
+        // it mapped for good, which is what running code needs.
+        let result = self
+            .calls
+            .call(timeout, move || installed.handle(&request), &stuck)
+            .await;
+        match result {
+            Ok(r) => (r.map_err(Into::into), Some(version)),
+            // The SDK catches a plugin's panics; this is one in the glue.
+            Err(CallError::Panicked) => (
+                Err(HandleError::Panic("the call panicked outside the plugin".into()).into()),
+                Some(version),
             ),
-            Some(installed) => (
-                installed.handle(request).map_err(Into::into),
-                Some(installed.version_label.clone()),
-            ),
+            Err(CallError::TimedOut) => {
+                tracing::warn!(
+                    plugin = %self.plugin,
+                    version,
+                    ?timeout,
+                    stuck = self.stuck_handle.count(),
+                    "request timed out: the plugin's handle did not return; the call is abandoned and its version stays mapped"
+                );
+                let e = DispatchError::Timeout {
+                    plugin: self.plugin.clone(),
+                    version: version.clone(),
+                    timeout,
+                };
+                (Err(e), Some(version))
+            }
+        }
+    }
+
+    /// How `init` of a new version of this plugin is bounded: `timeout`,
+    /// and this plugin's count of abandoned init calls.
+    pub fn init_bound(&self, timeout: Duration) -> InitBound {
+        InitBound {
+            timeout,
+            stuck: self.stuck_init.clone(),
+        }
+    }
+
+    /// Counts an `init` of this plugin that overran its timeout (or one
+    /// not made because too many are stuck).
+    pub fn count_init_trouble(&self, shed: bool) {
+        if shed {
+            self.init_shed.inc();
+        } else {
+            self.init_timeouts.inc();
         }
     }
 
@@ -270,6 +425,11 @@ impl Slot {
             error: counter(RequestOutcome::Error),
             panic: counter(RequestOutcome::Panic),
             panic_logged: AtomicBool::new(false),
+            stuck: Arc::new(VersionStuck {
+                count: AtomicUsize::new(0),
+                plugin: self.stuck_handle.clone(),
+                timeouts: self.handle_timeouts.clone(),
+            }),
             version_label: version_label.clone(),
             loaded,
         });
@@ -375,15 +535,26 @@ mod tests {
             plugvisor_sdk::ABI_VERSION,
             &format!("{n:064}"),
             &path,
+            &loader::InitBound::standalone(Duration::from_secs(10)),
         )
         .unwrap()
         .0
     }
 
+    /// `Slot::call` on a runtime of its own.
+    fn call(slot: &Slot, frame: &[u8]) -> Result<Vec<u8>, DispatchError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(slot.call(frame.to_vec(), Duration::from_secs(10)))
+            .0
+    }
+
     #[test]
     fn empty_slot_refuses_with_a_reason() {
         let slot = Slot::new("echo", 2, Arc::new(Metrics::new()));
-        let err = slot.dispatch(b"x").unwrap_err();
+        let err = call(&slot, b"x").unwrap_err();
         assert!(
             matches!(err, DispatchError::NoActiveVersion { .. }),
             "{err}"
@@ -405,7 +576,7 @@ mod tests {
         let now = slot.active().unwrap();
         assert!(!Arc::ptr_eq(&held, &now));
         assert_eq!(
-            slot.dispatch(b"ping").unwrap(),
+            call(&slot, b"ping").unwrap(),
             format!("[echo {}] ping", plugvisor_echo::VERSION).into_bytes()
         );
     }
@@ -454,7 +625,7 @@ mod tests {
         let slot = Slot::new("echo", 2, metrics.clone());
         slot.install(load_copy(t.path(), 1));
         for _ in 0..3 {
-            slot.dispatch(b"x").unwrap();
+            call(&slot, b"x").unwrap();
         }
         let v = plugvisor_echo::VERSION;
         assert_eq!(

@@ -319,6 +319,10 @@ impl Store {
                 });
             }
             if let Some(out) = out.take() {
+                crate::failpoints::crash_point(
+                    crate::failpoints::CrashPoint::StoreObjectBeforeRename,
+                    expected,
+                );
                 out.sync_all().map_err(io("syncing", &tmp))?;
                 drop(out);
                 std::fs::rename(&tmp, &target).map_err(io("renaming into the store", &target))?;

@@ -55,6 +55,18 @@ pub fn binary() -> PathBuf {
     p
 }
 
+/// The `plugvisor-failpoints` binary: `plugvisor` with the crash points
+/// of its `failpoints` feature armable through `FAILPOINTS`.
+pub fn failpoints_binary() -> PathBuf {
+    let p = target_dir().join("plugvisor-failpoints");
+    assert!(
+        p.is_file(),
+        "{} missing: run `cargo xtask build` (it builds it with `--features failpoints`)",
+        p.display()
+    );
+    p
+}
+
 /// A built plugin library in the target directory (`libNAME.so`).
 pub fn library(name: &str) -> PathBuf {
     let p = target_dir().join(format!("lib{name}.so"));
@@ -120,6 +132,8 @@ pub struct ListenerSpec {
     pub plugin: String,
     /// Port on 127.0.0.1.
     pub port: u16,
+    /// `request_timeout`, if not the daemon's default.
+    pub request_timeout: Option<&'static str>,
 }
 
 impl ListenerSpec {
@@ -130,6 +144,16 @@ impl ListenerSpec {
             protocol: Protocol::Tcp,
             plugin: plugin.into(),
             port: free_port(),
+            request_timeout: None,
+        }
+    }
+
+    /// The same listener with `request_timeout` set.
+    #[must_use]
+    pub fn request_timeout(self, timeout: &'static str) -> ListenerSpec {
+        ListenerSpec {
+            request_timeout: Some(timeout),
+            ..self
         }
     }
 
@@ -165,6 +189,7 @@ pub struct Daemon {
     log: PathBuf,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
+    binary: PathBuf,
     // Plugins installed before the first start: their listeners must serve.
     packaged: Vec<String>,
 }
@@ -196,6 +221,10 @@ pub struct DaemonOptions {
     pub state_dir: Option<PathBuf>,
     /// `[probes] ring_buffer_bytes`, if not the daemon's default.
     pub ring_buffer_bytes: Option<u32>,
+    /// The daemon binary, if not [`binary`] (e.g. [`failpoints_binary`]).
+    pub binary: Option<PathBuf>,
+    /// `[reload] init_timeout`, if not the daemon's default.
+    pub init_timeout: Option<&'static str>,
 }
 
 /// `[trust]` for a test daemon.
@@ -240,6 +269,8 @@ impl Default for DaemonOptions {
             trust: TrustOptions::default(),
             state_dir: None,
             ring_buffer_bytes: None,
+            binary: None,
+            init_timeout: None,
         }
     }
 }
@@ -285,6 +316,9 @@ impl Daemon {
                 .unwrap_or_default(),
             opts.trial,
         );
+        if let Some(t) = opts.init_timeout {
+            let _ = writeln!(cfg, "init_timeout = \"{t}\"");
+        }
         if let Some(drain) = opts.drain_timeout {
             let _ = write!(cfg, "[shutdown]\ndrain_timeout = \"{drain}\"\n");
         }
@@ -311,6 +345,9 @@ impl Daemon {
                 l.addr(),
                 l.plugin
             );
+            if let Some(t) = l.request_timeout {
+                let _ = writeln!(cfg, "request_timeout = \"{t}\"");
+            }
         }
         cfg.push_str(&opts.extra_config);
         let config = dir.path().join("plugvisor.toml");
@@ -327,10 +364,20 @@ impl Daemon {
             dir,
             env: opts.env,
             wrapper: opts.wrapper,
+            binary: opts.binary.unwrap_or_else(binary),
             packaged: opts.packages.iter().map(|p| p.0.clone()).collect(),
         };
         d.spawn();
         d
+    }
+
+    /// Sets (`Some`) or removes (`None`) an environment variable of the
+    /// daemon for its next [`Daemon::restart`].
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
     }
 
     /// Starts the daemon again (after [`Daemon::stop`]) on the same directories.
@@ -347,10 +394,10 @@ impl Daemon {
             .open(&self.log)
             .unwrap();
         let mut cmd = match self.wrapper.split_first() {
-            None => Command::new(binary()),
+            None => Command::new(&self.binary),
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(binary());
+                c.args(rest).arg(&self.binary);
                 c
             }
         };
@@ -872,9 +919,20 @@ fn build_stamped(package: &str, lib: &str, file: &str, env: &[(&str, &str)]) -> 
 /// When `count` exceeds 99 999 or the stamped version is not found in the
 /// built library.
 pub fn echo_version_series(major: u64, count: usize) -> Vec<(String, PathBuf)> {
+    version_series("plugvisor-echo", "plugvisor_echo", major, count)
+}
+
+/// [`echo_version_series`] for any workspace plugin `package` (library
+/// `lib`) that stamps its version from `PLUGVISOR_PLUGIN_VERSION`.
+pub fn version_series(
+    package: &str,
+    lib: &str,
+    major: u64,
+    count: usize,
+) -> Vec<(String, PathBuf)> {
     assert!(count < 100_000, "at most 99 999 versions in a series");
     let base_version = format!("{major}.0.100000");
-    let base = build_echo_version(&base_version);
+    let base = build_plugin_version(package, lib, &base_version);
     let bytes = std::fs::read(&base).unwrap();
     let needle = base_version.as_bytes();
     let hits: Vec<usize> = bytes
@@ -888,12 +946,14 @@ pub fn echo_version_series(major: u64, count: usize) -> Vec<(String, PathBuf)> {
         "{base_version} not found in {}",
         base.display()
     );
-    let dir = target_dir().join("stamped").join("echo-series");
+    let dir = target_dir()
+        .join("stamped")
+        .join(format!("{package}-series"));
     std::fs::create_dir_all(&dir).unwrap();
     (1..=count)
         .map(|i| {
             let version = format!("{major}.0.{}", 100_000 + i);
-            let out = dir.join(format!("libplugvisor_echo-{version}.so"));
+            let out = dir.join(format!("lib{lib}-{version}.so"));
             if !out.is_file() {
                 let mut patched = bytes.clone();
                 for &at in &hits {

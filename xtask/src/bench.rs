@@ -18,7 +18,7 @@ pub struct Args {
 
 /// Builds, then runs the benchmark driver.
 pub fn run(args: &Args) -> Result<()> {
-    build::run(&build::Args { debug: false })?;
+    build::workspace(&build::Args { debug: false })?;
     let release = util::target_dir()?.join("release");
     let out = if args.quick {
         release.join("BENCHMARKS-quick.md")

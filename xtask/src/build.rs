@@ -4,6 +4,11 @@
 //! bpf-linker), so this is plain `cargo build`. The plugins are cdylibs
 //! left next to the daemon in the target dir (`libplugvisor_echo.so`,
 //! `libfixture_*.so`), which is where the daemon and the tests look.
+//!
+//! Then `plugvisor-failpoints`: the same command built with the
+//! `failpoints` feature, for the kill -9 tests. It is a binary of its own
+//! name in the same target dir, so it never replaces `plugvisor` and shares
+//! every compiled dependency; only the `plugvisor` crate is compiled twice.
 use anyhow::Result;
 
 use crate::util;
@@ -22,10 +27,27 @@ pub struct Args {
     pub debug: bool,
 }
 
-/// Builds every host crate of the workspace.
-pub fn run(args: &Args) -> Result<()> {
+/// Builds every host crate of the workspace (what the demo and the
+/// benchmarks need; they do not need the failpoints binary).
+pub fn workspace(args: &Args) -> Result<()> {
     let mut c = util::cargo();
     c.args(["build", "--workspace", "--exclude", EBPF_CRATE]);
+    if !args.debug {
+        c.arg("--release");
+    }
+    util::run(&mut c)
+}
+
+/// The daemon's crate, and its binary with crash points.
+const DAEMON_CRATE: &str = "plugvisor";
+const FAILPOINTS_BIN: &str = "plugvisor-failpoints";
+
+/// Builds every host crate of the workspace, then the failpoints binary.
+pub fn run(args: &Args) -> Result<()> {
+    workspace(args)?;
+    let mut c = util::cargo();
+    c.args(["build", "-p", DAEMON_CRATE, "--features", "failpoints"])
+        .args(["--bin", FAILPOINTS_BIN]);
     if !args.debug {
         c.arg("--release");
     }

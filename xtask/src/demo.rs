@@ -94,7 +94,7 @@ pub fn run(args: &Args) -> Result<()> {
     ensure_free(ECHO_ADDR)?;
     ensure_free(METRICS_ADDR)?;
 
-    build::run(&build::Args { debug: false })?;
+    build::workspace(&build::Args { debug: false })?;
     let target = util::target_dir()?;
     let demo_dir = target.join("demo");
     if demo_dir.exists() {

@@ -4,17 +4,20 @@
 //!
 //! Every message — an `Invoke`, or each message of an `Exchange` stream — is
 //! handed to the slot's active version at the instant it arrives
-//! ([`Slot::dispatch_versioned`]), and its `Response` names that version. A
-//! reload is a pointer swap in the slot and touches nothing here: a stream
-//! opened before it keeps flowing after it, with no GOAWAY, no RST_STREAM and
-//! no ended call. Plugin calls are short synchronous C calls, made inline on
-//! the stream's task.
+//! ([`Slot::call`]), and its `Response` names that version. A reload is a
+//! pointer swap in the slot and touches nothing here: a stream opened before
+//! it keeps flowing after it, with no GOAWAY, no RST_STREAM and no ended
+//! call. Plugin calls are synchronous C calls: the slot makes them on the
+//! blocking pool, bounded by the listener's `request_timeout`.
 //!
 //! Errors: a plugin's failure is answered in-band (`Response.error`, status
 //! OK, the failing version named), so one bad message never ends a stream;
 //! a slot with no active version fails `Invoke` with UNAVAILABLE and answers
 //! `Exchange` messages in-band with an empty `plugin_version`, keeping the
-//! stream for the version that may arrive.
+//! stream for the version that may arrive. A plugin that does not answer
+//! within `request_timeout` fails `Invoke` with DEADLINE_EXCEEDED (and
+//! RESOURCE_EXHAUSTED while too many calls are stuck to make another); in
+//! an `Exchange` stream both are answered in-band and the stream goes on.
 //!
 //! Health: `plugvisor.v1.Plugin` and the server as a whole (`""`) are
 //! SERVING while the slot has an active version and NOT_SERVING while it has
@@ -94,6 +97,7 @@ impl Server {
         name: String,
         slot: Arc<Slot>,
         shutdown: watch::Receiver<bool>,
+        request_timeout: Duration,
     ) -> Result<Server, GrpcError> {
         let reflection_error = |source| GrpcError::Reflection {
             listener: name.clone(),
@@ -112,6 +116,7 @@ impl Server {
             listener: name.as_str().into(),
             slot: slot.clone(),
             shutdown,
+            request_timeout,
         };
         let router = tonic::transport::Server::builder()
             .add_service(pb::plugin_server::PluginServer::new(plugin))
@@ -350,12 +355,18 @@ struct PluginService {
     listener: Arc<str>,
     slot: Arc<Slot>,
     shutdown: watch::Receiver<bool>,
+    request_timeout: Duration,
 }
 
 /// Answers one message on the slot's active version. A plugin failure is an
-/// answer (`error` set, version named); only "no active version" is not.
-fn answer(slot: &Slot, payload: &[u8]) -> Result<pb::Response, DispatchError> {
-    let (result, version) = slot.dispatch_versioned(payload);
+/// answer (`error` set, version named); "no active version", a timeout and
+/// a shed call are not.
+async fn answer(
+    slot: &Slot,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<pb::Response, DispatchError> {
+    let (result, version) = slot.call(payload, timeout).await;
     let plugin_version = version.unwrap_or_default();
     match result {
         Ok(payload) => Ok(pb::Response {
@@ -368,7 +379,17 @@ fn answer(slot: &Slot, payload: &[u8]) -> Result<pb::Response, DispatchError> {
             plugin_version,
             error: e.to_string(),
         }),
-        Err(e @ (DispatchError::NoActiveVersion { .. } | DispatchError::Disabled { .. })) => Err(e),
+        Err(e) => Err(e),
+    }
+}
+
+/// The status an `Invoke` fails with when there is no plugin answer.
+fn status_of(listener: &str, e: &DispatchError) -> Status {
+    let message = format!("listener {listener:?}: {e}");
+    match e {
+        DispatchError::Timeout { .. } => Status::deadline_exceeded(message),
+        DispatchError::Shed { .. } => Status::resource_exhausted(message),
+        _ => Status::unavailable(message),
     }
 }
 
@@ -378,6 +399,7 @@ struct Exchange {
     slot: Arc<Slot>,
     inbound: Streaming<pb::Request>,
     shutdown: watch::Receiver<bool>,
+    request_timeout: Duration,
 }
 
 impl Exchange {
@@ -401,14 +423,17 @@ impl Exchange {
                 None,
             )),
             Some(Ok(Some(request))) => {
-                let response = answer(&self.slot, &request.payload).unwrap_or_else(|e| {
-                    // No version yet: answered in-band; the stream waits for one.
-                    pb::Response {
-                        payload: Vec::new(),
-                        plugin_version: String::new(),
-                        error: e.to_string(),
-                    }
-                });
+                let response = answer(&self.slot, request.payload, self.request_timeout)
+                    .await
+                    .unwrap_or_else(|e| {
+                        // No version yet, a timeout or a shed call: answered
+                        // in-band; the stream goes on.
+                        pb::Response {
+                            payload: Vec::new(),
+                            plugin_version: String::new(),
+                            error: e.to_string(),
+                        }
+                    });
                 Some((Ok(response), Some(self)))
             }
             // The client half-closed: end with status OK.
@@ -448,9 +473,14 @@ impl pb::plugin_server::Plugin for PluginService {
         if let Some(refused) = self.shed_refusal(&request) {
             return Err(refused);
         }
-        answer(&self.slot, &request.get_ref().payload)
-            .map(Response::new)
-            .map_err(|e| Status::unavailable(format!("listener {:?}: {e}", self.listener)))
+        answer(
+            &self.slot,
+            request.into_inner().payload,
+            self.request_timeout,
+        )
+        .await
+        .map(Response::new)
+        .map_err(|e| status_of(&self.listener, &e))
     }
 
     type ExchangeStream = Pin<Box<dyn Stream<Item = Result<pb::Response, Status>> + Send>>;
@@ -467,6 +497,7 @@ impl pb::plugin_server::Plugin for PluginService {
             slot: self.slot.clone(),
             inbound: request.into_inner(),
             shutdown: self.shutdown.clone(),
+            request_timeout: self.request_timeout,
         };
         let stream =
             futures::stream::unfold(Some(state), |state| async move { state?.next().await });

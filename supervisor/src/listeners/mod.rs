@@ -99,11 +99,19 @@ pub fn spawn(
         source,
     })?;
     Ok(match config.protocol {
-        Protocol::Tcp => tokio::spawn(tcp::serve(listener, config.name, slot, shutdown, drain)),
+        Protocol::Tcp => tokio::spawn(tcp::serve(
+            listener,
+            config.name,
+            slot,
+            shutdown,
+            drain,
+            config.request_timeout,
+        )),
         Protocol::Grpc => {
             // Assembled before spawning so a failure refuses the start
             // instead of leaving a dead listener behind.
-            let server = grpc::Server::new(config.name, slot, shutdown.clone())?;
+            let server =
+                grpc::Server::new(config.name, slot, shutdown.clone(), config.request_timeout)?;
             tokio::spawn(server.serve(listener, shutdown, drain))
         }
     })

@@ -2,7 +2,9 @@
 //!
 //! A response that itself contains newlines has them replaced by spaces,
 //! so the framing stays one line per request. Errors are answered in-band
-//! as `ERR <reason>` lines; the connection stays open.
+//! as `ERR <reason>` lines; the connection stays open. A frame the plugin
+//! does not answer within the listener's `request_timeout` gets an `ERR`
+//! line naming the timeout, and the connection goes on with the next one.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +20,15 @@ pub const MAX_FRAME: usize = 64 * 1024;
 
 /// Accepts connections until `shutdown`, then drains them: each connection
 /// finishes the frame it is on and closes; whatever is still open after
-/// `drain` (`[shutdown] drain_timeout`) is closed.
+/// `drain` (`[shutdown] drain_timeout`) is closed. Each frame is bounded
+/// by `request_timeout`.
 pub async fn serve(
     listener: TcpListener,
     name: String,
     slot: Arc<Slot>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    request_timeout: Duration,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -33,7 +37,7 @@ pub async fn serve(
                 Ok((mut stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
                     if slot.admits_connections() {
-                        conns.spawn(connection(stream, slot.clone(), shutdown.clone()));
+                        conns.spawn(connection(stream, slot.clone(), shutdown.clone(), request_timeout));
                     } else {
                         // Degraded to shedding (or disabled): say so and close,
                         // rather than leave the client waiting.
@@ -69,7 +73,12 @@ pub async fn serve(
     }
 }
 
-async fn connection(stream: TcpStream, slot: Arc<Slot>, mut shutdown: watch::Receiver<bool>) {
+async fn connection(
+    stream: TcpStream,
+    slot: Arc<Slot>,
+    mut shutdown: watch::Receiver<bool>,
+    request_timeout: Duration,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut frame = Vec::with_capacity(256);
@@ -100,14 +109,13 @@ async fn connection(stream: TcpStream, slot: Arc<Slot>, mut shutdown: watch::Rec
         }
         // Otherwise EOF came in the middle of a line: answer it as a frame.
         out.clear();
-        match slot.dispatch(&frame) {
+        let (result, _version) = slot.call(frame.clone(), request_timeout).await;
+        match result {
             Ok(resp) => out.extend(resp.into_iter().map(|b| if b == b'\n' { b' ' } else { b })),
-            Err(e @ (DispatchError::NoActiveVersion { .. } | DispatchError::Disabled { .. })) => {
-                out.extend_from_slice(format!("ERR {e}").as_bytes());
-            }
             Err(DispatchError::Plugin(e)) => {
                 out.extend_from_slice(format!("ERR {e}").replace('\n', " ").as_bytes());
             }
+            Err(e) => out.extend_from_slice(format!("ERR {e}").as_bytes()),
         }
         out.push(b'\n');
         if write.write_all(&out).await.is_err() {
