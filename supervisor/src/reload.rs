@@ -719,18 +719,14 @@ impl Reloader {
         self.blocked.remove(plugin);
         let verify = t0.elapsed();
 
-        // Stage: hash while copying into the store — before the window opens.
+        // Stage: hash while copying into the store — before the window
+        // opens. Flushing it to disk waits until after the switch (see
+        // `Store::stage`).
         let t1 = Instant::now();
         let staged = match self
             .store
             .stage(plugin, &package.library_path, &package.manifest.sha256)
-            .and_then(|s| {
-                // Kept so the version's dependencies are known when it is
-                // started from the store or switched back to.
-                self.store
-                    .save_manifest(&s.sha256, &package.manifest_bytes)
-                    .map(|()| s)
-            }) {
+        {
             Ok(s) => s,
             Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
         };
@@ -754,24 +750,36 @@ impl Reloader {
                 return self.refuse(report, &package_dir, &ReloadError::Load(e));
             }
         };
-        let t_swap = Instant::now();
-        slot.install(loaded);
-        let switch = t_swap.elapsed();
+        let t_install = Instant::now();
+        let (_, switch) = slot.install_timed(loaded);
+        let publish = t_install.elapsed().saturating_sub(switch);
         window.set_outcome(0);
         drop(window);
         let window_time = t2.elapsed();
         let total = t0.elapsed();
         self.nodes.insert(staged.sha256.clone(), candidate);
 
-        for (phase, d) in [
+        let phases = [
             (Phase::Verify, verify),
             (Phase::Stage, stage),
             (Phase::Load, timings.load),
             (Phase::Init, timings.init),
             (Phase::Switch, switch),
+            (Phase::Publish, publish),
             (Phase::Total, total),
-        ] {
+        ];
+        for (phase, d) in phases {
             self.observe(plugin, phase, d);
+        }
+        // The new version serves; now make it durable, before the refs
+        // name it. Kept beside it: the manifest, so the version's
+        // dependencies are known when it is started from the store or
+        // switched back to.
+        if let Err(e) = self.store.make_durable(&staged).and_then(|()| {
+            self.store
+                .save_manifest(&staged.sha256, &package.manifest_bytes)
+        }) {
+            tracing::error!(plugin, error = %e, "activated, but the store could not keep the object or its manifest");
         }
         self.metrics
             .reloads_total
@@ -803,6 +811,15 @@ impl Reloader {
             signed_by,
             total_us = total.as_micros() as u64,
             window_us = window_time.as_micros() as u64,
+            seq = self.seq,
+            verify_ns = phases[0].1.as_nanos() as u64,
+            stage_ns = phases[1].1.as_nanos() as u64,
+            load_ns = phases[2].1.as_nanos() as u64,
+            init_ns = phases[3].1.as_nanos() as u64,
+            switch_ns = phases[4].1.as_nanos() as u64,
+            publish_ns = phases[5].1.as_nanos() as u64,
+            total_ns = total.as_nanos() as u64,
+            window_ns = window_time.as_nanos() as u64,
             "reloaded"
         );
         report.outcome = ReloadOutcome::Success.as_str().into();

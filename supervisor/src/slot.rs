@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use prometheus::IntCounter;
@@ -244,6 +245,15 @@ impl Slot {
     /// The swap is the only step between "old serves" and "new serves";
     /// bookkeeping (mapped list, metrics) happens after it.
     pub fn install(&self, loaded: LoadedVersion) -> Option<Arc<Installed>> {
+        self.install_timed(loaded).0
+    }
+
+    /// [`Slot::install`], also returning how long the pointer swap alone
+    /// took: the only moment a request could find neither version (it
+    /// cannot — the store is atomic — but this bounds any stall). The
+    /// counters resolved before it and the bookkeeping after it are not
+    /// part of it.
+    pub fn install_timed(&self, loaded: LoadedVersion) -> (Option<Arc<Installed>>, Duration) {
         let version_label = loaded.version().to_string();
         let counter = |o: RequestOutcome| {
             self.metrics.requests_total.with_label_values(&[
@@ -259,11 +269,13 @@ impl Slot {
             version_label: version_label.clone(),
             loaded,
         });
+        let t = Instant::now();
         let previous = self.active.swap(Some(installed.clone()));
+        let swap = t.elapsed();
         // `send_replace` stores the value even when nobody subscribed yet.
         self.active_version.send_replace(Some(version_label));
         self.remember(installed);
-        previous
+        (previous, swap)
     }
 
     /// Switches back to a version that is still mapped (a pointer swap, no
