@@ -751,12 +751,14 @@ impl Reloader {
             }
         };
         let t_install = Instant::now();
-        let (_, switch) = slot.install_timed(loaded);
+        let (_, switch, serving) = slot.install_timed(loaded);
         let publish = t_install.elapsed().saturating_sub(switch);
         window.set_outcome(0);
         drop(window);
         let window_time = t2.elapsed();
-        let total = t0.elapsed();
+        // Manifest read → new version serving: up to the swap, not the
+        // bookkeeping and the end marker after it.
+        let total = serving - t0;
         self.nodes.insert(staged.sha256.clone(), candidate);
 
         let phases = [

@@ -249,11 +249,14 @@ impl Slot {
     }
 
     /// [`Slot::install`], also returning how long the pointer swap alone
-    /// took: the only moment a request could find neither version (it
-    /// cannot — the store is atomic — but this bounds any stall). The
-    /// counters resolved before it and the bookkeeping after it are not
-    /// part of it.
-    pub fn install_timed(&self, loaded: LoadedVersion) -> (Option<Arc<Installed>>, Duration) {
+    /// took — the only moment a request could find neither version (it
+    /// cannot: the store is atomic, but this bounds any stall) — and when
+    /// it ended, i.e. when the new version started serving. The counters
+    /// resolved before it and the bookkeeping after it are not part of it.
+    pub fn install_timed(
+        &self,
+        loaded: LoadedVersion,
+    ) -> (Option<Arc<Installed>>, Duration, Instant) {
         let version_label = loaded.version().to_string();
         let counter = |o: RequestOutcome| {
             self.metrics.requests_total.with_label_values(&[
@@ -271,11 +274,11 @@ impl Slot {
         });
         let t = Instant::now();
         let previous = self.active.swap(Some(installed.clone()));
-        let swap = t.elapsed();
+        let serving = Instant::now();
         // `send_replace` stores the value even when nobody subscribed yet.
         self.active_version.send_replace(Some(version_label));
         self.remember(installed);
-        (previous, swap)
+        (previous, serving - t, serving)
     }
 
     /// Switches back to a version that is still mapped (a pointer swap, no

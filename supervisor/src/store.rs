@@ -437,14 +437,80 @@ impl Store {
 
 /// sha256 (hex) and length of everything `src` (the file at `path`)
 /// still holds, read in chunks and, with `copy`, written to that file too.
+///
+/// With a copy to make, the hashing (this thread) and the writing (a
+/// scoped thread) overlap: each chunk is read once into a buffer, hashed
+/// and written from that same buffer — what is hashed is exactly what is
+/// written, whatever happens to the source meanwhile — so staging costs
+/// about one sha256 pass instead of a pass plus a copy.
 fn hash_all(
+    src: &mut File,
+    path: &Path,
+    copy: Option<(&mut File, &Path)>,
+) -> Result<(String, u64), StoreError> {
+    const BUFFERS: usize = 3;
+    let small = src
+        .metadata()
+        .is_ok_and(|m| m.len() <= 2 * COPY_CHUNK as u64);
+    let (out, out_path) = match copy {
+        Some(c) if !small => c,
+        // Nothing to copy, or too little to be worth a thread.
+        other => return hash_sequential(src, path, other),
+    };
+    let (to_writer, written) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (to_reader, free) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        to_reader
+            .send(vec![0u8; COPY_CHUNK])
+            .expect("the receiver is right here");
+    }
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            for (buf, n) in written {
+                out.write_all(&buf[..n])?;
+                // The reader may have stopped (an error); then the buffer
+                // is simply dropped.
+                let _ = to_reader.send(buf);
+            }
+            Ok(())
+        });
+        let read = (|| {
+            // A failed writer drops its sender: `recv` then ends the loop
+            // and the writer's error is reported below.
+            while let Ok(mut buf) = free.recv() {
+                let n = src.read(&mut buf).map_err(io("reading", path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+                if to_writer.send((buf, n)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(to_writer);
+        let wrote = writer
+            .join()
+            .expect("the store's writer thread does not panic");
+        read?;
+        wrote.map_err(io("writing", out_path))
+    })?;
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// [`hash_all`] on this thread alone.
+fn hash_sequential(
     src: &mut File,
     path: &Path,
     mut copy: Option<(&mut File, &Path)>,
 ) -> Result<(String, u64), StoreError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; COPY_CHUNK];
     let mut size = 0u64;
+    let mut buf = vec![0u8; COPY_CHUNK];
     loop {
         let n = src.read(&mut buf).map_err(io("reading", path))?;
         if n == 0 {
