@@ -822,6 +822,8 @@ impl Reloader {
             publish_ns = phases[5].1.as_nanos() as u64,
             total_ns = total.as_nanos() as u64,
             window_ns = window_time.as_nanos() as u64,
+            // Everything the attempt did, the fsyncs after the switch too.
+            attempt_ns = t0.elapsed().as_nanos() as u64,
             "reloaded"
         );
         report.outcome = ReloadOutcome::Success.as_str().into();
