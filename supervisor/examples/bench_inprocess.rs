@@ -300,6 +300,10 @@ fn switch(dir: &Path, lib: &Path, quick: bool) -> serde_json::Value {
 /// per plugin four mapped versions, every reload phase observed, request
 /// counters per version, conflicts, rollbacks, health; per listener the
 /// kernel-observed connection families and the service-gap histograms.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one family after another, as the daemon fills them; splitting would scatter them"
+)]
 fn populated_metrics(plugins: usize, listeners_per_plugin: usize) -> Metrics {
     let m = Metrics::new();
     for probe in [
@@ -435,18 +439,60 @@ fn metrics_encode(quick: bool) -> serde_json::Value {
     })
 }
 
+/// `Store::stage` alone (sha256 while copying into the store, no fsync)
+/// against one sha256 pass over the same bytes in memory, alternating, for
+/// each library: what staging adds to the hash it cannot avoid.
+fn stage(dir: &Path, libs: &[PathBuf], quick: bool) -> serde_json::Value {
+    use sha2::Digest as _;
+    let rounds = if quick { 3 } else { 30 };
+    let store = plugvisor::store::Store::open(&dir.join("state")).expect("store");
+    let out: Vec<serde_json::Value> = libs
+        .iter()
+        .map(|lib| {
+            let bytes = std::fs::read(lib).expect("reading a library");
+            let sha = hex::encode(sha2::Sha256::digest(&bytes));
+            let (mut staged, mut hashed) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let t = Instant::now();
+                let s = store.stage("bench", lib, &sha).expect("staging");
+                staged.push(t.elapsed().as_nanos() as f64);
+                std::fs::remove_file(&s.path).expect("removing the object");
+                let t = Instant::now();
+                black_box(sha2::Sha256::digest(&bytes));
+                hashed.push(t.elapsed().as_nanos() as f64);
+            }
+            json!({
+                "library": lib.display().to_string(),
+                "bytes": bytes.len(),
+                "stage_ns": summary(staged),
+                "sha256_ns": summary(hashed),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(out)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let lib = PathBuf::from(
         args.next()
-            .expect("usage: bench_inprocess ECHO_LIBRARY [--quick]"),
+            .expect("usage: bench_inprocess ECHO_LIBRARY [--quick] [--stage LIB]..."),
     );
-    let quick = args.any(|a| a == "--quick");
+    let mut quick = false;
+    let mut stage_libs = Vec::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--stage" => stage_libs.extend(args.next().map(PathBuf::from)),
+            other => panic!("unknown argument {other}"),
+        }
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let out = json!({
         "dispatch": dispatch(dir.path(), &lib, quick),
         "switch": switch(dir.path(), &lib, quick),
         "metrics": metrics_encode(quick),
+        "stage": stage(dir.path(), &stage_libs, quick),
     });
     println!("{out}");
 }

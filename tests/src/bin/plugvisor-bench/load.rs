@@ -239,12 +239,11 @@ fn tcp_client(
     while !stop.load(Ordering::Relaxed) {
         pace(&mut next, interval);
         let Some(c) = conn.as_mut() else {
-            match LineClient::connect(addr) {
-                Ok(c) => conn = Some(c),
-                Err(_) => {
-                    s.connect_errors += 1;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+            if let Ok(c) = LineClient::connect(addr) {
+                conn = Some(c);
+            } else {
+                s.connect_errors += 1;
+                std::thread::sleep(Duration::from_millis(1));
             }
             continue;
         };
@@ -310,17 +309,15 @@ async fn stream_client(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'open: while !stop.load(Ordering::Relaxed) {
         let (tx, rx) = mpsc::channel::<Request>(1);
-        let mut inbound = match PluginClient::new(channel.clone())
+        let Ok(opened) = PluginClient::new(channel.clone())
             .exchange(ReceiverStream::new(rx))
             .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(_) => {
-                s.connect_errors += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
-            }
+        else {
+            s.connect_errors += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
         };
+        let mut inbound = opened.into_inner();
         while !stop.load(Ordering::Relaxed) {
             ticker.tick().await;
             n += 1;

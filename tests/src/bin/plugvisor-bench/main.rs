@@ -593,7 +593,11 @@ fn go_peer(quick: bool) -> Result<Vec<GoRun>, String> {
 }
 
 /// The in-process measurements (a JSON object), or why they were skipped.
-fn inprocess(bin: Option<&Path>, quick: bool) -> Result<serde_json::Value, String> {
+fn inprocess(
+    bin: Option<&Path>,
+    stage_libs: &[PathBuf],
+    quick: bool,
+) -> Result<serde_json::Value, String> {
     let bin = bin.map_or_else(
         || target_dir().join("examples/bench_inprocess"),
         Path::to_path_buf,
@@ -610,6 +614,9 @@ fn inprocess(bin: Option<&Path>, quick: bool) -> Result<serde_json::Value, Strin
     c.arg(plugvisor_tests::build_echo_version("3.0.100000"));
     if quick {
         c.arg("--quick");
+    }
+    for lib in stage_libs {
+        c.arg("--stage").arg(lib);
     }
     let out = c
         .output()
@@ -925,7 +932,8 @@ fn main() {
     if let Err(e) = &go {
         eprintln!("SKIP Go plugin.Open peer: {e}");
     }
-    let inproc = inprocess(args.inprocess.as_deref(), q);
+    let stage_libs: Vec<PathBuf> = sized.iter().filter_map(|r| r.lib.clone()).collect();
+    let inproc = inprocess(args.inprocess.as_deref(), &stage_libs, q);
     if let Err(e) = &inproc {
         eprintln!("SKIP in-process measures: {e}");
     }
@@ -998,8 +1006,14 @@ struct Meta {
     quick: bool,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one chart after another, each with its series; splitting would only scatter them"
+)]
 fn draw_plots(dir: &Path, r: &Results) -> Result<(), String> {
     use plot::{Axes, Kind, Series, cdf, chart};
+    // 10 ms buckets folded five by five.
+    const FOLD: usize = 5;
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     // Reload latency per size, with the Go peer's plugin.Open beside it.
     let mut s: Vec<Series> = std::iter::once(&r.echo)
@@ -1083,7 +1097,6 @@ fn draw_plots(dir: &Path, r: &Results) -> Result<(), String> {
     )?;
     // What the clients saw: naive restart vs hot reloads, same load, in
     // 50 ms buckets.
-    const FOLD: usize = 5;
     let per_s = 1000.0 / (load::BUCKET.as_millis() as f64 * FOLD as f64);
     let timeline = |rep: &load::Report, limit: usize| -> Vec<(f64, f64)> {
         rep.timeline()
@@ -1155,7 +1168,9 @@ fn draw_plots(dir: &Path, r: &Results) -> Result<(), String> {
 
 #[expect(
     clippy::too_many_lines,
-    reason = "the report reads top to bottom in the order a reader wants it; one table after another"
+    clippy::many_single_char_names,
+    reason = "the report reads top to bottom in the order a reader wants it, one table after another, \
+              each with its short-lived figures"
 )]
 fn render(r: &Results, meta: &Meta) -> String {
     let mut md = String::new();
@@ -1843,10 +1858,11 @@ fn render(r: &Results, meta: &Meta) -> String {
 /// What one pass over a library costs on this machine, in isolation:
 /// sha256 of the bytes in memory, writing them to a new file, fsync.
 #[derive(Debug, Clone, Copy)]
+/// (Nanoseconds.)
 struct Costs {
-    sha_ns: f64,
-    write_ns: f64,
-    fsync_ns: f64,
+    sha: f64,
+    write: f64,
+    fsync: f64,
 }
 
 fn pass_costs(lib: &Path) -> Costs {
@@ -1869,9 +1885,9 @@ fn pass_costs(lib: &Path) -> Costs {
         fsync.push(t.elapsed().as_nanos() as f64);
     }
     Costs {
-        sha_ns: Dist::of(&sha).p50,
-        write_ns: Dist::of(&write).p50,
-        fsync_ns: Dist::of(&fsync).p50,
+        sha: Dist::of(&sha).p50,
+        write: Dist::of(&write).p50,
+        fsync: Dist::of(&fsync).p50,
     }
 }
 
@@ -1901,13 +1917,39 @@ fn floors(r: &Results) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             run.label,
             mb(run.bytes),
-            ms(c.sha_ns),
-            ms(c.write_ns),
-            ms(c.fsync_ns),
+            ms(c.sha),
+            ms(c.write),
+            ms(c.fsync),
             ms(run.phase("stage").p50),
             ms(total),
-            ms(total - c.sha_ns)
+            ms(total - c.sha)
         );
+    }
+    if let Some(stage) = r.inproc.as_ref().ok().and_then(|v| v["stage"].as_array()) {
+        let _ = writeln!(
+            md,
+            "\n`Store::stage` alone, in process (hash while copying into a store, no fsync), against one \
+             sha256 pass over the same bytes in memory, alternating:\n"
+        );
+        let _ = writeln!(
+            md,
+            "| library | stage p50 ms | sha256 p50 ms | stage / sha256 |"
+        );
+        let _ = writeln!(md, "| ---: | ---: | ---: | ---: |");
+        for x in stage {
+            let (st, sh) = (
+                x["stage_ns"]["p50"].as_f64().unwrap_or(f64::NAN),
+                x["sha256_ns"]["p50"].as_f64().unwrap_or(f64::NAN),
+            );
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.2}× |",
+                mb(x["bytes"].as_u64().unwrap_or(0)),
+                ms(st),
+                ms(sh),
+                st / sh
+            );
+        }
     }
     md.push_str(FLOOR_NOTES);
     md
