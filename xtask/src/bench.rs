@@ -29,11 +29,14 @@ pub fn run(args: &Args) -> Result<()> {
         )])?;
     }
     build::run(&build::Args { debug: false })?;
+    // Resolved with the whole workspace, like the build above, so the
+    // daemon's library is not compiled a second time with other features.
     util::run(util::cargo().args([
         "build",
         "--release",
-        "-p",
-        "plugvisor",
+        "--workspace",
+        "--exclude",
+        build::EBPF_CRATE,
         "--example",
         "bench_inprocess",
     ]))?;
