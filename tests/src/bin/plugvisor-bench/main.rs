@@ -1152,7 +1152,7 @@ fn draw_plots(dir: &Path, r: &Results) -> Result<(), String> {
             y_max: None,
         },
         &[Series {
-            name: "total (verify, stage, load, init, switch, publish)".into(),
+            name: "total: verify, stage, load, init, switch (manifest read → swap)".into(),
             points: r
                 .soak
                 .records
@@ -1237,7 +1237,7 @@ fn render(r: &Results, meta: &Meta) -> String {
         );
         let _ = writeln!(
             md,
-            "| manifest → serving, {} ({}), sha256 verified | p99 ≤ {} ms | p50 {} / p99 {} / max {} ms | seed {} ms; {go} | {:.2}× seed; {} Go | {} |",
+            "| manifest → serving, {} ({}), sha256 verified | p99 ≤ {} ms | p50 {} / p99 {} / max {} ms | seed {} ms; {go} | p99 {:.2}× seed; p50 {} Go p50 | {} |",
             run.label,
             mb(run.bytes),
             ms(goal_ns),
@@ -1263,7 +1263,10 @@ fn render(r: &Results, meta: &Meta) -> String {
                 || "Go peer skipped; ≈ 0.75 ms here (DESIGN)".to_owned(),
                 |g| format!("Go `plugin.Open` p50 {} µs", us(g))
             ),
-            go.map_or_else(|| "—".to_owned(), |g| format!("{:.3}× Go", w.p50 / g)),
+            go.map_or_else(
+                || "—".to_owned(),
+                |g| format!("p50 {:.3}× Go p50", w.p50 / g)
+            ),
             verdict(w.p99 <= 100e3)
         );
     }
@@ -1329,7 +1332,7 @@ fn render(r: &Results, meta: &Meta) -> String {
     let n = &r.naive;
     let _ = writeln!(
         md,
-        "| {} reloads under {:.0} answers/s ({} TCP conns + {} gRPC streams) | 0 failed; kernel broken 0 | {} failed of {}; broken {} | naive restart ×{}: {} failed, {} refused connects, longest gap {:.0} ms; HAProxy < 1.8 ~0.24 % per reload | gap {:.3}× naive | {} |",
+        "| {} reloads under {:.0} answers/s ({} TCP conns + {} gRPC streams) | 0 failed; kernel broken 0 | {} failed of {}; broken {} | naive restart ×{}: {} failed, {} refused connects, longest gap {:.0} ms; HAProxy < 1.8 ~0.24 % per reload | longest gap {:.3}× naive | {} |",
         s.reloads,
         s.load.rate(),
         shape(meta.quick).tcp_conns,
