@@ -56,8 +56,12 @@ pub enum Phase {
     Load,
     /// The plugin's `init`.
     Init,
-    /// The atomic pointer swap.
+    /// The atomic pointer swap alone.
     Switch,
+    /// The slot's bookkeeping around the swap: per-version request
+    /// counters resolved before it, the mapped list and `plugin_info`
+    /// after it (new versions already serve meanwhile).
+    Publish,
     /// Manifest commit to new version serving.
     Total,
 }
@@ -71,6 +75,7 @@ impl Phase {
             Phase::Load => "load",
             Phase::Init => "init",
             Phase::Switch => "switch",
+            Phase::Publish => "publish",
             Phase::Total => "total",
         }
     }
@@ -302,7 +307,7 @@ impl Metrics {
             reload_duration_seconds: histogram(
                 r,
                 "plugvisor_reload_duration_seconds",
-                "Userspace-measured reload latency by phase (verify, stage, load, init, switch, total)",
+                "Userspace-measured reload latency by phase (verify, stage, load, init, switch, publish, total)",
                 &["plugin", "phase"],
             ),
             kernel_reload_duration_seconds: histogram(

@@ -762,18 +762,14 @@ impl Reloader {
         let version_key = package.manifest.version.to_string();
         crash_point(CrashPoint::ReloadAfterVerify, &version_key);
 
-        // Stage: hash while copying into the store — before the window opens.
+        // Stage: hash while copying into the store — before the window
+        // opens. Flushing it to disk waits until after the switch (see
+        // `Store::stage`).
         let t1 = Instant::now();
         let staged = match self
             .store
             .stage(plugin, &package.library_path, &package.manifest.sha256)
-            .and_then(|s| {
-                // Kept so the version's dependencies are known when it is
-                // started from the store or switched back to.
-                self.store
-                    .save_manifest(&s.sha256, &package.manifest_bytes)
-                    .map(|()| s)
-            }) {
+        {
             Ok(s) => s,
             Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
         };
@@ -803,24 +799,45 @@ impl Reloader {
             }
         };
         crash_point(CrashPoint::ReloadAfterInit, &version_key);
-        let t_swap = Instant::now();
-        slot.install(loaded);
-        let switch = t_swap.elapsed();
+        let t_install = Instant::now();
+        let (previous, switch, serving) = slot.install_timed(loaded);
+        let publish = t_install.elapsed().saturating_sub(switch);
         window.set_outcome(0);
         drop(window);
         let window_time = t2.elapsed();
-        let total = t0.elapsed();
+        // Manifest read → new version serving: up to the swap, not the
+        // bookkeeping and the end marker after it.
+        let total = serving - t0;
         self.nodes.insert(staged.sha256.clone(), candidate);
 
-        for (phase, d) in [
+        let phases = [
             (Phase::Verify, verify),
             (Phase::Stage, stage),
             (Phase::Load, timings.load),
             (Phase::Init, timings.init),
             (Phase::Switch, switch),
+            (Phase::Publish, publish),
             (Phase::Total, total),
-        ] {
+        ];
+        for (phase, d) in phases {
             self.observe(plugin, phase, d);
+        }
+        // The new version serves; now make it durable, before the refs
+        // name it. Kept beside it: the manifest, so the version's
+        // dependencies are known when it is started from the store or
+        // switched back to.
+        if let Err(e) = self.store.make_durable(&staged).and_then(|()| {
+            self.store
+                .save_manifest(&staged.sha256, &package.manifest_bytes)
+        }) {
+            // A version the store cannot keep is one a restart could not
+            // come back to: serve what served before (still mapped, a
+            // pointer swap) and refuse the reload with the store's reason.
+            if let Some(previous) = previous {
+                slot.switch_to_mapped(previous.loaded.version());
+                return self.refuse(report, &package_dir, &ReloadError::Store(e));
+            }
+            tracing::error!(plugin, error = %e, "activated, but the store could not keep the object or its manifest");
         }
         self.metrics
             .reloads_total
@@ -854,6 +871,17 @@ impl Reloader {
             signed_by,
             total_us = total.as_micros() as u64,
             window_us = window_time.as_micros() as u64,
+            seq = self.seq,
+            verify_ns = phases[0].1.as_nanos() as u64,
+            stage_ns = phases[1].1.as_nanos() as u64,
+            load_ns = phases[2].1.as_nanos() as u64,
+            init_ns = phases[3].1.as_nanos() as u64,
+            switch_ns = phases[4].1.as_nanos() as u64,
+            publish_ns = phases[5].1.as_nanos() as u64,
+            total_ns = total.as_nanos() as u64,
+            window_ns = window_time.as_nanos() as u64,
+            // Everything the attempt did, the fsyncs after the switch too.
+            attempt_ns = t0.elapsed().as_nanos() as u64,
             "reloaded"
         );
         report.outcome = ReloadOutcome::Success.as_str().into();

@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use prometheus::IntCounter;
@@ -412,6 +412,18 @@ impl Slot {
     /// The swap is the only step between "old serves" and "new serves";
     /// bookkeeping (mapped list, metrics) happens after it.
     pub fn install(&self, loaded: LoadedVersion) -> Option<Arc<Installed>> {
+        self.install_timed(loaded).0
+    }
+
+    /// [`Slot::install`], also returning how long the pointer swap alone
+    /// took — the only moment a request could find neither version (it
+    /// cannot: the store is atomic, but this bounds any stall) — and when
+    /// it ended, i.e. when the new version started serving. The counters
+    /// resolved before it and the bookkeeping after it are not part of it.
+    pub fn install_timed(
+        &self,
+        loaded: LoadedVersion,
+    ) -> (Option<Arc<Installed>>, Duration, Instant) {
         let version_label = loaded.version().to_string();
         let counter = |o: RequestOutcome| {
             self.metrics.requests_total.with_label_values(&[
@@ -433,11 +445,13 @@ impl Slot {
             version_label: version_label.clone(),
             loaded,
         });
+        let t = Instant::now();
         let previous = self.active.swap(Some(installed.clone()));
+        let serving = Instant::now();
         // `send_replace` stores the value even when nobody subscribed yet.
         self.active_version.send_replace(Some(version_label));
         self.remember(installed);
-        previous
+        (previous, serving - t, serving)
     }
 
     /// Switches back to a version that is still mapped (a pointer swap, no

@@ -276,7 +276,17 @@ impl Store {
 
     /// Hashes `library` while copying it into `objects/`, and checks the
     /// hash against `expected` (the manifest's). On a mismatch nothing is
-    /// left behind. An object already present is not rewritten.
+    /// left behind.
+    ///
+    /// The copy is not flushed to disk here: the reload path switches to
+    /// the object first (`dlopen` reads the page cache alike) and calls
+    /// [`Store::make_durable`] before any ref names it, which keeps the
+    /// fsyncs — the larger part of staging on a small disk — out of
+    /// "manifest commit → new version serving". A crash in between can
+    /// leave a torn object under its final name that no ref names; so an
+    /// object already present is trusted only once it hashes to its name
+    /// again (it, not the package's copy, is what gets mapped), and is
+    /// copied afresh otherwise.
     pub fn stage(
         &self,
         plugin: &str,
@@ -284,32 +294,28 @@ impl Store {
         expected: &str,
     ) -> Result<StagedObject, StoreError> {
         let target = self.object_path(expected);
+        if let Ok(mut existing) = File::open(&target) {
+            let (actual, size) = hash_all(&mut existing, &target, None)?;
+            if actual == expected {
+                return Ok(StagedObject {
+                    path: target,
+                    sha256: actual,
+                    size,
+                });
+            }
+            tracing::warn!(
+                plugin,
+                object = %target.display(),
+                "the object in the store does not hash to its name (torn by a crash?); copying it again"
+            );
+        }
         let mut src = File::open(library).map_err(io("opening library", library))?;
-        let exists = target.is_file();
         let tmp = self
             .objects
             .join(format!(".tmp-{}-{expected}", std::process::id()));
-        let mut out = if exists {
-            None
-        } else {
-            Some(File::create(&tmp).map_err(io("creating", &tmp))?)
-        };
+        let mut out = File::create(&tmp).map_err(io("creating", &tmp))?;
         let result = (|| {
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; COPY_CHUNK];
-            let mut size = 0u64;
-            loop {
-                let n = src.read(&mut buf).map_err(io("reading library", library))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                if let Some(out) = out.as_mut() {
-                    out.write_all(&buf[..n]).map_err(io("writing", &tmp))?;
-                }
-                size += n as u64;
-            }
-            let actual = hex::encode(hasher.finalize());
+            let (actual, size) = hash_all(&mut src, library, Some((&mut out, &tmp)))?;
             if actual != expected {
                 return Err(StoreError::ChecksumMismatch {
                     plugin: plugin.to_owned(),
@@ -318,26 +324,31 @@ impl Store {
                     actual,
                 });
             }
-            if let Some(out) = out.take() {
-                crate::failpoints::crash_point(
-                    crate::failpoints::CrashPoint::StoreObjectBeforeRename,
-                    expected,
-                );
-                out.sync_all().map_err(io("syncing", &tmp))?;
-                drop(out);
-                std::fs::rename(&tmp, &target).map_err(io("renaming into the store", &target))?;
-                sync_dir(&self.objects)?;
-            }
+            crate::failpoints::crash_point(
+                crate::failpoints::CrashPoint::StoreObjectBeforeRename,
+                expected,
+            );
+            std::fs::rename(&tmp, &target).map_err(io("renaming into the store", &target))?;
             Ok(StagedObject {
                 path: target.clone(),
                 sha256: actual,
                 size,
             })
         })();
-        if result.is_err() && !exists {
+        if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Flushes a staged object and its directory entry to disk. Called
+    /// after the switch and before any ref names the object (see
+    /// [`Store::stage`]); cheap when the object was already on disk.
+    pub fn make_durable(&self, staged: &StagedObject) -> Result<(), StoreError> {
+        File::open(&staged.path)
+            .and_then(|f| f.sync_all())
+            .map_err(io("syncing", &staged.path))?;
+        sync_dir(&self.objects)
     }
 
     /// Keeps `bytes`, the manifest that pins object `sha256`, beside it
@@ -446,6 +457,96 @@ impl Store {
     }
 }
 
+/// sha256 (hex) and length of everything `src` (the file at `path`)
+/// still holds, read in chunks and, with `copy`, written to that file too.
+///
+/// With a copy to make, the hashing (this thread) and the writing (a
+/// scoped thread) overlap: each chunk is read once into a buffer, hashed
+/// and written from that same buffer — what is hashed is exactly what is
+/// written, whatever happens to the source meanwhile — so staging costs
+/// about one sha256 pass instead of a pass plus a copy.
+fn hash_all(
+    src: &mut File,
+    path: &Path,
+    copy: Option<(&mut File, &Path)>,
+) -> Result<(String, u64), StoreError> {
+    const BUFFERS: usize = 3;
+    let small = src
+        .metadata()
+        .is_ok_and(|m| m.len() <= 2 * COPY_CHUNK as u64);
+    let (out, out_path) = match copy {
+        Some(c) if !small => c,
+        // Nothing to copy, or too little to be worth a thread.
+        other => return hash_sequential(src, path, other),
+    };
+    let (to_writer, written) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (to_reader, free) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        to_reader
+            .send(vec![0u8; COPY_CHUNK])
+            .expect("the receiver is right here");
+    }
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            for (buf, n) in written {
+                out.write_all(&buf[..n])?;
+                // The reader may have stopped (an error); then the buffer
+                // is simply dropped.
+                let _ = to_reader.send(buf);
+            }
+            Ok(())
+        });
+        let read = (|| {
+            // A failed writer drops its sender: `recv` then ends the loop
+            // and the writer's error is reported below.
+            while let Ok(mut buf) = free.recv() {
+                let n = src.read(&mut buf).map_err(io("reading", path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+                if to_writer.send((buf, n)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(to_writer);
+        let wrote = writer
+            .join()
+            .expect("the store's writer thread does not panic");
+        read?;
+        wrote.map_err(io("writing", out_path))
+    })?;
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// [`hash_all`] on this thread alone.
+fn hash_sequential(
+    src: &mut File,
+    path: &Path,
+    mut copy: Option<(&mut File, &Path)>,
+) -> Result<(String, u64), StoreError> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    loop {
+        let n = src.read(&mut buf).map_err(io("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if let Some((out, out_path)) = copy.as_mut() {
+            out.write_all(&buf[..n]).map_err(io("writing", out_path))?;
+        }
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
 /// sha256 of the file at `path`, hex, read in chunks.
 pub fn sha256_file(path: &Path) -> Result<String, StoreError> {
     let mut f = File::open(path).map_err(io("opening", path))?;
@@ -506,6 +607,23 @@ mod tests {
         // Staging again reuses the object.
         let again = store.stage("echo", &lib, &sha(&data)).unwrap();
         assert_eq!(again.path, s.path);
+    }
+
+    /// A crash between the switch and `make_durable` can leave an object
+    /// under its name with other bytes; staging it again must not trust it.
+    #[test]
+    fn a_torn_object_is_copied_again() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("state")).unwrap();
+        let lib = t.path().join("lib.so");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&lib, &data).unwrap();
+        let s = store.stage("echo", &lib, &sha(&data)).unwrap();
+        store.make_durable(&s).unwrap();
+        std::fs::write(&s.path, vec![0u8; data.len()]).unwrap();
+        let again = store.stage("echo", &lib, &sha(&data)).unwrap();
+        assert_eq!(again.path, s.path);
+        assert_eq!(std::fs::read(&again.path).unwrap(), data);
     }
 
     #[test]

@@ -930,10 +930,25 @@ pub fn version_series(
     major: u64,
     count: usize,
 ) -> Vec<(String, PathBuf)> {
+    let base = build_plugin_version(package, lib, &format!("{major}.0.100000"));
+    library_version_series(&base, &format!("lib{lib}"), major, count)
+}
+
+/// The series of [`version_series`] from an already built library `base`
+/// stamped `MAJOR.0.100000` (its descriptor's version read at run time, not
+/// folded into code); the results are named `PREFIX-VERSION.so`.
+///
+/// # Panics
+/// When `count` exceeds 99 999 or the stamped version is not in `base`.
+pub fn library_version_series(
+    base: &Path,
+    prefix: &str,
+    major: u64,
+    count: usize,
+) -> Vec<(String, PathBuf)> {
     assert!(count < 100_000, "at most 99 999 versions in a series");
     let base_version = format!("{major}.0.100000");
-    let base = build_plugin_version(package, lib, &base_version);
-    let bytes = std::fs::read(&base).unwrap();
+    let bytes = std::fs::read(base).unwrap();
     let needle = base_version.as_bytes();
     let hits: Vec<usize> = bytes
         .windows(needle.len())
@@ -948,12 +963,12 @@ pub fn version_series(
     );
     let dir = target_dir()
         .join("stamped")
-        .join(format!("{package}-series"));
+        .join(format!("{prefix}-series"));
     std::fs::create_dir_all(&dir).unwrap();
     (1..=count)
         .map(|i| {
             let version = format!("{major}.0.{}", 100_000 + i);
-            let out = dir.join(format!("lib{lib}-{version}.so"));
+            let out = dir.join(format!("{prefix}-{version}.so"));
             if !out.is_file() {
                 let mut patched = bytes.clone();
                 for &at in &hits {
@@ -966,6 +981,23 @@ pub fn version_series(
             (version, out)
         })
         .collect()
+}
+
+/// Builds the `sized` fixture (plugin `sized`) at `version` with `funcs`
+/// generated functions and a `data_kb` KiB data table (see its
+/// `build.rs`); for the reload benchmarks.
+pub fn build_sized_plugin(version: &str, funcs: usize, data_kb: usize) -> PathBuf {
+    let (funcs, data_kb) = (funcs.to_string(), data_kb.to_string());
+    build_stamped(
+        "plugvisor-fixture-sized",
+        "fixture_sized",
+        &format!("libsized-{funcs}f-{data_kb}k-{version}.so"),
+        &[
+            ("PLUGVISOR_PLUGIN_VERSION", version),
+            ("PLUGVISOR_FIXTURE_FUNCS", &funcs),
+            ("PLUGVISOR_FIXTURE_DATA_KB", &data_kb),
+        ],
+    )
 }
 
 /// Deliberate defects for a package under test.

@@ -113,8 +113,14 @@ fn cargo_fuzz() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs the Debian `packages` (name, what it gives) that are missing,
+/// saying which were already present.
+pub fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
     if util::which("dpkg-query").is_none() {
-        let names: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).collect();
+        let names: Vec<&str> = packages.iter().map(|(p, _)| *p).collect();
         println!(
             "setup: apt packages ... skipped (not a Debian system; \
              the tests need the tools of: {})",
@@ -123,7 +129,7 @@ fn apt_packages() -> Result<()> {
         return Ok(());
     }
     let mut missing = Vec::new();
-    for (package, why) in APT_PACKAGES {
+    for (package, why) in packages {
         if dpkg_installed(package) {
             println!("setup: apt package {package} ({why}) ... already present");
         } else {

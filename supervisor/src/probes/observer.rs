@@ -299,6 +299,15 @@ fn handle_event(event: &Event, plugins: &PluginNames, listeners: &[String], metr
             return;
         };
         let seconds = event.value as f64 / 1e9;
+        // Per reload, for comparing with the userspace figures of the
+        // `reloaded` line of the same `seq` (the histogram's buckets are
+        // too coarse for that).
+        tracing::debug!(
+            plugin,
+            reload_seq = event.seq,
+            window_ns = event.value,
+            "kernel-measured reload window"
+        );
         metrics
             .kernel_reload_duration_seconds
             .with_label_values(&[&plugin])

@@ -1,0 +1,3 @@
+module plugvisor.invalid/gopeer
+
+go 1.19
