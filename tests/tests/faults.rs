@@ -1484,7 +1484,7 @@ fn segfault_restarts_on_the_known_good_version() {
         refusals[0]["fields"]["message"]
             .as_str()
             .unwrap()
-            .contains("version 2.0.0 was rolled back and is quarantined"),
+            .contains("version 2.0.0 is quarantined"),
         "{refusals:#?}"
     );
     let s = assert_state_consistent(&d.state_dir);
