@@ -59,13 +59,15 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
-    fn probe(&self) -> &'static str {
+    /// The probe that failed (its `probe` label).
+    pub fn probe(&self) -> &'static str {
         match self {
             ProbeError::Load { probe, .. } | ProbeError::Attach { probe, .. } => probe,
         }
     }
 
-    fn stage(&self) -> ProbeStage {
+    /// The stage it failed at.
+    pub fn stage(&self) -> ProbeStage {
         match self {
             ProbeError::Load { .. } => ProbeStage::Load,
             ProbeError::Attach { .. } => ProbeStage::Attach,
@@ -87,28 +89,12 @@ pub fn start(
     plugins: &observer::PluginNames,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<Probes>, ProbeError> {
-    for p in Probe::ALL {
-        metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
-        // At 0 from the start, so the first failure is an increase that
-        // `increase()` and the alerts on it can see.
-        for stage in ProbeStage::ALL {
-            metrics
-                .probe_failures_total
-                .with_label_values(&[p.as_str(), stage.as_str()]);
-        }
-    }
     if mode == ProbeMode::Off {
+        zero_series(metrics);
         tracing::info!("eBPF probes are off ([probes] mode = \"off\")");
         return Ok(None);
     }
-    let mut errors = Vec::new();
-    let result = try_start(listeners, plugins, metrics, &mut errors);
-    for e in &errors {
-        metrics
-            .probe_failures_total
-            .with_label_values(&[e.probe(), e.stage().as_str()])
-            .inc();
-    }
+    let (result, mut errors) = start_reporting(listeners, plugins, metrics);
     match (mode, result) {
         (ProbeMode::On, _) if !errors.is_empty() => Err(errors.remove(0)),
         (_, Some(p)) if errors.is_empty() => {
@@ -123,6 +109,41 @@ pub fn start(
                 "eBPF probes unavailable; serving without kernel observation (plugvisor_probe_up 0)"
             );
             Ok(p)
+        }
+    }
+}
+
+/// Loads and attaches every probe exactly as `mode = "auto"` does — each on
+/// its own, `probe_up` and `probe_failures_total` set — and hands back
+/// every failure instead of logging it. `plugvisor-vm-tests` reports these
+/// per probe and per kernel; the daemon goes through [`start`].
+pub fn start_reporting(
+    listeners: &[WatchedListener],
+    plugins: &observer::PluginNames,
+    metrics: &Arc<Metrics>,
+) -> (Option<Probes>, Vec<ProbeError>) {
+    zero_series(metrics);
+    let mut errors = Vec::new();
+    let result = try_start(listeners, plugins, metrics, &mut errors);
+    for e in &errors {
+        metrics
+            .probe_failures_total
+            .with_label_values(&[e.probe(), e.stage().as_str()])
+            .inc();
+    }
+    (result, errors)
+}
+
+/// Every probe down and every failure series at 0, before anything is tried.
+fn zero_series(metrics: &Metrics) {
+    for p in Probe::ALL {
+        metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
+        // At 0 from the start, so the first failure is an increase that
+        // `increase()` and the alerts on it can see.
+        for stage in ProbeStage::ALL {
+            metrics
+                .probe_failures_total
+                .with_label_values(&[p.as_str(), stage.as_str()]);
         }
     }
 }
