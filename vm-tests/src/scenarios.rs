@@ -6,6 +6,11 @@
 //! rewritten from one stamped build ([`StampedLibrary`]): `uprobe-markers`
 //! reloads it to version 2 with no traffic, `hot-swap` to version 3 under
 //! live connections.
+#![expect(
+    clippy::float_cmp,
+    reason = "metric values are integer counts carried in f64; exact comparison is the point"
+)]
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -258,20 +263,48 @@ fn tcp_states(d: &Daemon) -> Outcome {
     Outcome::Pass("tcp_connections 0 → 3 (established) → 1 (2 FIN) → 0 (1 RST)".into())
 }
 
-/// A client's RST, seen by `tcp_receive_reset` on the server side.
+/// Resets in both directions on the server side: a client's RST seen by
+/// `tcp_receive_reset`, and one plugvisor's kernel sends (it closes a
+/// connection with unread bytes after an oversized frame) seen by
+/// `tcp_send_reset` — whose layout differs between kernels (a host-order
+/// `sport` up to 6.9, a `sockaddr` after), which is why it is tested on each.
 fn tcp_reset(d: &Daemon) -> Outcome {
     let deadline = Instant::now() + WAIT;
-    let labels = [("listener", LISTENER), ("direction", "received")];
-    let before = metric(d, "plugvisor_tcp_resets_total", &labels);
+    let received = [("listener", LISTENER), ("direction", "received")];
+    let sent = [("listener", LISTENER), ("direction", "sent")];
+    let received0 = metric(d, "plugvisor_tcp_resets_total", &received);
+    let sent0 = metric(d, "plugvisor_tcp_resets_total", &sent);
+
     let mut c = LineClient::connect(d.addr(LISTENER)).expect("connect");
     c.call("about to reset").expect("echo answers");
     c.reset();
-    wait_until(deadline, "the RST counted", || {
-        metric(d, "plugvisor_tcp_resets_total", &labels) == before + 1.0
+    wait_until(deadline, "the client's RST counted", || {
+        metric(d, "plugvisor_tcp_resets_total", &received) == received0 + 1.0
+    });
+    let sent_after_client = metric(d, "plugvisor_tcp_resets_total", &sent);
+    if sent_after_client != sent0 {
+        return Outcome::Fail(format!(
+            "a reset received was also counted as sent ({sent0} → {sent_after_client})"
+        ));
+    }
+
+    // More than a frame may hold, with no newline: plugvisor answers ERR
+    // and closes with bytes unread, so its kernel resets the connection.
+    let mut c = LineClient::connect(d.addr(LISTENER)).expect("connect");
+    let mut w = c.stream().try_clone().expect("clone stream");
+    let _ = w.write_all(&vec![b'x'; 200 * 1024]);
+    let resp = c.read_line();
+    if !resp.as_deref().is_ok_and(|r| r.starts_with("ERR")) {
+        return Outcome::Fail(format!("an oversized frame was answered {resp:?}, not ERR"));
+    }
+    wait_until(deadline, "the server's RST counted", || {
+        metric(d, "plugvisor_tcp_resets_total", &sent) > sent0
     });
     Outcome::Pass(format!(
-        "client RST received by the server side: tcp_resets_total{{direction=\"received\"}} {before} → {}",
-        before + 1.0
+        "tcp_resets_total{{direction=\"received\"}} {received0} → {} (client SO_LINGER 0), \
+         {{direction=\"sent\"}} {sent0} → {} (server closes with unread bytes)",
+        received0 + 1.0,
+        metric(d, "plugvisor_tcp_resets_total", &sent)
     ))
 }
 
@@ -320,6 +353,69 @@ struct ClientLog {
     error: Option<String>,
 }
 
+/// What the client threads of `hot-swap` share.
+#[derive(Clone)]
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    frames: Arc<AtomicU64>,
+    /// Clients that have been answered by `target`.
+    seen_target: Arc<Mutex<usize>>,
+    target: String,
+}
+
+impl Traffic {
+    /// Client number `client` sends frames on `conn` without pause until told to stop,
+    /// noting each change of the version that answers, then one last frame.
+    fn spawn_client(
+        &self,
+        client: usize,
+        mut conn: LineClient,
+    ) -> std::thread::JoinHandle<ClientLog> {
+        let first = conn.call("hello").expect("echo answers");
+        let shared = self.clone();
+        std::thread::spawn(move || {
+            let mut log = ClientLog {
+                versions: echo_version(&first)
+                    .map(str::to_owned)
+                    .into_iter()
+                    .collect(),
+                frames: 1,
+                error: None,
+            };
+            let mut n = 0u64;
+            while !shared.stop.load(Ordering::Relaxed) {
+                n += 1;
+                match conn.call(&format!("client {client} frame {n}")) {
+                    Ok(resp) => {
+                        let v = echo_version(&resp).unwrap_or("?").to_owned();
+                        if log.versions.last() != Some(&v) {
+                            if v == shared.target {
+                                *shared.seen_target.lock().expect("lock") += 1;
+                            }
+                            log.versions.push(v);
+                        }
+                        log.frames += 1;
+                        shared.frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        log.error = Some(format!("frame {n}: {e}"));
+                        break;
+                    }
+                }
+            }
+            // Still usable after the swap: one more frame.
+            if log.error.is_none() {
+                match conn.call("last") {
+                    Ok(resp) if echo_version(&resp) == Some(shared.target.as_str()) => {}
+                    Ok(resp) => log.error = Some(format!("last frame answered {resp:?}")),
+                    Err(e) => log.error = Some(format!("last frame: {e}")),
+                }
+            }
+            log
+        })
+    }
+}
+
 /// A reload under live connections: every connection keeps working, in
 /// order, and neither the clients nor the kernel see one break.
 fn hot_swap(d: &Daemon, versions: &Versions) -> Outcome {
@@ -332,62 +428,20 @@ fn hot_swap(d: &Daemon, versions: &Versions) -> Outcome {
         wait_until(deadline, "no connections left", || connections(d) == 0.0);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let frames = Arc::new(AtomicU64::new(0));
-    let seen_target = Arc::new(Mutex::new(0usize));
+    let traffic = Traffic {
+        stop: Arc::new(AtomicBool::new(false)),
+        frames: Arc::new(AtomicU64::new(0)),
+        seen_target: Arc::new(Mutex::new(0usize)),
+        target: target.clone(),
+    };
     let addr = d.addr(LISTENER);
     let threads: Vec<_> = (0..CLIENTS)
         .map(|i| {
-            let mut c = LineClient::connect(addr).expect("connect");
-            let first = c.call("hello").expect("echo answers");
-            let (stop, frames, seen_target, target) = (
-                stop.clone(),
-                frames.clone(),
-                seen_target.clone(),
-                target.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut log = ClientLog {
-                    versions: echo_version(&first)
-                        .map(str::to_owned)
-                        .into_iter()
-                        .collect(),
-                    frames: 1,
-                    error: None,
-                };
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    match c.call(&format!("client {i} frame {n}")) {
-                        Ok(resp) => {
-                            let v = echo_version(&resp).unwrap_or("?").to_owned();
-                            if log.versions.last() != Some(&v) {
-                                if v == target {
-                                    *seen_target.lock().expect("lock") += 1;
-                                }
-                                log.versions.push(v);
-                            }
-                            log.frames += 1;
-                            frames.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            log.error = Some(format!("frame {n}: {e}"));
-                            break;
-                        }
-                    }
-                }
-                // Still usable after the swap: one more frame.
-                if log.error.is_none() {
-                    match c.call("last") {
-                        Ok(resp) if echo_version(&resp) == Some(target.as_str()) => {}
-                        Ok(resp) => log.error = Some(format!("last frame answered {resp:?}")),
-                        Err(e) => log.error = Some(format!("last frame: {e}")),
-                    }
-                }
-                log
-            })
+            let c = LineClient::connect(addr).expect("connect");
+            traffic.spawn_client(i, c)
         })
         .collect();
+    let (stop, frames, seen_target) = (&traffic.stop, &traffic.frames, &traffic.seen_target);
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if kernel_counts {
