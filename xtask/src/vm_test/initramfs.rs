@@ -7,6 +7,7 @@
 //! header per entry), uncompressed: under TCG the kernel would spend
 //! longer inflating it than qemu spends reading it.
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
@@ -224,7 +225,7 @@ impl<W: std::io::Write> Cpio<W> {
         ];
         let mut h = String::from("070701");
         for f in fields {
-            h.push_str(&format!("{f:08x}"));
+            let _ = write!(h, "{f:08x}");
         }
         self.out.write_all(h.as_bytes())?;
         self.out.write_all(name.as_bytes())?;

@@ -7,7 +7,7 @@
 //! reported. Lines on a serial console may carry junk in front (firmware
 //! escape sequences), so the marker is looked for anywhere in the line.
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 /// The marker every parseable line carries.
 const MARKER: &str = "vm-test: ";
@@ -178,7 +178,7 @@ pub fn matrix(columns: &[Column]) -> String {
     let mut row = |cells: Vec<String>| {
         let mut line = format!("{:first$}", cells[0]);
         for (cell, w) in cells[1..].iter().zip(&widths) {
-            line.push_str(&format!("{cell:w$}"));
+            let _ = write!(line, "{cell:w$}");
         }
         out.push_str(line.trim_end());
         out.push('\n');
@@ -212,16 +212,17 @@ pub fn matrix(columns: &[Column]) -> String {
     if !by_status.is_empty() {
         out.push_str("\nnot passed:\n");
         for r in by_status.values().flatten() {
-            out.push_str(&format!("{r}\n"));
+            let _ = writeln!(out, "{r}");
         }
     }
     out.push_str("\nruns:\n");
     for c in columns {
         let (p, f, s) = c.counts();
-        out.push_str(&format!(
-            "  {}: {p} passed, {f} failed, {s} skipped — {}\n",
+        let _ = writeln!(
+            out,
+            "  {}: {p} passed, {f} failed, {s} skipped — {}",
             c.name, c.note
-        ));
+        );
     }
     out
 }
