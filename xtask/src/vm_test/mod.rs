@@ -155,9 +155,15 @@ pub struct KernelSpec {
     pub label: &'static str,
 }
 
-/// The kernels booted: bookworm's default (6.1) and its 6.12, on both
-/// architectures.
-pub const KERNELS: [KernelSpec; 4] = [
+/// The kernels booted: bullseye's 5.10 (still common on edge boards),
+/// bookworm's default (6.1) and its 6.12, on both architectures.
+pub const KERNELS: [KernelSpec; 6] = [
+    KernelSpec {
+        arch: Arch::X86_64,
+        suite: "bullseye",
+        meta: "linux-image-amd64",
+        label: "5.10",
+    },
     KernelSpec {
         arch: Arch::X86_64,
         suite: "bookworm",
@@ -169,6 +175,12 @@ pub const KERNELS: [KernelSpec; 4] = [
         suite: "bookworm",
         meta: "linux-image-6.12-amd64",
         label: "6.12",
+    },
+    KernelSpec {
+        arch: Arch::Aarch64,
+        suite: "bullseye",
+        meta: "linux-image-arm64",
+        label: "5.10",
     },
     KernelSpec {
         arch: Arch::Aarch64,
@@ -226,6 +238,9 @@ pub struct Args {
     /// How qemu runs x86_64 guests.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelChoice,
+    /// More kernel command line for every guest (debugging a boot).
+    #[arg(long, default_value = "")]
+    pub append: String,
 }
 
 /// Totals over every kernel.
@@ -259,6 +274,7 @@ pub fn run_for_ci() -> Result<Summary> {
         no_host: false,
         timeout: None,
         accel: AccelChoice::Auto,
+        append: String::new(),
     })
 }
 
@@ -517,7 +533,10 @@ fn run_kernel(
         accel,
         kernel: &kernel.image,
         initrd,
-        append: &format!("vmtest.mode=run vmtest.echo_stamp={ECHO_STAMP}"),
+        append: &format!(
+            "vmtest.mode=run vmtest.echo_stamp={ECHO_STAMP} {}",
+            args.append
+        ),
         timeout,
         log: &log,
         stop_at_ping: false,

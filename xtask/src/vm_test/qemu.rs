@@ -191,9 +191,13 @@ fn run(mut cmd: Command, timeout: Duration, log: &Path, stop_at_ping: bool) -> R
             }
         }
     };
-    for r in readers {
-        let _ = r.join();
+    if matches!(end, End::Exited(_)) {
+        for r in readers {
+            let _ = r.join();
+        }
     }
+    // Killed: a reader still blocked on a pipe some leftover process holds
+    // open ends with that process; nothing more is read from it.
     Ok(Boot {
         lines,
         end,
@@ -231,4 +235,52 @@ fn forward(
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch_sh(script: &str, timeout: Duration) -> Boot {
+        let log = std::env::temp_dir().join(format!("xtask-watch-{}.log", std::process::id()));
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script]);
+        let boot = watch(cmd, timeout, &log).unwrap();
+        let _ = std::fs::remove_file(log);
+        boot
+    }
+
+    #[test]
+    fn a_guest_that_powers_off_after_end_exits() {
+        let b = watch_sh(
+            "echo 'vm-test: PASS k t fine'; echo 'vm-test: END k 1'",
+            Duration::from_secs(60),
+        );
+        assert!(matches!(b.end, End::Exited(_)), "{:?}", b.end);
+        assert_eq!(b.lines.len(), 2);
+    }
+
+    #[test]
+    fn a_kernel_panic_kills_the_guest() {
+        // A panic that does not end in a reboot: killed after its report.
+        let b = watch_sh(
+            "echo 'vm-test: BEGIN k t'; echo '[ 1.0] Kernel panic - not syncing: test'; exec sleep 120",
+            Duration::from_secs(60),
+        );
+        assert!(
+            matches!(&b.end, End::Panic(p) if p.contains("not syncing: test")),
+            "{:?}",
+            b.end
+        );
+    }
+
+    #[test]
+    fn a_silent_guest_is_killed_at_the_timeout() {
+        let b = watch_sh(
+            "echo 'vm-test: BEGIN k t'; exec sleep 120",
+            Duration::from_secs(1),
+        );
+        assert_eq!(b.end, End::Timeout(Duration::from_secs(1)));
+        assert_eq!(b.lines.len(), 1);
+    }
 }
