@@ -50,6 +50,10 @@ pub struct Kernel {
 }
 
 /// Resolves, downloads (if not cached) and unpacks the image of `spec`.
+///
+/// The newest image the metapackage names comes first; when the archive
+/// cannot serve it (a mirror without that security upload, say), the
+/// images older versions of the metapackage named are tried in turn.
 pub fn fetch(cache: &Path, spec: &KernelSpec) -> Result<Kernel> {
     let apt = AptRoot::new(cache, spec.suite, spec.arch)?;
     let fresh = apt.lists_fresh();
@@ -61,23 +65,17 @@ pub fn fetch(cache: &Path, spec: &KernelSpec) -> Result<Kernel> {
             println!("vm-test: warning: {e:#}; using the package lists from an earlier run");
         }
     }
-    let package = apt.resolve(spec.meta)?;
     let debs = cache.join("debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    let deb = match cached_deb(&debs, &package, spec.arch)? {
-        Some(d) => d,
-        None => match apt.download(&package, &debs) {
-            Ok(d) => d,
-            // The lists were fresh enough by age but the archive moved on
-            // (a new security upload replaces the old file): once more.
-            Err(e) if fresh => {
-                println!("vm-test: {e:#}; refreshing the package lists");
-                apt.update()?;
-                let package = apt.resolve(spec.meta)?;
-                apt.download(&package, &debs)?
-            }
-            Err(e) => return Err(e),
-        },
+    let (package, deb) = match first_available(&apt, spec, &debs) {
+        Ok(found) => found,
+        // Fresh enough by age, but the archive may have moved on since: once more.
+        Err(e) if fresh => {
+            println!("vm-test: {e:#}; refreshing the package lists");
+            apt.update()?;
+            first_available(&apt, spec, &debs)?
+        }
+        Err(e) => return Err(e),
     };
     let dir = cache.join("kernels").join(&package);
     let image = dir.join("vmlinuz");
@@ -97,6 +95,30 @@ pub fn fetch(cache: &Path, spec: &KernelSpec) -> Result<Kernel> {
         image,
         not_built_in,
     })
+}
+
+/// The first image package of `spec`'s metapackage that is cached or can
+/// be downloaded, and its `.deb`.
+fn first_available(apt: &AptRoot, spec: &KernelSpec, debs: &Path) -> Result<(String, PathBuf)> {
+    let candidates = apt.candidates(spec.meta)?;
+    let mut failures = Vec::new();
+    for package in &candidates {
+        if let Some(deb) = cached_deb(debs, package, spec.arch)? {
+            return Ok((package.clone(), deb));
+        }
+        match apt.download(package, debs) {
+            Ok(deb) => return Ok((package.clone(), deb)),
+            Err(e) => {
+                println!("vm-test: {e:#}; trying an older image");
+                failures.push(format!("{e:#}"));
+            }
+        }
+    }
+    bail!(
+        "no image of {} could be fetched: {}",
+        spec.meta,
+        failures.join("; ")
+    )
 }
 
 /// `<package>_<version>_<arch>.deb` already in `debs`, if any.
@@ -255,42 +277,73 @@ impl AptRoot {
     }
 
     fn update(&self) -> Result<()> {
-        util::run(Command::new("apt-get").args(self.options()).arg("update"))
-            .context("apt-get update (private kernel-image lists)")
+        self.apt_get(&["update"], &self.dir)
     }
 
-    /// The image package the metapackage `meta` depends on.
-    fn resolve(&self, meta: &str) -> Result<String> {
-        let out = util::output(
-            Command::new("apt-cache")
-                .args(self.options())
-                .args(["depends", meta]),
-        )?;
-        parse_depends(&out)
-            .with_context(|| format!("`apt-cache depends {meta}` names no linux-image package"))
+    /// Runs `apt-get` on this root; the progress line and the error name
+    /// only what differs from run to run (the options are in [`Self::options`]).
+    fn apt_get(&self, args: &[&str], dir: &Path) -> Result<()> {
+        let what = format!("apt-get {} (root {})", args.join(" "), self.dir.display());
+        println!("$ {what}");
+        let status = Command::new("apt-get")
+            .args(self.options())
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .with_context(|| format!("could not start `{what}`"))?;
+        if !status.success() {
+            bail!("`{what}` failed ({status})");
+        }
+        Ok(())
+    }
+
+    /// The image packages the versions of metapackage `meta` depend on,
+    /// the candidate version's first.
+    fn candidates(&self, meta: &str) -> Result<Vec<String>> {
+        let mut show = Command::new("apt-cache");
+        show.args(self.options()).args(["show", meta]);
+        let out = util::output(&mut show)
+            .map_err(|_| anyhow::anyhow!("`apt-cache show {meta}` failed: no such package?"))?;
+        let mut names = Vec::new();
+        // `apt-cache depends` names the candidate's; `show` lists them all.
+        let mut depends = Command::new("apt-cache");
+        depends.args(self.options()).args(["depends", meta]);
+        if let Some(first) = util::output(&mut depends)
+            .ok()
+            .as_deref()
+            .and_then(parse_depends)
+        {
+            names.push(first);
+        }
+        for stanza in out.split("\n\n") {
+            if let Some(name) = parse_depends(stanza)
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            bail!("no version of {meta} names a linux-image package");
+        }
+        Ok(names)
     }
 
     fn download(&self, package: &str, into: &Path) -> Result<PathBuf> {
-        util::run(
-            Command::new("apt-get")
-                .args(self.options())
-                .args(["download", package])
-                .current_dir(into),
-        )?;
+        self.apt_get(&["download", package], into)?;
         cached_deb(into, package, self.arch)?
             .with_context(|| format!("apt-get download {package} left no .deb"))
     }
 }
 
-/// The first `Depends: linux-image-…` of `apt-cache depends` output.
+/// The first `Depends: linux-image-…` of `apt-cache depends` output, or of
+/// one `apt-cache show` stanza (`Depends: linux-image-5.10.0-32-arm64 (= 5.10.223-1), …`).
 fn parse_depends(out: &str) -> Option<String> {
     out.lines().find_map(|l| {
-        let dep = l
-            .trim()
-            .trim_start_matches('|')
-            .strip_prefix("Depends:")?
-            .trim();
-        dep.starts_with("linux-image-").then(|| dep.to_owned())
+        let deps = l.trim().trim_start_matches('|').strip_prefix("Depends:")?;
+        deps.split([',', '|']).find_map(|d| {
+            let name = d.split_whitespace().next()?;
+            name.starts_with("linux-image-").then(|| name.to_owned())
+        })
     })
 }
 
@@ -313,5 +366,11 @@ mod tests {
             Some("linux-image-6.1.0-56-amd64")
         );
         assert_eq!(parse_depends("x\n"), None);
+        let show = "Package: linux-image-arm64\nVersion: 5.10.223-1\n\
+                    Depends: linux-image-5.10.0-32-arm64 (= 5.10.223-1)\n";
+        assert_eq!(
+            parse_depends(show).as_deref(),
+            Some("linux-image-5.10.0-32-arm64")
+        );
     }
 }
