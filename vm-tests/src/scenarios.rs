@@ -58,6 +58,7 @@ pub fn run(rep: &mut Reporter, setup: &Setup, checks: Option<&[ProbeCheck]>) {
             return;
         }
     };
+    let failed_before = rep.failed();
     let mut daemon: Option<Daemon> = None;
     rep.run("daemon", || {
         let d = start_daemon(&versions);
@@ -91,6 +92,13 @@ pub fn run(rep: &mut Reporter, setup: &Setup, checks: Option<&[ProbeCheck]>) {
         needs(d, &[Probe::ReloadMarkers]).unwrap_or_else(|| uprobe_markers(d, &versions))
     });
     rep.run("hot-swap", || hot_swap(d, &versions));
+    if rep.failed() > failed_before {
+        // The console log is all a VM leaves behind.
+        eprintln!(
+            "--- plugvisor log ---\n{}--- end of plugvisor log ---",
+            d.log_text()
+        );
+    }
     if let Some(code) = d.stop()
         && code != 0
     {
@@ -225,6 +233,22 @@ fn degrade(d: &Daemon, checks: Option<&[ProbeCheck]>) -> Outcome {
     if serving.is_none() {
         mismatches.push("plugvisor does not answer on its listener".into());
     }
+    // Said once in the log, naming what is down.
+    let warnings: Vec<String> = d
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["level"] == "WARN")
+        .filter_map(|l| l["fields"]["message"].as_str().map(str::to_owned))
+        .filter(|m| m.contains("eBPF probes unavailable"))
+        .collect();
+    match (down.is_empty(), warnings.as_slice()) {
+        (true, []) => {}
+        (true, w) => mismatches.push(format!("all probes up, yet the log warns: {w:?}")),
+        (false, [w]) if down.iter().all(|p| w.contains(p)) => {}
+        (false, w) => mismatches.push(format!(
+            "expected one warning naming {down:?} in the log, found {w:?}"
+        )),
+    }
     if !mismatches.is_empty() {
         return Outcome::Fail(mismatches.join("; "));
     }
@@ -235,7 +259,8 @@ fn degrade(d: &Daemon, checks: Option<&[ProbeCheck]>) -> Outcome {
         )
     } else {
         format!(
-            "down here, as the checks found: {} (probe_up 0, failure counted); the other {} up; serving on",
+            "down here, as the checks found: {} (probe_up 0, failure counted, one warning \
+             naming it in the log); the other {} up; serving on",
             down.join(", "),
             checks.len() - down.len()
         )

@@ -104,10 +104,27 @@ pub fn start(
         (_, p) => {
             // Said once, at start: the daemon serves on.
             let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            tracing::warn!(
-                failures = ?reasons,
-                "eBPF probes unavailable; serving without kernel observation (plugvisor_probe_up 0)"
-            );
+            let down: Vec<&str> = Probe::ALL
+                .map(Probe::as_str)
+                .into_iter()
+                .filter(|name| errors.iter().any(|e| e.probe() == *name))
+                .collect();
+            if p.is_some() && down.len() < Probe::ALL.len() {
+                // A kernel without some hook (older kernels lack the
+                // sock_*_length tracepoints): the other probes still observe.
+                tracing::warn!(
+                    down = ?down,
+                    failures = ?reasons,
+                    "eBPF probes unavailable on this kernel: {}; serving, observed by the \
+                     other probes (plugvisor_probe_up 0 for these)",
+                    down.join(", ")
+                );
+            } else {
+                tracing::warn!(
+                    failures = ?reasons,
+                    "eBPF probes unavailable; serving without kernel observation (plugvisor_probe_up 0)"
+                );
+            }
             Ok(p)
         }
     }
