@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 
 use plugvisor::config::Protocol;
 use plugvisor::metrics::Metrics;
-use plugvisor::probes::{self, WatchedListener};
+use plugvisor::probes::{self, WatchedListener, layout};
 use plugvisor_probes_common::Probe;
 
 use crate::report::{Outcome, Reporter};
@@ -112,7 +112,13 @@ pub fn report_all(rep: &mut Reporter) -> Option<Vec<ProbeCheck>> {
     for (probe, up, errors) in results {
         let outcome = rep.run(&format!("probe/{}", probe.as_str()), || {
             let missing: Vec<String> = hooks(probe).iter().filter_map(|h| h.missing()).collect();
-            judge(up, &errors, &missing)
+            match judge(up, &errors, &missing) {
+                Outcome::Pass(r) => Outcome::Pass(match layout_note(probe) {
+                    Some(note) => format!("{r}; {note}"),
+                    None => r,
+                }),
+                other => other,
+            }
         });
         checks.push(ProbeCheck {
             probe,
@@ -120,6 +126,20 @@ pub fn report_all(rep: &mut Reporter) -> Option<Vec<ProbeCheck>> {
         });
     }
     Some(checks)
+}
+
+/// Which of the layouts the loader handles this kernel has, where kernels
+/// differ (worth seeing in the matrix).
+fn layout_note(probe: Probe) -> Option<String> {
+    if probe != Probe::TcpResets {
+        return None;
+    }
+    let (_, format) = layout::read_format("tcp", "tcp_send_reset").ok()?;
+    Some(if layout::field_offset(&format, "sport").is_some() {
+        "tcp_send_reset has a host-order sport".to_owned()
+    } else {
+        "tcp_send_reset has saddr as a sockaddr".to_owned()
+    })
 }
 
 /// The table in the module docs: `up` and `errors` from the loader,

@@ -292,7 +292,8 @@ fn tcp_states(d: &Daemon) -> Outcome {
 /// `tcp_receive_reset`, and one plugvisor's kernel sends (it closes a
 /// connection with unread bytes after an oversized frame) seen by
 /// `tcp_send_reset` — whose layout differs between kernels (a host-order
-/// `sport` up to 6.9, a `sockaddr` after), which is why it is tested on each.
+/// `sport` on 5.10 and 6.1, a `sockaddr` on 6.12), which is why it is
+/// tested on each.
 fn tcp_reset(d: &Daemon) -> Outcome {
     let deadline = Instant::now() + WAIT;
     let received = [("listener", LISTENER), ("direction", "received")];
