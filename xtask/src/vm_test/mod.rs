@@ -309,52 +309,7 @@ fn run_matrix(args: &Args) -> Result<Summary> {
             .filter(|s| s.arch == arch)
             .filter(|s| args.kernels.is_empty() || args.kernels.iter().any(|k| k == s.label))
             .collect();
-        let run_host = arch == Arch::X86_64 && !args.no_host;
-        if let Err(reason) = toolchain_ready(arch) {
-            skip_all(&mut columns, arch, &specs, &reason);
-            continue;
-        }
-        let started = Instant::now();
-        let built = build(arch)?;
-        println!(
-            "vm-test: {} build took {}",
-            arch.rust(),
-            util::secs(started.elapsed())
-        );
-        if run_host {
-            columns.push(run_host_tests(&built, &logs)?);
-        }
-        if specs.is_empty() {
-            continue;
-        }
-        if util::which(arch.qemu()).is_none() {
-            let reason = format!(
-                "{} not found (cargo xtask setup installs {})",
-                arch.qemu(),
-                arch.qemu_package()
-            );
-            skip_all(&mut columns, arch, &specs, &reason);
-            continue;
-        }
-        let initrd = cache.join(format!("initramfs-{}.cpio", arch.rust()));
-        let size = initramfs::write(
-            arch,
-            &initramfs::Contents {
-                init: &built.init,
-                plugvisor: &built.plugvisor,
-                echo: &built.echo,
-            },
-            &initrd,
-        )?;
-        println!(
-            "vm-test: {} initramfs {} ({:.1} MB)",
-            arch.rust(),
-            initrd.display(),
-            size as f64 / 1e6
-        );
-        for spec in specs {
-            columns.push(run_kernel(spec, &cache, &initrd, args, &mut kvm));
-        }
+        run_arch(arch, &specs, args, &cache, &mut kvm, &mut columns)?;
     }
     println!("\n{}", results::matrix(&columns));
     let mut s = Summary::default();
@@ -374,26 +329,112 @@ fn run_matrix(args: &Args) -> Result<Summary> {
     Ok(s)
 }
 
+/// Builds for `arch`, runs the host (x86_64) and boots `specs`, adding a
+/// column for each. What cannot be run becomes a SKIP or FAIL column, and
+/// the next arch still runs.
+fn run_arch(
+    arch: Arch,
+    specs: &[&KernelSpec],
+    args: &Args,
+    cache: &Path,
+    kvm: &mut KvmVerdict,
+    columns: &mut Vec<Column>,
+) -> Result<()> {
+    let run_host = arch == Arch::X86_64 && !args.no_host;
+    if let Err(reason) = toolchain_ready(arch) {
+        not_run_all(columns, arch, specs, Status::Skip, &reason);
+        return Ok(());
+    }
+    let started = Instant::now();
+    let built = match build(arch) {
+        Ok(b) => b,
+        Err(e) => {
+            // One broken cross-build must not hide the other arch's results.
+            let reason = format!("building for {}: {e:#}", arch.rust());
+            if run_host {
+                columns.push(not_run("host", "host", Status::Fail, &reason));
+            }
+            not_run_all(columns, arch, specs, Status::Fail, &reason);
+            return Ok(());
+        }
+    };
+    println!(
+        "vm-test: {} build took {}",
+        arch.rust(),
+        util::secs(started.elapsed())
+    );
+    if run_host {
+        columns.push(run_host_tests(&built, &cache.join("logs"))?);
+    }
+    if specs.is_empty() {
+        return Ok(());
+    }
+    if util::which(arch.qemu()).is_none() {
+        let reason = format!(
+            "{} not found (cargo xtask setup installs {})",
+            arch.qemu(),
+            arch.qemu_package()
+        );
+        not_run_all(columns, arch, specs, Status::Skip, &reason);
+        return Ok(());
+    }
+    let initrd = cache.join(format!("initramfs-{}.cpio", arch.rust()));
+    let contents = initramfs::Contents {
+        init: &built.init,
+        plugvisor: &built.plugvisor,
+        echo: &built.echo,
+    };
+    match initramfs::write(arch, &contents, &initrd) {
+        Ok(size) => println!(
+            "vm-test: {} initramfs {} ({:.1} MB)",
+            arch.rust(),
+            initrd.display(),
+            size as f64 / 1e6
+        ),
+        Err(e) => {
+            let reason = format!("writing the {} initramfs: {e:#}", arch.rust());
+            not_run_all(columns, arch, specs, Status::Fail, &reason);
+            return Ok(());
+        }
+    }
+    for spec in specs {
+        columns.push(run_kernel(spec, cache, &initrd, args, kvm));
+    }
+    Ok(())
+}
+
 fn column_name(spec: &KernelSpec) -> String {
     format!("{} {}", spec.arch.rust(), spec.label)
 }
 
-/// A SKIP column per kernel that cannot be booted at all, with why.
-fn skip_all(columns: &mut Vec<Column>, arch: Arch, specs: &[&KernelSpec], reason: &str) {
+/// A column per kernel that could not be booted at all, with why.
+fn not_run_all(
+    columns: &mut Vec<Column>,
+    arch: Arch,
+    specs: &[&KernelSpec],
+    status: Status,
+    reason: &str,
+) {
     for spec in specs {
-        let result = TestResult {
-            status: Status::Skip,
-            kernel: format!("{}-{}", arch.debian(), spec.label),
-            test: "boot".into(),
-            reason: reason.to_owned(),
-        };
-        println!("{result}");
-        columns.push(Column {
-            name: column_name(spec),
-            release: "?".into(),
-            results: vec![result],
-            note: "not booted".into(),
-        });
+        let kernel = format!("{}-{}", arch.debian(), spec.label);
+        columns.push(not_run(&column_name(spec), &kernel, status, reason));
+    }
+}
+
+/// A column with one `boot` result: a kernel (or the host) that did not run.
+fn not_run(name: &str, kernel: &str, status: Status, reason: &str) -> Column {
+    let result = TestResult {
+        status,
+        kernel: kernel.to_owned(),
+        test: "boot".into(),
+        reason: reason.to_owned(),
+    };
+    println!("{result}");
+    Column {
+        name: name.to_owned(),
+        release: "?".into(),
+        results: vec![result],
+        note: "not run".into(),
     }
 }
 
@@ -471,10 +512,12 @@ fn build(arch: Arch) -> Result<Built> {
 
 /// Default bound on one boot (tests included).
 fn default_timeout(arch: Arch, accel: Accel) -> Duration {
+    // A whole run takes 8–23 s under TCG here; these are 15–20 times
+    // that, and bound what a hung guest costs a CI run.
     Duration::from_secs(match (arch, accel) {
-        (_, Accel::Kvm) => 180,
-        (Arch::X86_64, Accel::Tcg) => 600,
-        (Arch::Aarch64, Accel::Tcg) => 900,
+        (_, Accel::Kvm) => 120,
+        (Arch::X86_64, Accel::Tcg) => 300,
+        (Arch::Aarch64, Accel::Tcg) => 420,
     })
 }
 
@@ -492,19 +535,9 @@ fn run_kernel(
     let kernel = match kernels::fetch(cache, spec) {
         Ok(k) => k,
         Err(e) => {
-            let result = TestResult {
-                status: Status::Skip,
-                kernel: format!("{}-{}", spec.arch.debian(), spec.label),
-                test: "boot".into(),
-                reason: format!("kernel image not available: {e:#}"),
-            };
-            println!("{result}");
-            return Column {
-                name,
-                release: "?".into(),
-                results: vec![result],
-                note: "not booted".into(),
-            };
+            let kernel = format!("{}-{}", spec.arch.debian(), spec.label);
+            let reason = format!("kernel image not available: {e:#}");
+            return not_run(&name, &kernel, Status::Skip, &reason);
         }
     };
     let fetched = fetch_start.elapsed();
