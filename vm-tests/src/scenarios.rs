@@ -31,7 +31,7 @@ const LISTENER: &str = "echo-tcp";
 /// The plugin behind it.
 const PLUGIN: &str = "echo";
 /// Bound on every wait. Generous: under TCG a guest runs tens of times
-/// slower than the host (a whole run takes 8–23 s there), and other work
+/// slower than the host (a whole run takes 5–23 s there), and other work
 /// may share the machine's cores.
 const WAIT: Duration = Duration::from_secs(60);
 /// Persistent connections through the hot swap.

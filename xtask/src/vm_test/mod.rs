@@ -512,8 +512,8 @@ fn build(arch: Arch) -> Result<Built> {
 
 /// Default bound on one boot (tests included).
 fn default_timeout(arch: Arch, accel: Accel) -> Duration {
-    // A whole run takes 8–23 s under TCG here; these are 15–20 times
-    // that, and bound what a hung guest costs a CI run.
+    // A whole run takes 5–23 s under TCG here; these are over 13 times
+    // the slowest, and bound what a hung guest costs a CI run.
     Duration::from_secs(match (arch, accel) {
         (_, Accel::Kvm) => 120,
         (Arch::X86_64, Accel::Tcg) => 300,
