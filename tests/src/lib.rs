@@ -948,19 +948,7 @@ pub fn library_version_series(
 ) -> Vec<(String, PathBuf)> {
     assert!(count < 100_000, "at most 99 999 versions in a series");
     let base_version = format!("{major}.0.100000");
-    let bytes = std::fs::read(base).unwrap();
-    let needle = base_version.as_bytes();
-    let hits: Vec<usize> = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .map(|(i, _)| i)
-        .collect();
-    assert!(
-        !hits.is_empty(),
-        "{base_version} not found in {}",
-        base.display()
-    );
+    let stamped = StampedLibrary::read(base, &base_version).unwrap();
     let dir = target_dir()
         .join("stamped")
         .join(format!("{prefix}-series"));
@@ -970,13 +958,7 @@ pub fn library_version_series(
             let version = format!("{major}.0.{}", 100_000 + i);
             let out = dir.join(format!("{prefix}-{version}.so"));
             if !out.is_file() {
-                let mut patched = bytes.clone();
-                for &at in &hits {
-                    patched[at..at + needle.len()].copy_from_slice(version.as_bytes());
-                }
-                let tmp = out.with_extension("tmp");
-                std::fs::write(&tmp, &patched).unwrap();
-                std::fs::rename(&tmp, &out).unwrap();
+                stamped.write_version(&version, &out).unwrap();
             }
             (version, out)
         })
@@ -998,6 +980,61 @@ pub fn build_sized_plugin(version: &str, funcs: usize, data_kb: usize) -> PathBu
             ("PLUGVISOR_FIXTURE_DATA_KB", &data_kb),
         ],
     )
+}
+
+/// A plugin library built with a version stamp (`PLUGVISOR_PLUGIN_VERSION`),
+/// from which libraries of other versions of the same length are made by
+/// rewriting the stamp's bytes in place: no offset moves, and each result
+/// is a real, distinct library (its own sha256; its descriptor and its
+/// responses carry its own version). [`echo_version_series`] uses it, and
+/// so does `plugvisor-vm-tests`, which has no cargo inside a VM.
+pub struct StampedLibrary {
+    bytes: Vec<u8>,
+    base_version: String,
+    hits: Vec<usize>,
+}
+
+impl StampedLibrary {
+    /// Reads `path`, built stamped with `base_version`.
+    pub fn read(path: &Path, base_version: &str) -> Result<StampedLibrary, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let needle = base_version.as_bytes();
+        let hits: Vec<usize> = bytes
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle)
+            .map(|(i, _)| i)
+            .collect();
+        if hits.is_empty() {
+            return Err(format!(
+                "version stamp {base_version} not found in {}",
+                path.display()
+            ));
+        }
+        Ok(StampedLibrary {
+            bytes,
+            base_version: base_version.to_owned(),
+            hits,
+        })
+    }
+
+    /// Writes the library stamped `version` to `out` (through a temporary
+    /// file and a rename, so `out` is never half-written).
+    pub fn write_version(&self, version: &str, out: &Path) -> Result<(), String> {
+        if version.len() != self.base_version.len() {
+            return Err(format!(
+                "version {version} is not as long as the stamp {}",
+                self.base_version
+            ));
+        }
+        let mut patched = self.bytes.clone();
+        for &at in &self.hits {
+            patched[at..at + version.len()].copy_from_slice(version.as_bytes());
+        }
+        let tmp = out.with_extension("tmp");
+        std::fs::write(&tmp, &patched).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, out).map_err(|e| format!("renaming to {}: {e}", out.display()))
+    }
 }
 
 /// Deliberate defects for a package under test.

@@ -16,6 +16,9 @@
 //!   writes `docs/BENCHMARKS.md`; `--quick` is CI's smoke run of it.
 //! * `dashboards` — writes the Grafana dashboards in `dashboards/` from
 //!   their definitions in `dashboards.rs`; `--check` verifies them.
+//! * `vm-test` — boots Debian's kernels (x86_64, and arm64 with `--arch`)
+//!   in qemu and runs the probe tests inside each, and on the host; prints
+//!   a kernel × test matrix (`docs/VM-TESTS.md`).
 //! * `demo` — starts the daemon with its embedded default config, drives
 //!   live TCP traffic through two hot reloads and reports what the clients
 //!   and the kernel saw.
@@ -26,6 +29,7 @@ mod demo;
 mod setup;
 mod test;
 mod util;
+mod vm_test;
 
 use std::process::ExitCode;
 
@@ -58,6 +62,8 @@ enum Command {
     Bench(bench::Args),
     /// Write the Grafana dashboards in dashboards/ (--check: verify them).
     Dashboards(dashboards::Args),
+    /// Boot Debian's kernels in qemu and run the probe tests in each (and on the host).
+    VmTest(vm_test::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Dashboards(args) => dashboards::run(&args),
+        Command::VmTest(args) => vm_test::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

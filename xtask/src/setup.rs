@@ -9,6 +9,8 @@
 //!   DaemonSet is validated offline at test time;
 //! * `rust-src` for the nightly toolchain (the eBPF crate is built with
 //!   `-Z build-std=core`);
+//! * the `aarch64-unknown-linux-gnu` Rust target and Debian's arm64 cross
+//!   toolchain, and qemu for both architectures (`cargo xtask vm-test`);
 //! * `cargo-fuzz`, which runs the fuzz targets in `fuzz/` (see
 //!   `docs/FUZZING.md`);
 //! * a `bpf-linker` built against the nightly's own libLLVM. bpf-linker
@@ -34,7 +36,22 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "setpriv"),
     ("procps", "ps, pgrep, kill"),
     ("curl", "curl"),
+    // cargo xtask vm-test (docs/VM-TESTS.md):
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("qemu-system-arm", "qemu-system-aarch64"),
+    ("gcc-aarch64-linux-gnu", "the arm64 cross linker"),
+    (
+        "libc6-dev-arm64-cross",
+        "arm64 libc to link against and to ship to the guest",
+    ),
+    (
+        "debian-archive-keyring",
+        "the keys the kernel images' package lists are checked with",
+    ),
 ];
+
+/// Rust targets the cross builds need (`cargo xtask vm-test --arch aarch64`).
+const RUST_TARGETS: &[&str] = &["aarch64-unknown-linux-gnu"];
 
 /// The Kubernetes manifest validator, pinned: its wheel carries the API
 /// schemas of Kubernetes 1.25 … 1.37, so validating needs no network.
@@ -52,6 +69,7 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 pub fn run() -> Result<()> {
     apt_packages().context("installing apt packages")?;
     rust_src().context("installing rust-src for the nightly toolchain")?;
+    rust_targets().context("installing Rust targets")?;
     bpf_linker().context("installing bpf-linker")?;
     kubernetes_validate().context("installing kubernetes-validate")?;
     cargo_fuzz().context("installing cargo-fuzz")?;
@@ -245,6 +263,19 @@ fn rust_src() -> Result<()> {
         "nightly",
     ]))?;
     println!("setup: rust-src (nightly) ... installed");
+    Ok(())
+}
+
+fn rust_targets() -> Result<()> {
+    let installed = util::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    for target in RUST_TARGETS {
+        if installed.lines().any(|l| l.trim() == *target) {
+            println!("setup: Rust target {target} ... already present");
+            continue;
+        }
+        util::run(Command::new("rustup").args(["target", "add", target]))?;
+        println!("setup: Rust target {target} ... installed");
+    }
     Ok(())
 }
 

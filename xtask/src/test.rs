@@ -5,7 +5,10 @@
 //! `cargo fmt --check`, clippy, the release build (the integration tests
 //! load its plugin cdylibs), unit tests, then the black-box integration
 //! tests one at a time (they change kernel state: eBPF programs, ports),
-//! then every fuzz target for [`FUZZ_SECONDS`] (`fuzz/run.sh`).
+//! the probe tests on the host and in Debian's x86_64 kernels under qemu
+//! (`cargo xtask vm-test`; its PASS and FAIL lines count in the tally, its
+//! SKIP lines are printed with their reasons), then every fuzz target for
+//! [`FUZZ_SECONDS`] (`fuzz/run.sh`).
 //! The last line is always `xtask test: N passed, M failed`, summed over
 //! every `cargo test` run, so a CI log can be judged from its tail.
 use std::process::ExitCode;
@@ -25,6 +28,10 @@ const FUZZ_SECONDS: u32 = 20;
 
 /// Flags of `cargo xtask test`; CI uses none.
 #[derive(clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each is an independent command-line switch"
+)]
 pub struct Args {
     /// Skip `cargo xtask setup` (this machine is already set up).
     #[arg(long)]
@@ -35,6 +42,9 @@ pub struct Args {
     /// Skip the fuzz targets.
     #[arg(long)]
     pub no_fuzz: bool,
+    /// Skip the VM tests (`cargo xtask vm-test`).
+    #[arg(long)]
+    pub no_vm: bool,
 }
 
 /// Tests passed and failed, from libtest's `test result:` lines.
@@ -156,6 +166,17 @@ fn steps(
             |line| tally.add_line(line),
         )
     })?;
+    if !args.no_vm {
+        step("vm-test", timings, || {
+            let s = crate::vm_test::run_for_ci()?;
+            tally.passed += s.passed;
+            tally.failed += s.failed;
+            if s.failed > 0 {
+                bail!("{} vm-test(s) failed", s.failed);
+            }
+            Ok(())
+        })?;
+    }
     if !args.no_fuzz {
         // Every target `cargo fuzz list` knows, so a new one is run without
         // touching this file. A crash fails the step and leaves its input

@@ -59,13 +59,15 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
-    fn probe(&self) -> &'static str {
+    /// The probe that failed (its `probe` label).
+    pub fn probe(&self) -> &'static str {
         match self {
             ProbeError::Load { probe, .. } | ProbeError::Attach { probe, .. } => probe,
         }
     }
 
-    fn stage(&self) -> ProbeStage {
+    /// The stage it failed at.
+    pub fn stage(&self) -> ProbeStage {
         match self {
             ProbeError::Load { .. } => ProbeStage::Load,
             ProbeError::Attach { .. } => ProbeStage::Attach,
@@ -87,35 +89,14 @@ pub fn start(
     plugins: &observer::PluginNames,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<Probes>, ProbeError> {
-    for p in Probe::ALL {
-        metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
-        // At 0 from the start, so the first failure is an increase that
-        // `increase()` and the alerts on it can see.
-        for stage in ProbeStage::ALL {
-            metrics
-                .probe_failures_total
-                .with_label_values(&[p.as_str(), stage.as_str()]);
-        }
-    }
     let mode = config.mode;
     if mode == ProbeMode::Off {
+        zero_series(metrics);
         tracing::info!("eBPF probes are off ([probes] mode = \"off\")");
         return Ok(None);
     }
-    let mut errors = Vec::new();
-    let result = try_start(
-        config.ring_buffer_bytes,
-        listeners,
-        plugins,
-        metrics,
-        &mut errors,
-    );
-    for e in &errors {
-        metrics
-            .probe_failures_total
-            .with_label_values(&[e.probe(), e.stage().as_str()])
-            .inc();
-    }
+    let (result, mut errors) =
+        start_reporting(config.ring_buffer_bytes, listeners, plugins, metrics);
     match (mode, result) {
         (ProbeMode::On, _) if !errors.is_empty() => Err(errors.remove(0)),
         (_, Some(p)) if errors.is_empty() => {
@@ -125,11 +106,64 @@ pub fn start(
         (_, p) => {
             // Said once, at start: the daemon serves on.
             let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            tracing::warn!(
-                failures = ?reasons,
-                "eBPF probes unavailable; serving without kernel observation (plugvisor_probe_up 0)"
-            );
+            let down: Vec<&str> = Probe::ALL
+                .map(Probe::as_str)
+                .into_iter()
+                .filter(|name| errors.iter().any(|e| e.probe() == *name))
+                .collect();
+            if p.is_some() && down.len() < Probe::ALL.len() {
+                // A kernel without some hook (older kernels lack the
+                // sock_*_length tracepoints): the other probes still observe.
+                tracing::warn!(
+                    down = ?down,
+                    failures = ?reasons,
+                    "eBPF probes unavailable on this kernel: {}; serving, observed by the \
+                     other probes (plugvisor_probe_up 0 for these)",
+                    down.join(", ")
+                );
+            } else {
+                tracing::warn!(
+                    failures = ?reasons,
+                    "eBPF probes unavailable; serving without kernel observation (plugvisor_probe_up 0)"
+                );
+            }
             Ok(p)
+        }
+    }
+}
+
+/// Loads and attaches every probe exactly as `mode = "auto"` does — each on
+/// its own, `probe_up` and `probe_failures_total` set — and hands back
+/// every failure instead of logging it. `plugvisor-vm-tests` reports these
+/// per probe and per kernel; the daemon goes through [`start`].
+pub fn start_reporting(
+    ring_buffer_bytes: u32,
+    listeners: &[WatchedListener],
+    plugins: &observer::PluginNames,
+    metrics: &Arc<Metrics>,
+) -> (Option<Probes>, Vec<ProbeError>) {
+    zero_series(metrics);
+    let mut errors = Vec::new();
+    let result = try_start(ring_buffer_bytes, listeners, plugins, metrics, &mut errors);
+    for e in &errors {
+        metrics
+            .probe_failures_total
+            .with_label_values(&[e.probe(), e.stage().as_str()])
+            .inc();
+    }
+    (result, errors)
+}
+
+/// Every probe down and every failure series at 0, before anything is tried.
+fn zero_series(metrics: &Metrics) {
+    for p in Probe::ALL {
+        metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
+        // At 0 from the start, so the first failure is an increase that
+        // `increase()` and the alerts on it can see.
+        for stage in ProbeStage::ALL {
+            metrics
+                .probe_failures_total
+                .with_label_values(&[p.as_str(), stage.as_str()]);
         }
     }
 }
