@@ -344,6 +344,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if drained.is_err() {
         tracing::warn!("listeners did not drain in {exit_bound:?}; exiting anyway");
     }
+    // Last, so that nothing can fire a rule or end a trial after it.
+    reloader.lock().expect("reloader lock").interrupt_trials();
     let _ = metrics_stop_tx.send(());
     let _ = metrics_task.await;
     let _ = std::fs::remove_file(&config.admin.socket);

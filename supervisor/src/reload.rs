@@ -30,7 +30,7 @@ use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
 use crate::probes::observer::PluginNames;
 use crate::slot::Slot;
-use crate::store::{JournalEntry, Store, StoreError, VersionRef};
+use crate::store::{JournalEntry, Refs, Store, StoreError, VersionRef};
 use crate::trust::{self, TrustError, TrustPolicy};
 
 /// How long a signature that names another manifest (or does not parse)
@@ -389,8 +389,85 @@ impl Reloader {
             .unwrap_or(usize::MAX) as u32
     }
 
+    /// Marks every trial still running as interrupted by a clean stop (see
+    /// [`Refs::trial_interrupted`]); called once the listeners have
+    /// drained, just before the process exits.
+    pub fn interrupt_trials(&self) {
+        let plugins: Vec<String> = self.slots.keys().cloned().collect();
+        for plugin in plugins {
+            let Ok(mut refs) = self.store.refs(&plugin) else {
+                continue;
+            };
+            if refs.trial_since_ms.is_none() || refs.trial_interrupted {
+                continue;
+            }
+            refs.trial_interrupted = true;
+            let mut entry = JournalEntry::now(&plugin, "trial-interrupted");
+            entry.version = refs.active.as_ref().map(|a| a.version.to_string());
+            entry.reason = Some("clean stop during the trial".to_owned());
+            match self
+                .store
+                .write_refs(&plugin, &refs)
+                .and_then(|()| self.store.journal(&entry))
+            {
+                Ok(()) => tracing::info!(
+                    plugin,
+                    version = entry.version.as_deref().unwrap_or("-"),
+                    "stopping during a trial: the next start resumes it"
+                ),
+                Err(e) => tracing::error!(
+                    plugin,
+                    error = %e,
+                    "could not record the interrupted trial; the next start will count it as a crash"
+                ),
+            }
+        }
+    }
+
+    /// The last process stopped cleanly during `active`'s trial: that says
+    /// nothing against the version, so its trial starts over. Returns the
+    /// start's message.
+    fn resume_interrupted_trial(
+        &self,
+        plugin: &str,
+        refs: &mut Refs,
+        active: &VersionRef,
+    ) -> String {
+        tracing::info!(
+            plugin,
+            version = %active.version,
+            "plugvisor stopped cleanly while {} was on trial; its trial starts over",
+            active.version
+        );
+        refs.trial_interrupted = false;
+        if refs.trial_since_ms.is_some() {
+            refs.trial_since_ms = Some(crate::store::now_ms());
+        }
+        let mut entry = JournalEntry::now(plugin, "trial-resumed");
+        entry.version = Some(active.version.to_string());
+        entry.sha256 = Some(active.sha256.clone());
+        entry.reason = Some("clean stop during the trial".to_owned());
+        if let Err(e) = self
+            .store
+            .write_refs(plugin, refs)
+            .and_then(|()| self.store.journal(&entry))
+        {
+            // Unrecorded, a later crash would read as a crash in this
+            // trial, which is what it would be.
+            tracing::error!(plugin, error = %e, "could not record the resumed trial");
+        }
+        format!(
+            "started from the store; the trial of {} starts over",
+            active.version
+        )
+    }
+
     /// Brings `plugin` up on the version its refs call active, straight from
     /// the store (used at start, before the packages are looked at).
+    ///
+    /// Boot counting: a trial that never ended, and was not interrupted by
+    /// a clean stop, means the last process died on it. It comes up on the
+    /// known-good version instead and keeps the one on trial out.
     pub fn boot_from_store(&mut self, plugin: &str) -> Option<ReloadReport> {
         let mut refs = match self.store.refs(plugin) {
             Ok(r) => r,
@@ -401,10 +478,9 @@ impl Reloader {
         };
         let mut active = refs.active.clone()?;
         let mut message = "started from the store".to_owned();
-        // Boot counting: a trial that never ended means the last process
-        // died on it. Come up on the known-good version instead and keep
-        // the one on trial out.
-        if refs.trial_since_ms.is_some()
+        if refs.trial_interrupted {
+            message = self.resume_interrupted_trial(plugin, &mut refs, &active);
+        } else if refs.trial_since_ms.is_some()
             && let Some(good) = refs.known_good.clone()
             && good != active
         {

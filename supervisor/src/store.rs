@@ -103,6 +103,11 @@ pub struct Refs {
     /// epoch). A process that finds this set at start died during the
     /// trial, and comes up on `known_good` instead.
     pub trial_since_ms: Option<u64>,
+    /// Set when plugvisor stopped cleanly (SIGTERM, SIGINT) while `active`
+    /// was on trial: the next start resumes the trial instead of counting
+    /// it as a crash. Only a process that dies leaves a trial without it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub trial_interrupted: bool,
     /// Versions rolled back from: not loaded again from the same package.
     pub quarantined: Vec<VersionRef>,
     /// The highest version ever activated: a lower one is refused unless a
@@ -664,6 +669,7 @@ mod tests {
             active: Some(v.clone()),
             known_good: None,
             trial_since_ms: Some(7),
+            trial_interrupted: false,
             quarantined: vec![v.clone()],
             history: vec![v],
             highest_activated: None,

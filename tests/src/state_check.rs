@@ -35,11 +35,12 @@ use sha2::{Digest as _, Sha256};
 const SERVING_EVENTS: [&str; 3] = ["activated", "rollback", "known-good"];
 
 /// Fields a refs file may have (the daemon's `Refs`, `deny_unknown_fields`).
-const REFS_FIELDS: [&str; 6] = [
+const REFS_FIELDS: [&str; 7] = [
     "active",
     "known_good",
     "history",
     "trial_since_ms",
+    "trial_interrupted",
     "quarantined",
     "highest_activated",
 ];

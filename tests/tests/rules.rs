@@ -177,6 +177,62 @@ fn kill9_during_a_trial_restarts_on_known_good() {
     assert_eq!(serving(&d).as_deref(), Some("1.0.0"));
 }
 
+/// A clean stop (SIGTERM) during a trial is not a crash: the next start
+/// comes up on the version that was on trial and runs its trial again,
+/// to the end.
+#[test]
+fn a_clean_stop_during_a_trial_resumes_it() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "3s",
+        ..Default::default()
+    });
+    let known_good = |d: &Daemon| plugin_status(d)["state"] == "known-good";
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "1.0.0 known-good",
+        || known_good(&d),
+    );
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "3.0.0",
+        &build_echo_version("3.0.0"),
+        &PackageTweaks::default(),
+    );
+    wait_serving(&d, "3.0.0");
+    assert_eq!(plugin_status(&d)["state"], "trial");
+    assert_eq!(d.stop(), Some(0));
+    let j = d.journal();
+    assert!(
+        j.iter()
+            .any(|e| e["event"] == "trial-interrupted" && e["version"] == "3.0.0"),
+        "the stop is journalled: {j:#?}"
+    );
+    d.restart();
+    assert_eq!(
+        serving(&d).as_deref(),
+        Some("3.0.0"),
+        "a clean stop is not a crash: the version on trial comes back"
+    );
+    assert_eq!(plugin_status(&d)["state"], "trial", "its trial starts over");
+    assert!(
+        d.log_text().contains("its trial starts over"),
+        "the start says why"
+    );
+    assert!(
+        !d.journal().iter().any(|e| e["event"] == "rollback"),
+        "no crash-in-trial rollback"
+    );
+    wait_until(
+        Instant::now() + Duration::from_secs(10),
+        "3.0.0 passes its resumed trial",
+        || known_good(&d),
+    );
+    assert_eq!(serving(&d).as_deref(), Some("3.0.0"));
+    plugvisor_tests::state_check::assert_state_consistent(&d.state_dir);
+}
+
 #[test]
 fn disable_refuses_clearly_and_enable_restores() {
     let d = Daemon::start(DaemonOptions {

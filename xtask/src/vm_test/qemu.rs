@@ -102,7 +102,16 @@ pub struct BootSpec<'a> {
 pub fn boot(spec: &BootSpec<'_>) -> Result<Boot> {
     let mut cmd = Command::new(spec.arch.qemu());
     cmd.args(spec.arch.machine_args())
-        .args(["-accel", spec.accel.as_str()])
+        // One host thread for the vCPUs under TCG: multi-threaded TCG
+        // raced the kernel's live code patching (6.12 panicked in
+        // sched_clock_cpu on a half-patched NOP, one boot in a few).
+        .args([
+            "-accel",
+            match spec.accel {
+                Accel::Tcg => "tcg,thread=single",
+                Accel::Kvm => "kvm",
+            },
+        ])
         .args(["-m", "1024", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
