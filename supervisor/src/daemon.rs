@@ -487,11 +487,16 @@ async fn rescan_now(
             .into_iter()
             .filter(|n| crate::config::valid_name(n))
             .collect();
-        r.in_dependency_order(&names)
+        let reports = r
+            .in_dependency_order(&names)
             .iter()
             .map(|n| r.reload(n, force))
             .filter(|rep| force || rep.outcome != "unchanged")
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        if !reports.is_empty() {
+            r.collect_garbage();
+        }
+        reports
     })
     .await;
     result.unwrap_or_else(|e| {

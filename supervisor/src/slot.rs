@@ -407,6 +407,16 @@ impl Slot {
             .collect()
     }
 
+    /// The sha256 of every mapped version's object (the store keeps them).
+    pub fn mapped_hashes(&self) -> Vec<String> {
+        self.mapped
+            .lock()
+            .expect("slot lock")
+            .iter()
+            .map(|i| i.loaded.sha256().to_owned())
+            .collect()
+    }
+
     /// Makes `loaded` the active version; returns the previous one.
     ///
     /// The swap is the only step between "old serves" and "new serves";

@@ -153,7 +153,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Most history entries kept in a refs file.
-const MAX_HISTORY: usize = 64;
+const MAX_HISTORY: usize = 16;
 
 /// One journal line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -272,6 +272,58 @@ impl Store {
     /// The store's root (`state_dir`).
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The plugins that have refs in this store (whether or not a listener
+    /// serves them now).
+    pub fn plugins_with_refs(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.refs) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let plugin = name.strip_suffix(".json")?;
+                (!plugin.starts_with('.')).then(|| plugin.to_owned())
+            })
+            .collect()
+    }
+
+    /// The objects in the store, by sha256 (temp files left out).
+    pub fn object_hashes(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.objects) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let sha = name.strip_suffix(".so")?;
+                (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .then(|| sha.to_owned())
+            })
+            .collect()
+    }
+
+    /// Removes object `sha256` and the manifest kept with it: the manifest
+    /// first, so that no kept manifest ever names a missing object.
+    pub fn remove_object(&self, sha256: &str) -> Result<(), StoreError> {
+        let manifest = self.manifest_path(sha256);
+        match std::fs::remove_file(&manifest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    action: "removing",
+                    path: manifest,
+                    source,
+                });
+            }
+        }
+        let object = self.object_path(sha256);
+        std::fs::remove_file(&object).map_err(io("removing", &object))?;
+        sync_dir(&self.objects)
     }
 
     /// Path of the object with hash `sha256`.

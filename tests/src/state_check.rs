@@ -405,6 +405,14 @@ fn check_journal(state_dir: &Path, summary: &mut StateSummary, problems: &mut Ve
         problems.push("journal.jsonl: not UTF-8".to_owned());
         return;
     };
+    // Objects the daemon removed from the store, announced in the journal
+    // (`collected`) before the file went: lines naming them may outlive them.
+    let collected: std::collections::HashSet<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "collected")
+        .filter_map(|v| v["sha256"].as_str().map(str::to_owned))
+        .collect();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let value: serde_json::Value = match serde_json::from_str(line) {
@@ -440,6 +448,7 @@ fn check_journal(state_dir: &Path, summary: &mut StateSummary, problems: &mut Ve
         if SERVING_EVENTS.contains(&event.as_str())
             && let Some(sha) = s("sha256")
             && !summary.objects.contains(&sha)
+            && !collected.contains(&sha)
         {
             problems.push(format!(
                 "journal.jsonl line {n}: {event} names object {sha}.so, which is missing or corrupt"

@@ -212,6 +212,16 @@ fn a_thousand_reloads_under_load() {
         "every version was taken once"
     );
     assert_eq!(broken, 0.0, "the kernel saw no connection break");
+    // The store keeps what the refs name (a bounded history of 16 per
+    // plugin) and what is mapped; the rest is collected. The journal grows
+    // by a line or two per reload.
+    let disk_bound = (16 + KEEP_LOADED) * lib_size + (1 << 20);
+    assert!(
+        disk_after.saturating_sub(disk_before) <= disk_bound,
+        "state_dir grew by {:.1} MiB over {RELOADS} reloads, more than the {:.1} MiB the store may keep",
+        mib(disk_after - disk_before),
+        mib(disk_bound)
+    );
     assert!(
         m.get("plugvisor_probe_up", &[("probe", "inet_sock_set_state")]) == Some(1.0),
         "the probe watched all along"
