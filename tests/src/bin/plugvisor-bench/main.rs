@@ -2012,7 +2012,8 @@ that it creeps (~0.1 MB per 100 reloads in the first runs), while fds stay flat 
 `keep_loaded` store objects stay mapped (evicted versions are unmapped); the anonymous column tells
 heap from file pages. Whether the creep levels off needs a longer soak than this run's.
 
-**Probe overhead and p99s in general.** This run shared two cores with other builds (the load
-average is in the header): ratios of throughput and every p99 here carry that noise. Instruction
-counts (`valgrind --tool=callgrind`) would settle the probe overhead; not done in this run.
+**Probe overhead and p99s in general.** This is a shared 2-vCPU VM (the load average is in the
+header): ratios of throughput and every p99 here carry its noise, run to run the probe-overhead
+ratio has moved between about 90 % and 106 %. Instruction counts (`valgrind --tool=callgrind`)
+would settle the probe overhead; not done yet.
 ";
