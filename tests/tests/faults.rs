@@ -196,6 +196,18 @@ impl Matrix {
         install_package(&self.d.plugins_dir, name, version, lib, &t);
     }
 
+    /// Installs the next echo version with `extra` appended to its manifest
+    /// (a `[requires]` or `conflicts` line); returns the version.
+    fn install_next_with(&mut self, extra: &str) -> String {
+        let (v, lib) = self.fresh();
+        let t = PackageTweaks {
+            extra: Some(extra.to_owned()),
+            ..Default::default()
+        };
+        self.install("echo", &v, &lib, t);
+        v
+    }
+
     /// Installs the next good echo version and waits until it serves.
     fn advance(&mut self, why: &str) {
         let (v, lib) = self.fresh();
@@ -736,34 +748,14 @@ const ROWS: &[Row] = &[
         });
     }),
     ("dependency missing", |m| {
-        let (v, lib) = m.fresh();
-        let extra = "[requires]\nnot-here = \">=1\"\n".to_owned();
-        m.install(
-            "echo",
-            &v,
-            &lib,
-            PackageTweaks {
-                extra: Some(extra),
-                ..Default::default()
-            },
-        );
+        let v = m.install_next_with("[requires]\nnot-here = \">=1\"\n");
         m.dependency_refused(
             "missing",
             &format!("echo {v} requires not-here >=1; not-here is not active (missing)"),
         );
     }),
     ("dependency out of range", |m| {
-        let (v, lib) = m.fresh();
-        let extra = "[requires]\nlegacy-echo = \">=1\"\n".to_owned();
-        m.install(
-            "echo",
-            &v,
-            &lib,
-            PackageTweaks {
-                extra: Some(extra),
-                ..Default::default()
-            },
-        );
+        let v = m.install_next_with("[requires]\nlegacy-echo = \">=1\"\n");
         m.dependency_refused(
             "version",
             &format!("echo {v} requires legacy-echo >=1; legacy-echo is 0.1.0 (version)"),
@@ -771,31 +763,11 @@ const ROWS: &[Row] = &[
     }),
     ("dependency cycle", |m| {
         // codec 1.1.0 (active) requires echo.
-        let (v, lib) = m.fresh();
-        let extra = "[requires]\ncodec = \"^1\"\n".to_owned();
-        m.install(
-            "echo",
-            &v,
-            &lib,
-            PackageTweaks {
-                extra: Some(extra),
-                ..Default::default()
-            },
-        );
+        m.install_next_with("[requires]\ncodec = \"^1\"\n");
         m.dependency_refused("cycle", "requirement cycle echo -> codec -> echo (cycle)");
     }),
     ("conflicting plugin active", |m| {
-        let (v, lib) = m.fresh();
-        let extra = "conflicts = [\"legacy-echo\"]\n".to_owned();
-        m.install(
-            "echo",
-            &v,
-            &lib,
-            PackageTweaks {
-                extra: Some(extra),
-                ..Default::default()
-            },
-        );
+        let v = m.install_next_with("conflicts = [\"legacy-echo\"]\n");
         m.dependency_refused(
             "conflict",
             &format!("echo {v} declares a conflict with legacy-echo 0.1.0 (conflict)"),
