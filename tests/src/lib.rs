@@ -545,6 +545,28 @@ impl Daemon {
         self.dir.path().join("thresholds.toml")
     }
 
+    /// Installs `plugin` `version` the operator's way and waits (20 s at
+    /// most) until the daemon reports it active; `what` names the wait.
+    pub fn install_and_await(&self, plugin: &str, version: &str, lib: &Path, what: &str) {
+        install_package(
+            &self.plugins_dir,
+            plugin,
+            version,
+            lib,
+            &PackageTweaks::default(),
+        );
+        wait_until(Instant::now() + Duration::from_secs(20), what, || {
+            self.metrics().get(
+                "plugvisor_plugin_info",
+                &[
+                    ("plugin", plugin),
+                    ("version", version),
+                    ("state", "active"),
+                ],
+            ) == Some(1.0)
+        });
+    }
+
     /// The store's journal, parsed.
     pub fn journal(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.state_dir.join("journal.jsonl"))

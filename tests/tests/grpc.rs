@@ -181,20 +181,7 @@ fn sixteen_exchange_streams_flow_across_fifty_reloads() {
     });
 
     for (i, (v, lib)) in versions.iter().zip(&libs).enumerate() {
-        install_package(
-            &daemon.plugins_dir,
-            "echo",
-            v,
-            lib,
-            &PackageTweaks::default(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        wait_until(deadline, &format!("reload {} to {v}", i + 1), || {
-            daemon.metrics().get(
-                "plugvisor_plugin_info",
-                &[("plugin", "echo"), ("version", v), ("state", "active")],
-            ) == Some(1.0)
-        });
+        daemon.install_and_await("echo", v, lib, &format!("reload {} to {v}", i + 1));
         daemon.assert_running();
     }
     // Let every stream see the last version before stopping them.
