@@ -196,6 +196,23 @@ impl Matrix {
         install_package(&self.d.plugins_dir, name, version, lib, &t);
     }
 
+    /// Copies the next echo library into the echo package by hand and
+    /// returns its version, the package directory, the manifest that would commit it and
+    /// that manifest's signature by the trusted key — neither written yet,
+    /// for rows that write them their own wrong way.
+    fn stage_next_by_hand(&mut self) -> (String, PathBuf, String, String) {
+        let (v, lib) = self.fresh();
+        let dir = self.d.plugins_dir.join("echo");
+        let lib_name = format!("libecho-{v}.so");
+        std::fs::copy(&lib, dir.join(&lib_name)).unwrap();
+        let manifest = format!(
+            "name = \"echo\"\nversion = \"{v}\"\nlibrary = \"{lib_name}\"\nsha256 = \"{}\"\nabi = 1\n",
+            sha256_file(&lib)
+        );
+        let sig = plugvisor_tests::sign_manifest(&self.trusted, manifest.as_bytes());
+        (v, dir, manifest, sig)
+    }
+
     /// Installs the next echo version with `extra` appended to its manifest
     /// (a `[requires]` or `conflicts` line); returns the version.
     fn install_next_with(&mut self, extra: &str) -> String {
@@ -629,15 +646,7 @@ const ROWS: &[Row] = &[
     ("signature that does not verify (tampered)", |m| {
         // Signed by the trusted key, then one digit of the signature
         // changed before the commit.
-        let (v, lib) = m.fresh();
-        let dir = m.d.plugins_dir.join("echo");
-        let lib_name = format!("libecho-{v}.so");
-        std::fs::copy(&lib, dir.join(&lib_name)).unwrap();
-        let manifest = format!(
-            "name = \"echo\"\nversion = \"{v}\"\nlibrary = \"{lib_name}\"\nsha256 = \"{}\"\nabi = 1\n",
-            sha256_file(&lib)
-        );
-        let sig = plugvisor_tests::sign_manifest(&m.trusted, manifest.as_bytes());
+        let (_, dir, manifest, sig) = m.stage_next_by_hand();
         let flipped: String = sig
             .lines()
             .map(|l| match l.strip_prefix("signature ") {
@@ -794,15 +803,7 @@ const ROWS: &[Row] = &[
     ("manifest half-written in place, then completed", |m| {
         // An operator copying a manifest over the old one instead of
         // renaming it into place: the daemon looks at the half it finds.
-        let (v, lib) = m.fresh();
-        let dir = m.d.plugins_dir.join("echo");
-        let lib_name = format!("libecho-{v}.so");
-        std::fs::copy(&lib, dir.join(&lib_name)).unwrap();
-        let manifest = format!(
-            "name = \"echo\"\nversion = \"{v}\"\nlibrary = \"{lib_name}\"\nsha256 = \"{}\"\nabi = 1\n",
-            sha256_file(&lib)
-        );
-        let sig = plugvisor_tests::sign_manifest(&m.trusted, manifest.as_bytes());
+        let (v, dir, manifest, sig) = m.stage_next_by_hand();
         write_atomically(&dir.join("plugin.toml.sig"), sig.as_bytes());
         let half = manifest.find("sha256").unwrap();
         let mut f = std::fs::File::create(dir.join("plugin.toml")).unwrap();
