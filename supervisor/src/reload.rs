@@ -395,7 +395,18 @@ impl Reloader {
     /// journalled (`collected`) before the file goes, so the journal never
     /// names an object that vanished unannounced. Runs under the reloader's
     /// lock, after a rescan: no reload is staging meanwhile.
-    pub fn collect_garbage(&self) {
+    ///
+    /// The dependency declarations cached per object are pruned to the
+    /// mapped versions here too: without that the cache grew by one entry
+    /// per reload for the life of the process (an unmapped version's
+    /// declaration is read again from its kept manifest if it returns).
+    pub fn collect_garbage(&mut self) {
+        let mapped: HashSet<String> = self
+            .slots
+            .values()
+            .flat_map(|slot| slot.mapped_hashes())
+            .collect();
+        self.nodes.retain(|sha, _| mapped.contains(sha));
         let mut keep: HashSet<String> = HashSet::new();
         for plugin in self.store.plugins_with_refs() {
             let Ok(refs) = self.store.refs(&plugin) else {
@@ -411,9 +422,7 @@ impl Reloader {
                     .map(|r| r.sha256.clone()),
             );
         }
-        for slot in self.slots.values() {
-            keep.extend(slot.mapped_hashes());
-        }
+        keep.extend(mapped);
         for sha in self.store.object_hashes() {
             if keep.contains(&sha) {
                 continue;

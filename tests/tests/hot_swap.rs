@@ -180,10 +180,12 @@ fn fifty_reloads_under_twenty_live_connections_break_nothing() {
     eprintln!(
         "{total_frames} frames over {CONNECTIONS} connections across {RELOADS} reloads, 0 errors"
     );
-    for phase in ["verify", "stage", "load", "init", "switch", "total"] {
+    for phase in [
+        "verify", "stage", "load", "init", "switch", "publish", "total",
+    ] {
         let l = [("plugin", "echo"), ("phase", phase)];
         eprintln!(
-            "reload phase {phase:>6}: p50 {:>8.1} us  p99 {:>8.1} us",
+            "reload phase {phase:>7}: p50 {:>8.1} us  p99 {:>8.1} us",
             q("plugvisor_reload_duration_seconds", &l, 0.5),
             q("plugvisor_reload_duration_seconds", &l, 0.99)
         );
