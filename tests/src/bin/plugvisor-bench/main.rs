@@ -151,6 +151,9 @@ fn median(v: &mut [f64]) -> f64 {
 struct Overhead {
     tcp: [Vec<f64>; 2],
     grpc: [Vec<f64>; 2],
+    // Workload CPU nanoseconds per operation (see probecost::workload_cpu_ns).
+    tcp_cpu: [Vec<f64>; 2],
+    grpc_cpu: [Vec<f64>; 2],
     trials: usize,
     dur: Duration,
 }
@@ -164,6 +167,8 @@ fn probe_overhead(quick: bool) -> Overhead {
     let mut o = Overhead {
         tcp: [Vec::new(), Vec::new()],
         grpc: [Vec::new(), Vec::new()],
+        tcp_cpu: [Vec::new(), Vec::new()],
+        grpc_cpu: [Vec::new(), Vec::new()],
         trials,
         dur,
     };
@@ -188,8 +193,15 @@ fn probe_overhead(quick: bool) -> Overhead {
                     .collect();
                 assert!(down.is_empty(), "probes not all up with mode on: {down:?}");
             }
-            o.tcp[side].push(tcp_storm(daemon.addr("echo-tcp"), 2, dur));
-            o.grpc[side].push(grpc_unary(daemon.addr("echo-grpc"), 8, dur));
+            let pid = daemon.pid();
+            let (rate, cpu) =
+                probecost::with_cpu(pid, dur, || tcp_storm(daemon.addr("echo-tcp"), 2, dur));
+            o.tcp[side].push(rate);
+            o.tcp_cpu[side].push(cpu);
+            let (rate, cpu) =
+                probecost::with_cpu(pid, dur, || grpc_unary(daemon.addr("echo-grpc"), 8, dur));
+            o.grpc[side].push(rate);
+            o.grpc_cpu[side].push(cpu);
             eprintln!(
                 "probe overhead trial {trial} probes {mode}: tcp {:.0}/s grpc {:.0}/s",
                 o.tcp[side].last().unwrap(),
@@ -1421,6 +1433,8 @@ fn render(r: &Results, meta: &Meta) -> String {
     let mut o = Overhead {
         tcp: r.overhead.tcp.clone(),
         grpc: r.overhead.grpc.clone(),
+        tcp_cpu: r.overhead.tcp_cpu.clone(),
+        grpc_cpu: r.overhead.grpc_cpu.clone(),
         trials: r.overhead.trials,
         dur: r.overhead.dur,
     };
@@ -1428,11 +1442,17 @@ fn render(r: &Results, meta: &Meta) -> String {
         .into_iter()
         .map(|sides| median(&mut sides[1]) / median(&mut sides[0]))
         .collect();
+    let cpu: Vec<f64> = [&mut o.tcp_cpu, &mut o.grpc_cpu]
+        .into_iter()
+        .map(|sides| median(&mut sides[1]) / median(&mut sides[0]) - 1.0)
+        .collect();
     let _ = writeln!(
         md,
-        "| probe overhead (throughput on/off) | ≥ 97 % | storm {:.1} %, gRPC {:.1} % | Beyla 0.5–2 % CPU | — | {} |",
+        "| probe overhead (throughput on/off; CPU per operation on vs off) | ≥ 97 % | storm {:.1} %, gRPC {:.1} %; CPU per op {:+.1} %, {:+.1} % | Beyla 0.5–2 % CPU | — | {} |",
         ratios[0] * 100.0,
         ratios[1] * 100.0,
+        cpu[0] * 100.0,
+        cpu[1] * 100.0,
         verdict(ratios.iter().all(|x| *x >= 0.97))
     );
     match &r.costs {
@@ -1903,28 +1923,41 @@ fn render(r: &Results, meta: &Meta) -> String {
     let _ = writeln!(
         md,
         "Throughput with every eBPF probe attached (`[probes] mode = \"on\"`) vs none (`\"off\"`), \
-         {} trial(s) of {:.1} s per side. Goal: ≥ 97 %.\n",
+         {} trial(s) of {:.1} s per side, medians. Goal: ≥ 97 %. Beside it, the CPU time each operation \
+         cost the workload (clients, daemon, the machine's irq and softirq time; see below) on each side: \
+         throughput moves with whatever else this shared machine runs, CPU per operation much less, and its \
+         ratio holds every cost of the probes — the programs and the hooks' dispatch into them.\n",
         o.trials,
         o.dur.as_secs_f64()
     );
-    let _ = writeln!(md, "| workload | probes off | probes on | ratio on/off |");
-    let _ = writeln!(md, "| --- | ---: | ---: | ---: |");
-    for (name, sides) in [
+    let _ = writeln!(
+        md,
+        "| workload | probes off | probes on | ratio on/off | CPU µs per op, off | on | on/off |"
+    );
+    let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, sides, cpu) in [
         (
             "loopback connect/send/close storm (2 threads), conn/s",
             &mut o.tcp,
+            &mut o.tcp_cpu,
         ),
         (
             "gRPC unary Invoke (8 in flight, 1 channel), calls/s",
             &mut o.grpc,
+            &mut o.grpc_cpu,
         ),
     ] {
         let off = median(&mut sides[0]);
         let on = median(&mut sides[1]);
+        let cpu_off = median(&mut cpu[0]);
+        let cpu_on = median(&mut cpu[1]);
         let _ = writeln!(
             md,
-            "| {name} | {off:.0} | {on:.0} | {:.1} % |",
-            on / off * 100.0
+            "| {name} | {off:.0} | {on:.0} | {:.1} % | {:.1} | {:.1} | {:+.1} % |",
+            on / off * 100.0,
+            cpu_off / 1e3,
+            cpu_on / 1e3,
+            (cpu_on / cpu_off - 1.0) * 100.0
         );
     }
 

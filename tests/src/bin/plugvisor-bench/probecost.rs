@@ -86,7 +86,7 @@ fn ticks_to_ns(ticks: u64) -> u64 {
 /// machine's irq and softirq time (loopback delivery partly runs there,
 /// and the probes with it). Other processes on this shared machine are
 /// left out, so a busy neighbour does not dilute the share.
-fn workload_cpu_ns(daemon_pid: u32) -> Result<u64, String> {
+pub fn workload_cpu_ns(daemon_pid: u32) -> Result<u64, String> {
     let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
     let line = stat
         .lines()
@@ -118,6 +118,20 @@ fn workload_cpu_ns(daemon_pid: u32) -> Result<u64, String> {
         t.tv_sec.unsigned_abs() * 1_000_000_000 + t.tv_usec.unsigned_abs() * 1000
     };
     Ok(ticks_to_ns(irq + daemon_ticks) + tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+/// Runs `work` (which returns operations per second over `dur`) and
+/// returns its rate and the workload CPU nanoseconds per operation
+/// (NaN when `/proc` could not be read).
+pub fn with_cpu(daemon_pid: u32, dur: Duration, work: impl FnOnce() -> f64) -> (f64, f64) {
+    let c0 = workload_cpu_ns(daemon_pid);
+    let rate = work();
+    let c1 = workload_cpu_ns(daemon_pid);
+    let per_op = match (c0, c1) {
+        (Ok(a), Ok(b)) => b.saturating_sub(a) as f64 / (rate * dur.as_secs_f64()).max(1.0),
+        _ => f64::NAN,
+    };
+    (rate, per_op)
 }
 
 /// Run count and run time of this daemon's programs: ours by name, and
