@@ -163,6 +163,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     reloader.set_trust(trust);
     reloader.set_init_timeout(config.reload.init_timeout);
+    reloader.recover_interrupted_loads();
     for plugin in config.plugins() {
         reloader.slot(&plugin);
         reloader.boot_from_store(&plugin);

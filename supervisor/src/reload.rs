@@ -43,6 +43,10 @@ pub const SIGNATURE_GRACE: Duration = Duration::from_secs(2);
 /// during a trial.
 pub const CRASH_IN_TRIAL: &str = "crash-in-trial";
 
+/// Journal event of a version whose `dlopen` or `init` killed the previous
+/// process (see [`Reloader::recover_interrupted_loads`]).
+pub const CRASH_IN_LOAD: &str = "crash-in-load";
+
 /// Why a reload did not switch versions.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -57,7 +61,7 @@ pub enum ReloadError {
     Load(#[from] LoadError),
     /// This version was rolled back from; a newer one is needed.
     #[error(
-        "plugin {plugin:?}: version {version} is quarantined (rolled back from, or its init timed out); publish a newer version"
+        "plugin {plugin:?}: version {version} is quarantined (rolled back from, its init timed out, or it crashed the process while loading); publish a newer version"
     )]
     Quarantined {
         /// The plugin.
@@ -526,6 +530,47 @@ impl Reloader {
         )
     }
 
+    /// Quarantines every version whose `dlopen` or `init` the previous
+    /// process never returned from — it died in the plugin's constructors
+    /// or `init` (a segfault, an abort), before any refs named the version
+    /// — so the rescan that follows does not load it again and crash again:
+    /// without this a plugin that crashes in `init` is a crash loop under
+    /// any supervisor that restarts plugvisor. Journalled as
+    /// `crash-in-load`; a newer version of the plugin loads as usual. Runs
+    /// at start, before the packages are looked at.
+    pub fn recover_interrupted_loads(&mut self) {
+        for (plugin, version) in self.store.interrupted_loads() {
+            if let Some(v) = version {
+                tracing::error!(
+                    plugin,
+                    version = %v.version,
+                    sha256 = %v.sha256,
+                    "the previous process died while loading {} {} (dlopen or init); quarantined until a newer version appears ({CRASH_IN_LOAD})",
+                    plugin,
+                    v.version
+                );
+                self.quarantine(&plugin, &v);
+                let mut entry = JournalEntry::now(&plugin, CRASH_IN_LOAD);
+                entry.version = Some(v.version.to_string());
+                entry.sha256 = Some(v.sha256.clone());
+                entry.reason = Some(
+                    "the previous process died inside this version's dlopen or init; quarantined"
+                        .to_owned(),
+                );
+                if let Err(e) = self.store.journal(&entry) {
+                    tracing::error!(plugin, error = %e, "could not journal the crash in load");
+                }
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&[&plugin, ReloadOutcome::Failed.as_str()])
+                    .inc();
+            }
+            if let Err(e) = self.store.clear_loading(&plugin) {
+                tracing::warn!(plugin, error = %e, "could not clear the load mark");
+            }
+        }
+    }
+
     /// Brings `plugin` up on the version its refs call active, straight from
     /// the store (used at start, before the packages are looked at).
     ///
@@ -920,13 +965,23 @@ impl Reloader {
         self.seq += 1;
         let t2 = Instant::now();
         let mut window = ReloadWindow::open(self.plugin_index(plugin), self.seq);
-        let (loaded, timings) = match self.load_object(
+        // Foreign code runs from here until load_object returns: if it
+        // kills the process, the mark tells the next start which version
+        // did (see `recover_interrupted_loads`).
+        if let Err(e) = self.store.mark_loading(plugin, &candidate_ref) {
+            tracing::warn!(plugin, error = %e, "could not mark the load; a crash in it would be retried on restart");
+        }
+        let result = self.load_object(
             plugin,
             &package.manifest.version,
             package.manifest.abi,
             &staged.sha256,
             &staged.path,
-        ) {
+        );
+        if let Err(e) = self.store.clear_loading(plugin) {
+            tracing::warn!(plugin, error = %e, "could not clear the load mark");
+        }
+        let (loaded, timings) = match result {
             Ok(l) => l,
             Err(e) => {
                 window.set_outcome(1);

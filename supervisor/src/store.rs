@@ -216,6 +216,7 @@ pub struct Store {
     refs: PathBuf,
     manifests: PathBuf,
     journal: PathBuf,
+    loading: PathBuf,
 }
 
 impl Store {
@@ -227,8 +228,15 @@ impl Store {
             refs: state_dir.join("refs"),
             manifests: state_dir.join("manifests"),
             journal: state_dir.join("journal.jsonl"),
+            loading: state_dir.join("loading"),
         };
-        for dir in [&store.root, &store.objects, &store.refs, &store.manifests] {
+        for dir in [
+            &store.root,
+            &store.objects,
+            &store.refs,
+            &store.manifests,
+            &store.loading,
+        ] {
             std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
         // Leftovers of a copy interrupted by a crash are never referenced.
@@ -252,6 +260,7 @@ impl Store {
             refs: state_dir.join("refs"),
             manifests: state_dir.join("manifests"),
             journal: state_dir.join("journal.jsonl"),
+            loading: state_dir.join("loading"),
         })
     }
 
@@ -431,6 +440,59 @@ impl Store {
     /// before manifests were kept have none).
     pub fn manifest(&self, sha256: &str) -> Option<Vec<u8>> {
         std::fs::read(self.manifest_path(sha256)).ok()
+    }
+
+    /// Records that `plugin` is about to `dlopen` and `init` version `v`
+    /// (`loading/<plugin>.json`), so that the next start knows if that
+    /// killed the process. Written and renamed but not fsynced: it has to
+    /// survive a crash of this process, which the page cache does, not of
+    /// the machine — and a reload should not wait on the disk for it.
+    pub fn mark_loading(&self, plugin: &str, v: &VersionRef) -> Result<(), StoreError> {
+        let path = self.loading.join(format!("{plugin}.json"));
+        let tmp = self.loading.join(format!(".{plugin}.json.tmp"));
+        let bytes = serde_json::to_vec(v).expect("version refs serialise");
+        std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))
+    }
+
+    /// Removes the mark of [`Store::mark_loading`]: the load returned.
+    pub fn clear_loading(&self, plugin: &str) -> Result<(), StoreError> {
+        let path = self.loading.join(format!("{plugin}.json"));
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                action: "removing",
+                path,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Loads that never returned: the plugin and version of every mark
+    /// left by a process that died inside `dlopen` or `init`. Unreadable
+    /// marks are returned with `None`, so they can be cleared too.
+    pub fn interrupted_loads(&self) -> Vec<(String, Option<VersionRef>)> {
+        let Ok(entries) = std::fs::read_dir(&self.loading) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A mark torn before its rename was never a commitment.
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            let Some(plugin) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let v = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            out.push((plugin.to_owned(), v));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn refs_path(&self, plugin: &str) -> PathBuf {
@@ -648,6 +710,31 @@ mod tests {
 
     fn sha(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_load_mark_survives_until_cleared() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let store = Store::open(&state).unwrap();
+        assert!(store.interrupted_loads().is_empty());
+        let v = VersionRef {
+            version: Version::new(2, 0, 0),
+            sha256: "ab".repeat(32),
+        };
+        store.mark_loading("echo", &v).unwrap();
+        // What the next process sees if this one dies now; a torn mark
+        // (never renamed) is no mark.
+        std::fs::write(state.join("loading/.other.json.tmp"), b"{").unwrap();
+        let reopened = Store::open(&state).unwrap();
+        assert_eq!(
+            reopened.interrupted_loads(),
+            vec![("echo".to_owned(), Some(v.clone()))]
+        );
+        assert!(!state.join("loading/.other.json.tmp").exists());
+        store.clear_loading("echo").unwrap();
+        store.clear_loading("echo").unwrap();
+        assert!(reopened.interrupted_loads().is_empty());
     }
 
     #[test]

@@ -896,15 +896,49 @@ pub fn build_fixture_as(package: &str, lib: &str, name: &str, version: &str) -> 
     )
 }
 
+/// The newest modification time of any file under `dir`.
+fn newest_under(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                if e.file_name() != "target" {
+                    stack.push(e.path());
+                }
+            } else if let Ok(t) = meta.modified() {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest
+}
+
 /// Builds `package` with `env` set (cargo rebuilds when an `option_env!`
-/// it read changes) and keeps the library as `file` (once per test run).
+/// it read changes) and keeps the library as `file`. A kept library is
+/// used again (also by later test runs) until a plugin or SDK source is
+/// newer than it.
 fn build_stamped(package: &str, lib: &str, file: &str, env: &[(&str, &str)]) -> PathBuf {
     static BUILD_LOCK: Mutex<()> = Mutex::new(());
     let _g = BUILD_LOCK.lock().unwrap();
     let out_dir = target_dir().join("stamped").join(package);
     std::fs::create_dir_all(&out_dir).unwrap();
     let out = out_dir.join(file);
-    if !out.is_file() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let sources = ["plugins", "plugin-sdk"]
+        .iter()
+        .filter_map(|d| newest_under(&workspace.join(d)))
+        .max();
+    let stale = match (std::fs::metadata(&out).and_then(|m| m.modified()), sources) {
+        (Ok(built), Some(src)) => src > built,
+        (Ok(_), None) => false,
+        (Err(_), _) => true,
+    };
+    if stale {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let build_dir = target_dir().join("stamped").join("build");
         let status = Command::new(cargo)

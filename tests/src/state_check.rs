@@ -19,6 +19,9 @@
 //!   object would be loaded as the version it claims to be.
 //! * every `manifests/<sha256>.toml` parses, pins exactly that sha256 and
 //!   sits beside its object.
+//! * every `loading/<plugin>.json` (a load mark: the process died inside
+//!   that version's `dlopen` or `init`; the next start quarantines it)
+//!   names a semver version and an object in `objects/`.
 //! * the only other files are the daemon's own temp files (`objects/.tmp-*`,
 //!   removed at start; `refs/.<plugin>.json.tmp` and
 //!   `manifests/.<sha256>.toml.tmp`, never read — the rename is the commit
@@ -100,6 +103,9 @@ pub struct StateSummary {
     /// Leftover temp files of an interrupted write (harmless, see the
     /// module docs), relative to `state_dir`.
     pub temp_files: Vec<PathBuf>,
+    /// Load marks left in `loading/`: plugin → version whose `dlopen` or
+    /// `init` never returned.
+    pub loading: BTreeMap<String, String>,
 }
 
 impl StateSummary {
@@ -138,6 +144,7 @@ pub fn check_state(state_dir: &Path) -> Result<StateSummary, String> {
     check_objects(state_dir, &mut summary, &mut problems);
     check_manifests(state_dir, &mut summary, &mut problems);
     check_refs(state_dir, &mut summary, &mut problems);
+    check_loading(state_dir, &mut summary, &mut problems);
     check_journal(state_dir, &mut summary, &mut problems);
     if problems.is_empty() {
         Ok(summary)
@@ -298,6 +305,40 @@ fn version_ref(
                 "{what}: not a version ref ({{version: semver, sha256: hex}}): {v}"
             ));
             None
+        }
+    }
+}
+
+fn check_loading(state_dir: &Path, summary: &mut StateSummary, problems: &mut Vec<String>) {
+    for (name, path) in entries(&state_dir.join("loading"), problems) {
+        if name.starts_with('.') && name.ends_with(".json.tmp") {
+            summary.temp_files.push(relative(state_dir, &path));
+            continue;
+        }
+        let Some(plugin) = name.strip_suffix(".json").filter(|p| !p.is_empty()) else {
+            problems.push(format!(
+                "loading/{name}: not a load mark (<plugin>.json) nor a temp file"
+            ));
+            continue;
+        };
+        let value: Option<serde_json::Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let version = value.as_ref().and_then(|v| v["version"].as_str());
+        let sha = value.as_ref().and_then(|v| v["sha256"].as_str());
+        match (version, sha) {
+            (Some(version), Some(sha)) if is_semver(version) && is_sha256(sha) => {
+                // The object is staged before the mark is written.
+                if !summary.objects.contains(sha) {
+                    problems.push(format!(
+                        "loading/{name}: names object {sha}, which is not in objects/"
+                    ));
+                }
+                summary
+                    .loading
+                    .insert(plugin.to_owned(), version.to_owned());
+            }
+            _ => problems.push(format!("loading/{name}: not a version and sha256 as JSON")),
         }
     }
 }

@@ -1484,6 +1484,101 @@ fn segfault_restarts_on_the_known_good_version() {
     );
 }
 
+/// A plugin that segfaults inside `init` kills the process before any
+/// refs name it. Without a record of the attempt, the restart would see
+/// the package again, load it, and die again — a crash loop under any
+/// supervisor. The load mark names it: the restart quarantines it
+/// (`crash-in-load`), stays up on the version it had, and a newer version
+/// loads as usual.
+#[test]
+fn a_segfault_in_init_is_quarantined_not_retried_on_restart() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "1s",
+        env: vec![("PLUGVISOR_FIXTURE_SEGV_INIT".into(), "2.0.0".into())],
+        ..Default::default()
+    });
+    wait_until(deadline(), "1.0.0 known-good", || {
+        d.status()["plugins"][0]["state"] == "known-good"
+    });
+    let segv = build_plugin_version("plugvisor-fixture-segv", "fixture_segv", "2.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &segv,
+        &PackageTweaks::default(),
+    );
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSEGV),
+        "init really segfaulted: {status}"
+    );
+    let s = assert_state_consistent(&d.state_dir);
+    assert_eq!(
+        s.loading.get("echo").map(String::as_str),
+        Some("2.0.0"),
+        "the load mark names the version that was being loaded"
+    );
+    assert_eq!(
+        s.active_version("echo"),
+        Some("1.0.0"),
+        "no refs named 2.0.0"
+    );
+
+    d.restart();
+    assert_eq!(d.serving("echo-tcp").as_deref(), Some("1.0.0"));
+    // The rescan at start saw the package and refused it by name, instead
+    // of loading it again.
+    wait_until(deadline(), "the package refused as quarantined", || {
+        d.refusals_since(0).iter().any(|r| {
+            r["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("version 2.0.0 is quarantined"))
+        })
+    });
+    d.assert_running();
+    assert!(
+        d.log_lines().iter().any(|l| l["level"] == "ERROR"
+            && l["fields"]["message"].as_str().is_some_and(|m| m
+                .contains("died while loading echo 2.0.0")
+                && m.contains("crash-in-load"))),
+        "the restart says why"
+    );
+    let j = d.journal();
+    let crash = j
+        .iter()
+        .find(|e| e["event"] == "crash-in-load")
+        .expect("a crash-in-load journal entry");
+    assert_eq!(crash["plugin"], "echo");
+    assert_eq!(crash["version"], "2.0.0");
+    assert_eq!(crash["sha256"].as_str(), Some(sha256_file(&segv).as_str()));
+    assert_eq!(d.reloads("echo", "failed"), 1);
+    let s = assert_state_consistent(&d.state_dir);
+    assert!(s.loading.is_empty(), "the mark is cleared: {:?}", s.loading);
+    assert!(
+        s.refs["echo"]
+            .quarantined
+            .iter()
+            .any(|q| q.version == "2.0.0")
+    );
+
+    // A newer version is not held back by the quarantine.
+    let next = plugvisor_tests::build_echo_version("3.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "3.0.0",
+        &next,
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "3.0.0 serves", || {
+        d.serving("echo-tcp").as_deref() == Some("3.0.0")
+    });
+    assert_eq!(d.stop(), Some(0));
+}
+
 /// Every file under `dir` with the sha256 of its bytes.
 fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
