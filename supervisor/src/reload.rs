@@ -961,16 +961,18 @@ impl Reloader {
         let stage = t1.elapsed();
         crash_point(CrashPoint::ReloadAfterStage, &version_key);
 
+        // Foreign code runs from dlopen until load_object returns: if it
+        // kills the process, this mark tells the next start which version
+        // did (see `recover_interrupted_loads`). Written before the window
+        // opens, so the kernel's reload window holds only the switch.
+        if let Err(e) = self.store.mark_loading(plugin, &candidate_ref) {
+            tracing::warn!(plugin, error = %e, "could not mark the load; a crash in it would be retried on restart");
+        }
+
         // The window: dlopen, checks, init, swap.
         self.seq += 1;
         let t2 = Instant::now();
         let mut window = ReloadWindow::open(self.plugin_index(plugin), self.seq);
-        // Foreign code runs from here until load_object returns: if it
-        // kills the process, the mark tells the next start which version
-        // did (see `recover_interrupted_loads`).
-        if let Err(e) = self.store.mark_loading(plugin, &candidate_ref) {
-            tracing::warn!(plugin, error = %e, "could not mark the load; a crash in it would be retried on restart");
-        }
         let result = self.load_object(
             plugin,
             &package.manifest.version,

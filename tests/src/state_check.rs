@@ -321,24 +321,26 @@ fn check_loading(state_dir: &Path, summary: &mut StateSummary, problems: &mut Ve
             ));
             continue;
         };
-        let value: Option<serde_json::Value> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let version = value.as_ref().and_then(|v| v["version"].as_str());
-        let sha = value.as_ref().and_then(|v| v["sha256"].as_str());
-        match (version, sha) {
-            (Some(version), Some(sha)) if is_semver(version) && is_sha256(sha) => {
-                // The object is staged before the mark is written.
-                if !summary.objects.contains(sha) {
-                    problems.push(format!(
-                        "loading/{name}: names object {sha}, which is not in objects/"
-                    ));
-                }
-                summary
-                    .loading
-                    .insert(plugin.to_owned(), version.to_owned());
+        let what = format!("loading/{name}");
+        let value: serde_json::Value = match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!("{what}: not JSON: {e}"));
+                continue;
             }
-            _ => problems.push(format!("loading/{name}: not a version and sha256 as JSON")),
+        };
+        if let Some(v) = version_ref(&value, &what, problems) {
+            // The object is staged before the mark is written.
+            if !summary.objects.contains(&v.sha256) {
+                problems.push(format!(
+                    "{what}: names object {}, which is not in objects/",
+                    v.sha256
+                ));
+            }
+            summary.loading.insert(plugin.to_owned(), v.version);
         }
     }
 }
