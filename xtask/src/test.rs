@@ -129,6 +129,20 @@ fn steps(
                 "--",
                 "-D",
                 "warnings",
+            ]))?;
+            // The failpoints build (plugvisor-failpoints, the crash-point
+            // tests' binary) compiles code the default features leave out.
+            util::run(util::cargo().args([
+                "clippy",
+                "--release",
+                "-p",
+                "plugvisor",
+                "--features",
+                "failpoints",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
             ]))
         })?;
     }
