@@ -309,29 +309,44 @@ fn version_ref(
     }
 }
 
-fn check_loading(state_dir: &Path, summary: &mut StateSummary, problems: &mut Vec<String>) {
-    for (name, path) in entries(&state_dir.join("loading"), problems) {
+/// The `<plugin>.json` files of `dir` (`refs`, `loading`), parsed, as
+/// `(plugin, "dir/name", value)`; their temp files go to the summary, any
+/// other entry and unparsable files to the problems.
+fn plugin_json_files(
+    state_dir: &Path,
+    dir: &str,
+    kind: &str,
+    summary: &mut StateSummary,
+    problems: &mut Vec<String>,
+) -> Vec<(String, String, serde_json::Value)> {
+    let mut out = Vec::new();
+    for (name, path) in entries(&state_dir.join(dir), problems) {
         if name.starts_with('.') && name.ends_with(".json.tmp") {
             summary.temp_files.push(relative(state_dir, &path));
             continue;
         }
         let Some(plugin) = name.strip_suffix(".json").filter(|p| !p.is_empty()) else {
             problems.push(format!(
-                "loading/{name}: not a load mark (<plugin>.json) nor a temp file"
+                "{dir}/{name}: not a {kind} (<plugin>.json) nor a temp file"
             ));
             continue;
         };
-        let what = format!("loading/{name}");
-        let value: serde_json::Value = match std::fs::read(&path)
+        let what = format!("{dir}/{name}");
+        match std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
         {
-            Ok(v) => v,
-            Err(e) => {
-                problems.push(format!("{what}: not JSON: {e}"));
-                continue;
-            }
-        };
+            Ok(v) => out.push((plugin.to_owned(), what, v)),
+            Err(e) => problems.push(format!("{what}: does not parse: {e}")),
+        }
+    }
+    out
+}
+
+fn check_loading(state_dir: &Path, summary: &mut StateSummary, problems: &mut Vec<String>) {
+    for (plugin, what, value) in
+        plugin_json_files(state_dir, "loading", "load mark", summary, problems)
+    {
         if let Some(v) = version_ref(&value, &what, problems) {
             // The object is staged before the mark is written.
             if !summary.objects.contains(&v.sha256) {
@@ -340,34 +355,15 @@ fn check_loading(state_dir: &Path, summary: &mut StateSummary, problems: &mut Ve
                     v.sha256
                 ));
             }
-            summary.loading.insert(plugin.to_owned(), v.version);
+            summary.loading.insert(plugin, v.version);
         }
     }
 }
 
 fn check_refs(state_dir: &Path, summary: &mut StateSummary, problems: &mut Vec<String>) {
-    for (name, path) in entries(&state_dir.join("refs"), problems) {
-        if name.starts_with('.') && name.ends_with(".json.tmp") {
-            summary.temp_files.push(relative(state_dir, &path));
-            continue;
-        }
-        let Some(plugin) = name.strip_suffix(".json").filter(|p| !p.is_empty()) else {
-            problems.push(format!(
-                "refs/{name}: not a refs file (<plugin>.json) nor a temp file"
-            ));
-            continue;
-        };
-        let what = format!("refs/{name}");
-        let value: serde_json::Value = match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        {
-            Ok(v) => v,
-            Err(e) => {
-                problems.push(format!("{what}: does not parse: {e}"));
-                continue;
-            }
-        };
+    for (plugin, what, value) in
+        plugin_json_files(state_dir, "refs", "refs file", summary, problems)
+    {
         let Some(obj) = value.as_object() else {
             problems.push(format!("{what}: not a JSON object"));
             continue;
@@ -427,7 +423,7 @@ fn check_refs(state_dir: &Path, summary: &mut StateSummary, problems: &mut Vec<S
                 ));
             }
         }
-        summary.refs.insert(plugin.to_owned(), refs);
+        summary.refs.insert(plugin, refs);
     }
 }
 
