@@ -1379,15 +1379,14 @@ fn matrix() {
     );
 }
 
-/// A plugin that segfaults takes the process down — nothing in-process can
-/// stop that — and the restart comes up on the known-good version, with
-/// the journal, the log and the metrics saying why, and the crashed
-/// version kept out.
-#[test]
-fn segfault_restarts_on_the_known_good_version() {
-    let mut d = Daemon::start(DaemonOptions {
+/// A daemon (probes off, 1 s trial, `env` for the fixtures) whose echo
+/// 1.0.0 has become known-good, with the segv fixture then committed as
+/// echo 2.0.0; returns the daemon and the fixture's library.
+fn segv_over_known_good(env: Vec<(String, String)>) -> (Daemon, PathBuf) {
+    let d = Daemon::start(DaemonOptions {
         probes: "off",
         trial: "1s",
+        env,
         ..Default::default()
     });
     wait_until(deadline(), "1.0.0 known-good", || {
@@ -1401,6 +1400,16 @@ fn segfault_restarts_on_the_known_good_version() {
         &segv,
         &PackageTweaks::default(),
     );
+    (d, segv)
+}
+
+/// A plugin that segfaults takes the process down — nothing in-process can
+/// stop that — and the restart comes up on the known-good version, with
+/// the journal, the log and the metrics saying why, and the crashed
+/// version kept out.
+#[test]
+fn segfault_restarts_on_the_known_good_version() {
+    let (mut d, _) = segv_over_known_good(Vec::new());
     wait_until(deadline(), "2.0.0 serves", || {
         d.serving("echo-tcp").as_deref() == Some("2.0.0")
     });
@@ -1492,23 +1501,8 @@ fn segfault_restarts_on_the_known_good_version() {
 /// loads as usual.
 #[test]
 fn a_segfault_in_init_is_quarantined_not_retried_on_restart() {
-    let mut d = Daemon::start(DaemonOptions {
-        probes: "off",
-        trial: "1s",
-        env: vec![("PLUGVISOR_FIXTURE_SEGV_INIT".into(), "2.0.0".into())],
-        ..Default::default()
-    });
-    wait_until(deadline(), "1.0.0 known-good", || {
-        d.status()["plugins"][0]["state"] == "known-good"
-    });
-    let segv = build_plugin_version("plugvisor-fixture-segv", "fixture_segv", "2.0.0");
-    install_package(
-        &d.plugins_dir,
-        "echo",
-        "2.0.0",
-        &segv,
-        &PackageTweaks::default(),
-    );
+    let (mut d, segv) =
+        segv_over_known_good(vec![("PLUGVISOR_FIXTURE_SEGV_INIT".into(), "2.0.0".into())]);
     let status = d.wait_exit(Duration::from_secs(10));
     assert_eq!(
         status.signal(),
