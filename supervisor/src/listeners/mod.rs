@@ -2,6 +2,7 @@
 //! reload; each hands frames to its plugin's [`crate::slot::Slot`] and
 //! knows nothing of the loader, the store or the catalog.
 pub mod grpc;
+mod h2_written;
 pub mod tcp;
 
 use std::net::SocketAddr;
