@@ -37,6 +37,10 @@
 //!   cgroup2) is SKIP with the reason; one that fails where the hook is
 //!   there (a verifier refusal, say) is FAIL; one that attaches although
 //!   the hook is missing is FAIL too — there is no silent pass.
+//! * `http2-frames`: crafted HTTP/2 byte streams (several frames per
+//!   write, headers split across packets, a large DATA frame and then
+//!   GOAWAY in one write, more frames than one program run walks) sent
+//!   from a watched port; every GOAWAY and RST_STREAM counted once.
 //! * Then the real `plugvisor` binary, started on a config of its own
 //!   (`plugvisor_tests::Daemon`): `daemon` (it serves), `degrade` (its
 //!   `plugvisor_probe_up` agrees with the probe checks and it serves on
@@ -47,6 +51,7 @@
 //!
 //! A test that panics (the harness asserts) is reported as FAIL with the
 //! panic's message; the next test still runs.
+mod h2_frames;
 mod init;
 mod probe_checks;
 mod report;
@@ -133,5 +138,6 @@ pub fn use_plugvisor_dir(dir: &std::path::Path) {
 pub fn run_all(rep: &mut Reporter, setup: &Setup) {
     rep.info(&report::kernel_facts());
     let checks = probe_checks::report_all(rep);
+    rep.run("http2-frames", || h2_frames::run(checks.as_deref()));
     scenarios::run(rep, setup, checks.as_deref());
 }

@@ -51,6 +51,9 @@ pub mod maps {
     pub const GAP_HIST: &str = "GAP_HIST";
     /// LRU hash: socket cookie → [`super::H2Flow`].
     pub const H2_FLOWS: &str = "H2_FLOWS";
+    /// Program array of one: `h2_egress` itself, which it tail-calls to
+    /// walk on through a packet with more frames than one run may.
+    pub const H2_TAIL: &str = "H2_TAIL";
     /// Ring buffer of [`super::Event`].
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of `u64`, indexed by [`super::Probe`]: ring buffer reserve failures.
@@ -236,6 +239,11 @@ pub struct H2Flow {
     pub next_seq: u32,
     /// Listener index.
     pub listener: u32,
+    /// How many of that header's first four bytes (length and type) an
+    /// earlier packet carried: a header split across packets.
+    pub have: u32,
+    /// Those bytes.
+    pub partial: [u8; 4],
 }
 
 /// Byte offsets of the fields of `sock/inet_sock_set_state`, read by
@@ -319,8 +327,14 @@ pub mod h2 {
     pub const MAX_KNOWN_TYPE: u8 = 9;
     /// Length of a frame header.
     pub const FRAME_HEADER: u32 = 9;
-    /// Frame headers walked per packet (bounded loop for the verifier).
-    pub const MAX_FRAMES_PER_PACKET: u32 = 64;
+    /// Frame headers walked per program run (a bounded loop for the
+    /// verifier). A packet with more frames than this — a GSO-sized skb of
+    /// small frames — is walked on by tail calls into the same program,
+    /// up to the kernel's 33, so `34 * 256` headers per packet: more than
+    /// a 64 KiB skb can hold (9 bytes each at the least).
+    pub const FRAMES_PER_RUN: u32 = 256;
+    /// Bytes of a frame header the probe reads: length (3) and type (1).
+    pub const HEADER_PREFIX: u32 = 4;
 }
 
 /// `IPPROTO_TCP`.

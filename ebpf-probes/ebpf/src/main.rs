@@ -46,7 +46,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{cgroup_skb, map, tracepoint, uprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{ProbeContext, SkBuffContext, TracePointContext},
 };
 use aya_log_ebpf::info;
@@ -80,6 +80,9 @@ static GAP_HIST: PerCpuArray<GapHist> = PerCpuArray::with_max_entries(MAX_LISTEN
 
 #[map]
 static H2_FLOWS: LruHashMap<u64, H2Flow> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+
+#[map]
+static H2_TAIL: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -319,20 +322,44 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Reads the 9-byte HTTP/2 frame header at `off`: (length, type).
+/// Whether sequence number `a` comes before `b` (RFC 1982 arithmetic).
 #[inline(always)]
-fn frame_header(ctx: &SkBuffContext, off: u32) -> Option<(u32, u8, u32)> {
-    let h: [u8; 9] = ctx.load(off as usize).ok()?;
-    let len = (u32::from(h[0]) << 16) | (u32::from(h[1]) << 8) | u32::from(h[2]);
-    let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
-    Some((len, h[3], stream))
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
 }
 
-/// Whether a header looks like the start of an HTTP/2 frame: a known type
-/// and a length within the largest frame size HTTP/2 allows.
+/// Whether a header's type is one HTTP/2 defines; the only check a
+/// header allows (its 24-bit length is always in range).
 #[inline(always)]
-fn plausible(len: u32, kind: u8) -> bool {
-    kind <= h2::MAX_KNOWN_TYPE && len < (1 << 24)
+fn plausible(kind: u8) -> bool {
+    kind <= h2::MAX_KNOWN_TYPE
+}
+
+/// One packet's place in its connection's byte stream.
+struct Packet {
+    /// Offset of the TCP payload in the skb.
+    payload: u32,
+    /// Sequence numbers of its first byte and of the byte after its last.
+    seq: u32,
+    end: u32,
+}
+
+impl Packet {
+    /// Loads the byte at sequence number `pos`, which lies in the packet.
+    #[inline(always)]
+    fn byte(&self, ctx: &SkBuffContext, pos: u32) -> Option<u8> {
+        ctx.load::<u8>((self.payload + pos.wrapping_sub(self.seq)) as usize)
+            .ok()
+    }
+}
+
+/// Counts that the probe lost its place in a connection's frames (and
+/// will pick it up again at a packet that starts on a plausible header).
+#[inline(always)]
+fn lost_place() {
+    if let Some(dropped) = DROPPED.get_ptr_mut(Probe::Http2Frames as u32) {
+        bump(dropped);
+    }
 }
 
 #[cgroup_skb(egress)]
@@ -342,6 +369,15 @@ pub fn h2_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
+/// Walks the frame headers in one outgoing packet of a watched gRPC
+/// connection, counting GOAWAY and RST_STREAM.
+///
+/// A connection's place is kept in `H2_FLOWS` as the sequence number of
+/// its next header, so a frame may span any number of packets; a header
+/// itself may be split between two (its first bytes are kept too); a
+/// retransmitted packet is walked only from where the last one ended, so
+/// nothing is counted twice; and a packet with more frames than one run
+/// may walk is finished by tail calls into this same program.
 fn try_h2_egress(ctx: &SkBuffContext) -> Option<()> {
     let port = ctx.skb.local_port() as u16;
     // SAFETY: the value is copied out at once.
@@ -366,40 +402,79 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Option<()> {
     if len <= payload {
         return None;
     }
-    let end = seq.wrapping_add(len - payload);
+    let pkt = Packet {
+        payload,
+        seq,
+        end: seq.wrapping_add(len - payload),
+    };
     // SAFETY: plain helper call on this program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
 
-    let mut next = match H2_FLOWS.get_ptr_mut(&cookie) {
-        // SAFETY: map value pointer.
-        Some(flow) if (seq.wrapping_sub(unsafe { (*flow).next_seq }) as i32) <= 0 => {
-            // SAFETY: as above.
-            unsafe { (*flow).next_seq }
-        }
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { H2_FLOWS.get(&cookie) }.copied();
+    let mut flow = match known {
+        // No gap between what we have seen and this packet.
+        Some(f) if !before(f.next_seq.wrapping_add(f.have), seq) => f,
         _ => {
-            // New to us, or we lost the frame boundary: start at this packet
-            // if it begins with a plausible header. The server's first frame
-            // on a new connection is SETTINGS on stream 0.
-            let (flen, kind, _) = frame_header(ctx, payload)?;
-            if !plausible(flen, kind) {
+            if known.is_some() {
+                lost_place();
+            }
+            // New to us (the server's first frame is SETTINGS on stream
+            // 0; a connection open before we attached starts here), or
+            // a packet we never saw: start at this packet if it begins
+            // with a plausible header.
+            let kind: u8 = ctx.load((payload + 3) as usize).ok()?;
+            if !plausible(kind) {
                 let _ = H2_FLOWS.remove(&cookie);
                 return None;
             }
-            seq
+            H2Flow {
+                next_seq: seq,
+                listener: watched.listener,
+                have: 0,
+                partial: [0; 4],
+            }
         }
     };
     let counters = LISTENER_COUNTERS.get_ptr_mut(watched.listener)?;
-    for _ in 0..h2::MAX_FRAMES_PER_PACKET {
-        // Stop once the next header starts beyond this packet.
-        if (next.wrapping_sub(end) as i32) >= 0 {
-            break;
+    for _ in 0..h2::FRAMES_PER_RUN {
+        let next = flow.next_seq;
+        if !before(next, pkt.end) {
+            // The next header starts in a later packet.
+            let _ = H2_FLOWS.insert(&cookie, &flow, 0);
+            return Some(());
         }
-        let off = payload + next.wrapping_sub(seq);
-        let Some((flen, kind, _)) = frame_header(ctx, off) else {
-            // The header straddles into the next packet; resync there.
-            break;
-        };
-        if !plausible(flen, kind) {
+        let mut prefix = flow.partial;
+        if flow.have == 0
+            && !before(pkt.end, next.wrapping_add(h2::HEADER_PREFIX))
+            && let Ok(whole) = ctx.load::<[u8; 4]>((payload + next.wrapping_sub(seq)) as usize)
+        {
+            prefix = whole;
+        } else {
+            // The header's start is split: some bytes from an earlier
+            // packet, or some in a later one.
+            let mut have = flow.have;
+            for i in 0..h2::HEADER_PREFIX {
+                if i < have {
+                    continue;
+                }
+                let pos = next.wrapping_add(i);
+                if !before(pos, pkt.end) {
+                    break;
+                }
+                prefix[i as usize & 3] = pkt.byte(ctx, pos)?;
+                have = i + 1;
+            }
+            if have < h2::HEADER_PREFIX {
+                flow.have = have;
+                flow.partial = prefix;
+                let _ = H2_FLOWS.insert(&cookie, &flow, 0);
+                return Some(());
+            }
+        }
+        let [l0, l1, l2, kind] = prefix;
+        if !plausible(kind) {
+            lost_place();
             let _ = H2_FLOWS.remove(&cookie);
             return None;
         }
@@ -410,13 +485,22 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Option<()> {
             // SAFETY: in-bounds field of the map value.
             bump(unsafe { &raw mut (*counters).rst_stream });
         }
-        next = next.wrapping_add(h2::FRAME_HEADER + flen);
+        let flen = u32::from_be_bytes([0, l0, l1, l2]);
+        flow.next_seq = next.wrapping_add(h2::FRAME_HEADER + flen);
+        flow.have = 0;
+        flow.partial = [0; 4];
     }
-    let flow = H2Flow {
-        next_seq: next,
-        listener: watched.listener,
-    };
+    // More frames in this packet than one run walks: go on in a fresh run
+    // from the place saved here.
     let _ = H2_FLOWS.insert(&cookie, &flow, 0);
+    if before(flow.next_seq, pkt.end) {
+        // SAFETY: the tail call replaces this run; nothing here needs
+        // dropping. It returns only if it failed (no program set, or the
+        // kernel's tail-call limit reached).
+        unsafe { H2_TAIL.tail_call(ctx, 0) };
+        // The rest of this packet goes unread; the next packet shows a
+        // gap, which is counted there.
+    }
     Some(())
 }
 

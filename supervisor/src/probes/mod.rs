@@ -12,7 +12,7 @@ pub mod observer;
 
 use std::sync::Arc;
 
-use aya::maps::{Array, HashMap as BpfHashMap};
+use aya::maps::{Array, HashMap as BpfHashMap, ProgramArray};
 use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::uprobe::UProbeScope;
 use aya::programs::{CgroupAttachMode, CgroupSkb, TracePoint, UProbe};
@@ -419,6 +419,25 @@ fn attach_h2(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         .try_into()
         .map_err(|e| load(format!("{e}")))?;
     prog.load().map_err(|e| load(format!("h2_egress: {e:#}")))?;
+    // The program tail-calls itself through a one-slot program array to
+    // walk a packet with more frames than one run may. The map stays in
+    // `ebpf` (borrowed, not taken): the kernel empties a program array
+    // once no user-space descriptor holds it.
+    let fd = prog
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|e| load(format!("h2_egress descriptor: {e:#}")))?;
+    let tail = ebpf
+        .map_mut(maps::H2_TAIL)
+        .ok_or_else(|| load(format!("map {} missing from object", maps::H2_TAIL)))?;
+    ProgramArray::try_from(tail)
+        .and_then(|mut tail| tail.set(0, &fd, 0))
+        .map_err(|e| load(format!("{}: {e:#}", maps::H2_TAIL)))?;
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(programs::H2_EGRESS)
+        .ok_or_else(|| load("program h2_egress missing from object".into()))?
+        .try_into()
+        .map_err(|e| load(format!("{e}")))?;
     // Through bpf_link (kernel ≥ 5.7) a cgroup attachment always coexists
     // with others and the kernel wants flags 0: that is aya's `Single`.
     // Its `AllowMultiple` passes BPF_F_ALLOW_MULTI, which link_create
