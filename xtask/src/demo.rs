@@ -80,6 +80,9 @@ pub struct Args {
     /// Ctrl-C; exit non-zero if any client saw an error.
     #[arg(long)]
     pub once: bool,
+    /// Skip `cargo xtask setup` (this machine is already set up).
+    #[arg(long)]
+    pub no_setup: bool,
 }
 
 /// Builds, starts the daemon, reloads under traffic and reports.
@@ -94,6 +97,11 @@ pub fn run(args: &Args) -> Result<()> {
     ensure_free(ECHO_ADDR)?;
     ensure_free(METRICS_ADDR)?;
 
+    // As `cargo xtask test` does: on a fresh machine the build needs
+    // bpf-linker and rust-src, which only setup installs.
+    if !args.no_setup {
+        crate::setup::run().context("cargo xtask setup (run before the demo)")?;
+    }
     build::workspace(&build::Args { debug: false })?;
     let target = util::target_dir()?;
     let demo_dir = target.join("demo");
