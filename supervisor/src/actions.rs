@@ -14,13 +14,13 @@ use std::time::Duration;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Fallback;
 use crate::failpoints::{CrashPoint, crash_point};
 use crate::reload::Reloader;
 use crate::slot::{Admission, Slot};
 use crate::store::{JournalEntry, StoreError, VersionRef, now_ms};
 
-/// The `reason` of an operator's own rollback.
-pub const MANUAL: &str = "manual";
+use crate::reload::MANUAL;
 
 /// Why an action is taken.
 #[derive(Debug, Clone, Default)]
@@ -140,15 +140,6 @@ impl DegradeStep {
             DegradeStep::Shed => "shed",
         }
     }
-}
-
-/// A plugin's configured degrade fallback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fallback {
-    /// A pinned older version (must be mapped).
-    Version(Version),
-    /// Answer each request with its own bytes.
-    Passthrough,
 }
 
 /// Action state the daemon keeps between actions.

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::name::valid_name;
+
 mod health_check;
 pub use health_check::{HealthCheckConfig, HealthCheckKind, HealthTarget, HttpTarget};
 
@@ -292,14 +294,14 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         .map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
 }
 
-/// Whether `name` is an acceptable plugin or listener name (it becomes a
-/// directory name and a label value).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+/// A plugin's configured degrade fallback (`[fallback]`), the step the
+/// degrade action takes when the plugin's own hook cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fallback {
+    /// A pinned older version (must be mapped).
+    Version(semver::Version),
+    /// Answer each request with its own bytes.
+    Passthrough,
 }
 
 impl Config {
@@ -416,14 +418,14 @@ impl Config {
     }
 
     /// The `[fallback]` table, parsed.
-    pub fn fallbacks(&self) -> std::collections::HashMap<String, crate::actions::Fallback> {
+    pub fn fallbacks(&self) -> std::collections::HashMap<String, Fallback> {
         self.fallback
             .iter()
             .filter_map(|(plugin, v)| {
                 let f = if v == "passthrough" {
-                    crate::actions::Fallback::Passthrough
+                    Fallback::Passthrough
                 } else {
-                    crate::actions::Fallback::Version(semver::Version::parse(v).ok()?)
+                    Fallback::Version(semver::Version::parse(v).ok()?)
                 };
                 Some((plugin.clone(), f))
             })

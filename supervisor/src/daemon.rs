@@ -68,7 +68,7 @@ pub enum DaemonError {
     },
     /// The `plugins_dir` watcher could not start.
     #[error(transparent)]
-    Watch(#[from] catalog::watch::WatchError),
+    Watch(#[from] crate::fswatch::WatchError),
     /// A `[trust]` key file could not be read.
     #[error("[trust]: {0}")]
     Trust(#[from] crate::trust::TrustError),
@@ -114,7 +114,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             message: e.reason,
         }
     })?;
-    let trust = crate::trust::TrustPolicy::load(&config.trust)?;
+    let trust =
+        crate::trust::TrustPolicy::load(&config.trust.public_keys, config.trust.require_signature)?;
     tracing::info!(
         require_signature = trust.require_signature(),
         keys = %trust.keys().iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(","),
@@ -486,7 +487,7 @@ async fn rescan_now(
         });
         let names: Vec<String> = names
             .into_iter()
-            .filter(|n| crate::config::valid_name(n))
+            .filter(|n| crate::name::valid_name(n))
             .collect();
         let reports = r
             .in_dependency_order(&names)

@@ -70,6 +70,21 @@
 //! signature format, and `plugvisor verify` runs the daemon's own checks on
 //! a package directory without a daemon.
 
+//! # Which way the imports point
+//!
+//! The modules sit in layers, written once as data in
+//! `supervisor/imports.toml` and checked by `tests/import_direction.rs`: a
+//! module uses only modules of the layers below its own. From the leaves
+//! up — names, markers, metrics, the loader, the call pool, key formats,
+//! the one file watcher (`fswatch`, shared by the catalog and the rules),
+//! sd_notify, crash points; then what the operator wrote and what
+//! plugvisor keeps (`config`, `store`, `deps`); the parts (`catalog`,
+//! `slot`, `probes`, `sampler`); what reads a slot or the registry
+//! (`listeners`, `health`, `rules`); the reload path (`reload`); what
+//! drives it (`actions`, `pack`); the bundled example and the control
+//! protocol (`bundle`, `control`); the admin socket; the daemon. The
+//! command line (`main.rs`) sits above them all.
+
 pub mod actions;
 pub mod admin;
 pub mod bundle;
@@ -80,11 +95,13 @@ pub mod control;
 pub mod daemon;
 pub mod deps;
 pub mod failpoints;
+pub mod fswatch;
 pub mod health;
 pub mod listeners;
 pub mod loader;
 pub mod markers;
 pub mod metrics;
+pub mod name;
 pub mod notify;
 pub mod pack;
 pub mod probes;

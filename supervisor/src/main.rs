@@ -510,7 +510,8 @@ fn verify(dir: &Path, config: Option<&PathBuf>, keys: &[PathBuf]) -> anyhow::Res
     let (policy, store) = match config {
         Some(path) => {
             let config = Config::load(path)?;
-            let mut policy = TrustPolicy::load(&config.trust)?;
+            let mut policy =
+                TrustPolicy::load(&config.trust.public_keys, config.trust.require_signature)?;
             if !keys.is_empty() {
                 policy = with_keys(&policy, keys, true)?;
             }

@@ -7,6 +7,12 @@
 //! stable; `#[inline(never)]` and `black_box` keep the call in the binary.
 //! Without probes attached a call costs a few nanoseconds.
 
+/// Plugin names by the index the reload markers pass to the kernel: the
+/// reload path appends a plugin the first time it opens a window for it,
+/// and the probes' observer reads it to name the plugin of a window the
+/// kernel measured.
+pub type PluginNames = std::sync::Arc<std::sync::RwLock<Vec<String>>>;
+
 /// Called right before a reload window opens (before `dlopen`).
 #[unsafe(no_mangle)]
 #[inline(never)]

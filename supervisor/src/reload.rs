@@ -26,9 +26,9 @@ use crate::catalog::{self, CatalogError, Manifest, Package};
 use crate::deps::{self, Conflict, ConflictKind};
 use crate::failpoints::{CrashPoint, crash_point};
 use crate::loader::{self, LoadError, LoadedVersion};
+use crate::markers::PluginNames;
 use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
-use crate::probes::observer::PluginNames;
 use crate::slot::Slot;
 use crate::store::{JournalEntry, Refs, Store, StoreError, VersionRef};
 use crate::trust::{self, TrustError, TrustPolicy};
@@ -42,6 +42,9 @@ pub const SIGNATURE_GRACE: Duration = Duration::from_secs(2);
 /// The `reason` of a rollback done at start because the process died
 /// during a trial.
 pub const CRASH_IN_TRIAL: &str = "crash-in-trial";
+
+/// The `reason` of an operator's own rollback.
+pub const MANUAL: &str = "manual";
 
 /// Journal event of a version whose `dlopen` or `init` killed the previous
 /// process (see [`Reloader::recover_interrupted_loads`]).
@@ -348,7 +351,7 @@ impl Reloader {
         let slot = Arc::new(Slot::new(plugin, self.keep_loaded, self.metrics.clone()));
         // Present at 0 from the start, so the first rollback is an increase
         // PromQL can see (a series born at 1 has no increase).
-        for reason in [crate::actions::MANUAL, CRASH_IN_TRIAL] {
+        for reason in [MANUAL, CRASH_IN_TRIAL] {
             self.metrics
                 .rollbacks_total
                 .with_label_values(&[plugin, reason]);

@@ -37,8 +37,6 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
 
-use crate::config::TrustConfig;
-
 /// File name of the detached signature beside `plugin.toml`.
 pub const SIGNATURE_FILE: &str = "plugin.toml.sig";
 /// First line of a secret key file.
@@ -376,14 +374,17 @@ impl TrustPolicy {
         }
     }
 
-    /// Reads the key files named by `[trust]`.
-    pub fn load(config: &TrustConfig) -> Result<TrustPolicy, TrustError> {
-        let keys = config
-            .public_keys
+    /// Reads the key files `[trust] public_keys` names; unsigned packages
+    /// are refused if `require_signature`.
+    pub fn load(
+        public_keys: &[std::path::PathBuf],
+        require_signature: bool,
+    ) -> Result<TrustPolicy, TrustError> {
+        let keys = public_keys
             .iter()
             .map(|p| read_public_key(p))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(TrustPolicy::new(keys, config.require_signature))
+        Ok(TrustPolicy::new(keys, require_signature))
     }
 
     /// Whether unsigned packages are refused.

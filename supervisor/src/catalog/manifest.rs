@@ -6,7 +6,7 @@ use semver::{Version, VersionReq};
 use serde::{Deserialize, Serialize};
 
 use super::CatalogError;
-use crate::config::valid_name;
+use crate::name::valid_name;
 
 /// Largest manifest read; anything bigger is refused before parsing.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;

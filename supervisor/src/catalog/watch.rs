@@ -1,41 +1,21 @@
-//! Watches `plugins_dir` (debounced) and reports which packages changed.
+//! Watches `plugins_dir` (through [`crate::fswatch`]) and reports which
+//! packages changed.
 //!
 //! Only the package name is reported; the reload path re-reads the manifest
 //! and does nothing when its bytes are what it already acted on, so writes
 //! of a library alone, editor temp files and event storms cost a stat and a
 //! hash of a small file, never a load.
 //!
-//! A storm can overflow the kernel's inotify queue: events are then lost,
-//! and notify says so with a "rescan" event (or an error). Then every
-//! package directory is reported, so a manifest committed inside the lost
-//! events is still seen.
-//!
-//! Events that only say a file was opened or read are ignored: the reload
-//! path reads the files it is told about, and acting on its own reads
-//! would re-read every package every debounce period, forever.
+//! When the watcher lost events (an overflowed inotify queue, a watcher
+//! error), every package directory is reported, so a manifest committed
+//! inside the lost events is still seen.
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify::event::{AccessKind, AccessMode, EventKind};
-use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc;
 
-/// Keeps the watcher alive; dropping it stops watching.
-pub struct Watcher {
-    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
-}
-
-/// Why the watcher could not start.
-#[derive(Debug, thiserror::Error)]
-#[error("watching {path}: {source}")]
-pub struct WatchError {
-    /// The directory.
-    pub path: PathBuf,
-    /// notify's error.
-    pub source: notify::Error,
-}
+use crate::fswatch::{self, Change, WatchError, Watcher};
 
 /// Starts watching `plugins_dir`; changed package names arrive on `tx`.
 pub fn start(
@@ -46,55 +26,22 @@ pub fn start(
     let root = plugins_dir
         .canonicalize()
         .unwrap_or_else(|_| plugins_dir.to_owned());
-    let root_for_events = root.clone();
-    let mut debouncer =
-        new_debouncer(
-            debounce,
-            None,
-            move |result: DebounceEventResult| match result {
-                Ok(events) => {
-                    let names: BTreeSet<String> = if events.iter().any(|e| e.need_rescan()) {
-                        tracing::warn!("plugins_dir watcher lost events; rescanning every package");
-                        all_packages(&root_for_events)
-                    } else {
-                        events
-                            .iter()
-                            .filter(|e| may_change_content(&e.kind))
-                            .flat_map(|e| e.paths.iter())
-                            .filter_map(|p| package_of(&root_for_events, p))
-                            .collect()
-                    };
-                    if !names.is_empty() {
-                        let _ = tx.send(names);
-                    }
-                }
-                Err(errors) => {
-                    for e in errors {
-                        tracing::warn!(error = %e, "plugins_dir watcher error; rescanning every package");
-                    }
-                    let _ = tx.send(all_packages(&root_for_events));
-                }
-            },
-        )
-        .map_err(|source| WatchError {
-            path: root.clone(),
-            source,
-        })?;
-    debouncer
-        .watch(&root, RecursiveMode::Recursive)
-        .map_err(|source| WatchError {
-            path: root.clone(),
-            source,
-        })?;
-    Ok(Watcher {
-        _debouncer: debouncer,
+    let events_root = root.clone();
+    fswatch::watch(&root, true, debounce, move |change| {
+        let names: BTreeSet<String> = match change {
+            Change::Paths(paths) => paths
+                .iter()
+                .filter_map(|p| package_of(&events_root, p))
+                .collect(),
+            Change::Lost(why) => {
+                tracing::warn!(%why, "plugins_dir watcher lost events; rescanning every package");
+                all_packages(&events_root)
+            }
+        };
+        if !names.is_empty() {
+            let _ = tx.send(names);
+        }
     })
-}
-
-/// Whether an event of this kind may mean the bytes or the names changed:
-/// everything but an open or a close after reading.
-pub fn may_change_content(kind: &EventKind) -> bool {
-    !matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
 }
 
 /// Every entry of `root` (the reload path skips those without a manifest).
@@ -119,22 +66,6 @@ fn package_of(root: &Path, path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_are_not_changes() {
-        use notify::event::{CreateKind, ModifyKind};
-        assert!(!may_change_content(&EventKind::Access(AccessKind::Open(
-            AccessMode::Any
-        ))));
-        assert!(!may_change_content(&EventKind::Access(AccessKind::Close(
-            AccessMode::Read
-        ))));
-        assert!(may_change_content(&EventKind::Access(AccessKind::Close(
-            AccessMode::Write
-        ))));
-        assert!(may_change_content(&EventKind::Create(CreateKind::File)));
-        assert!(may_change_content(&EventKind::Modify(ModifyKind::Any)));
-    }
 
     #[test]
     fn package_names_from_paths() {

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::valid_name;
+use crate::name::valid_name;
 
 /// What a check does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -86,7 +86,7 @@ pub struct Probes {
 pub fn start(
     config: &ProbesConfig,
     listeners: &[WatchedListener],
-    plugins: &observer::PluginNames,
+    plugins: &crate::markers::PluginNames,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<Probes>, ProbeError> {
     let mode = config.mode;
@@ -139,7 +139,7 @@ pub fn start(
 pub fn start_reporting(
     ring_buffer_bytes: u32,
     listeners: &[WatchedListener],
-    plugins: &observer::PluginNames,
+    plugins: &crate::markers::PluginNames,
     metrics: &Arc<Metrics>,
 ) -> (Option<Probes>, Vec<ProbeError>) {
     zero_series(metrics);
@@ -171,7 +171,7 @@ fn zero_series(metrics: &Metrics) {
 fn try_start(
     ring_buffer_bytes: u32,
     listeners: &[WatchedListener],
-    plugins: &observer::PluginNames,
+    plugins: &crate::markers::PluginNames,
     metrics: &Arc<Metrics>,
     errors: &mut Vec<ProbeError>,
 ) -> Option<Probes> {

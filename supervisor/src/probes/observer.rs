@@ -7,7 +7,7 @@
 //! `plugvisor_kernel_reload_duration_seconds`, each connection broken
 //! inside one a warning naming the listener and the reload. aya-log
 //! records from the programs are flushed into the daemon's logs.
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -24,8 +24,7 @@ use crate::metrics::{HistogramSnapshot, Metrics, ProbeStage};
 /// daemon's tracing subscriber collects).
 pub type Logger = EbpfLogger<&'static dyn log::Log>;
 
-/// Plugin names by the index the reload markers pass to the kernel.
-pub type PluginNames = Arc<RwLock<Vec<String>>>;
+use crate::markers::PluginNames;
 
 /// Totals last exported, to turn the kernel's monotonic sums into deltas.
 #[derive(Default, Clone, Copy)]

@@ -416,7 +416,7 @@ impl Thresholds {
         }
         let mut names = HashSet::new();
         for r in &self.rules {
-            if !crate::config::valid_name(&r.name) {
+            if !crate::name::valid_name(&r.name) {
                 return Err(invalid(
                     &r.name,
                     "name: use [a-z0-9_-], at most 64 characters".into(),
@@ -449,7 +449,7 @@ impl Thresholds {
                 ));
             }
             if let Some(p) = &r.plugin
-                && !crate::config::valid_name(p)
+                && !crate::name::valid_name(p)
             {
                 return Err(invalid(
                     &r.name,

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use file::{Action, Function, OnNoData, Op, Rule, Thresholds, ThresholdsError};
 
+use crate::fswatch::{self, Change};
 use crate::metrics::Metrics;
 
 /// A rule's state, as `plugvisor_rule_state` exports it.
@@ -531,53 +532,32 @@ impl Engine {
     }
 }
 
-/// Keeps the thresholds file's watcher alive; dropping it stops watching.
-pub struct FileWatcher {
-    _debouncer: notify_debouncer_full::Debouncer<
-        notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-}
-
 /// Watches the thresholds file for changes (its directory, since editors
 /// and config management replace the file rather than write it in place).
+/// Dropping the watcher stops watching.
 pub fn watch_file(
     path: &std::path::Path,
     debounce: Duration,
     tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> Result<FileWatcher, crate::catalog::watch::WatchError> {
+) -> Result<fswatch::Watcher, fswatch::WatchError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .to_owned();
     let name = path.file_name().map(std::ffi::OsStr::to_owned);
-    let err = |source| crate::catalog::watch::WatchError {
-        path: dir.clone(),
-        source,
-    };
-    let mut debouncer = notify_debouncer_full::new_debouncer(
-        debounce,
-        None,
-        move |result: notify_debouncer_full::DebounceEventResult| {
-            if let Ok(events) = result
-                && events
-                    .iter()
-                    // Not its own reads of the file: they would re-read it forever.
-                    .filter(|e| crate::catalog::watch::may_change_content(&e.kind))
-                    .flat_map(|e| e.paths.iter())
-                    .any(|p| p.file_name().map(std::ffi::OsStr::to_owned) == name)
-            {
-                let _ = tx.send(());
-            }
-        },
-    )
-    .map_err(err)?;
-    debouncer
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(err)?;
-    Ok(FileWatcher {
-        _debouncer: debouncer,
+    fswatch::watch(&dir, false, debounce, move |change| {
+        let ours = match change {
+            Change::Paths(paths) => paths
+                .iter()
+                .any(|p| p.file_name().map(std::ffi::OsStr::to_owned) == name),
+            // As before the watchers were shared: lost events alone do
+            // not re-read the file (SIGHUP does).
+            Change::Lost(_) => false,
+        };
+        if ours {
+            let _ = tx.send(());
+        }
     })
 }
 
