@@ -18,7 +18,7 @@ use crate::config::Fallback;
 use crate::failpoints::{CrashPoint, crash_point};
 use crate::reload::Reloader;
 use crate::slot::{Admission, Slot};
-use crate::store::{JournalEntry, StoreError, VersionRef, now_ms};
+use crate::store::{JournalEntry, JournalEvent, StoreError, VersionRef, now_ms};
 
 use crate::reload::MANUAL;
 
@@ -86,13 +86,54 @@ pub enum ActionError {
     Store(#[from] StoreError),
 }
 
+/// The kinds of action, as the admin socket, `plugvisor status` and the
+/// journal name them ([`ActionKind::as_str`], the same word in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActionKind {
+    /// Back to an earlier version.
+    Rollback,
+    /// A step down that keeps serving.
+    Degrade,
+    /// The degrade cleared with its rule.
+    DegradeCleared,
+    /// The operator disabled the plugin.
+    Disable,
+    /// The operator enabled it again.
+    Enable,
+}
+
+impl ActionKind {
+    /// The word for it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Rollback => "rollback",
+            ActionKind::Degrade => "degrade",
+            ActionKind::DegradeCleared => "degrade-cleared",
+            ActionKind::Disable => "disable",
+            ActionKind::Enable => "enable",
+        }
+    }
+
+    /// The journal's record of it.
+    pub const fn journal_event(self) -> JournalEvent {
+        match self {
+            ActionKind::Rollback => JournalEvent::Rollback,
+            ActionKind::Degrade => JournalEvent::Degrade,
+            ActionKind::DegradeCleared => JournalEvent::DegradeCleared,
+            ActionKind::Disable => JournalEvent::Disable,
+            ActionKind::Enable => JournalEvent::Enable,
+        }
+    }
+}
+
 /// What an action did, for the admin socket and `plugvisor status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ActionReport {
     /// The plugin.
     pub plugin: String,
-    /// rollback | degrade | degrade-cleared | disable | enable.
-    pub action: String,
+    /// What was done.
+    pub action: ActionKind,
     /// Degrade: which step served (hook, fallback, passthrough, shed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
@@ -155,10 +196,10 @@ pub struct Actions {
     unrecorded_trials: HashSet<String>,
 }
 
-fn report(plugin: &str, action: &str, why: &Why) -> ActionReport {
+fn report(plugin: &str, action: ActionKind, why: &Why) -> ActionReport {
     ActionReport {
         plugin: plugin.to_owned(),
-        action: action.to_owned(),
+        action,
         step: None,
         from_version: None,
         to_version: None,
@@ -182,7 +223,7 @@ fn slot_of(r: &Reloader, plugin: &str) -> Result<Arc<Slot>, ActionError> {
 }
 
 fn journal(r: &Reloader, rep: &ActionReport) {
-    let mut e = JournalEntry::now(&rep.plugin, &rep.action);
+    let mut e = JournalEntry::now(&rep.plugin, rep.action.journal_event());
     e.version.clone_from(&rep.to_version);
     e.from_version.clone_from(&rep.from_version);
     e.reason = Some(match &rep.step {
@@ -270,7 +311,7 @@ impl Actions {
             .rollbacks_total
             .with_label_values(&[plugin, &why.reason])
             .inc();
-        let mut rep = report(plugin, "rollback", why);
+        let mut rep = report(plugin, ActionKind::Rollback, why);
         rep.from_version = Some(from_ref.version.to_string());
         rep.to_version = Some(target.version.to_string());
         tracing::warn!(
@@ -326,7 +367,7 @@ impl Actions {
             .degradations_total
             .with_label_values(&[plugin, &why.reason])
             .inc();
-        let mut rep = report(plugin, "degrade", why);
+        let mut rep = report(plugin, ActionKind::Degrade, why);
         rep.step = Some(step.as_str().to_owned());
         rep.from_version = active.as_ref().map(|a| a.version().to_owned());
         rep.to_version = slot.active().map(|a| a.version().to_owned());
@@ -362,7 +403,7 @@ impl Actions {
             DegradeStep::Shed => slot.set_admission(Admission::Open),
         }
         r.metrics().degraded.with_label_values(&[plugin]).set(0);
-        let mut rep = report(plugin, "degrade-cleared", why);
+        let mut rep = report(plugin, ActionKind::DegradeCleared, why);
         rep.step = Some(step.as_str().to_owned());
         rep.to_version = slot.active().map(|a| a.version().to_owned());
         tracing::info!(plugin, step = step.as_str(), reason = %why.reason, "degrade cleared: full service again");
@@ -390,10 +431,14 @@ impl Actions {
             (true, true) => Admission::ShedNewConnections,
             (true, false) => Admission::Open,
         });
-        let action = if enabled { "enable" } else { "disable" };
+        let action = if enabled {
+            ActionKind::Enable
+        } else {
+            ActionKind::Disable
+        };
         let mut rep = report(plugin, action, &Why::manual());
         rep.to_version = slot.active().map(|a| a.version().to_owned());
-        tracing::warn!(plugin, "{action}d by the operator");
+        tracing::warn!(plugin, "{}d by the operator", action.as_str());
         journal(r, &rep);
         self.last.insert(plugin.to_owned(), rep.clone());
         Ok(rep)
@@ -443,7 +488,7 @@ impl Actions {
             if let Some(slot) = r.slots().get(&plugin) {
                 slot.pin(Some(active.version.clone()));
             }
-            let mut e = JournalEntry::now(&plugin, "known-good");
+            let mut e = JournalEntry::now(&plugin, JournalEvent::KnownGood);
             e.version = Some(active.version.to_string());
             e.sha256 = Some(active.sha256.clone());
             e.reason = Some(format!("trial of {trial:?} passed with no rule firing"));

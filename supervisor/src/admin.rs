@@ -12,6 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{AdminRequest, AdminResponse, Command};
+use crate::reload::AttemptOutcome;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -219,9 +220,12 @@ async fn execute(req: AdminRequest, commands: &mpsc::Sender<Command>) -> AdminRe
             }
             match rx.await {
                 Ok(reports) => {
-                    let ok = reports
-                        .iter()
-                        .all(|r| r.outcome == "success" || r.outcome == "unchanged");
+                    let ok = reports.iter().all(|r| {
+                        matches!(
+                            r.outcome,
+                            AttemptOutcome::Success | AttemptOutcome::Unchanged
+                        )
+                    });
                     let error = (!ok).then(|| {
                         reports
                             .iter()

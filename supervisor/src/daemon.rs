@@ -18,7 +18,7 @@ use crate::control::{Command, ConflictStatus, ListenerStatus, PluginStatus, Stat
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::probes::{self, WatchedListener};
-use crate::reload::{ReloadReport, Reloader, SIGNATURE_GRACE};
+use crate::reload::{AttemptOutcome, ReloadReport, Reloader, SIGNATURE_GRACE};
 use crate::rules::{self, Decision, DecisionKind, Engine, Thresholds};
 use crate::store::Store;
 use crate::{admin, bundle, catalog, listeners};
@@ -453,7 +453,7 @@ async fn rescan(
     let reports = rescan_now(reloader, plugins, force).await;
     let deferred: Vec<String> = reports
         .iter()
-        .filter(|r| r.outcome == "deferred")
+        .filter(|r| r.outcome == AttemptOutcome::Deferred)
         .map(|r| r.plugin.clone())
         .collect();
     if !deferred.is_empty() {
@@ -493,7 +493,7 @@ async fn rescan_now(
             .in_dependency_order(&names)
             .iter()
             .map(|n| r.reload(n, force))
-            .filter(|rep| force || rep.outcome != "unchanged")
+            .filter(|rep| force || rep.outcome != AttemptOutcome::Unchanged)
             .collect::<Vec<_>>();
         if !reports.is_empty() {
             r.collect_garbage();

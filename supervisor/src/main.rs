@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use plugvisor::actions::ActionReport;
 use plugvisor::config::Config;
 use plugvisor::control::{AdminRequest, AdminResponse, Status, Versions};
-use plugvisor::reload::ReloadReport;
+use plugvisor::reload::{AttemptOutcome, ReloadReport};
 
 /// Hot-loads native plugins into a running service without breaking a
 /// connection, and proves it from the kernel.
@@ -660,7 +660,7 @@ fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
 
 fn describe_action(a: &ActionReport) -> String {
     use std::fmt::Write as _;
-    let mut s = format!("{} ", a.action);
+    let mut s = format!("{} ", a.action.as_str());
     if let Some(step) = &a.step {
         let _ = write!(s, "({step}) ");
     }
@@ -699,17 +699,18 @@ fn print_reload(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
     for r in &reports {
         let from = r.from_version.as_deref().unwrap_or("-");
         let to = r.active_version.as_deref().unwrap_or("-");
-        match r.outcome.as_str() {
-            "success" => println!(
+        match r.outcome {
+            AttemptOutcome::Success => println!(
                 "{}: reloaded {from} -> {to} in {} us (switch {} us)",
                 r.plugin,
                 r.total_us.unwrap_or(0),
                 r.switch_us.unwrap_or(0)
             ),
-            "unchanged" => println!("{}: unchanged, {to} is serving", r.plugin),
+            AttemptOutcome::Unchanged => println!("{}: unchanged, {to} is serving", r.plugin),
             other => println!(
-                "{}: {other}: {}; still serving {to}",
+                "{}: {}: {}; still serving {to}",
                 r.plugin,
+                other.as_str(),
                 r.message.as_deref().unwrap_or("no reason given")
             ),
         }

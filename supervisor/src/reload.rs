@@ -30,7 +30,7 @@ use crate::markers::PluginNames;
 use crate::markers::ReloadWindow;
 use crate::metrics::{Metrics, Phase, ReloadOutcome};
 use crate::slot::Slot;
-use crate::store::{JournalEntry, Refs, Store, StoreError, VersionRef};
+use crate::store::{JournalEntry, JournalEvent, Refs, Store, StoreError, VersionRef};
 use crate::trust::{self, TrustError, TrustPolicy};
 
 /// How long a signature that names another manifest (or does not parse)
@@ -182,15 +182,59 @@ impl ReloadError {
     }
 }
 
+/// What one reload attempt came to, as the admin socket, `plugvisor
+/// reload` and the logs name it (`as_str`, and the same lowercase word in
+/// JSON). The first three are also `plugvisor_reloads_total{outcome}`
+/// ([`ReloadOutcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptOutcome {
+    /// The new version serves.
+    Success,
+    /// The package was refused; the previous version serves on.
+    Rejected,
+    /// The package looked right but loading it failed.
+    Failed,
+    /// Nothing to do: the package is what was already acted on.
+    Unchanged,
+    /// The signature belongs to a commit still in progress; looked at
+    /// again after [`SIGNATURE_GRACE`].
+    Deferred,
+    /// No such plugin: neither configured nor packaged.
+    Unknown,
+}
+
+impl AttemptOutcome {
+    /// The word for it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Success => "success",
+            AttemptOutcome::Rejected => "rejected",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Unchanged => "unchanged",
+            AttemptOutcome::Deferred => "deferred",
+            AttemptOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+impl From<ReloadOutcome> for AttemptOutcome {
+    fn from(o: ReloadOutcome) -> AttemptOutcome {
+        match o {
+            ReloadOutcome::Success => AttemptOutcome::Success,
+            ReloadOutcome::Rejected => AttemptOutcome::Rejected,
+            ReloadOutcome::Failed => AttemptOutcome::Failed,
+        }
+    }
+}
+
 /// What one reload attempt did, as reported to the admin socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReloadReport {
     /// The plugin.
     pub plugin: String,
-    /// success | rejected | failed | unchanged | deferred (the signature
-    /// belongs to a commit still in progress; looked at again after
-    /// [`SIGNATURE_GRACE`]) | unknown.
-    pub outcome: String,
+    /// What the attempt came to.
+    pub outcome: AttemptOutcome,
     /// Version now serving (after the attempt).
     pub active_version: Option<String>,
     /// Version the package offered.
@@ -441,7 +485,7 @@ impl Reloader {
                 .and_then(|m| m.parse::<toml::Table>().ok())
                 .and_then(|t| t.get("name")?.as_str().map(str::to_owned))
                 .unwrap_or_else(|| "unknown".to_owned());
-            let mut entry = JournalEntry::now(&plugin, "collected");
+            let mut entry = JournalEntry::now(&plugin, JournalEvent::Collected);
             entry.sha256 = Some(sha.clone());
             entry.reason = Some("no refs name it and no slot maps it".to_owned());
             let removed = self
@@ -473,7 +517,7 @@ impl Reloader {
                 continue;
             }
             refs.trial_interrupted = true;
-            let mut entry = JournalEntry::now(&plugin, "trial-interrupted");
+            let mut entry = JournalEntry::now(&plugin, JournalEvent::TrialInterrupted);
             entry.version = refs.active.as_ref().map(|a| a.version.to_string());
             entry.reason = Some("clean stop during the trial".to_owned());
             match self
@@ -514,7 +558,7 @@ impl Reloader {
         if refs.trial_since_ms.is_some() {
             refs.trial_since_ms = Some(crate::store::now_ms());
         }
-        let mut entry = JournalEntry::now(plugin, "trial-resumed");
+        let mut entry = JournalEntry::now(plugin, JournalEvent::TrialResumed);
         entry.version = Some(active.version.to_string());
         entry.sha256 = Some(active.sha256.clone());
         entry.reason = Some("clean stop during the trial".to_owned());
@@ -553,7 +597,7 @@ impl Reloader {
                     v.version
                 );
                 self.quarantine(&plugin, &v);
-                let mut entry = JournalEntry::now(&plugin, CRASH_IN_LOAD);
+                let mut entry = JournalEntry::now(&plugin, JournalEvent::CrashInLoad);
                 entry.version = Some(v.version.to_string());
                 entry.sha256 = Some(v.sha256.clone());
                 entry.reason = Some(
@@ -607,7 +651,7 @@ impl Reloader {
             refs.quarantined.push(active.clone());
             refs.active = Some(good.clone());
             refs.trial_since_ms = None;
-            let mut entry = JournalEntry::now(plugin, "rollback");
+            let mut entry = JournalEntry::now(plugin, JournalEvent::Rollback);
             entry.version = Some(good.version.to_string());
             entry.from_version = Some(active.version.to_string());
             entry.sha256 = Some(good.sha256.clone());
@@ -650,7 +694,7 @@ impl Reloader {
                 tracing::info!(plugin, version = %active.version, "{message}");
                 Some(ReloadReport {
                     plugin: plugin.to_owned(),
-                    outcome: "success".into(),
+                    outcome: AttemptOutcome::Success,
                     active_version: Some(active.version.to_string()),
                     package_version: None,
                     from_version: None,
@@ -723,7 +767,7 @@ impl Reloader {
     /// conflicts (metric, status) are resolved anew.
     pub fn reload_with(&mut self, plugin: &str, options: &ReloadOptions) -> ReloadReport {
         let report = self.attempt(plugin, options, false);
-        if report.outcome == ReloadOutcome::Success.as_str() {
+        if report.outcome == AttemptOutcome::Success {
             self.retry_blocked();
         }
         self.refresh_dependency_conflicts();
@@ -742,7 +786,7 @@ impl Reloader {
                     allow_downgrade_to: None,
                 };
                 let report = self.attempt(&plugin, &options, true);
-                switched |= report.outcome == ReloadOutcome::Success.as_str();
+                switched |= report.outcome == AttemptOutcome::Success;
             }
             if !switched {
                 return;
@@ -770,7 +814,7 @@ impl Reloader {
             };
             return ReloadReport {
                 plugin: plugin.to_owned(),
-                outcome: "unknown".into(),
+                outcome: AttemptOutcome::Unknown,
                 active_version: None,
                 package_version: None,
                 from_version: None,
@@ -784,7 +828,8 @@ impl Reloader {
         let from_version = from.as_ref().map(|a| a.version().to_owned());
         let mut report = ReloadReport {
             plugin: plugin.to_owned(),
-            outcome: String::new(),
+            // Every path out of the attempt sets it.
+            outcome: AttemptOutcome::Unknown,
             active_version: from_version.clone(),
             package_version: None,
             from_version: from_version.clone(),
@@ -808,7 +853,7 @@ impl Reloader {
                     .unwrap_or_default();
                 let fp = format!("{fp}!{e}");
                 if !force && self.fingerprints.get(plugin) == Some(&fp) {
-                    report.outcome = "unchanged".into();
+                    report.outcome = AttemptOutcome::Unchanged;
                     return report;
                 }
                 self.fingerprints.insert(plugin.to_owned(), fp);
@@ -818,7 +863,7 @@ impl Reloader {
         };
         report.package_version = Some(package.manifest.version.to_string());
         if !force && self.fingerprints.get(plugin) == Some(&package.fingerprint) {
-            report.outcome = "unchanged".into();
+            report.outcome = AttemptOutcome::Unchanged;
             return report;
         }
         if let Some(active) = &from {
@@ -830,7 +875,7 @@ impl Reloader {
                 if active.loaded.sha256() == package.manifest.sha256 {
                     // Also the case of a `.sig` written for a manifest that
                     // is not renamed into place yet: nothing to do until it is.
-                    report.outcome = "unchanged".into();
+                    report.outcome = AttemptOutcome::Unchanged;
                     return report;
                 }
                 let e = ReloadError::VersionReused {
@@ -934,7 +979,7 @@ impl Reloader {
                 // Still blocked by the same conflicts (the wording may name
                 // another version of the other plugin): already said once.
                 self.blocked.insert(plugin.to_owned(), blocked);
-                report.outcome = ReloadOutcome::Rejected.as_str().into();
+                report.outcome = AttemptOutcome::Rejected;
                 return report;
             }
             self.blocked.insert(plugin.to_owned(), blocked);
@@ -1084,7 +1129,7 @@ impl Reloader {
             attempt_ns = t0.elapsed().as_nanos() as u64,
             "reloaded"
         );
-        report.outcome = ReloadOutcome::Success.as_str().into();
+        report.outcome = AttemptOutcome::Success;
         report.active_version = Some(package.manifest.version.to_string());
         report.total_us = Some(total.as_micros() as u64);
         report.switch_us = Some(window_time.as_micros() as u64);
@@ -1123,7 +1168,7 @@ impl Reloader {
                 );
             }
         }
-        report.outcome = "deferred".into();
+        report.outcome = AttemptOutcome::Deferred;
         report.message = Some(e.to_string());
         Some(report.clone())
     }
@@ -1244,7 +1289,7 @@ impl Reloader {
         refs.trial_since_ms = Some(crate::store::now_ms());
         self.store.write_refs(plugin, &refs)?;
         crash_point(CrashPoint::ReloadAfterRefs, &new.version.to_string());
-        let mut entry = JournalEntry::now(plugin, "activated");
+        let mut entry = JournalEntry::now(plugin, JournalEvent::Activated);
         entry.version = Some(new.version.to_string());
         entry.from_version = from.map(str::to_owned);
         entry.sha256 = Some(new.sha256.clone());
@@ -1286,14 +1331,21 @@ impl Reloader {
             .reloads_total
             .with_label_values(&[&report.plugin, outcome.as_str()])
             .inc();
-        let mut entry = JournalEntry::now(&report.plugin, outcome.as_str());
+        let mut entry = JournalEntry::now(
+            &report.plugin,
+            match outcome {
+                ReloadOutcome::Success => JournalEvent::Activated,
+                ReloadOutcome::Rejected => JournalEvent::Rejected,
+                ReloadOutcome::Failed => JournalEvent::Failed,
+            },
+        );
         entry.version.clone_from(&report.package_version);
         entry.from_version.clone_from(&report.active_version);
         entry.reason = Some(e.to_string());
         if let Err(je) = self.store.journal(&entry) {
             tracing::error!(plugin = %report.plugin, error = %je, "could not journal the refusal");
         }
-        report.outcome = outcome.as_str().into();
+        report.outcome = outcome.into();
         report.message = Some(e.to_string());
         report
     }
@@ -1409,7 +1461,7 @@ mod tests {
         );
 
         let rep = r.reload("echo", false);
-        assert_eq!(rep.outcome, "rejected", "{rep:?}");
+        assert_eq!(rep.outcome, AttemptOutcome::Rejected, "{rep:?}");
         assert!(
             rep.message.as_deref().unwrap().contains("downgrade"),
             "{rep:?}"
@@ -1417,17 +1469,17 @@ mod tests {
         assert!(r.slot("echo").active().is_none());
         // A rollback that names another version does not open the door.
         let rep = r.reload_allowing_downgrade("echo", &Version::new(98, 0, 0));
-        assert_eq!(rep.outcome, "rejected", "{rep:?}");
+        assert_eq!(rep.outcome, AttemptOutcome::Rejected, "{rep:?}");
         // The one it names does.
         let rep = r.reload_allowing_downgrade("echo", &version);
-        assert_eq!(rep.outcome, "success", "{rep:?}");
+        assert_eq!(rep.outcome, AttemptOutcome::Success, "{rep:?}");
         assert_eq!(r.slot("echo").active().unwrap().loaded.version(), &version);
         let refs = r.store().refs("echo").unwrap();
         assert_eq!(refs.highest_activated, Some(highest), "the mark stays");
         assert_eq!(refs.active.unwrap().version, version);
         let journal = r.store().read_journal().unwrap();
         let last = journal.last().unwrap();
-        assert_eq!(last.event, "activated");
+        assert_eq!(last.event, JournalEvent::Activated);
         assert!(
             last.reason
                 .as_deref()

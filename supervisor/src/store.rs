@@ -155,6 +155,61 @@ pub fn now_ms() -> u64 {
 /// Most history entries kept in a refs file.
 const MAX_HISTORY: usize = 16;
 
+/// What a journal line records. Its on-disk form is [`JournalEvent::as_str`]
+/// (the same word in JSON); the state checker (`tests/src/state_check.rs`)
+/// reads the journal from that format alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalEvent {
+    /// A version was switched to (a reload, or a start on it).
+    Activated,
+    /// A package was refused.
+    Rejected,
+    /// A package looked right but loading it failed.
+    Failed,
+    /// A version passed its trial.
+    KnownGood,
+    /// A rollback, by a rule, the operator or boot counting.
+    Rollback,
+    /// A degrade step was taken.
+    Degrade,
+    /// A degrade cleared with its rule.
+    DegradeCleared,
+    /// The operator disabled a plugin.
+    Disable,
+    /// The operator enabled it again.
+    Enable,
+    /// The process stopped cleanly during a trial.
+    TrialInterrupted,
+    /// A trial interrupted by a clean stop goes on.
+    TrialResumed,
+    /// The previous process died in `dlopen` or `init` of this version.
+    CrashInLoad,
+    /// An object no refs name was removed from the store.
+    Collected,
+}
+
+impl JournalEvent {
+    /// The word on disk.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JournalEvent::Activated => "activated",
+            JournalEvent::Rejected => "rejected",
+            JournalEvent::Failed => "failed",
+            JournalEvent::KnownGood => "known-good",
+            JournalEvent::Rollback => "rollback",
+            JournalEvent::Degrade => "degrade",
+            JournalEvent::DegradeCleared => "degrade-cleared",
+            JournalEvent::Disable => "disable",
+            JournalEvent::Enable => "enable",
+            JournalEvent::TrialInterrupted => "trial-interrupted",
+            JournalEvent::TrialResumed => "trial-resumed",
+            JournalEvent::CrashInLoad => "crash-in-load",
+            JournalEvent::Collected => "collected",
+        }
+    }
+}
+
 /// One journal line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalEntry {
@@ -162,8 +217,8 @@ pub struct JournalEntry {
     pub ts_ms: u64,
     /// The plugin.
     pub plugin: String,
-    /// What happened: `activated`, `rejected`, `failed`, …
-    pub event: String,
+    /// What happened.
+    pub event: JournalEvent,
     /// Version involved, if known.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub version: Option<String>,
@@ -189,14 +244,14 @@ pub struct JournalEntry {
 
 impl JournalEntry {
     /// An entry stamped with the current time.
-    pub fn now(plugin: &str, event: &str) -> JournalEntry {
+    pub fn now(plugin: &str, event: JournalEvent) -> JournalEntry {
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         JournalEntry {
             ts_ms,
             plugin: plugin.to_owned(),
-            event: event.to_owned(),
+            event,
             version: None,
             from_version: None,
             sha256: None,
@@ -877,11 +932,11 @@ mod tests {
     fn journal_appends_and_skips_torn_line() {
         let t = tempfile::tempdir().unwrap();
         let store = Store::open(t.path()).unwrap();
-        let mut e = JournalEntry::now("echo", "activated");
+        let mut e = JournalEntry::now("echo", JournalEvent::Activated);
         e.version = Some("1.0.0".into());
         store.journal(&e).unwrap();
         store
-            .journal(&JournalEntry::now("echo", "rejected"))
+            .journal(&JournalEntry::now("echo", JournalEvent::Rejected))
             .unwrap();
         let mut f = OpenOptions::new()
             .append(true)
@@ -891,6 +946,6 @@ mod tests {
         let j = store.read_journal().unwrap();
         assert_eq!(j.len(), 2);
         assert_eq!(j[0].version.as_deref(), Some("1.0.0"));
-        assert_eq!(j[1].event, "rejected");
+        assert_eq!(j[1].event, JournalEvent::Rejected);
     }
 }
