@@ -546,8 +546,20 @@ impl Daemon {
     }
 
     /// Installs `plugin` `version` the operator's way and waits (20 s at
-    /// most) until the daemon reports it active; `what` names the wait.
+    /// most) until the daemon reports it active and has recorded it
+    /// (refs and journal: the version serves before the store's fsyncs
+    /// make it durable, so a test that reads `state_dir` or kills the
+    /// daemon next must wait for the record too); `what` names the wait.
     pub fn install_and_await(&self, plugin: &str, version: &str, lib: &Path, what: &str) {
+        let recorded = || {
+            self.journal()
+                .iter()
+                .filter(|e| {
+                    e["plugin"] == plugin && e["event"] == "activated" && e["version"] == version
+                })
+                .count()
+        };
+        let before = recorded();
         install_package(
             &self.plugins_dir,
             plugin,
@@ -564,6 +576,7 @@ impl Daemon {
                     ("state", "active"),
                 ],
             ) == Some(1.0)
+                && recorded() > before
         });
     }
 

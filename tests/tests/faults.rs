@@ -1413,6 +1413,13 @@ fn segfault_restarts_on_the_known_good_version() {
     wait_until(deadline(), "2.0.0 serves", || {
         d.serving("echo-tcp").as_deref() == Some("2.0.0")
     });
+    // It serves before the store has recorded it; the crash must come
+    // after the record, as the test's claim about the refs needs.
+    wait_until(deadline(), "2.0.0 recorded in the journal", || {
+        d.journal()
+            .iter()
+            .any(|e| e["event"] == "activated" && e["version"] == "2.0.0")
+    });
     let live = Live::start(&LiveOptions {
         tcp: vec![d.addr("echo-tcp")],
         grpc: Vec::new(),

@@ -366,6 +366,18 @@ fn a_handle_that_hangs_times_out_on_tcp_and_sheds_past_the_bound() {
         metric(&d, "plugvisor_plugin_calls_stuck", "handle"),
         MAX_STUCK_HANDLES as u64
     );
+    // The new version serves before it is durable (the store's fsyncs
+    // come after the switch); its journal line is written last, after
+    // the refs.
+    wait_until(
+        Instant::now() + Duration::from_secs(30),
+        "the journal records 2.0.0 activated",
+        || {
+            d.journal().iter().any(|e| {
+                e["plugin"] == "echo" && e["event"] == "activated" && e["version"] == "2.0.0"
+            })
+        },
+    );
     let state = assert_state_consistent(&d.state_dir);
     assert_eq!(state.active_version("echo"), Some("2.0.0"));
 }
