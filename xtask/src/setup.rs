@@ -36,6 +36,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "setpriv"),
     ("procps", "ps, pgrep, kill"),
     ("curl", "curl"),
+    ("stress-ng", "stress-ng, for cargo xtask test --stress"),
     // cargo xtask vm-test (docs/VM-TESTS.md):
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("qemu-system-arm", "qemu-system-aarch64"),

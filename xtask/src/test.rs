@@ -14,7 +14,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{build, setup, util};
 
@@ -45,6 +45,35 @@ pub struct Args {
     /// Skip the VM tests (`cargo xtask vm-test`).
     #[arg(long)]
     pub no_vm: bool,
+    /// Run the integration tests with Debian's `stress-ng --cpu N` loading
+    /// every core beside them (N = the core count), as a busy CI machine
+    /// would: every test waits for the event it needs within a bound
+    /// meant for such a machine, so the suite must pass this way too.
+    #[arg(long)]
+    pub stress: bool,
+}
+
+/// `stress-ng` loading every core while it lives; killed on drop.
+struct Stress(std::process::Child);
+
+impl Stress {
+    fn start() -> Result<Stress> {
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        let child = std::process::Command::new("stress-ng")
+            .args(["--cpu", &cpus.to_string(), "--quiet"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting stress-ng (cargo xtask setup installs it)")?;
+        println!("xtask test: stress-ng --cpu {cpus} runs beside the integration tests");
+        Ok(Stress(child))
+    }
+}
+
+impl Drop for Stress {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Tests passed and failed, from libtest's `test result:` lines.
@@ -164,6 +193,7 @@ fn steps(
         )
     })?;
     step("integration tests", timings, || {
+        let _stress = args.stress.then(Stress::start).transpose()?;
         let release_dir = util::target_dir()?.join("release");
         util::run_streaming(
             util::cargo()
