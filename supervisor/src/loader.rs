@@ -435,6 +435,45 @@ pub fn inspect(path: &Path) -> Result<Identity, LoadError> {
     open("<inspect>", path).map(|(_, _, id)| id)
 }
 
+/// The manifest's declared ABI must be the one this daemon speaks — checked
+/// before anything is opened. One function for the reload path ([`load`])
+/// and `plugvisor verify` / `pack`, so the two cannot drift.
+pub fn check_manifest_abi(plugin: &str, declared: u32, path: &Path) -> Result<(), LoadError> {
+    if declared == ABI_VERSION {
+        Ok(())
+    } else {
+        Err(LoadError::ManifestAbi {
+            plugin: plugin.to_owned(),
+            path: path.to_owned(),
+            declared,
+            expected: ABI_VERSION,
+        })
+    }
+}
+
+/// The library's descriptor must name the manifest's plugin and version:
+/// no mix-and-match of a library with another package's manifest. Shared
+/// by [`load`] and `plugvisor verify` / `pack`, like
+/// [`check_manifest_abi`].
+pub fn check_identity(
+    plugin: &str,
+    version: &Version,
+    path: &Path,
+    id: Identity,
+) -> Result<Identity, LoadError> {
+    if id.name == plugin && Version::parse(&id.version).ok().as_ref() == Some(version) {
+        Ok(id)
+    } else {
+        Err(LoadError::IdentityMismatch {
+            plugin: plugin.to_owned(),
+            path: path.to_owned(),
+            expected_version: version.to_string(),
+            found_name: id.name,
+            found_version: id.version,
+        })
+    }
+}
+
 /// Loads `object` for `plugin`, checks it against the manifest's `version`
 /// and `abi`, and runs `init` within `bound`.
 pub fn load(
@@ -455,24 +494,9 @@ pub fn load(
             limit: bound.stuck.limit(),
         });
     }
-    if abi != ABI_VERSION {
-        return Err(LoadError::ManifestAbi {
-            plugin: plugin.to_owned(),
-            path: object.to_owned(),
-            declared: abi,
-            expected: ABI_VERSION,
-        });
-    }
+    check_manifest_abi(plugin, abi, object)?;
     let (library, descriptor, id) = open(plugin, object)?;
-    if id.name != plugin || Version::parse(&id.version).ok().as_ref() != Some(version) {
-        return Err(LoadError::IdentityMismatch {
-            plugin: plugin.to_owned(),
-            path: object.to_owned(),
-            expected_version: version.to_string(),
-            found_name: id.name,
-            found_version: id.version,
-        });
-    }
+    check_identity(plugin, version, object, id)?;
     let load = t0.elapsed();
     let t1 = Instant::now();
     // SAFETY: descriptor validated above.

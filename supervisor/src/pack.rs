@@ -332,23 +332,11 @@ pub fn verify(
         &package.manifest_bytes,
         package.signature.as_deref(),
     )?;
-    if m.abi != plugvisor_sdk::ABI_VERSION {
-        return Err(ReloadError::Load(LoadError::ManifestAbi {
-            plugin: m.name.clone(),
-            path: package.manifest_path.clone(),
-            declared: m.abi,
-            expected: plugvisor_sdk::ABI_VERSION,
-        }));
-    }
+    // The daemon's own checks, the same functions its reload path calls,
+    // in the order a refusal is cheapest.
+    loader::check_manifest_abi(&m.name, m.abi, &package.manifest_path)?;
     let actual = store::sha256_file(&package.library_path)?;
-    if actual != m.sha256 {
-        return Err(ReloadError::Store(StoreError::ChecksumMismatch {
-            plugin: m.name.clone(),
-            library: package.library_path.clone(),
-            expected: m.sha256.clone(),
-            actual,
-        }));
-    }
+    store::check_checksum(&m.name, &package.library_path, &m.sha256, &actual)?;
     let identity = loader::inspect(&package.library_path).map_err(|e| match e {
         // inspect names no plugin; say which.
         LoadError::NoDescriptor { path, .. } => LoadError::NoDescriptor {
@@ -373,27 +361,15 @@ pub fn verify(
         },
         other => other,
     })?;
-    if identity.name != m.name
-        || Version::parse(&identity.version).ok().as_ref() != Some(&m.version)
-    {
-        return Err(ReloadError::Load(LoadError::IdentityMismatch {
-            plugin: m.name.clone(),
-            path: package.library_path.clone(),
-            expected_version: m.version.to_string(),
-            found_name: identity.name,
-            found_version: identity.version,
-        }));
-    }
+    let identity = loader::check_identity(&m.name, &m.version, &package.library_path, identity)?;
     if let Some(store) = store {
         let refs = store.refs(&m.name)?;
-        if let Some(highest) = refs.highest() {
-            if m.version < *highest {
-                return Err(ReloadError::Downgrade {
-                    plugin: m.name.clone(),
-                    version: m.version.to_string(),
-                    highest: highest.to_string(),
-                });
-            }
+        if let Some(highest) = refs.downgrade_below(&m.version) {
+            return Err(ReloadError::Downgrade {
+                plugin: m.name.clone(),
+                version: m.version.to_string(),
+                highest: highest.to_string(),
+            });
         }
     }
     if !m.requires.is_empty() || !m.conflicts.is_empty() {

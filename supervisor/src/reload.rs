@@ -923,19 +923,17 @@ impl Reloader {
             Err(e) => return self.refuse(report, &package_dir, &ReloadError::Store(e)),
         };
         let mut downgrade_from = None;
-        if let Some(highest) = refs.highest() {
-            if package.manifest.version < *highest {
-                if options.allow_downgrade_to.as_ref() != Some(&package.manifest.version) {
-                    self.blocked.remove(plugin);
-                    let e = ReloadError::Downgrade {
-                        plugin: plugin.to_owned(),
-                        version: package.manifest.version.to_string(),
-                        highest: highest.to_string(),
-                    };
-                    return self.refuse(report, &package_dir, &e);
-                }
-                downgrade_from = Some(highest.clone());
+        if let Some(highest) = refs.downgrade_below(&package.manifest.version) {
+            if options.allow_downgrade_to.as_ref() != Some(&package.manifest.version) {
+                self.blocked.remove(plugin);
+                let e = ReloadError::Downgrade {
+                    plugin: plugin.to_owned(),
+                    version: package.manifest.version.to_string(),
+                    highest: highest.to_string(),
+                };
+                return self.refuse(report, &package_dir, &e);
             }
+            downgrade_from = Some(highest.clone());
         }
         let candidate_ref = VersionRef {
             version: package.manifest.version.clone(),

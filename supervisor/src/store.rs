@@ -132,6 +132,14 @@ impl Refs {
             .max()
     }
 
+    /// The highest version ever activated, if `version` is below it: a
+    /// downgrade, refused unless a rollback names `version` explicitly.
+    /// The one anti-downgrade test, for the reload path and `plugvisor
+    /// verify`.
+    pub fn downgrade_below(&self, version: &Version) -> Option<&Version> {
+        self.highest().filter(|highest| version < *highest)
+    }
+
     /// Records that `new` became active: active, history and the highest
     /// activated version (which never goes down, not even on a rollback).
     pub fn record_activation(&mut self, new: &VersionRef) {
@@ -437,14 +445,7 @@ impl Store {
         let mut out = File::create(&tmp).map_err(io("creating", &tmp))?;
         let result = (|| {
             let (actual, size) = hash_all(&mut src, library, Some((&mut out, &tmp)))?;
-            if actual != expected {
-                return Err(StoreError::ChecksumMismatch {
-                    plugin: plugin.to_owned(),
-                    library: library.to_owned(),
-                    expected: expected.to_owned(),
-                    actual,
-                });
-            }
+            check_checksum(plugin, library, expected, &actual)?;
             crate::failpoints::crash_point(
                 crate::failpoints::CrashPoint::StoreObjectBeforeRename,
                 expected,
@@ -628,6 +629,27 @@ impl Store {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect())
+    }
+}
+
+/// The library's sha256 (`actual`) must be the one the manifest pins. One
+/// function for the reload path ([`Store::stage`], which hashes while it
+/// copies) and `plugvisor verify` / `pack`.
+pub fn check_checksum(
+    plugin: &str,
+    library: &Path,
+    expected: &str,
+    actual: &str,
+) -> Result<(), StoreError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(StoreError::ChecksumMismatch {
+            plugin: plugin.to_owned(),
+            library: library.to_owned(),
+            expected: expected.to_owned(),
+            actual: actual.to_owned(),
+        })
     }
 }
 
