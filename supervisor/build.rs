@@ -7,7 +7,7 @@
 //!    reflection (`listeners/grpc.rs`).
 //! 2. The eBPF programs (`ebpf-probes/ebpf`) are built with the nightly
 //!    toolchain and bpf-linker, and the object is left in `OUT_DIR` for
-//!    `include_bytes_aligned!` in `probes/loader.rs`.
+//!    `include_bytes_aligned!` in `probes/mod.rs`.
 use std::path::Path;
 
 use anyhow::Context as _;

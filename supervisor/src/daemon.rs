@@ -14,14 +14,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::actions::{Actions, Why};
 use crate::config::Config;
+use crate::control::socket;
 use crate::control::{Command, ConflictStatus, ListenerStatus, PluginStatus, Status, Versions};
 use crate::metrics::Metrics;
-use crate::notify::Notifier;
 use crate::probes::{self, WatchedListener};
 use crate::reload::{AttemptOutcome, ReloadReport, Reloader, SIGNATURE_GRACE};
 use crate::rules::{self, Decision, DecisionKind, Engine, Thresholds};
 use crate::store::Store;
-use crate::{admin, bundle, catalog, listeners};
+use crate::systemd::Notifier;
+use crate::{catalog, listeners, seed};
 
 /// How long past `[shutdown] drain_timeout` the daemon waits for its
 /// listener tasks before it exits anyway. Each listener bounds its own drain
@@ -57,7 +58,7 @@ pub enum DaemonError {
     Probes(#[from] probes::ProbeError),
     /// The admin socket could not be created.
     #[error(transparent)]
-    Admin(#[from] admin::AdminError),
+    Admin(#[from] socket::AdminError),
     /// The metrics endpoint could not bind.
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
@@ -122,7 +123,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "package trust"
     );
     if config.is_embedded_default() {
-        match bundle::seed_echo(&config.plugins_dir) {
+        match seed::seed_echo(&config.plugins_dir) {
             Ok(Some(v)) => {
                 tracing::info!(version = %v, dir = %config.plugins_dir.display(), "seeded the bundled echo plugin");
             }
@@ -213,10 +214,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // The signal sources measure the service as it runs, so they start
     // once it serves. The poller must not wait behind a reload (which holds
     // the reloader through dlopen and init): it skips a busy moment.
-    crate::sampler::start(&metrics, &config.state_dir);
+    crate::signals::resources::start(&metrics, &config.state_dir);
     let health = {
         let reloader = reloader.clone();
-        crate::health::start(
+        crate::signals::health::start(
             &config.health_checks,
             Box::new(move || {
                 let r = reloader.try_lock().ok()?;
@@ -239,8 +240,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     })?;
     tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
 
-    let admin_listener = admin::bind(&config.admin.socket)?;
-    let admin_task = tokio::spawn(admin::serve(admin_listener, cmd_tx.clone()));
+    let admin_listener = socket::bind(&config.admin.socket)?;
+    let admin_task = tokio::spawn(socket::serve(admin_listener, cmd_tx.clone()));
 
     let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<BTreeSet<String>>();
     let _watcher = catalog::watch::start(&config.plugins_dir, config.reload.debounce, watch_tx)?;

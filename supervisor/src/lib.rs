@@ -21,7 +21,7 @@
 //!    may write the package (`catalog::strict`), its signature (`trust`),
 //!    that it is no downgrade (the store's refs keep the highest version
 //!    ever activated) and that its dependencies hold against the other
-//!    active versions (`deps`),
+//!    active versions (`dependencies`),
 //! 2. hashes the library while copying it into the content-addressed
 //!    `store` (`objects/<sha256>.so`, so `dlopen` sees a distinct path per
 //!    version) — all before the reload window opens,
@@ -49,10 +49,10 @@
 //!
 //! # Signals
 //!
-//! Besides the kernel's counts, two sources write the levels a rule reads:
-//! `sampler` (memory of the daemon's cgroup and of the node, free space
+//! Besides the kernel's counts, `signals` writes the levels a rule reads:
+//! `signals::resources` (memory of the daemon's cgroup and of the node, free space
 //! under `state_dir`, read at gather time beside the standard `process_*`
-//! families) and `health` (each plugin's own `health()` hook and the
+//! families) and `signals::health` (each plugin's own `health()` hook and the
 //! configured `[[health_check]]`s of the dependencies a plugin relies on,
 //! as `plugvisor_health_check_up{check}`).
 //!
@@ -60,9 +60,9 @@
 //!
 //! One task (`daemon`) owns all state changes and takes [`control::Command`]s
 //! from signals (`SIGUSR1` rescan, `SIGHUP` re-read), the debounced
-//! `plugins_dir` watcher and the `admin` unix socket; shutdown has its own
+//! `plugins_dir` watcher and the admin unix socket (`control::socket`); shutdown has its own
 //! channel so a storm of reloads cannot starve it. Under systemd it says
-//! `READY=1`, `RELOADING=1`, `STOPPING=1` and `WATCHDOG=1` (`notify`).
+//! `READY=1`, `RELOADING=1`, `STOPPING=1` and `WATCHDOG=1` (`systemd`).
 //!
 //! # Offline
 //!
@@ -75,39 +75,36 @@
 //! The modules sit in layers, written once as data in
 //! `supervisor/imports.toml` and checked by `tests/import_direction.rs`: a
 //! module uses only modules of the layers below its own. From the leaves
-//! up — names, markers, metrics, the loader, the call pool, key formats,
-//! the one file watcher (`fswatch`, shared by the catalog and the rules),
-//! sd_notify, crash points; then what the operator wrote and what
-//! plugvisor keeps (`config`, `store`, `deps`); the parts (`catalog`,
-//! `slot`, `probes`, `sampler`); what reads a slot or the registry
-//! (`listeners`, `health`, `rules`); the reload path (`reload`); what
-//! drives it (`actions`, `pack`); the bundled example and the control
-//! protocol (`bundle`, `control`); the admin socket; the daemon. The
-//! command line (`main.rs`) sits above them all.
+//! up — names, the reload markers, metrics, the loader, key formats, the
+//! one file watcher (`fswatch`, shared by the catalog and the rules),
+//! `systemd` (sd_notify), crash points; then what the operator wrote and
+//! what plugvisor keeps (`config`, `store`, `dependencies`); the parts
+//! (`catalog`, `slot` with its call pool, `probes`); what reads a slot or
+//! the registry (`listeners`, `signals`, `rules`); the reload path
+//! (`reload`); what drives it (`actions`, `pack`); `seed` (the bundled
+//! example) and `control` (the protocol and the admin socket); the daemon.
+//! The command line (`main.rs`) sits above them all.
 
 pub mod actions;
-pub mod admin;
-pub mod bundle;
-pub mod calls;
 pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod deps;
+pub mod dependencies;
 pub mod failpoints;
 pub mod fswatch;
-pub mod health;
 pub mod listeners;
 pub mod loader;
 pub mod markers;
 pub mod metrics;
 pub mod name;
-pub mod notify;
 pub mod pack;
 pub mod probes;
 pub mod reload;
 pub mod rules;
-pub mod sampler;
+pub mod seed;
+pub mod signals;
 pub mod slot;
 pub mod store;
+pub mod systemd;
 pub mod trust;

@@ -174,7 +174,10 @@ fn ask(
     req: &AdminRequest,
 ) -> anyhow::Result<AdminResponse> {
     let config = load_config(config)?;
-    Ok(runtime.block_on(plugvisor::admin::request(&config.admin.socket, req))?)
+    Ok(runtime.block_on(plugvisor::control::socket::request(
+        &config.admin.socket,
+        req,
+    ))?)
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {

@@ -23,7 +23,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, CatalogError, Manifest, Package};
-use crate::deps::{self, Conflict, ConflictKind};
+use crate::dependencies::{self as deps, Conflict, ConflictKind};
 use crate::failpoints::{CrashPoint, crash_point};
 use crate::loader::{self, LoadError, LoadedVersion};
 use crate::markers::PluginNames;
@@ -1419,7 +1419,7 @@ mod tests {
     use std::sync::RwLock;
 
     use super::*;
-    use crate::bundle::built_echo_library as echo_library;
+    use crate::seed::built_echo_library as echo_library;
     use crate::store::Refs;
 
     /// The hook an explicit rollback calls: only the version it names may
@@ -1441,7 +1441,7 @@ mod tests {
             )
             .unwrap();
         let version = Version::parse(plugvisor_echo::VERSION).unwrap();
-        crate::bundle::write_package(
+        crate::seed::write_package(
             &plugins.join("echo"),
             "echo",
             plugvisor_echo::VERSION,

@@ -1684,7 +1684,7 @@ fn render(r: &Results, meta: &Meta) -> String {
              its worst case: an idle runner waits parked, so each call pays a futex wake to the runner and one \
              back to the waiting task. Runners used to spin 50 µs for the next call, which made this row ~2 µs \
              but took the CPU a 2-vCPU node's clients and async workers need (concurrent TCP and gRPC \
-             throughput 17 % and 42 % lower, 13–25 % more CPU per request; see `supervisor/src/calls.rs`).\n",
+             throughput 17 % and 42 % lower, 13–25 % more CPU per request; see `supervisor/src/slot/calls.rs`).\n",
             d["rounds"], d["iters"], d["bounded_iters"]
         );
         let _ = writeln!(md, "| path | median ns | p99 ns |");
@@ -2172,7 +2172,7 @@ noise.
 **Profiles.** `perf record -a -g` of a loopback storm against the daemon (probes on) showed plugvisor's
 largest own cost to be the runner thread waiting for the next request by spinning 50 µs on the clock
 (`CallPool::run` and `clock_gettime` together ~15 % of all samples, the programs ~1 %). Runners now wait
-parked (`supervisor/src/calls.rs`): the storm's and gRPC's throughput rose (see the probe-overhead table's
+parked (`supervisor/src/slot/calls.rs`): the storm's and gRPC's throughput rose (see the probe-overhead table's
 *probes off* column against earlier runs: ~11.4 k → ~13 k conn/s, ~17.5 k → ~24 k calls/s) and CPU per
 request fell, at the price of the single-connection round trip the bounded-dispatch row shows.
 ";

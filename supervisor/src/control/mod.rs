@@ -1,6 +1,8 @@
 //! The one vocabulary of control: signals, the `plugins_dir` watcher and
 //! the admin socket all become a [`Command`] for the daemon task, which
 //! applies them one at a time (reloads never overlap).
+pub mod socket;
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 

@@ -21,6 +21,8 @@
 //! Listeners that advertise readiness (the gRPC health service) learn of a
 //! change of active version through [`Slot::subscribe`], a `watch` channel
 //! updated right after each swap; the request path never touches it.
+pub mod calls;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,9 +33,9 @@ use prometheus::IntCounter;
 use semver::Version;
 use tokio::sync::watch;
 
-use crate::calls::{Abandon, CallError, CallPool};
 use crate::loader::{self, HandleError, InitBound, LoadedVersion, StuckCalls};
 use crate::metrics::{Metrics, PluginCall, RequestOutcome};
+use calls::{Abandon, CallError, CallPool};
 
 /// Abandoned `handle` calls (still running past their `request_timeout`)
 /// allowed per plugin version before new requests to it are shed. Each
@@ -544,8 +546,8 @@ impl Slot {
 mod tests {
 
     use super::*;
-    use crate::bundle::built_echo_library as echo_library;
     use crate::loader;
+    use crate::seed::built_echo_library as echo_library;
 
     /// Loads the echo plugin from its own copy (dlopen needs a distinct path
     /// to give a distinct image).

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::{AdminRequest, AdminResponse, Command};
+use super::{AdminRequest, AdminResponse, Command};
 use crate::reload::AttemptOutcome;
 
 /// Longest request line accepted.
