@@ -9,7 +9,7 @@ use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
 use plugvisor::catalog::Manifest;
-use plugvisor::config::valid_name;
+use plugvisor::name::valid_name;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use plugvisor::config::valid_name;
+use plugvisor::name::valid_name;
 use plugvisor::rules::{Op, Thresholds, ThresholdsError};
 
 fuzz_target!(|data: &[u8]| {

@@ -172,7 +172,18 @@ fn steps(
                 "--",
                 "-D",
                 "warnings",
-            ]))
+            ]))?;
+            // The fuzz targets are their own workspace and are otherwise
+            // first compiled by the fuzz step, at the end of the run: a
+            // library rename that breaks them should fail here, in a
+            // minute. The shared target dir reuses the workspace's build.
+            util::run(
+                util::cargo()
+                    .args(["clippy", "--release", "--manifest-path", "fuzz/Cargo.toml"])
+                    .arg("--target-dir")
+                    .arg(util::target_dir()?)
+                    .args(["--all-targets", "--", "-D", "warnings"]),
+            )
         })?;
     }
     step("build", timings, || {
