@@ -83,10 +83,15 @@
 //! the registry (`listeners`, `signals`, `rules`); the reload path
 //! (`reload`); what drives it (`actions`, `pack`); `seed` (the bundled
 //! example) and `control` (the protocol and the admin socket); the daemon.
-//! The command line (`main.rs`) sits above them all.
+//! The command line (`cli`, one file per verb) sits above them all.
+
+// The daemon logs through `tracing` only; the command line's output (in
+// `cli`) is the one place that prints, and says so.
+#![warn(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod actions;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,0 +1,30 @@
+//! `plugvisor disable PLUGIN [--json]`.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{ask, print_action};
+use crate::control::AdminRequest;
+
+/// Refuse all new work for PLUGIN, with a clear answer to clients.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The plugin.
+    pub plugin: String,
+    /// Config file, to find the admin socket.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `plugvisor disable`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let resp = ask(
+        args.config.as_ref(),
+        &AdminRequest::Disable {
+            plugin: args.plugin,
+        },
+    )?;
+    print_action(&resp, args.json)
+}

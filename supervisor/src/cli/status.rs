@@ -1,0 +1,109 @@
+//! `plugvisor status [--json]`: plugins, versions, listeners, probes,
+//! rules and dependency conflicts of the running daemon.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use super::{ask, describe_action, print_json};
+use crate::control::{AdminRequest, AdminResponse, Status};
+
+/// Show plugins, versions, listeners and probes of the running daemon.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Config file, to find the admin socket.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `plugvisor status`.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let resp = ask(args.config.as_ref(), &AdminRequest::Status)?;
+    print_status(&resp, args.json)
+}
+
+fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        return print_json(resp);
+    }
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.as_deref().unwrap_or("status failed"));
+    }
+    let s: Status = serde_json::from_value(resp.result.clone()).context("decoding status")?;
+    println!("plugvisor {}", s.version);
+    println!("\n{:<20} {:<12} MAPPED", "PLUGIN", "ACTIVE");
+    for p in &s.plugins {
+        println!(
+            "{:<20} {:<12} {}",
+            p.plugin,
+            p.active.as_deref().unwrap_or("-"),
+            p.mapped.join(", ")
+        );
+    }
+    println!(
+        "\n{:<20} {:<8} {:<22} PLUGIN",
+        "LISTENER", "PROTO", "ADDRESS"
+    );
+    for l in &s.listeners {
+        println!(
+            "{:<20} {:<8} {:<22} {}",
+            l.name, l.protocol, l.addr, l.plugin
+        );
+    }
+    println!("\n{:<24} UP", "PROBE");
+    for (p, up) in &s.probes {
+        println!("{:<24} {}", p, if *up { "yes" } else { "no" });
+    }
+    println!(
+        "\n{:<20} {:<11} {:<11} {:<12} {:<9} WHY (last action)",
+        "PLUGIN", "STATE", "KNOWN-GOOD", "DEGRADED", "DISABLED"
+    );
+    for p in &s.plugins {
+        let why = p
+            .last_action
+            .as_ref()
+            .map_or_else(String::new, describe_action);
+        println!(
+            "{:<20} {:<11} {:<11} {:<12} {:<9} {}",
+            p.plugin,
+            p.state,
+            p.known_good.as_deref().unwrap_or("-"),
+            p.degraded.as_deref().unwrap_or("no"),
+            if p.disabled { "yes" } else { "no" },
+            why
+        );
+    }
+    let valid = if s.rules_config_valid {
+        ""
+    } else {
+        "  (thresholds file on disk is INVALID; previous rules in force)"
+    };
+    println!(
+        "\n{:<32} {:<8} {:>14} {:>14} {:<9}{valid}",
+        "RULE", "STATE", "OBSERVED", "THRESHOLD", "ACTION"
+    );
+    for r in &s.rules {
+        println!(
+            "{:<32} {:<8} {:>14} {:>14} {:<9}{}",
+            r.name,
+            format!("{:?}", r.state).to_lowercase(),
+            r.observed
+                .map_or_else(|| "no data".to_owned(), |v| format!("{v:.6}")),
+            r.threshold,
+            r.action,
+            if r.dry_run { " (dry run)" } else { "" }
+        );
+    }
+    if s.conflicts.is_empty() {
+        println!("\nno dependency conflicts");
+    } else {
+        println!("\n{:<20} {:<10} DEPENDENCY CONFLICT", "PLUGIN", "KIND");
+        for c in &s.conflicts {
+            println!("{:<20} {:<10} {}", c.plugin, c.kind, c.message);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
