@@ -143,11 +143,6 @@ fn grpc_unary(addr: SocketAddr, concurrency: usize, dur: Duration) -> f64 {
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 struct Overhead {
     tcp: [Vec<f64>; 2],
     grpc: [Vec<f64>; 2],

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::{
-    Dist, Overhead, PHASES, Reload, ReloadRun, Results, load, median, pass_costs, probecost, shape,
+    Dist, Overhead, PHASES, Reload, ReloadRun, Results, Soak, load, pass_costs, probecost, shape,
 };
 
 /// The plots' directory as the markdown file links to it.
@@ -39,15 +39,32 @@ pub struct Meta {
     pub quick: bool,
 }
 
-/// The whole report, top to bottom.
-#[expect(
-    clippy::too_many_lines,
-    clippy::many_single_char_names,
-    reason = "the report reads top to bottom in the order a reader wants it, one table after another, \
-              each with its short-lived figures"
-)]
+/// The whole report, top to bottom, in the order a reader wants it: the
+/// goals at a glance, then each measure's own tables.
 pub fn render(r: &Results, meta: &Meta) -> String {
     let mut md = String::new();
+    header(&mut md, meta);
+    summary(&mut md, r, meta.quick);
+    reload_phases(&mut md, r);
+    go_peer(&mut md, r);
+    kernel_vs_userspace(&mut md, r);
+    if let Ok(v) = &r.inproc {
+        dispatch(&mut md, v);
+        switch_gap(&mut md, r, v);
+        metrics_encoding(&mut md, v);
+    }
+    upgrades(&mut md, r, meta.quick);
+    upgrade_gaps(&mut md, r);
+    soak_reloads(&mut md, &r.soak);
+    probe_overhead(&mut md, &r.overhead);
+    probe_cost_section(&mut md, &r.costs);
+    breach(&mut md, r);
+    floors(&mut md, r);
+    md
+}
+
+/// Title, provenance and the links to the plots.
+fn header(md: &mut String, meta: &Meta) {
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(
         md,
@@ -82,21 +99,36 @@ pub fn render(r: &Results, meta: &Meta) -> String {
              [naive restart vs hot reload]({p}/restart-vs-reload.png) · [soak]({p}/soak.png)\n"
         );
     }
+}
 
-    // ---- summary
-    let inproc = r.inproc.as_ref().ok();
-    let go_p50 = |i: usize| {
-        r.go.as_ref()
-            .ok()
-            .and_then(|g| g.get(i))
-            .map(|g| Dist::of(&g.open_ns).p50)
-    };
+/// The summary table: one row per goal, with the peer or reference it is
+/// held against.
+fn summary(md: &mut String, r: &Results, quick: bool) {
     let _ = writeln!(md, "## Summary\n");
     let _ = writeln!(
         md,
         "| measure | goal | plugvisor | peer / reference | ratio | verdict |"
     );
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- |");
+    summary_reload(md, r);
+    summary_kernel(md, r);
+    summary_inprocess(md, r);
+    summary_soak(md, r, quick);
+    summary_probes(md, r);
+    summary_breach(md, r);
+    summary_metrics(md, r);
+    summary_memory(md, r);
+}
+
+/// Summary rows of the reload itself, per size: manifest → serving
+/// against the seed and Go, then the switch alone.
+fn summary_reload(md: &mut String, r: &Results) {
+    let go_p50 = |i: usize| {
+        r.go.as_ref()
+            .ok()
+            .and_then(|g| g.get(i))
+            .map(|g| Dist::of(&g.open_ns).p50)
+    };
     let seed = [14.2e6, 29.8e6];
     let goal = [2e6, 5e6];
     for (i, run) in r.sized.iter().enumerate() {
@@ -144,6 +176,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             verdict(w.p99 <= 100e3)
         );
     }
+}
+
+/// Summary row of the kernel's and the daemon's view of the same reloads.
+fn summary_kernel(md: &mut String, r: &Results) {
     let diffs = r.echo.user_minus_kernel();
     if diffs.is_empty() {
         let _ = writeln!(
@@ -162,7 +198,11 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             verdict(d.p50 >= 0.0 && d.p50 <= 100e3)
         );
     }
-    if let Some(v) = inproc {
+}
+
+/// Summary rows of the in-process measures: switch gap and dispatch.
+fn summary_inprocess(md: &mut String, r: &Results) {
+    if let Ok(v) = &r.inproc {
         let swap = Dist::of(
             &r.echo
                 .reloads
@@ -212,6 +252,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             r.inproc.as_ref().err().map_or("", String::as_str)
         );
     }
+}
+
+/// Summary row of the reloads under load, against the naive restart.
+fn summary_soak(md: &mut String, r: &Results, quick: bool) {
     let s = &r.soak;
     let n = &r.naive;
     let _ = writeln!(
@@ -219,8 +263,8 @@ pub fn render(r: &Results, meta: &Meta) -> String {
         "| {} reloads under {:.0} answers/s ({} TCP conns + {} gRPC streams) | 0 failed; kernel broken 0 | {} failed of {}; broken {} | naive restart ×{}: {} failed, {} refused connects, longest gap {:.0} ms; HAProxy < 1.8 ~0.24 % per reload | longest gap {:.3}× naive | {} |",
         s.reloads,
         s.load.rate(),
-        shape(meta.quick).tcp_conns,
-        shape(meta.quick).streams,
+        shape(quick).tcp_conns,
+        shape(quick).streams,
         s.load.failed(),
         s.load.ok() + s.load.failed(),
         s.broken,
@@ -231,21 +275,19 @@ pub fn render(r: &Results, meta: &Meta) -> String {
         s.load.max_gap().as_secs_f64() / n.load.max_gap().as_secs_f64(),
         verdict(s.load.failed() == 0 && s.broken == 0.0 && s.probes_up)
     );
-    let mut o = Overhead {
-        tcp: r.overhead.tcp.clone(),
-        grpc: r.overhead.grpc.clone(),
-        tcp_cpu: r.overhead.tcp_cpu.clone(),
-        grpc_cpu: r.overhead.grpc_cpu.clone(),
-        trials: r.overhead.trials,
-        dur: r.overhead.dur,
-    };
-    let ratios: Vec<f64> = [&mut o.tcp, &mut o.grpc]
+}
+
+/// Summary rows of the probes' cost: throughput and CPU on vs off, and the
+/// kernel's own count.
+fn summary_probes(md: &mut String, r: &Results) {
+    let o = &r.overhead;
+    let ratios: Vec<f64> = [&o.tcp, &o.grpc]
         .into_iter()
-        .map(|sides| median(&mut sides[1]) / median(&mut sides[0]))
+        .map(|sides| median(&sides[1]) / median(&sides[0]))
         .collect();
-    let cpu: Vec<f64> = [&mut o.tcp_cpu, &mut o.grpc_cpu]
+    let cpu: Vec<f64> = [&o.tcp_cpu, &o.grpc_cpu]
         .into_iter()
-        .map(|sides| median(&mut sides[1]) / median(&mut sides[0]) - 1.0)
+        .map(|sides| median(&sides[1]) / median(&sides[0]) - 1.0)
         .collect();
     let _ = writeln!(
         md,
@@ -277,6 +319,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             );
         }
     }
+}
+
+/// Summary row of breach → rollback at the default tick.
+fn summary_breach(md: &mut String, r: &Results) {
     let b = Dist::of(&r.breach_1s);
     let _ = writeln!(
         md,
@@ -285,7 +331,11 @@ pub fn render(r: &Results, meta: &Meta) -> String {
         b.max * 1e3,
         verdict(b.max <= 1.0)
     );
-    if let Some(v) = inproc {
+}
+
+/// Summary row of `/metrics` encoding, when the in-process measures ran.
+fn summary_metrics(md: &mut String, r: &Results) {
+    if let Ok(v) = &r.inproc {
         let m = &v["metrics"];
         let e = &m["encode_us"];
         let series = m["series"].as_f64().unwrap_or(f64::NAN);
@@ -299,6 +349,11 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             verdict(e["p99"].as_f64().unwrap_or(f64::MAX) <= 1000.0)
         );
     }
+}
+
+/// Summary row of memory and descriptors across the soak.
+fn summary_memory(md: &mut String, r: &Results) {
+    let s = &r.soak;
     let bound_kb = 4.0 * s.lib_bytes as f64 / 1024.0;
     let growth = s.after_rss_kb - s.before_rss_kb;
     // After the first tenth (allocator arenas, metric series, the mapped
@@ -323,8 +378,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             s.idle_rss_kb <= 20.0 * 1024.0 && growth <= bound_kb && s.after_fds <= s.before_fds
         )
     );
+}
 
-    // ---- reload latency per phase
+/// Reload latency per phase, per plugin and size.
+fn reload_phases(md: &mut String, r: &Results) {
     let _ = writeln!(md, "\n## Reload latency by phase (no client load)\n");
     let _ = writeln!(
         md,
@@ -369,6 +426,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             us(w.p99)
         );
     }
+}
+
+/// Go's `plugin.Open` on the same sizes, or why it was skipped.
+fn go_peer(md: &mut String, r: &Results) {
     match &r.go {
         Ok(go) => {
             let _ = writeln!(
@@ -401,8 +462,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             let _ = writeln!(md, "\nGo `plugin.Open` peer skipped: {e}");
         }
     }
+}
 
-    // ---- kernel vs userspace
+/// The reload window as the kernel and as the daemon timed it.
+fn kernel_vs_userspace(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "\n## Kernel-measured vs userspace-measured reload window\n"
@@ -458,121 +521,134 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             us(d.max)
         );
     }
+}
 
-    // ---- in process
-    if let Some(v) = inproc {
-        let d = &v["dispatch"];
-        let _ = writeln!(md, "\n## Dispatch through the slot vs a direct call\n");
+/// Dispatch through the slot vs a direct call (in process).
+fn dispatch(md: &mut String, v: &serde_json::Value) {
+    let d = &v["dispatch"];
+    let _ = writeln!(md, "\n## Dispatch through the slot vs a direct call\n");
+    let _ = writeln!(
+        md,
+        "In process, echo plugin, request `ping`; {} alternating rounds of {} calls, ns per call (median \
+         of rounds; p99 over rounds). *direct*: the plugin's `handle` through its descriptor, answer copied \
+         out, buffer freed — the least any host must do. *wrapper*: the loader's safe wrapper. *slot*: \
+         `Slot::call` with `request_timeout = \"0s\"` (admission, arc-swap load, wrapper, request counter; \
+         the plugin called inline). *slot, bounded*: `Slot::call` with the default 5 s `request_timeout`, \
+         awaited in a task as a connection does — each call handed to a runner thread and its answer \
+         back ({} calls a round): the price of answering a hung `handle`. One call at a time, as here, is \
+         its worst case: an idle runner waits parked, so each call pays a futex wake to the runner and one \
+         back to the waiting task. Runners used to spin 50 µs for the next call, which made this row ~2 µs \
+         but took the CPU a 2-vCPU node's clients and async workers need (concurrent TCP and gRPC \
+         throughput 17 % and 42 % lower, 13–25 % more CPU per request; see `supervisor/src/slot/calls.rs`).\n",
+        d["rounds"], d["iters"], d["bounded_iters"]
+    );
+    let _ = writeln!(md, "| path | median ns | p99 ns |");
+    let _ = writeln!(md, "| --- | ---: | ---: |");
+    for (name, k) in [
+        ("direct", "direct_ns"),
+        ("wrapper", "wrapper_ns"),
+        ("slot", "slot_ns"),
+        ("slot, bounded", "slot_bounded_ns"),
+    ] {
         let _ = writeln!(
             md,
-            "In process, echo plugin, request `ping`; {} alternating rounds of {} calls, ns per call (median \
-             of rounds; p99 over rounds). *direct*: the plugin's `handle` through its descriptor, answer copied \
-             out, buffer freed — the least any host must do. *wrapper*: the loader's safe wrapper. *slot*: \
-             `Slot::call` with `request_timeout = \"0s\"` (admission, arc-swap load, wrapper, request counter; \
-             the plugin called inline). *slot, bounded*: `Slot::call` with the default 5 s `request_timeout`, \
-             awaited in a task as a connection does — each call handed to a runner thread and its answer \
-             back ({} calls a round): the price of answering a hung `handle`. One call at a time, as here, is \
-             its worst case: an idle runner waits parked, so each call pays a futex wake to the runner and one \
-             back to the waiting task. Runners used to spin 50 µs for the next call, which made this row ~2 µs \
-             but took the CPU a 2-vCPU node's clients and async workers need (concurrent TCP and gRPC \
-             throughput 17 % and 42 % lower, 13–25 % more CPU per request; see `supervisor/src/slot/calls.rs`).\n",
-            d["rounds"], d["iters"], d["bounded_iters"]
-        );
-        let _ = writeln!(md, "| path | median ns | p99 ns |");
-        let _ = writeln!(md, "| --- | ---: | ---: |");
-        for (name, k) in [
-            ("direct", "direct_ns"),
-            ("wrapper", "wrapper_ns"),
-            ("slot", "slot_ns"),
-            ("slot, bounded", "slot_bounded_ns"),
-        ] {
-            let _ = writeln!(
-                md,
-                "| {name} | {:.1} | {:.1} |",
-                d[k]["p50"].as_f64().unwrap_or(f64::NAN),
-                d[k]["p99"].as_f64().unwrap_or(f64::NAN)
-            );
-        }
-        let sw = &v["switch"];
-        let _ = writeln!(md, "\n## Switch gap\n");
-        let _ = writeln!(
-            md,
-            "A thread calls `Slot::call` (inline) without pause while the main thread installs {} new versions \
-             (pre-loaded; only `install` is timed). *swap* is the arc-swap store alone; *across a swap* is, per \
-             swap, the interval on the dispatching thread from the last answer of the old version to the first \
-             answer of the new one ({} version changes seen) — the time in which no version answered it; \
-             *steady* is the interval between two answers of the same version, around the swaps. Failed \
-             dispatches: {}. Nanoseconds.\n",
-            sw["swaps"], sw["version_changes_seen"], sw["failed_dispatches"]
-        );
-        let _ = writeln!(md, "| measure | n | p50 | p99 | max |");
-        let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: |");
-        let daemon_swap = Dist::of(
-            &r.echo
-                .reloads
-                .iter()
-                .chain(&r.soak.records)
-                .map(|x| x.phase("switch"))
-                .collect::<Vec<_>>(),
-        );
-        let _ = writeln!(
-            md,
-            "| swap, in the daemon (echo runs, `switch_ns`) | {} | {:.0} | {:.0} | {:.0} |",
-            daemon_swap.n, daemon_swap.p50, daemon_swap.p99, daemon_swap.max
-        );
-        for (name, k) in [
-            ("swap, in process", "swap_ns"),
-            (
-                "answer interval across a swap (old's last → new's first)",
-                "gap_across_swap_ns",
-            ),
-            ("steady answer interval", "steady_interval_ns"),
-        ] {
-            let x = &sw[k];
-            let _ = writeln!(
-                md,
-                "| {name} | {} | {:.0} | {:.0} | {:.0} |",
-                x["n"],
-                x["p50"].as_f64().unwrap_or(f64::NAN),
-                x["p99"].as_f64().unwrap_or(f64::NAN),
-                x["max"].as_f64().unwrap_or(f64::NAN)
-            );
-        }
-        let m = &v["metrics"];
-        let _ = writeln!(md, "\n## /metrics encoding\n");
-        let _ = writeln!(
-            md,
-            "`Metrics::encode` (what `GET /metrics` serves) in process, the registry filled as a daemon with {} \
-             plugins × {} listeners fills it: per plugin 4 mapped versions with request counters, every reload \
-             phase observed, conflicts, rollbacks, health; per listener the kernel-observed families and the two \
-             service-gap histograms (26 buckets each). {} series, {} bytes of text.\n",
-            m["plugins"], m["listeners_per_plugin"], m["series"], m["bytes"]
-        );
-        let e = &m["encode_us"];
-        let _ = writeln!(
-            md,
-            "| encodes | p50 µs | p99 µs | max µs | µs per 1k series |"
-        );
-        let _ = writeln!(md, "| ---: | ---: | ---: | ---: | ---: |");
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            e["n"],
-            e["p50"].as_f64().unwrap_or(f64::NAN),
-            e["p99"].as_f64().unwrap_or(f64::NAN),
-            e["max"].as_f64().unwrap_or(f64::NAN),
-            e["p50"].as_f64().unwrap_or(f64::NAN) / m["series"].as_f64().unwrap_or(f64::NAN)
-                * 1000.0
+            "| {name} | {:.1} | {:.1} |",
+            d[k]["p50"].as_f64().unwrap_or(f64::NAN),
+            d[k]["p99"].as_f64().unwrap_or(f64::NAN)
         );
     }
+}
 
-    // ---- soak and naive
+/// The swap and the gap a dispatching thread sees across it: in process,
+/// with the daemon's own swap beside it.
+fn switch_gap(md: &mut String, r: &Results, v: &serde_json::Value) {
+    let sw = &v["switch"];
+    let _ = writeln!(md, "\n## Switch gap\n");
+    let _ = writeln!(
+        md,
+        "A thread calls `Slot::call` (inline) without pause while the main thread installs {} new versions \
+         (pre-loaded; only `install` is timed). *swap* is the arc-swap store alone; *across a swap* is, per \
+         swap, the interval on the dispatching thread from the last answer of the old version to the first \
+         answer of the new one ({} version changes seen) — the time in which no version answered it; \
+         *steady* is the interval between two answers of the same version, around the swaps. Failed \
+         dispatches: {}. Nanoseconds.\n",
+        sw["swaps"], sw["version_changes_seen"], sw["failed_dispatches"]
+    );
+    let _ = writeln!(md, "| measure | n | p50 | p99 | max |");
+    let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: |");
+    let daemon_swap = Dist::of(
+        &r.echo
+            .reloads
+            .iter()
+            .chain(&r.soak.records)
+            .map(|x| x.phase("switch"))
+            .collect::<Vec<_>>(),
+    );
+    let _ = writeln!(
+        md,
+        "| swap, in the daemon (echo runs, `switch_ns`) | {} | {:.0} | {:.0} | {:.0} |",
+        daemon_swap.n, daemon_swap.p50, daemon_swap.p99, daemon_swap.max
+    );
+    for (name, k) in [
+        ("swap, in process", "swap_ns"),
+        (
+            "answer interval across a swap (old's last → new's first)",
+            "gap_across_swap_ns",
+        ),
+        ("steady answer interval", "steady_interval_ns"),
+    ] {
+        let x = &sw[k];
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {:.0} | {:.0} | {:.0} |",
+            x["n"],
+            x["p50"].as_f64().unwrap_or(f64::NAN),
+            x["p99"].as_f64().unwrap_or(f64::NAN),
+            x["max"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+}
+
+/// `/metrics` encoding with the registry of a large daemon (in process).
+fn metrics_encoding(md: &mut String, v: &serde_json::Value) {
+    let m = &v["metrics"];
+    let _ = writeln!(md, "\n## /metrics encoding\n");
+    let _ = writeln!(
+        md,
+        "`Metrics::encode` (what `GET /metrics` serves) in process, the registry filled as a daemon with {} \
+         plugins × {} listeners fills it: per plugin 4 mapped versions with request counters, every reload \
+         phase observed, conflicts, rollbacks, health; per listener the kernel-observed families and the two \
+         service-gap histograms (26 buckets each). {} series, {} bytes of text.\n",
+        m["plugins"], m["listeners_per_plugin"], m["series"], m["bytes"]
+    );
+    let e = &m["encode_us"];
+    let _ = writeln!(
+        md,
+        "| encodes | p50 µs | p99 µs | max µs | µs per 1k series |"
+    );
+    let _ = writeln!(md, "| ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        md,
+        "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        e["n"],
+        e["p50"].as_f64().unwrap_or(f64::NAN),
+        e["p99"].as_f64().unwrap_or(f64::NAN),
+        e["max"].as_f64().unwrap_or(f64::NAN),
+        e["p50"].as_f64().unwrap_or(f64::NAN) / m["series"].as_f64().unwrap_or(f64::NAN) * 1000.0
+    );
+}
+
+/// The load, and what the clients saw across hot reloads and across naive
+/// restarts.
+fn upgrades(md: &mut String, r: &Results, quick: bool) {
+    let s = &r.soak;
+    let n = &r.naive;
     let _ = writeln!(
         md,
         "\n## {} reloads under load, and the naive upgrade under the same load\n",
         s.reloads
     );
-    let sh = shape(meta.quick);
+    let sh = shape(quick);
     let _ = writeln!(
         md,
         "Load: {} persistent TCP connections at {} frames/s each and {} open gRPC `Exchange` streams at {} \
@@ -630,6 +706,12 @@ pub fn render(r: &Results, meta: &Meta) -> String {
         dt.p50 * 1e3,
         dt.max * 1e3
     );
+}
+
+/// The clients' long gaps, by whether an upgrade was under way.
+fn upgrade_gaps(md: &mut String, r: &Results) {
+    let s = &r.soak;
+    let n = &r.naive;
     // The daemon at work on a reload: from the attempt's start to its log
     // line (the fsyncs after the switch included), on the load's clock.
     let reload_windows: Vec<(f64, f64)> = s
@@ -670,6 +752,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
         ndl * 1e3,
         nol * 1e3
     );
+}
+
+/// Reload latency, memory and descriptors across the soak.
+fn soak_reloads(md: &mut String, s: &Soak) {
     let t = Dist::of(
         &s.records
             .iter()
@@ -722,8 +808,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             anon / 1024.0
         );
     }
+}
 
-    // ---- probe overhead (as before)
+/// Throughput and CPU per operation with probes on vs off.
+fn probe_overhead(md: &mut String, o: &Overhead) {
     let _ = writeln!(md, "\n## Probe overhead\n");
     let _ = writeln!(
         md,
@@ -743,19 +831,19 @@ pub fn render(r: &Results, meta: &Meta) -> String {
     for (name, sides, cpu) in [
         (
             "loopback connect/send/close storm (2 threads), conn/s",
-            &mut o.tcp,
-            &mut o.tcp_cpu,
+            &o.tcp,
+            &o.tcp_cpu,
         ),
         (
             "gRPC unary Invoke (8 in flight, 1 channel), calls/s",
-            &mut o.grpc,
-            &mut o.grpc_cpu,
+            &o.grpc,
+            &o.grpc_cpu,
         ),
     ] {
-        let off = median(&mut sides[0]);
-        let on = median(&mut sides[1]);
-        let cpu_off = median(&mut cpu[0]);
-        let cpu_on = median(&mut cpu[1]);
+        let off = median(&sides[0]);
+        let on = median(&sides[1]);
+        let cpu_off = median(&cpu[0]);
+        let cpu_on = median(&cpu[1]);
         let _ = writeln!(
             md,
             "| {name} | {off:.0} | {on:.0} | {:.1} % | {:.1} | {:.1} | {:+.1} % |",
@@ -765,10 +853,10 @@ pub fn render(r: &Results, meta: &Meta) -> String {
             (cpu_on / cpu_off - 1.0) * 100.0
         );
     }
+}
 
-    probe_cost_section(&mut md, &r.costs);
-
-    // ---- breach (as before)
+/// Breach → rollback at the default and a fast tick.
+fn breach(md: &mut String, r: &Results) {
     let _ = writeln!(md, "\n## Breach → rollback\n");
     let _ = writeln!(
         md,
@@ -790,8 +878,6 @@ pub fn render(r: &Results, meta: &Meta) -> String {
         "\nThe floor is the tick: a breach waits for the next evaluation (on average half a tick), then the \
          rollback itself is a pointer swap plus an fsynced journal entry."
     );
-    md.push_str(&floors(r));
-    md
 }
 
 fn probe_cost_section(md: &mut String, costs: &probecost::ProbeCosts) {
@@ -874,8 +960,7 @@ pub fn mb(bytes: u64) -> String {
 }
 
 /// Where a goal is missed, what bounds it from below.
-fn floors(r: &Results) -> String {
-    let mut md = String::new();
+fn floors(md: &mut String, r: &Results) {
     let _ = writeln!(md, "\n## Floors\n");
     let _ = writeln!(
         md,
@@ -934,7 +1019,6 @@ fn floors(r: &Results) -> String {
         }
     }
     md.push_str(FLOOR_NOTES);
-    md
 }
 
 const FLOOR_NOTES: &str = "
@@ -1010,6 +1094,14 @@ parked (`supervisor/src/slot/calls.rs`): the storm's and gRPC's throughput rose 
 *probes off* column against earlier runs: ~11.4 k → ~13 k conn/s, ~17.5 k → ~24 k calls/s) and CPU per
 request fell, at the price of the single-connection round trip the bounded-dispatch row shows.
 ";
+
+/// Median of a sample; the medians of trials are what the probe-overhead
+/// figures compare, the spread being this machine's noise.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
