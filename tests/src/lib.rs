@@ -19,6 +19,8 @@
 //! * `metrics.rs` — [`Metrics`], the parsed `/metrics` exposition text;
 //! * `clients.rs` — [`LineClient`] (TCP), gRPC channel and health check,
 //!   plain HTTP GETs;
+//! * `streams.rs` — [`ClientReport`]: what a long-lived client saw across
+//!   reloads, and the claim the reload tests make about it;
 //! * `builds.rs` — plugin libraries built with a version stamped in, and
 //!   version series made from one build;
 //! * `packages.rs` — installing packages into `plugins_dir`, deliberately
@@ -36,6 +38,7 @@ mod metrics;
 mod options;
 mod packages;
 mod prometheus;
+mod streams;
 
 pub mod live;
 pub mod state_check;
@@ -55,6 +58,7 @@ pub use metrics::Metrics;
 pub use options::{DaemonOptions, ListenerSpec, Protocol, TrustOptions, without_ebpf_capabilities};
 pub use packages::{PackageTweaks, drop_package, install_package, sha256_file, sign_manifest};
 pub use prometheus::Prometheus;
+pub use streams::ClientReport;
 
 /// The `plugvisor.v1` client, generated from
 /// `supervisor/proto/plugvisor/v1/plugin.proto`.

@@ -9,19 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use plugvisor_tests::{
-    Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version, echo_version,
-    echo_version_series, install_package, require_root, sha256_file, wait_until,
+    ClientReport, Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version,
+    echo_version, echo_version_series, install_package, require_root, sha256_file, wait_until,
 };
 
 const CONNECTIONS: usize = 20;
 const RELOADS: usize = 50;
-
-struct ClientReport {
-    frames: u64,
-    errors: Vec<String>,
-    versions: Vec<String>,
-    still_open: bool,
-}
 
 #[test]
 fn fifty_reloads_under_twenty_live_connections_break_nothing() {
@@ -50,12 +43,7 @@ fn fifty_reloads_under_twenty_live_connections_break_nothing() {
             let stop = stop.clone();
             let mut client = LineClient::connect(addr).expect("connect");
             std::thread::spawn(move || {
-                let mut r = ClientReport {
-                    frames: 0,
-                    errors: Vec::new(),
-                    versions: Vec::new(),
-                    still_open: false,
-                };
+                let mut r = ClientReport::default();
                 while !stop.load(Ordering::Relaxed) {
                     let frame = format!("c{c}-f{}", r.frames);
                     match client.call(&frame) {
@@ -112,38 +100,7 @@ fn fifty_reloads_under_twenty_live_connections_break_nothing() {
     let m = daemon.metrics();
     let total_frames: u64 = reports.iter().map(|r| r.frames).sum();
     for (i, r) in reports.iter().enumerate() {
-        assert!(r.errors.is_empty(), "client {i} saw errors: {:?}", r.errors);
-        assert!(
-            r.still_open,
-            "client {i}: connection did not survive the reloads"
-        );
-        assert!(
-            r.versions.len() >= 2,
-            "client {i} never saw the version change: {:?}",
-            r.versions
-        );
-        assert_eq!(
-            r.versions.last().map(String::as_str),
-            Some(versions.last().unwrap().as_str()),
-            "client {i}"
-        );
-        // Versions only move forward under one connection.
-        let idx: Vec<usize> = r
-            .versions
-            .iter()
-            .map(|v| {
-                if v == "1.0.0" {
-                    0
-                } else {
-                    versions.iter().position(|x| x == v).unwrap() + 1
-                }
-            })
-            .collect();
-        assert!(
-            idx.windows(2).all(|w| w[0] < w[1]),
-            "client {i} saw versions out of order: {:?}",
-            r.versions
-        );
+        r.assert_followed(&format!("client {i}"), &versions);
     }
     assert_eq!(
         m.get(
