@@ -8,9 +8,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{
-    Dist, Overhead, PHASES, Reload, ReloadRun, Results, Soak, load, pass_costs, probecost, shape,
-};
+use crate::reload::{PHASES, Reload, ReloadRun, pass_costs};
+use crate::stats::Dist;
+use crate::{Overhead, Results, Soak, load, probecost, shape};
 
 /// The plots' directory as the markdown file links to it.
 pub fn plots_rel(out: Option<&Path>, plots: &Path) -> String {
