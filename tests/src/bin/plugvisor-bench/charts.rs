@@ -2,9 +2,11 @@
 //! the markdown links to.
 use std::path::Path;
 
+use crate::inprocess::values;
 use crate::plot::{Axes, Kind, Series, cdf, chart};
 use crate::report::mb;
-use crate::{Results, load, shape, values};
+use crate::soak::shape;
+use crate::{Results, load};
 
 /// Draws every chart into `dir`, stopping at the first that fails: the
 /// report then says why instead of linking to what is missing.

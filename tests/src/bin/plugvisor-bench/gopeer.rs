@@ -9,6 +9,9 @@ use std::process::Command;
 
 use plugvisor_tests::{target_dir, tool};
 
+use crate::reload::sizes;
+use crate::stats::Dist;
+
 /// One Go plugin of about `target` bytes.
 pub struct GoPlugin {
     /// The plugin file.
@@ -127,4 +130,51 @@ pub fn open_once(loader: &Path, plugin: &Path) -> Result<f64, String> {
         .find_map(|f| f.strip_prefix("open_ns="))
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("no open_ns in {text:?}"))
+}
+
+/// Go's `plugin.Open`, one open per fresh process, alternating sizes.
+pub struct GoRun {
+    /// The size's label, the same as the `sized` run it stands beside.
+    pub label: String,
+    /// The plugin file's size.
+    pub bytes: u64,
+    /// Nanoseconds of each `plugin.Open`.
+    pub open_ns: Vec<f64>,
+}
+
+/// [`GoRun`]s at each of the Rust fixture's sizes, or why Go could not
+/// run here.
+pub fn go_peer(quick: bool) -> Result<Vec<GoRun>, String> {
+    plugvisor_tests::tool("go")?;
+    let loader = loader()?;
+    let runs = if quick { 3 } else { 60 };
+    let mut out = Vec::new();
+    let mut plugins = Vec::new();
+    for (label, _, _, funcs, data_kb) in sizes(quick) {
+        let p = plugin(funcs, data_kb)?;
+        // Warm the page cache, as the Rust side's libraries are.
+        open_once(&loader, &p.path)?;
+        out.push(GoRun {
+            label: label.into(),
+            bytes: p.bytes,
+            open_ns: Vec::new(),
+        });
+        plugins.push(p.path);
+    }
+    for _ in 0..runs {
+        for (run, path) in out.iter_mut().zip(&plugins) {
+            run.open_ns.push(open_once(&loader, path)?);
+        }
+    }
+    for r in &out {
+        let d = Dist::of(&r.open_ns);
+        eprintln!(
+            "go plugin.Open {} ({} bytes): p50 {:.0} µs p99 {:.0} µs",
+            r.label,
+            r.bytes,
+            d.p50 / 1e3,
+            d.p99 / 1e3
+        );
+    }
+    Ok(out)
 }

@@ -8,9 +8,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::overhead::Overhead;
 use crate::reload::{PHASES, Reload, ReloadRun, pass_costs};
+use crate::soak::{Soak, shape};
 use crate::stats::Dist;
-use crate::{Overhead, Results, Soak, load, probecost, shape};
+use crate::{Results, load, probecost};
 
 /// The plots' directory as the markdown file links to it.
 pub fn plots_rel(out: Option<&Path>, plots: &Path) -> String {
