@@ -307,10 +307,7 @@ impl Actions {
         slot.pin(refs.known_good.as_ref().map(|k| k.version.clone()));
         // Another plugin may have been blocked on (or by) the version left.
         r.refresh_dependency_conflicts();
-        r.metrics()
-            .rollbacks_total
-            .with_label_values(&[plugin, &why.reason])
-            .inc();
+        r.metrics().rollback(plugin, &why.reason);
         let mut rep = report(plugin, ActionKind::Rollback, why);
         rep.from_version = Some(from_ref.version.to_string());
         rep.to_version = Some(target.version.to_string());
@@ -362,11 +359,7 @@ impl Actions {
                 }
             }
         };
-        r.metrics().degraded.with_label_values(&[plugin]).set(1);
-        r.metrics()
-            .degradations_total
-            .with_label_values(&[plugin, &why.reason])
-            .inc();
+        r.metrics().degradation(plugin, &why.reason);
         let mut rep = report(plugin, ActionKind::Degrade, why);
         rep.step = Some(step.as_str().to_owned());
         rep.from_version = active.as_ref().map(|a| a.version().to_owned());
@@ -402,7 +395,7 @@ impl Actions {
             DegradeStep::Passthrough => slot.set_passthrough(false),
             DegradeStep::Shed => slot.set_admission(Admission::Open),
         }
-        r.metrics().degraded.with_label_values(&[plugin]).set(0);
+        r.metrics().set_degraded(plugin, false);
         let mut rep = report(plugin, ActionKind::DegradeCleared, why);
         rep.step = Some(step.as_str().to_owned());
         rep.to_version = slot.active().map(|a| a.version().to_owned());

@@ -554,12 +554,7 @@ fn status(
         .collect();
     let probes = plugvisor_probes_common::Probe::ALL
         .iter()
-        .map(|p| {
-            (
-                p.as_str().to_owned(),
-                metrics.probe_up.with_label_values(&[p.as_str()]).get() == 1,
-            )
-        })
+        .map(|p| (p.as_str().to_owned(), metrics.probe_is_up(*p)))
         .collect();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),

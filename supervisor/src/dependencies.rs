@@ -17,8 +17,6 @@ use std::fmt;
 
 use semver::{Version, VersionReq};
 
-pub use crate::metrics::ConflictKind;
-
 /// What the resolver needs to know about one active (or candidate) version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -46,6 +44,43 @@ impl Node {
 
 /// A set of versions by plugin name: at most one version per plugin.
 pub type Set = BTreeMap<String, Node>;
+
+/// Kind of a dependency conflict (`plugvisor_dependency_conflicts{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ConflictKind {
+    /// A required plugin is not active.
+    Missing,
+    /// A required plugin is active in a version outside the range.
+    Version,
+    /// Requirements form a cycle.
+    Cycle,
+    /// A plugin declared a conflict with one that is active.
+    Conflict,
+    /// A manifest's plugin ABI differs from the host's or its dependency's.
+    Abi,
+}
+
+impl ConflictKind {
+    /// Every kind, in label order.
+    pub const ALL: [ConflictKind; 5] = [
+        ConflictKind::Missing,
+        ConflictKind::Version,
+        ConflictKind::Cycle,
+        ConflictKind::Conflict,
+        ConflictKind::Abi,
+    ];
+
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConflictKind::Missing => "missing",
+            ConflictKind::Version => "version",
+            ConflictKind::Cycle => "cycle",
+            ConflictKind::Conflict => "conflict",
+            ConflictKind::Abi => "abi",
+        }
+    }
+}
 
 /// One conflict in a set, said in words.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

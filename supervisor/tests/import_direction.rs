@@ -243,6 +243,43 @@ fn every_import_points_down_the_layers_of_imports_toml() {
     );
 }
 
+/// Lines of `code` outside the metrics module that pick a series by its
+/// label values: label spellings and order are the metrics module's to
+/// decide, through its typed record functions (`metrics/record.rs`).
+fn label_lookups(module: &str, code: &str) -> Vec<usize> {
+    if module == "metrics" {
+        return Vec::new();
+    }
+    code_lines(code)
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("with_label_values(") || l.contains("remove_label_values("))
+        .map(|(i, _)| i + 1)
+        .collect()
+}
+
+#[test]
+fn only_the_metrics_module_names_label_values() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rs_files(&src, &mut files);
+    files.sort();
+    let mut found = Vec::new();
+    for path in &files {
+        let rel = path.strip_prefix(&src).unwrap();
+        let module = rel.iter().next().unwrap().to_str().unwrap();
+        let text = std::fs::read_to_string(path).unwrap();
+        for line in label_lookups(module.trim_end_matches(".rs"), &text) {
+            found.push(format!("src/{}:{line}", rel.display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "label values named outside src/metrics/ (add a typed record function there):\n{}",
+        found.join("\n")
+    );
+}
+
 /// The check on made-up sources: it must catch a wrong `use`, or it
 /// proves nothing about the real ones.
 mod checker {
@@ -299,6 +336,15 @@ mod checker {
             violations("slot", 1, text),
             vec![(4, "daemon".into(), "it is in a layer above".into())]
         );
+    }
+
+    #[test]
+    fn a_label_lookup_outside_metrics_fails_and_inside_or_in_tests_passes() {
+        let text = "fn f(m: &Metrics) {\n    m.reloads_total.with_label_values(&[\"a\"]).inc();\n}\n#[cfg(test)]\nmod tests {\n    fn t(m: &Metrics) { m.x.with_label_values(&[]); }\n}\n";
+        assert_eq!(label_lookups("reload", text), vec![2]);
+        assert!(label_lookups("metrics", text).is_empty());
+        let removal = "fn g(m: &Metrics) { let _ = m.x.remove_label_values(&[\"b\"]); }\n";
+        assert_eq!(label_lookups("slot", removal), vec![1]);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub fn start(
 ) -> Result<Option<Probes>, ProbeError> {
     let mode = config.mode;
     if mode == ProbeMode::Off {
-        zero_series(metrics);
+        metrics.probes_at_zero();
         tracing::info!("eBPF probes are off ([probes] mode = \"off\")");
         return Ok(None);
     }
@@ -142,30 +142,13 @@ pub fn start_reporting(
     plugins: &crate::markers::PluginNames,
     metrics: &Arc<Metrics>,
 ) -> (Option<Probes>, Vec<ProbeError>) {
-    zero_series(metrics);
+    metrics.probes_at_zero();
     let mut errors = Vec::new();
     let result = try_start(ring_buffer_bytes, listeners, plugins, metrics, &mut errors);
     for e in &errors {
-        metrics
-            .probe_failures_total
-            .with_label_values(&[e.probe(), e.stage().as_str()])
-            .inc();
+        metrics.probe_failure(e.probe(), e.stage());
     }
     (result, errors)
-}
-
-/// Every probe down and every failure series at 0, before anything is tried.
-fn zero_series(metrics: &Metrics) {
-    for p in Probe::ALL {
-        metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
-        // At 0 from the start, so the first failure is an increase that
-        // `increase()` and the alerts on it can see.
-        for stage in ProbeStage::ALL {
-            metrics
-                .probe_failures_total
-                .with_label_values(&[p.as_str(), stage.as_str()]);
-        }
-    }
 }
 
 fn try_start(
@@ -239,7 +222,7 @@ fn try_start(
             continue;
         }
         match attach(&mut ebpf, probe) {
-            Ok(()) => metrics.probe_up.with_label_values(&[probe.as_str()]).set(1),
+            Ok(()) => metrics.set_probe_up(probe, true),
             Err(e) => {
                 if probe == Probe::SockState {
                     unavailable.push(probe);
@@ -253,7 +236,7 @@ fn try_start(
         Ok(o) => o,
         Err(message) => {
             for p in Probe::ALL {
-                metrics.probe_up.with_label_values(&[p.as_str()]).set(0);
+                metrics.set_probe_up(p, false);
                 errors.push(ProbeError::Load {
                     probe: p.as_str(),
                     message: message.clone(),

@@ -8,6 +8,7 @@
 //! inside one a warning naming the listener and the reload. aya-log
 //! records from the programs are flushed into the daemon's logs.
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -17,8 +18,7 @@ use prometheus::IntCounter;
 use tokio::io::unix::AsyncFd;
 
 use super::WatchedListener;
-use crate::config::Protocol;
-use crate::metrics::{HistogramSnapshot, Metrics, ProbeStage};
+use crate::metrics::{HistogramSnapshot, ListenerSeries, Metrics, ProbeStage};
 
 /// aya-log's reader, forwarding through the `log` facade (which the
 /// daemon's tracing subscriber collects).
@@ -105,28 +105,20 @@ pub fn start(
     let ring: RingBuf<MapData> =
         RingBuf::try_from(take(ebpf, maps::EVENTS)?).map_err(|e| e.to_string())?;
 
-    for l in listeners {
-        // Present from the start, so "0 broken" is a value, not an absence.
-        metrics
-            .reload_broken_connections_total
-            .with_label_values(&[&l.name, l.protocol.as_str()]);
-        metrics.tcp_connections.with_label_values(&[&l.name]).set(0);
-        for d in ["sent", "received"] {
-            metrics.tcp_resets_total.with_label_values(&[&l.name, d]);
-        }
-        metrics.tcp_retransmits_total.with_label_values(&[&l.name]);
-        if l.protocol == Protocol::Grpc {
-            metrics.grpc_goaway_total.with_label_values(&[&l.name]);
-            metrics
-                .grpc_stream_resets_total
-                .with_label_values(&[&l.name]);
-        }
-    }
-    for p in Probe::ALL {
-        metrics
-            .probe_events_dropped_total
-            .with_label_values(&[p.as_str()]);
-    }
+    // Every series present from the start, so "0 broken" is a value, not
+    // an absence; resolved once, not per scrape.
+    let series: Vec<ListenerSeries> = listeners
+        .iter()
+        .map(|l| {
+            let s = metrics.listener(&l.name, l.protocol);
+            s.connections.set(0);
+            s
+        })
+        .collect();
+    let dropped: Vec<IntCounter> = Probe::ALL
+        .iter()
+        .map(|p| metrics.probe_events_dropped(*p))
+        .collect();
 
     let listener_names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
     let listeners = listeners.to_vec();
@@ -139,17 +131,12 @@ pub fn start(
         let mut seen = seen.lock().expect("observer lock");
         let (per_listener, dropped_seen) = &mut *seen;
         for (i, l) in listeners.iter().enumerate() {
-            refresh_listener(&m, &maps, i, l, &mut per_listener[i]);
+            refresh_listener(&m, &maps, i, l, &series[i], &mut per_listener[i]);
         }
         for p in Probe::ALL {
             if let Ok(values) = maps.dropped.get(&(p as u32), 0) {
                 let total: u64 = values.iter().sum();
-                advance(
-                    &m.probe_events_dropped_total
-                        .with_label_values(&[p.as_str()]),
-                    &mut dropped_seen[p as usize],
-                    total,
-                );
+                advance(&dropped[p as usize], &mut dropped_seen[p as usize], total);
             }
         }
     }));
@@ -175,11 +162,16 @@ pub fn start(
     )))
 }
 
-fn refresh_listener(m: &Metrics, maps: &Maps, i: usize, l: &WatchedListener, seen: &mut Seen) {
+fn refresh_listener(
+    m: &Metrics,
+    maps: &Maps,
+    i: usize,
+    l: &WatchedListener,
+    series: &ListenerSeries,
+    seen: &mut Seen,
+) {
     let Ok(values) = maps.counters.get(&(i as u32), 0) else {
-        m.probe_failures_total
-            .with_label_values(&[Probe::SockState.as_str(), ProbeStage::Read.as_str()])
-            .inc();
+        m.probe_failure(Probe::SockState.as_str(), ProbeStage::Read);
         return;
     };
     let sum = values
@@ -196,39 +188,22 @@ fn refresh_listener(m: &Metrics, maps: &Maps, i: usize, l: &WatchedListener, see
             acc
         });
     let name = l.name.as_str();
-    m.tcp_connections
-        .with_label_values(&[name])
+    series
+        .connections
         .set(sum.opened.saturating_sub(sum.closed) as i64);
-    let broken = m
-        .reload_broken_connections_total
-        .with_label_values(&[name, l.protocol.as_str()]);
-    advance(&broken, &mut seen.broken, sum.broken_in_reload);
+    advance(&series.broken, &mut seen.broken, sum.broken_in_reload);
+    advance(&series.resets_sent, &mut seen.resets_sent, sum.resets_sent);
     advance(
-        &m.tcp_resets_total.with_label_values(&[name, "sent"]),
-        &mut seen.resets_sent,
-        sum.resets_sent,
-    );
-    advance(
-        &m.tcp_resets_total.with_label_values(&[name, "received"]),
+        &series.resets_received,
         &mut seen.resets_received,
         sum.resets_received,
     );
-    advance(
-        &m.tcp_retransmits_total.with_label_values(&[name]),
-        &mut seen.retransmits,
-        sum.retransmits,
-    );
-    if l.protocol == Protocol::Grpc {
-        advance(
-            &m.grpc_goaway_total.with_label_values(&[name]),
-            &mut seen.goaway,
-            sum.goaway,
-        );
-        advance(
-            &m.grpc_stream_resets_total.with_label_values(&[name]),
-            &mut seen.rst_stream,
-            sum.rst_stream,
-        );
+    advance(&series.retransmits, &mut seen.retransmits, sum.retransmits);
+    if let Some(goaway) = &series.goaway {
+        advance(goaway, &mut seen.goaway, sum.goaway);
+    }
+    if let Some(resets) = &series.stream_resets {
+        advance(resets, &mut seen.rst_stream, sum.rst_stream);
     }
     for (w, label) in [(window::STEADY, "steady"), (window::RELOAD, "reload")] {
         match maps.gaps.get(&(i as u32 * 2 + w), 0) {
@@ -236,9 +211,7 @@ fn refresh_listener(m: &Metrics, maps: &Maps, i: usize, l: &WatchedListener, see
                 .service_gap_seconds
                 .set(&[name, label], gap_snapshot(values.iter().copied())),
             Err(_) => {
-                m.probe_failures_total
-                    .with_label_values(&[Probe::ServiceGap.as_str(), ProbeStage::Read.as_str()])
-                    .inc();
+                m.probe_failure(Probe::ServiceGap.as_str(), ProbeStage::Read);
             }
         }
     }
@@ -264,10 +237,7 @@ async fn drain(
         let mut guard = match fd.readable_mut().await {
             Ok(g) => g,
             Err(e) => {
-                metrics
-                    .probe_failures_total
-                    .with_label_values(&[Probe::ReloadMarkers.as_str(), ProbeStage::Read.as_str()])
-                    .inc();
+                metrics.probe_failure(Probe::ReloadMarkers.as_str(), ProbeStage::Read);
                 tracing::error!(error = %e, "eBPF ring buffer unreadable; kernel reload latency no longer observed");
                 return;
             }
@@ -297,7 +267,6 @@ fn handle_event(event: &Event, plugins: &PluginNames, listeners: &[String], metr
         let Some(plugin) = plugin_name(event.subject) else {
             return;
         };
-        let seconds = event.value as f64 / 1e9;
         // Per reload, for comparing with the userspace figures of the
         // `reloaded` line of the same `seq` (the histogram's buckets are
         // too coarse for that).
@@ -307,10 +276,7 @@ fn handle_event(event: &Event, plugins: &PluginNames, listeners: &[String], metr
             window_ns = event.value,
             "kernel-measured reload window"
         );
-        metrics
-            .kernel_reload_duration_seconds
-            .with_label_values(&[&plugin])
-            .observe(seconds);
+        metrics.kernel_reload(&plugin, Duration::from_nanos(event.value));
     } else if event.kind == EventKind::BrokenConnection as u32 {
         let old = (event.value >> 32) as u32;
         let new = event.value as u32;

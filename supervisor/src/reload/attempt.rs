@@ -451,7 +451,7 @@ impl Reloader {
             (Phase::Total, total),
         ];
         for (phase, d) in phases {
-            self.observe(plugin, phase, d);
+            self.metrics.reload_phase(plugin, phase, d);
         }
         // The new version serves; now make it durable, before the refs
         // name it. Kept beside it: the manifest, so the version's
@@ -506,10 +506,7 @@ impl Reloader {
         let plugin = a.plugin;
         let version = &v.package.manifest.version;
         let version_key = version.to_string();
-        self.metrics
-            .reloads_total
-            .with_label_values(&[plugin, ReloadOutcome::Success.as_str()])
-            .inc();
+        self.metrics.reload(plugin, ReloadOutcome::Success);
         let new_ref = VersionRef {
             version: version.clone(),
             sha256: switched.sha256.clone(),
@@ -589,13 +586,6 @@ impl Reloader {
         Some(Stop::Deferred(e.to_string()))
     }
 
-    fn observe(&self, plugin: &str, phase: Phase, d: Duration) {
-        self.metrics
-            .reload_duration_seconds
-            .with_label_values(&[plugin, phase.as_str()])
-            .observe(d.as_secs_f64());
-    }
-
     fn record_activation(
         &self,
         plugin: &str,
@@ -647,10 +637,7 @@ impl Reloader {
             serving = report.active_version.as_deref().unwrap_or("none"),
             "reload refused: {e}"
         );
-        self.metrics
-            .reloads_total
-            .with_label_values(&[&report.plugin, outcome.as_str()])
-            .inc();
+        self.metrics.reload(&report.plugin, outcome);
         let mut entry = JournalEntry::now(
             &report.plugin,
             match outcome {

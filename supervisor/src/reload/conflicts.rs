@@ -121,12 +121,11 @@ impl Reloader {
         for (plugin, b) in &self.blocked {
             now.extend(b.conflicts.iter().map(|c| (plugin.clone(), c.kind)));
         }
-        let gauge = &self.metrics.dependency_conflicts;
         for (plugin, kind) in self.conflict_series.difference(&now) {
-            gauge.with_label_values(&[plugin, kind.as_str()]).set(0);
+            self.metrics.dependency_conflict(plugin, *kind, false);
         }
         for (plugin, kind) in &now {
-            gauge.with_label_values(&[plugin, kind.as_str()]).set(1);
+            self.metrics.dependency_conflict(plugin, *kind, true);
         }
         self.conflict_series = now;
     }

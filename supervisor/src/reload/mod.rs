@@ -44,7 +44,7 @@ pub use self::outcome::{
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies::{self as deps, Conflict, ConflictKind};
 use crate::markers::{PluginNames, ReloadWindow};
-use crate::metrics::{Metrics, ReloadOutcome};
+use crate::metrics::Metrics;
 use crate::slot::Slot;
 use crate::store::Store;
 use crate::trust::TrustPolicy;
@@ -123,22 +123,11 @@ impl Reloader {
             return s.clone();
         }
         let slot = Arc::new(Slot::new(plugin, self.keep_loaded, self.metrics.clone()));
-        // Present at 0 from the start, so the first rollback is an increase
-        // PromQL can see (a series born at 1 has no increase).
-        for reason in [MANUAL, CRASH_IN_TRIAL] {
-            self.metrics
-                .rollbacks_total
-                .with_label_values(&[plugin, reason]);
-        }
+        // Present at 0 from the start, so the first rollback or rejection
+        // is an increase PromQL can see.
+        self.metrics
+            .plugin_at_zero(plugin, &[MANUAL, CRASH_IN_TRIAL]);
         self.slots.insert(plugin.to_owned(), slot.clone());
-        // Present from the start: a counter series born at 1 on its first
-        // rejection is invisible to `increase()`, so an alert on it would
-        // miss exactly the first one.
-        for outcome in ReloadOutcome::ALL {
-            self.metrics
-                .reloads_total
-                .with_label_values(&[plugin, outcome.as_str()]);
-        }
         let mut names = self.plugin_names.write().expect("plugin names");
         if !names.iter().any(|n| n == plugin) {
             names.push(plugin.to_owned());

@@ -112,10 +112,7 @@ impl Reloader {
                 if let Err(e) = self.store.journal(&entry) {
                     tracing::error!(plugin, error = %e, "could not journal the crash in load");
                 }
-                self.metrics
-                    .reloads_total
-                    .with_label_values(&[&plugin, ReloadOutcome::Failed.as_str()])
-                    .inc();
+                self.metrics.reload(&plugin, ReloadOutcome::Failed);
             }
             if let Err(e) = self.store.clear_loading(&plugin) {
                 tracing::warn!(plugin, error = %e, "could not clear the load mark");
@@ -168,10 +165,7 @@ impl Reloader {
             {
                 tracing::error!(plugin, error = %e, "could not record the crash-in-trial rollback");
             }
-            self.metrics
-                .rollbacks_total
-                .with_label_values(&[plugin, CRASH_IN_TRIAL])
-                .inc();
+            self.metrics.rollback(plugin, CRASH_IN_TRIAL);
             message = format!(
                 "crash-in-trial: started on known-good {} instead of {}",
                 good.version, active.version

@@ -246,10 +246,7 @@ impl Engine {
             .collect();
         for run in old.values() {
             if !t.rules.iter().any(|r| r.name == run.rule.name) {
-                let _ = self
-                    .metrics
-                    .rule_state
-                    .remove_label_values(&[&run.rule.name]);
+                self.metrics.forget_rule(&run.rule.name);
             }
         }
         self.runs = t
@@ -268,23 +265,12 @@ impl Engine {
             // loaded, so its first action is an increase PromQL can see.
             if let Some(p) = &run.rule.plugin {
                 match run.rule.action {
-                    Action::Rollback => {
-                        self.metrics
-                            .rollbacks_total
-                            .with_label_values(&[p, &run.rule.name]);
-                    }
-                    Action::Degrade => {
-                        self.metrics
-                            .degradations_total
-                            .with_label_values(&[p, &run.rule.name]);
-                    }
+                    Action::Rollback => self.metrics.rollback_at_zero(p, &run.rule.name),
+                    Action::Degrade => self.metrics.degradation_at_zero(p, &run.rule.name),
                     Action::Alert => {}
                 }
             }
-            self.metrics
-                .rule_state
-                .with_label_values(&[&run.rule.name])
-                .set(run.state as i64);
+            self.metrics.rule_state(&run.rule.name, run.state as i64);
         }
         self.interval = t.evaluation_interval;
     }
@@ -332,10 +318,7 @@ impl Engine {
                 decisions.push(d);
             }
             let run = &self.runs[i];
-            self.metrics
-                .rule_state
-                .with_label_values(&[&run.rule.name])
-                .set(run.state as i64);
+            self.metrics.rule_state(&run.rule.name, run.state as i64);
         }
         decisions
     }

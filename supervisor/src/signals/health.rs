@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{HealthCheckConfig, HealthTarget, HttpTarget};
-use crate::metrics::Metrics;
+use crate::metrics::{HealthSeries, Metrics};
 use crate::slot::Slot;
 
 /// How often each plugin's `health()` hook is polled (besides right after
@@ -186,15 +186,10 @@ struct Series {
 
 impl Series {
     fn new(metrics: &Arc<Metrics>, check: &str, plugin: &str, failures_before_down: u32) -> Series {
-        let labels = [check, plugin];
+        let HealthSeries { duration, failures } = metrics.health(check, plugin);
         Series {
-            duration: metrics
-                .health_check_duration_seconds
-                .with_label_values(&labels),
-            // Present at 0 from the start, so `increase()` has a base.
-            failures: metrics
-                .health_check_failures_total
-                .with_label_values(&labels),
+            duration,
+            failures,
             metrics: metrics.clone(),
             check: check.to_owned(),
             plugin: plugin.to_owned(),
@@ -220,10 +215,7 @@ impl Series {
             return;
         };
         // Created here, not in `new`: no series until there is a verdict.
-        self.metrics
-            .health_check_up
-            .with_label_values(&[self.check.as_str(), self.plugin.as_str()])
-            .set(i64::from(up));
+        self.metrics.health_up(&self.check, &self.plugin, up);
         match result {
             Ok(()) => {
                 tracing::info!(check = %self.check, plugin = %self.plugin, "health check up");

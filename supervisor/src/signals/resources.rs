@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, set_or_absent};
 
 /// v1 reports "no limit" as the largest page-aligned `i64`; anything this
 /// large is no real machine's memory.
@@ -278,16 +278,6 @@ pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
         return Ok(0);
     }
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// Sets a label-less gauge, or removes its series when there is no value.
-fn set_or_absent(g: &prometheus::GaugeVec, value: Option<f64>) {
-    match value {
-        Some(v) => g.with_label_values(&[] as &[&str]).set(v),
-        None => {
-            let _ = g.remove_label_values(&[] as &[&str]);
-        }
-    }
 }
 
 /// Registers the refresher that keeps the resource families current, and

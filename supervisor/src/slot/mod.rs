@@ -34,7 +34,7 @@ use semver::Version;
 use tokio::sync::watch;
 
 use crate::loader::{self, HandleError, InitBound, LoadedVersion, StuckCalls};
-use crate::metrics::{Metrics, PluginCall, RequestOutcome};
+use crate::metrics::{Metrics, PluginCall, RequestCounters};
 use calls::{Abandon, CallError, CallPool};
 
 /// Abandoned `handle` calls (still running past their `request_timeout`)
@@ -208,32 +208,15 @@ pub struct Slot {
 impl Slot {
     /// An empty slot for `plugin` keeping at most `keep_loaded` versions mapped.
     pub fn new(plugin: &str, keep_loaded: usize, metrics: Arc<Metrics>) -> Slot {
-        // Every series present at 0 from the start, so the first timeout is
-        // an increase PromQL can see.
-        let series = |call: PluginCall| [plugin, call.as_str()];
-        let stuck = |call: PluginCall, limit: usize| {
-            Arc::new(StuckCalls::new(
-                limit,
-                metrics.plugin_calls_stuck.with_label_values(&series(call)),
-            ))
-        };
-        let timeouts = |call: PluginCall| {
-            metrics
-                .plugin_call_timeouts_total
-                .with_label_values(&series(call))
-        };
-        let shed = |call: PluginCall| {
-            metrics
-                .plugin_calls_shed_total
-                .with_label_values(&series(call))
-        };
+        let init = metrics.calls(plugin, PluginCall::Init);
+        let handle = metrics.calls(plugin, PluginCall::Handle);
         Slot {
-            stuck_init: stuck(PluginCall::Init, loader::MAX_STUCK_INITS),
-            stuck_handle: stuck(PluginCall::Handle, MAX_STUCK_HANDLES),
-            init_timeouts: timeouts(PluginCall::Init),
-            handle_timeouts: timeouts(PluginCall::Handle),
-            init_shed: shed(PluginCall::Init),
-            handle_shed: shed(PluginCall::Handle),
+            stuck_init: Arc::new(StuckCalls::new(loader::MAX_STUCK_INITS, init.stuck)),
+            stuck_handle: Arc::new(StuckCalls::new(MAX_STUCK_HANDLES, handle.stuck)),
+            init_timeouts: init.timeouts,
+            handle_timeouts: handle.timeouts,
+            init_shed: init.shed,
+            handle_shed: handle.shed,
             calls: CallPool::new(),
             plugin: plugin.to_owned(),
             keep_loaded: keep_loaded.max(1),
@@ -437,17 +420,12 @@ impl Slot {
         loaded: LoadedVersion,
     ) -> (Option<Arc<Installed>>, Duration, Instant) {
         let version_label = loaded.version().to_string();
-        let counter = |o: RequestOutcome| {
-            self.metrics.requests_total.with_label_values(&[
-                &self.plugin,
-                &version_label,
-                o.as_str(),
-            ])
-        };
+        let RequestCounters { ok, error, panic } =
+            self.metrics.requests(&self.plugin, &version_label);
         let installed = Arc::new(Installed {
-            ok: counter(RequestOutcome::Ok),
-            error: counter(RequestOutcome::Error),
-            panic: counter(RequestOutcome::Panic),
+            ok,
+            error,
+            panic,
             panic_logged: AtomicBool::new(false),
             stuck: Arc::new(VersionStuck {
                 count: AtomicUsize::new(0),
@@ -506,17 +484,7 @@ impl Slot {
             evicted
         };
         for old in &evicted {
-            for o in [
-                RequestOutcome::Ok,
-                RequestOutcome::Error,
-                RequestOutcome::Panic,
-            ] {
-                let _ = self.metrics.requests_total.remove_label_values(&[
-                    &self.plugin,
-                    old.version(),
-                    o.as_str(),
-                ]);
-            }
+            self.metrics.forget_requests(&self.plugin, old.version());
         }
         self.publish_info();
         // `evicted` drops here; each old version is shut down and unmapped
@@ -528,15 +496,14 @@ impl Slot {
         let active = self.active.load_full();
         let mapped = self.mapped.lock().expect("slot lock");
         let mut published = self.published.lock().expect("slot lock");
-        let info = &self.metrics.plugin_info;
         for (version, state) in published.drain(..) {
-            let _ = info.remove_label_values(&[&self.plugin, &version, state]);
+            self.metrics
+                .forget_plugin_info(&self.plugin, &version, state);
         }
         for i in mapped.iter() {
             let is_active = active.as_ref().is_some_and(|a| Arc::ptr_eq(a, i));
             let state = if is_active { "active" } else { "standby" };
-            info.with_label_values(&[&self.plugin, i.version(), state])
-                .set(1);
+            self.metrics.plugin_info(&self.plugin, i.version(), state);
             published.push((i.version().to_owned(), state));
         }
     }

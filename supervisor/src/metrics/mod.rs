@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto;
 
+mod record;
+
+pub use self::record::{CallSeries, HealthSeries, ListenerSeries, RequestCounters, set_or_absent};
+
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -144,46 +148,6 @@ impl ProbeStage {
             ProbeStage::Load => "load",
             ProbeStage::Attach => "attach",
             ProbeStage::Read => "read",
-        }
-    }
-}
-
-/// Kind of a dependency conflict (`plugvisor_dependency_conflicts{kind}`).
-///
-/// Defined here, not in `deps`, because `metrics` imports none of the
-/// parts; `deps` re-exports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ConflictKind {
-    /// A required plugin is not active.
-    Missing,
-    /// A required plugin is active in a version outside the range.
-    Version,
-    /// Requirements form a cycle.
-    Cycle,
-    /// A plugin declared a conflict with one that is active.
-    Conflict,
-    /// A manifest's plugin ABI differs from the host's or its dependency's.
-    Abi,
-}
-
-impl ConflictKind {
-    /// Every kind, in label order.
-    pub const ALL: [ConflictKind; 5] = [
-        ConflictKind::Missing,
-        ConflictKind::Version,
-        ConflictKind::Cycle,
-        ConflictKind::Conflict,
-        ConflictKind::Abi,
-    ];
-
-    /// Label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ConflictKind::Missing => "missing",
-            ConflictKind::Version => "version",
-            ConflictKind::Cycle => "cycle",
-            ConflictKind::Conflict => "conflict",
-            ConflictKind::Abi => "abi",
         }
     }
 }

@@ -1,0 +1,306 @@
+//! Typed record functions: the only code that names label values.
+//!
+//! Every part records what happened through a method here, with the
+//! label set as an enum where the set is closed (outcome, phase, kind,
+//! stage, call) and as the configured name where it is not (plugin,
+//! listener, rule, check). A label's spelling, its order in the family and
+//! whether a series exists at 0 before its first event are decided once,
+//! here, rather than at every call site (vector's typed internal events
+//! are the model). Long-lived series are handed out as handles
+//! ([`ListenerSeries`], [`CallSeries`], [`RequestCounters`],
+//! [`HealthSeries`]) so a hot path does not look labels up again.
+
+use std::time::Duration;
+
+use plugvisor_probes_common::Probe;
+use prometheus::{GaugeVec, Histogram, IntCounter, IntGauge};
+
+use super::{Metrics, Phase, PluginCall, ProbeStage, ReloadOutcome, RequestOutcome};
+use crate::config::Protocol;
+use crate::dependencies::ConflictKind;
+
+/// The kernel-observed series of one listener.
+#[derive(Clone)]
+pub struct ListenerSeries {
+    /// `plugvisor_tcp_connections{listener}`.
+    pub connections: IntGauge,
+    /// `plugvisor_reload_broken_connections_total{listener,protocol}`.
+    pub broken: IntCounter,
+    /// `plugvisor_tcp_resets_total{listener,direction="sent"}`.
+    pub resets_sent: IntCounter,
+    /// `plugvisor_tcp_resets_total{listener,direction="received"}`.
+    pub resets_received: IntCounter,
+    /// `plugvisor_tcp_retransmits_total{listener}`.
+    pub retransmits: IntCounter,
+    /// `plugvisor_grpc_goaway_total{listener}` (gRPC listeners only).
+    pub goaway: Option<IntCounter>,
+    /// `plugvisor_grpc_stream_resets_total{listener}` (gRPC listeners only).
+    pub stream_resets: Option<IntCounter>,
+}
+
+/// The series of one bounded entry point of one plugin.
+pub struct CallSeries {
+    /// `plugvisor_plugin_calls_stuck{plugin,call}`.
+    pub stuck: IntGauge,
+    /// `plugvisor_plugin_call_timeouts_total{plugin,call}`.
+    pub timeouts: IntCounter,
+    /// `plugvisor_plugin_calls_shed_total{plugin,call}`.
+    pub shed: IntCounter,
+}
+
+/// `plugvisor_requests_total{plugin,version,outcome}` of one version.
+pub struct RequestCounters {
+    /// `outcome="ok"`.
+    pub ok: IntCounter,
+    /// `outcome="error"`.
+    pub error: IntCounter,
+    /// `outcome="panic"`.
+    pub panic: IntCounter,
+}
+
+/// The series of one health check of one plugin.
+pub struct HealthSeries {
+    /// `plugvisor_health_check_duration_seconds{check,plugin}`.
+    pub duration: Histogram,
+    /// `plugvisor_health_check_failures_total{check,plugin}`.
+    pub failures: IntCounter,
+}
+
+const REQUEST_OUTCOMES: [RequestOutcome; 3] = [
+    RequestOutcome::Ok,
+    RequestOutcome::Error,
+    RequestOutcome::Panic,
+];
+
+/// The reload path.
+impl Metrics {
+    /// Every reload outcome of `plugin`, and its rollbacks for each of
+    /// `rollback_reasons`, at 0: a counter series born at 1 on its first
+    /// event is invisible to `increase()`, so an alert on it would miss
+    /// exactly the first one.
+    pub fn plugin_at_zero(&self, plugin: &str, rollback_reasons: &[&str]) {
+        for reason in rollback_reasons {
+            self.rollbacks_total.with_label_values(&[plugin, reason]);
+        }
+        for outcome in ReloadOutcome::ALL {
+            self.reloads_total
+                .with_label_values(&[plugin, outcome.as_str()]);
+        }
+    }
+
+    /// One reload attempt of `plugin` that came to `outcome`.
+    pub fn reload(&self, plugin: &str, outcome: ReloadOutcome) {
+        self.reloads_total
+            .with_label_values(&[plugin, outcome.as_str()])
+            .inc();
+    }
+
+    /// How long `phase` of a reload of `plugin` took.
+    pub fn reload_phase(&self, plugin: &str, phase: Phase, d: Duration) {
+        self.reload_duration_seconds
+            .with_label_values(&[plugin, phase.as_str()])
+            .observe(d.as_secs_f64());
+    }
+
+    /// Whether `plugin` has a dependency conflict of `kind` now.
+    pub fn dependency_conflict(&self, plugin: &str, kind: ConflictKind, standing: bool) {
+        self.dependency_conflicts
+            .with_label_values(&[plugin, kind.as_str()])
+            .set(i64::from(standing));
+    }
+}
+
+/// Actions and the rules that take them.
+impl Metrics {
+    /// A rollback of `plugin` for `reason` (a rule's name, `manual`,
+    /// `crash-in-trial`).
+    pub fn rollback(&self, plugin: &str, reason: &str) {
+        self.rollbacks_total
+            .with_label_values(&[plugin, reason])
+            .inc();
+    }
+
+    /// The rollback series of `plugin` for `reason`, at 0.
+    pub fn rollback_at_zero(&self, plugin: &str, reason: &str) {
+        self.rollbacks_total.with_label_values(&[plugin, reason]);
+    }
+
+    /// A degradation of `plugin` for `reason`; it is degraded from now.
+    pub fn degradation(&self, plugin: &str, reason: &str) {
+        self.set_degraded(plugin, true);
+        self.degradations_total
+            .with_label_values(&[plugin, reason])
+            .inc();
+    }
+
+    /// The degradation series of `plugin` for `reason`, at 0.
+    pub fn degradation_at_zero(&self, plugin: &str, reason: &str) {
+        self.degradations_total.with_label_values(&[plugin, reason]);
+    }
+
+    /// Whether `plugin` is degraded.
+    pub fn set_degraded(&self, plugin: &str, degraded: bool) {
+        self.degraded
+            .with_label_values(&[plugin])
+            .set(i64::from(degraded));
+    }
+
+    /// The state of rule `rule`: 0 ok, 1 pending, 2 firing.
+    pub fn rule_state(&self, rule: &str, state: i64) {
+        self.rule_state.with_label_values(&[rule]).set(state);
+    }
+
+    /// Drops the state series of a rule the thresholds file no longer has.
+    pub fn forget_rule(&self, rule: &str) {
+        let _ = self.rule_state.remove_label_values(&[rule]);
+    }
+}
+
+/// The probes.
+impl Metrics {
+    /// Every probe down and every failure series at 0, before anything is
+    /// tried.
+    pub fn probes_at_zero(&self) {
+        for p in Probe::ALL {
+            self.set_probe_up(p, false);
+            for stage in ProbeStage::ALL {
+                self.probe_failures_total
+                    .with_label_values(&[p.as_str(), stage.as_str()]);
+            }
+        }
+    }
+
+    /// A failure of `probe` (by its label, which may name a probe group) at
+    /// `stage`.
+    pub fn probe_failure(&self, probe: &str, stage: ProbeStage) {
+        self.probe_failures_total
+            .with_label_values(&[probe, stage.as_str()])
+            .inc();
+    }
+
+    /// Whether `probe` is loaded and attached.
+    pub fn set_probe_up(&self, probe: Probe, up: bool) {
+        self.probe_up
+            .with_label_values(&[probe.as_str()])
+            .set(i64::from(up));
+    }
+
+    /// Whether `probe` is loaded and attached, as last recorded.
+    pub fn probe_is_up(&self, probe: Probe) -> bool {
+        self.probe_up.with_label_values(&[probe.as_str()]).get() == 1
+    }
+
+    /// `plugvisor_probe_events_dropped_total{probe}`, created at 0.
+    pub fn probe_events_dropped(&self, probe: Probe) -> IntCounter {
+        self.probe_events_dropped_total
+            .with_label_values(&[probe.as_str()])
+    }
+
+    /// The kernel-observed series of listener `name`, every one present
+    /// from the start, so "0 broken" is a value, not an absence.
+    pub fn listener(&self, name: &str, protocol: Protocol) -> ListenerSeries {
+        let grpc = protocol == Protocol::Grpc;
+        ListenerSeries {
+            connections: self.tcp_connections.with_label_values(&[name]),
+            broken: self
+                .reload_broken_connections_total
+                .with_label_values(&[name, protocol.as_str()]),
+            resets_sent: self.tcp_resets_total.with_label_values(&[name, "sent"]),
+            resets_received: self.tcp_resets_total.with_label_values(&[name, "received"]),
+            retransmits: self.tcp_retransmits_total.with_label_values(&[name]),
+            goaway: grpc.then(|| self.grpc_goaway_total.with_label_values(&[name])),
+            stream_resets: grpc.then(|| self.grpc_stream_resets_total.with_label_values(&[name])),
+        }
+    }
+
+    /// A reload window of `plugin` the kernel measured.
+    pub fn kernel_reload(&self, plugin: &str, d: Duration) {
+        self.kernel_reload_duration_seconds
+            .with_label_values(&[plugin])
+            .observe(d.as_secs_f64());
+    }
+}
+
+/// Slots: requests, versions, bounded calls.
+impl Metrics {
+    /// The request counters of `version` of `plugin`, created at 0.
+    pub fn requests(&self, plugin: &str, version: &str) -> RequestCounters {
+        let c = |o: RequestOutcome| {
+            self.requests_total
+                .with_label_values(&[plugin, version, o.as_str()])
+        };
+        RequestCounters {
+            ok: c(RequestOutcome::Ok),
+            error: c(RequestOutcome::Error),
+            panic: c(RequestOutcome::Panic),
+        }
+    }
+
+    /// Drops the request series of a version no longer mapped.
+    pub fn forget_requests(&self, plugin: &str, version: &str) {
+        for o in REQUEST_OUTCOMES {
+            let _ = self
+                .requests_total
+                .remove_label_values(&[plugin, version, o.as_str()]);
+        }
+    }
+
+    /// `plugvisor_plugin_info{plugin,version,state}` = 1.
+    pub fn plugin_info(&self, plugin: &str, version: &str, state: &str) {
+        self.plugin_info
+            .with_label_values(&[plugin, version, state])
+            .set(1);
+    }
+
+    /// Drops a `plugvisor_plugin_info` series that no longer holds.
+    pub fn forget_plugin_info(&self, plugin: &str, version: &str, state: &str) {
+        let _ = self
+            .plugin_info
+            .remove_label_values(&[plugin, version, state]);
+    }
+
+    /// The series of entry point `call` of `plugin`, at 0 from the start,
+    /// so the first timeout is an increase PromQL can see.
+    pub fn calls(&self, plugin: &str, call: PluginCall) -> CallSeries {
+        let labels = [plugin, call.as_str()];
+        CallSeries {
+            stuck: self.plugin_calls_stuck.with_label_values(&labels),
+            timeouts: self.plugin_call_timeouts_total.with_label_values(&labels),
+            shed: self.plugin_calls_shed_total.with_label_values(&labels),
+        }
+    }
+}
+
+/// Signals: health checks and resources.
+impl Metrics {
+    /// The series of health check `check` of `plugin`; the failures
+    /// counter is present at 0 from the start, so `increase()` has a base.
+    pub fn health(&self, check: &str, plugin: &str) -> HealthSeries {
+        let labels = [check, plugin];
+        HealthSeries {
+            duration: self
+                .health_check_duration_seconds
+                .with_label_values(&labels),
+            failures: self.health_check_failures_total.with_label_values(&labels),
+        }
+    }
+
+    /// The verdict of `check` of `plugin`; its series exists from the
+    /// first verdict on.
+    pub fn health_up(&self, check: &str, plugin: &str, up: bool) {
+        self.health_check_up
+            .with_label_values(&[check, plugin])
+            .set(i64::from(up));
+    }
+}
+
+/// Sets a label-less gauge, or removes its series when there is no value
+/// (a resource that cannot be read is absent, not 0).
+pub fn set_or_absent(g: &GaugeVec, value: Option<f64>) {
+    match value {
+        Some(v) => g.with_label_values(&[] as &[&str]).set(v),
+        None => {
+            let _ = g.remove_label_values(&[] as &[&str]);
+        }
+    }
+}
