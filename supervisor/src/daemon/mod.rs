@@ -1,0 +1,153 @@
+//! `plugvisor run`: start everything in order, apply commands one at a
+//! time, drain on SIGTERM.
+//!
+//! Start order matters: listeners are bound before anything else can fail
+//! late, probes are attached before the first plugin loads (so the kernel
+//! sees the first reload too), and the first load comes from the store's
+//! refs — the version that was active — before the packages are looked at.
+//!
+//! Where each part lives: [`start`] (the start order, into a running
+//! [`Daemon`]), [`events`] (every source — signals, the `plugins_dir` and
+//! thresholds watchers, the rule ticker, the admin socket — becomes one
+//! [`events::Event`], applied one at a time), [`rescan`] (reloads off the
+//! async workers, and the second look at a deferred package),
+//! [`thresholds`] (loading the thresholds file, carrying out a rule's
+//! decision), [`status`] (what `plugvisor status` and `versions` show).
+//! This file holds the error type and the run from start to drain.
+
+mod events;
+mod rescan;
+mod start;
+mod status;
+mod thresholds;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::actions::Actions;
+use crate::config::Config;
+use crate::control::{Command, socket};
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::rules::Engine;
+use crate::systemd::Notifier;
+use crate::{listeners, probes};
+
+/// How long past `[shutdown] drain_timeout` the daemon waits for its
+/// listener tasks before it exits anyway. Each listener bounds its own drain
+/// by `drain_timeout`; this only covers one that fails to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// `plugins_dir` could not be created or seeded.
+    #[error("plugins_dir {path}: {message}")]
+    PluginsDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] listeners::BindError),
+    /// A bound listener could not start serving.
+    #[error(transparent)]
+    Listener(#[from] listeners::StartError),
+    /// Probes are required (`mode = "on"`) and failed.
+    #[error("{0} ([probes] mode = \"on\" requires the probes)")]
+    Probes(#[from] probes::ProbeError),
+    /// The admin socket could not be created.
+    #[error(transparent)]
+    Admin(#[from] socket::AdminError),
+    /// The metrics endpoint could not bind.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The `plugins_dir` watcher could not start.
+    #[error(transparent)]
+    Watch(#[from] crate::fswatch::WatchError),
+    /// A `[trust]` key file could not be read.
+    #[error("[trust]: {0}")]
+    Trust(#[from] crate::trust::TrustError),
+    /// Installing a signal handler failed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let (mut daemon, mut sources) = start::start(config).await?;
+    daemon.serve(&mut sources).await;
+    daemon.drain().await;
+    Ok(())
+}
+
+/// A running daemon: what the event loop acts on, and what the drain
+/// stops.
+struct Daemon {
+    config: Config,
+    notifier: Arc<Notifier>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Mutex<Reloader>>,
+    actions: Actions,
+    engine: Engine,
+    // The admin socket's channel; also how a deferred package schedules
+    // its second look.
+    commands: mpsc::Sender<Command>,
+    shutdown: watch::Sender<bool>,
+    listener_tasks: Vec<tokio::task::JoinHandle<()>>,
+    health: crate::signals::health::HealthChecks,
+    probes: Option<probes::Probes>,
+    metrics_stop: tokio::sync::oneshot::Sender<()>,
+    metrics_task: tokio::task::JoinHandle<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+    // What the service manager is told while serving.
+    ready_status: String,
+}
+
+impl Daemon {
+    /// Stops accepting, drains the listeners within their bound, records
+    /// the trials the stop interrupts, and stops /metrics last.
+    async fn drain(self) {
+        self.notifier.stopping("draining");
+        let _ = self.shutdown.send(true);
+        self.admin_task.abort();
+        let exit_bound = self.config.shutdown.drain_timeout + EXIT_TIMEOUT;
+        let listener_tasks = self.listener_tasks;
+        let drained = tokio::time::timeout(exit_bound, async {
+            for t in listener_tasks {
+                let _ = t.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("listeners did not drain in {exit_bound:?}; exiting anyway");
+        }
+        // Last, so that nothing can fire a rule or end a trial after it.
+        self.reloader
+            .lock()
+            .expect("reloader lock")
+            .interrupt_trials();
+        let _ = self.metrics_stop.send(());
+        let _ = self.metrics_task.await;
+        let _ = std::fs::remove_file(&self.config.admin.socket);
+        drop(self.health);
+        drop(self.probes);
+        if let Some(w) = self.watchdog {
+            w.abort();
+        }
+        tracing::info!("plugvisor stopped");
+    }
+}

@@ -1,0 +1,291 @@
+//! The start order, step by step, into a running [`Daemon`] and the
+//! [`Sources`] its event loop reads.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use super::events::Sources;
+use super::rescan::rescan;
+use super::thresholds::load_thresholds;
+use super::{Daemon, DaemonError};
+use crate::actions::Actions;
+use crate::config::Config;
+use crate::control::{Command, socket};
+use crate::metrics::Metrics;
+use crate::probes::{self, WatchedListener};
+use crate::reload::Reloader;
+use crate::rules::{self, Engine};
+use crate::store::Store;
+use crate::systemd::Notifier;
+use crate::trust::TrustPolicy;
+use crate::{catalog, listeners, seed};
+
+/// Starts everything, in order, up to "ready".
+pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonError> {
+    let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    }));
+    // From the start: a slow start-up (probes, first loads) is still alive.
+    let watchdog = notifier.spawn_watchdog();
+    let metrics = Arc::new(Metrics::new());
+    prepare_plugins_dir(&config)?;
+    let trust = TrustPolicy::load(&config.trust.public_keys, config.trust.require_signature)?;
+    tracing::info!(
+        require_signature = trust.require_signature(),
+        keys = %trust.keys().iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(","),
+        "package trust"
+    );
+    if config.is_embedded_default() {
+        seed_echo(&config);
+    }
+    let store = open_store(&config)?;
+    let (bound, watched) = bind(&config)?;
+    let plugin_names = Arc::new(RwLock::new(config.plugins()));
+    let probes = probes::start(&config.probes, &watched, &plugin_names, &metrics)?;
+
+    let mut reloader = Reloader::new(
+        config.plugins_dir.clone(),
+        store,
+        metrics.clone(),
+        config.reload.keep_loaded,
+        plugin_names,
+    );
+    reloader.set_trust(trust);
+    reloader.set_init_timeout(config.reload.init_timeout);
+    boot(&mut reloader, &config);
+    let reloader = Arc::new(Mutex::new(reloader));
+    // Created before the first scan: a deferred package schedules its
+    // second look through it.
+    let (commands, commands_rx) = mpsc::channel::<Command>(64);
+    rescan(&reloader, None, false, &commands).await;
+
+    let mut actions = Actions::default();
+    actions.fallbacks = config.fallbacks();
+    let Rules {
+        engine,
+        changed: rules_rx,
+        watcher: rules_watcher,
+    } = start_rules(&config, &metrics)?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let listener_tasks = spawn_listeners(bound, &reloader, &shutdown_rx, &config)?;
+
+    let health = start_signals(&config, &metrics, &reloader);
+
+    // /metrics outlives the listeners' drain, so the drain itself (GOAWAYs,
+    // connections closing) can still be scraped.
+    let (metrics_stop, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = crate::metrics::serve(config.metrics.listen, metrics.clone(), async move {
+        let _ = metrics_stop_rx.await;
+    })
+    .await
+    .map_err(|source| DaemonError::Metrics {
+        addr: config.metrics.listen,
+        source,
+    })?;
+    tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
+
+    let admin_listener = socket::bind(&config.admin.socket)?;
+    let admin_task = tokio::spawn(socket::serve(admin_listener, commands.clone()));
+
+    let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+    let packages_watcher =
+        catalog::watch::start(&config.plugins_dir, config.reload.debounce, watch_tx)?;
+
+    let sig = |kind| signal(kind).map_err(DaemonError::Signals);
+    let sources = Sources {
+        sigterm: sig(SignalKind::terminate())?,
+        sigint: sig(SignalKind::interrupt())?,
+        sighup: sig(SignalKind::hangup())?,
+        sigusr1: sig(SignalKind::user_defined1())?,
+        thresholds_changed: rules_rx,
+        packages_changed: watch_rx,
+        commands: commands_rx,
+        ticker: Sources::ticker(engine.interval()),
+        _thresholds_watcher: rules_watcher,
+        _packages_watcher: packages_watcher,
+    };
+
+    tracing::info!(pid = std::process::id(), "plugvisor ready");
+    let ready_status = format!(
+        "serving {} listener(s); metrics on {}",
+        config.listeners.len(),
+        config.metrics.listen
+    );
+    notifier.ready(&ready_status);
+    let daemon = Daemon {
+        config,
+        notifier,
+        watchdog,
+        metrics,
+        reloader,
+        actions,
+        engine,
+        commands,
+        shutdown,
+        listener_tasks,
+        health,
+        probes,
+        metrics_stop,
+        metrics_task,
+        admin_task,
+        ready_status,
+    };
+    Ok((daemon, sources))
+}
+
+/// The store, and a word if it cannot take writes.
+fn open_store(config: &Config) -> Result<Store, DaemonError> {
+    let store = Store::open(&config.state_dir)?;
+    if let Err(e) = store.check_writable() {
+        // Serve on from what the store holds; say once why nothing new is
+        // recorded (each refused write also says so as it happens).
+        tracing::error!(state_dir = %config.state_dir.display(), "state_dir is not writable ({e}): serving the versions the store holds; reloads are refused and rollbacks and trial results go unrecorded until it is writable again");
+    }
+    Ok(store)
+}
+
+/// Every listener bound, and what the probes watch of each.
+fn bind(config: &Config) -> Result<(Vec<listeners::Bound>, Vec<WatchedListener>), DaemonError> {
+    let bound = listeners::bind_all(&config.listeners)?;
+    for b in &bound {
+        tracing::info!(listener = %b.config.name, addr = %b.local_addr, protocol = b.config.protocol.as_str(), plugin = %b.config.plugin, "bound listener");
+    }
+    let watched = bound
+        .iter()
+        .map(|b| WatchedListener {
+            name: b.config.name.clone(),
+            port: b.local_addr.port(),
+            protocol: b.config.protocol,
+        })
+        .collect();
+    Ok((bound, watched))
+}
+
+/// The signal sources measure the service as it runs, so they start once
+/// it serves. The poller must not wait behind a reload (which holds the
+/// reloader through dlopen and init): it skips a busy moment.
+fn start_signals(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    reloader: &Arc<Mutex<Reloader>>,
+) -> crate::signals::health::HealthChecks {
+    crate::signals::resources::start(metrics, &config.state_dir);
+    let reloader = reloader.clone();
+    crate::signals::health::start(
+        &config.health_checks,
+        Box::new(move || {
+            let r = reloader.try_lock().ok()?;
+            Some(r.slots().values().cloned().collect())
+        }),
+        metrics,
+    )
+}
+
+/// The rules engine on the thresholds file, and the watcher that says
+/// when the file changes.
+struct Rules {
+    engine: Engine,
+    changed: mpsc::UnboundedReceiver<()>,
+    watcher: Option<crate::fswatch::Watcher>,
+}
+
+fn start_rules(config: &Config, metrics: &Arc<Metrics>) -> Result<Rules, DaemonError> {
+    let listener_plugins = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.plugin.clone()))
+        .collect();
+    let mut engine = Engine::new(metrics.clone(), listener_plugins);
+    if let Some(path) = &config.thresholds {
+        load_thresholds(&mut engine, path, metrics);
+    }
+    let (tx, changed) = mpsc::unbounded_channel::<()>();
+    let watcher = match &config.thresholds {
+        Some(path) => Some(rules::watch_file(path, config.reload.debounce, tx)?),
+        None => None,
+    };
+    Ok(Rules {
+        engine,
+        changed,
+        watcher,
+    })
+}
+
+/// Every bound listener serving its plugin's slot.
+fn spawn_listeners(
+    bound: Vec<listeners::Bound>,
+    reloader: &Arc<Mutex<Reloader>>,
+    shutdown: &watch::Receiver<bool>,
+    config: &Config,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+    let mut tasks = Vec::new();
+    for b in bound {
+        let slot = reloader
+            .lock()
+            .expect("reloader lock")
+            .slot(&b.config.plugin);
+        tasks.push(listeners::spawn(
+            b,
+            slot,
+            shutdown.clone(),
+            config.shutdown.drain_timeout,
+        )?);
+    }
+    Ok(tasks)
+}
+
+/// Creates `plugins_dir` if it is missing and refuses one that others may
+/// write: whoever may write plugins_dir may run code in this process.
+fn prepare_plugins_dir(config: &Config) -> Result<(), DaemonError> {
+    if !config.plugins_dir.exists() {
+        // Created 0755 whatever the umask: the check below refuses a
+        // group-writable plugins_dir, and the daemon must not refuse the
+        // one it made itself.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&config.plugins_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &config.plugins_dir,
+                    std::fs::Permissions::from_mode(0o755),
+                )
+            })
+            .map_err(|e| DaemonError::PluginsDir {
+                path: config.plugins_dir.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    catalog::strict::check_path("plugins_dir", &config.plugins_dir).map_err(|e| {
+        DaemonError::PluginsDir {
+            path: config.plugins_dir.clone(),
+            message: e.reason,
+        }
+    })
+}
+
+/// The embedded default serves the bundled echo plugin.
+fn seed_echo(config: &Config) {
+    match seed::seed_echo(&config.plugins_dir) {
+        Ok(Some(v)) => {
+            tracing::info!(version = %v, dir = %config.plugins_dir.display(), "seeded the bundled echo plugin");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not seed the bundled echo plugin; the echo listeners answer errors until a package arrives");
+        }
+    }
+}
+
+/// Every configured plugin up on the version its refs call active, after
+/// quarantining what killed the last process in `dlopen` or `init`.
+fn boot(reloader: &mut Reloader, config: &Config) {
+    reloader.recover_interrupted_loads();
+    for plugin in config.plugins() {
+        reloader.slot(&plugin);
+        reloader.boot_from_store(&plugin);
+    }
+    reloader.refresh_dependency_conflicts();
+}

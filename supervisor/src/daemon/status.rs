@@ -1,0 +1,106 @@
+//! What `plugvisor status` and `plugvisor versions` show, assembled from
+//! the slots, the store's refs, the actions and the rules engine.
+
+use std::sync::{Arc, Mutex};
+
+use crate::actions::Actions;
+use crate::config::Config;
+use crate::control::{ConflictStatus, ListenerStatus, PluginStatus, Status, Versions};
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::rules::Engine;
+
+/// The versions of `plugin`: active, known-good, mapped, history,
+/// quarantined.
+pub(super) fn versions(reloader: &Arc<Mutex<Reloader>>, plugin: &str) -> Result<Versions, String> {
+    let r = reloader.lock().expect("reloader lock");
+    let slot = r
+        .slots()
+        .get(plugin)
+        .cloned()
+        .ok_or_else(|| format!("no plugin {plugin:?} is loaded"))?;
+    let refs = r.store().refs(plugin).map_err(|e| e.to_string())?;
+    let v = |x: &crate::store::VersionRef| x.version.to_string();
+    Ok(Versions {
+        plugin: plugin.to_owned(),
+        active: slot.active().map(|a| a.version().to_owned()),
+        known_good: refs.known_good.as_ref().map(v),
+        on_trial: refs.trial_since_ms.is_some(),
+        mapped: slot
+            .mapped_versions()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        history: refs.history.iter().map(v).collect(),
+        quarantined: refs.quarantined.iter().map(v).collect(),
+    })
+}
+
+/// The whole daemon as `plugvisor status` shows it.
+pub(super) fn status(
+    reloader: &Arc<Mutex<Reloader>>,
+    config: &Config,
+    metrics: &Metrics,
+    actions: &Actions,
+    engine: &Engine,
+) -> Status {
+    let r = reloader.lock().expect("reloader lock");
+    let mut plugins: Vec<PluginStatus> = r
+        .slots()
+        .values()
+        .map(|s| {
+            let refs = r.store().refs(s.plugin()).unwrap_or_default();
+            PluginStatus {
+                plugin: s.plugin().to_owned(),
+                active: s.active().map(|a| a.version().to_owned()),
+                mapped: s
+                    .mapped_versions()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                state: if refs.trial_since_ms.is_some() {
+                    "trial"
+                } else {
+                    "known-good"
+                }
+                .to_owned(),
+                known_good: refs.known_good.map(|k| k.version.to_string()),
+                degraded: actions.degraded(s.plugin()).map(str::to_owned),
+                disabled: s.admission() == crate::slot::Admission::Disabled,
+                last_action: actions.last.get(s.plugin()).cloned(),
+            }
+        })
+        .collect();
+    plugins.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    let conflicts = r
+        .dependency_conflicts()
+        .into_iter()
+        .map(|c| ConflictStatus {
+            plugin: c.plugin,
+            kind: c.kind.as_str().to_owned(),
+            message: c.message,
+        })
+        .collect();
+    let probes = plugvisor_probes_common::Probe::ALL
+        .iter()
+        .map(|p| (p.as_str().to_owned(), metrics.probe_is_up(*p)))
+        .collect();
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        plugins,
+        listeners: config
+            .listeners
+            .iter()
+            .map(|l| ListenerStatus {
+                name: l.name.clone(),
+                protocol: l.protocol.as_str().to_owned(),
+                addr: l.bind.to_string(),
+                plugin: l.plugin.clone(),
+            })
+            .collect(),
+        probes,
+        rules: engine.status(),
+        rules_config_valid: metrics.rules_config_valid.get() == 1,
+        conflicts,
+    }
+}
