@@ -15,7 +15,8 @@
 //! A new version arrives as a package directory in `plugins_dir`: a library
 //! and a `plugin.toml` manifest that pins its sha256. The manifest is the
 //! commit point — the `catalog` acts when it changes, never on a half-written
-//! library. The reload path (`reload`) then:
+//! library. The reload path (`reload`; one attempt in `reload::attempt`)
+//! then:
 //!
 //! 1. parses and validates the manifest (`catalog::manifest`), checks who
 //!    may write the package (`catalog::strict`), its signature (`trust`),
@@ -29,7 +30,8 @@
 //!    `dlopen`s the object, checks the descriptor's ABI version, name and
 //!    version against the manifest before calling anything, runs `init`,
 //!    swaps the slot, closes the window (`markers::reload_end`),
-//! 4. records the outcome in the store's refs and journal and in `metrics`.
+//! 4. records the outcome in the store's refs and journal and in `metrics`
+//!    (through its typed record functions, `metrics::record`).
 //!
 //! Any refusal leaves the previous version serving. A package refused for
 //! its dependencies is tried again whenever another plugin switches. Old
@@ -58,10 +60,13 @@
 //!
 //! # Control
 //!
-//! One task (`daemon`) owns all state changes and takes [`control::Command`]s
-//! from signals (`SIGUSR1` rescan, `SIGHUP` re-read), the debounced
-//! `plugins_dir` watcher and the admin unix socket (`control::socket`); shutdown has its own
-//! channel so a storm of reloads cannot starve it. Under systemd it says
+//! One task (`daemon`) owns all state changes. It starts everything in order
+//! (`daemon::start`), then every source — signals (`SIGUSR1` rescan,
+//! `SIGHUP` re-read), the debounced `plugins_dir` and thresholds watchers,
+//! the rule ticker and the admin unix socket's [`control::Command`]s
+//! (`control::socket`) — becomes one event, applied one at a time
+//! (`daemon::events`); shutdown is looked at first, so a storm of reloads
+//! cannot starve it. Under systemd it says
 //! `READY=1`, `RELOADING=1`, `STOPPING=1` and `WATCHDOG=1` (`systemd`).
 //!
 //! # Offline
@@ -75,15 +80,30 @@
 //! The modules sit in layers, written once as data in
 //! `supervisor/imports.toml` and checked by `tests/import_direction.rs`: a
 //! module uses only modules of the layers below its own. From the leaves
-//! up — names, the reload markers, metrics, the loader, key formats, the
-//! one file watcher (`fswatch`, shared by the catalog and the rules),
-//! `systemd` (sd_notify), crash points; then what the operator wrote and
-//! what plugvisor keeps (`config`, `store`, `dependencies`); the parts
+//! up — names, the reload markers, the loader, key formats, the one file
+//! watcher (`fswatch`, shared by the catalog and the rules), `systemd`
+//! (sd_notify), crash points; then what the operator wrote and what
+//! plugvisor keeps (`config`, `store`, `dependencies`); `metrics`, whose
+//! typed record functions take those owners' types (a listener's
+//! `Protocol`, a `ConflictKind`) and are the only code that names label
+//! values (also checked); the parts
 //! (`catalog`, `slot` with its call pool, `probes`); what reads a slot or
 //! the registry (`listeners`, `signals`, `rules`); the reload path
 //! (`reload`); what drives it (`actions`, `pack`); `seed` (the bundled
 //! example) and `control` (the protocol and the admin socket); the daemon.
 //! The command line (`cli`, one file per verb) sits above them all.
+//!
+//! Two choices differ from an even finer cut. The package checks live
+//! with the module that owns each rule (`loader::check_manifest_abi`,
+//! `loader::check_identity`, `store::check_checksum`,
+//! `store::Refs::downgrade_below`), and both `reload` and `pack::verify`
+//! call them, rather than in a `verify` module of their own: a check then
+//! sits beside the data it reads. And the label sets of the metric
+//! contract that have no other owner (`ReloadOutcome`, `Phase`,
+//! `RequestOutcome`, `PluginCall`, `ProbeStage`) stay in `metrics`: they
+//! *are* the contract's label values, and the reload path's own outcome
+//! type (`reload::AttemptOutcome`, which adds `unchanged`, `deferred`,
+//! `unknown`) maps onto `ReloadOutcome`.
 
 // The daemon logs through `tracing` only; the command line's output (in
 // `cli`) is the one place that prints, and says so.

@@ -6,13 +6,13 @@
 //! sees the first reload too), and the first load comes from the store's
 //! refs — the version that was active — before the packages are looked at.
 //!
-//! Where each part lives: [`start`] (the start order, into a running
-//! [`Daemon`]), [`events`] (every source — signals, the `plugins_dir` and
+//! Where each part lives: `start` (the start order, into a running
+//! `Daemon`), `events` (every source — signals, the `plugins_dir` and
 //! thresholds watchers, the rule ticker, the admin socket — becomes one
-//! [`events::Event`], applied one at a time), [`rescan`] (reloads off the
+//! `events::Event`, applied one at a time), `rescan` (reloads off the
 //! async workers, and the second look at a deferred package),
-//! [`thresholds`] (loading the thresholds file, carrying out a rule's
-//! decision), [`status`] (what `plugvisor status` and `versions` show).
+//! `thresholds` (loading the thresholds file, carrying out a rule's
+//! decision), `status` (what `plugvisor status` and `versions` show).
 //! This file holds the error type and the run from start to drain.
 
 mod events;

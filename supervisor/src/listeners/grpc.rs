@@ -30,7 +30,7 @@
 //! status UNAVAILABLE (a stream has no natural end, so waiting for it would
 //! always cost the whole drain bound) — once its connection's final GOAWAY
 //! is written, so that every connection gets both phases
-//! ([`super::h2_written`] says why). Whatever is still open after
+//! (`listeners::h2_written` says why). Whatever is still open after
 //! `[shutdown] drain_timeout` (say, a health `Watch`) is closed when the
 //! daemon exits.
 use std::pin::Pin;

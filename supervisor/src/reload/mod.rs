@@ -15,11 +15,11 @@
 //! log (plugin, file, reason), the journal, and
 //! `plugvisor_reloads_total{outcome}`.
 //!
-//! Where each part lives: [`attempt`] (the path above, phase by phase),
-//! [`outcome`] (refusal reasons, the outcome word, the report),
-//! [`recovery`] (boot from the store, crash-in-load and crash-in-trial,
-//! interrupted trials), [`conflicts`] (blocked packages, standing
-//! conflicts, dependency order) and [`gc`] (store garbage collection).
+//! Where each part lives: `attempt` (the path above, phase by phase),
+//! `outcome` (refusal reasons, the outcome word, the report),
+//! `recovery` (boot from the store, crash-in-load and crash-in-trial,
+//! interrupted trials), `conflicts` (blocked packages, standing
+//! conflicts, dependency order) and `gc` (store garbage collection).
 //! This file holds the [`Reloader`] itself and the ways into it.
 
 mod attempt;

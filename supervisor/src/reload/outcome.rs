@@ -29,7 +29,7 @@ pub const CRASH_IN_TRIAL: &str = "crash-in-trial";
 pub const MANUAL: &str = "manual";
 
 /// Journal event of a version whose `dlopen` or `init` killed the previous
-/// process (see [`Reloader::recover_interrupted_loads`]).
+/// process (see [`super::Reloader::recover_interrupted_loads`]).
 pub const CRASH_IN_LOAD: &str = "crash-in-load";
 
 /// Why a reload did not switch versions.
