@@ -357,4 +357,107 @@ mod tests {
         let other = std::panic::catch_unwind(|| std::panic::panic_any(42u8)).unwrap_err();
         assert_eq!(panic_text("handle", other.as_ref()), "panic in handle");
     }
+
+    /// `plugin-sdk/include/plugvisor.h` lays the ABI out exactly as this
+    /// crate does: the C compiler reports every size, offset and constant
+    /// of the header (`c-tests/layout.c`), and each must equal Rust's.
+    #[test]
+    fn the_c_header_matches_the_rust_abi() {
+        use std::collections::BTreeMap;
+        use std::mem::{offset_of, size_of};
+
+        use crate::{ABI_VERSION, DESCRIPTOR_SYMBOL, PluginDescriptor, PvBuf, PvStr, status};
+
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = std::env::temp_dir().join(format!("plugvisor-layout-{}", std::process::id()));
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+        let built = std::process::Command::new(&cc)
+            .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+            .arg(dir.join("include"))
+            .arg("-o")
+            .arg(&out)
+            .arg(dir.join("c-tests/layout.c"))
+            .status()
+            .unwrap_or_else(|e| panic!("running {cc} (a C compiler is needed): {e}"));
+        assert!(
+            built.success(),
+            "{cc} could not compile c-tests/layout.c against plugvisor.h"
+        );
+        let run = std::process::Command::new(&out)
+            .output()
+            .expect("running the layout check");
+        let _ = std::fs::remove_file(&out);
+        assert!(run.status.success());
+        let c: BTreeMap<String, String> = String::from_utf8(run.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (k, v) = l.split_once(' ').unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+
+        let field = |offset: usize, size: usize| format!("{offset} {size}");
+        let mut rust: BTreeMap<String, String> = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            rust.insert(k.to_owned(), v);
+        };
+        put("abi_version", ABI_VERSION.to_string());
+        put("symbol", DESCRIPTOR_SYMBOL.to_owned());
+        put("status.ok", status::OK.to_string());
+        put("status.error", status::ERROR.to_string());
+        put("status.panic", status::PANIC.to_string());
+        put("status.unsupported", status::UNSUPPORTED.to_string());
+        put("sizeof.PvStr", size_of::<PvStr>().to_string());
+        put("sizeof.PvBuf", size_of::<PvBuf>().to_string());
+        put(
+            "sizeof.PvPluginDescriptor",
+            size_of::<PluginDescriptor>().to_string(),
+        );
+        let ptr = size_of::<usize>();
+        put("PvStr.ptr", field(offset_of!(PvStr, ptr), ptr));
+        put("PvStr.len", field(offset_of!(PvStr, len), ptr));
+        put("PvBuf.ptr", field(offset_of!(PvBuf, ptr), ptr));
+        put("PvBuf.len", field(offset_of!(PvBuf, len), ptr));
+        put("PvBuf.cap", field(offset_of!(PvBuf, cap), ptr));
+        type D = PluginDescriptor;
+        put(
+            "PvPluginDescriptor.abi_version",
+            field(offset_of!(D, abi_version), 4),
+        );
+        put(
+            "PvPluginDescriptor.descriptor_size",
+            field(offset_of!(D, descriptor_size), 4),
+        );
+        let s = size_of::<PvStr>();
+        put("PvPluginDescriptor.name", field(offset_of!(D, name), s));
+        put(
+            "PvPluginDescriptor.version",
+            field(offset_of!(D, version), s),
+        );
+        // Every entry point is one (nullable) code pointer on both sides.
+        assert_eq!(size_of::<Option<crate::HealthFn>>(), ptr);
+        put("PvPluginDescriptor.init", field(offset_of!(D, init), ptr));
+        put(
+            "PvPluginDescriptor.handle",
+            field(offset_of!(D, handle), ptr),
+        );
+        put(
+            "PvPluginDescriptor.health",
+            field(offset_of!(D, health), ptr),
+        );
+        put(
+            "PvPluginDescriptor.degrade",
+            field(offset_of!(D, degrade), ptr),
+        );
+        put(
+            "PvPluginDescriptor.shutdown",
+            field(offset_of!(D, shutdown), ptr),
+        );
+        put("PvPluginDescriptor.free", field(offset_of!(D, free), ptr));
+        assert_eq!(
+            c, rust,
+            "plugvisor.h (left) and plugin-sdk (right) disagree"
+        );
+    }
 }

@@ -55,6 +55,37 @@ pub fn build_fixture_as(package: &str, lib: &str, name: &str, version: &str) -> 
     )
 }
 
+/// Builds the C echo plugin (`plugins/c-echo/echo.c`, with nothing but
+/// `plugin-sdk/include/plugvisor.h`) as plugin `name` at `version`, its
+/// descriptor claiming plugin ABI `abi` — the stamps a C build takes as
+/// `-D` flags, as `cargo xtask build` compiles its default. It answers
+/// `[NAME VERSION] frame`, and `c` to `lang`.
+pub fn build_c_plugin(name: &str, version: &str, abi: u32) -> PathBuf {
+    static BUILD_LOCK: Mutex<()> = Mutex::new(());
+    let _g = BUILD_LOCK.lock().unwrap();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out_dir = target_dir().join("stamped").join("c-echo");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(format!("libc_{name}-{version}-abi{abi}.so"));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    let status = Command::new(&cc)
+        .args([
+            "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+        ])
+        .arg("-I")
+        .arg(workspace.join("plugin-sdk/include"))
+        .arg(format!("-DPV_NAME=\"{name}\""))
+        .arg(format!("-DPV_VERSION=\"{version}\""))
+        .arg(format!("-DPV_ABI={abi}"))
+        .arg("-o")
+        .arg(&out)
+        .arg(workspace.join("plugins/c-echo/echo.c"))
+        .status()
+        .unwrap_or_else(|e| panic!("running {cc} (a C compiler is needed): {e}"));
+    assert!(status.success(), "{cc} could not build the C echo plugin");
+    out
+}
+
 /// The newest modification time of any file under `dir`.
 fn newest_under(dir: &Path) -> Option<std::time::SystemTime> {
     let mut newest = None;

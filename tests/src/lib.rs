@@ -44,8 +44,9 @@ pub mod live;
 pub mod state_check;
 
 pub use builds::{
-    StampedLibrary, build_echo_version, build_fixture_as, build_named_plugin, build_plugin_version,
-    build_sized_plugin, echo_version_series, library_version_series, version_series,
+    StampedLibrary, build_c_plugin, build_echo_version, build_fixture_as, build_named_plugin,
+    build_plugin_version, build_sized_plugin, echo_version_series, library_version_series,
+    version_series,
 };
 pub use cli::{CliOutput, keygen, pack, plugvisor};
 pub use clients::{
