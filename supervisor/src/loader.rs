@@ -378,7 +378,15 @@ fn open(
     // request. RTLD_LOCAL: versions never see each other's symbols.
     // SAFETY: running a library's constructors is inherent to loading it;
     // the package passed checksum verification before we got here.
-    let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+    // A bare file name would send dlopen searching the library path
+    // (LD_LIBRARY_PATH, ld.so.cache) instead of opening the file that was
+    // checked above; `./` makes it the file in the current directory.
+    let dl_path = if path.parent() == Some(Path::new("")) {
+        Path::new(".").join(path)
+    } else {
+        path.to_owned()
+    };
+    let library = unsafe { Library::open(Some(&dl_path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
         LoadError::Open {
             plugin: plugin.to_owned(),
             path: path.to_owned(),

@@ -242,3 +242,51 @@ fn a_c_plugin_whose_descriptor_lies_is_refused_and_the_previous_version_serves()
         );
     }
 }
+
+/// `plugvisor pack` and `verify` take a C library as they take a Rust one
+/// — named by its bare file name in the current directory too, as an
+/// author types it next to the library just built.
+#[test]
+fn a_c_plugin_is_packed_signed_and_verified_from_its_own_directory() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        build_c_plugin("echo", "1.3.0", 1),
+        t.path().join("libc_echo.so"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(plugvisor_tests::binary())
+            .args(args)
+            .current_dir(t.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "plugvisor {args:?} failed:\n{text}");
+        text
+    };
+    run(&["keygen", "--out", "keys"]);
+    let packed = run(&[
+        "pack",
+        "staging/echo",
+        "--library",
+        "libc_echo.so",
+        "--key",
+        "keys/plugvisor.key",
+    ]);
+    assert!(packed.contains("packed echo 1.3.0"), "{packed}");
+    let verified = run(&[
+        "verify",
+        "staging/echo",
+        "--public-key",
+        "keys/plugvisor.pub",
+    ]);
+    assert!(
+        verified.contains("echo 1.3.0 would be accepted")
+            && verified.contains("descriptor echo 1.3.0 (ABI 1)"),
+        "{verified}"
+    );
+}
