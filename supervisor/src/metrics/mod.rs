@@ -230,6 +230,35 @@ pub struct Metrics {
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
+    // Every plugvisor family as declared, series or not (a gather leaves
+    // out a labelled family with no series yet).
+    families: Vec<Family>,
+}
+
+/// One declared family: its name and its label names, in order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Family {
+    /// The family name (`plugvisor_reloads_total`).
+    pub name: String,
+    /// Its label names.
+    pub labels: Vec<String>,
+}
+
+/// The registry being filled, and the families declared into it.
+struct Declared<'a> {
+    registry: &'a Registry,
+    families: Mutex<Vec<Family>>,
+}
+
+impl Declared<'_> {
+    fn register(&self, c: Box<dyn Collector>) -> prometheus::Result<()> {
+        let mut families = self.families.lock().expect("families lock");
+        families.extend(c.desc().iter().map(|d| Family {
+            name: d.fq_name.clone(),
+            labels: d.variable_labels.clone(),
+        }));
+        self.registry.register(c)
+    }
 }
 
 /// A hook that brings some families up to date before a gather.
@@ -248,7 +277,11 @@ impl Metrics {
     )]
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let r = &registry;
+        let declared = Declared {
+            registry: &registry,
+            families: Mutex::new(Vec::new()),
+        };
+        let r = &declared;
         let m = Metrics {
             build_info: gauge(
                 r,
@@ -452,6 +485,7 @@ impl Metrics {
                 "Calls refused without calling the plugin because too many earlier calls are stuck",
                 &["plugin", "call"],
             ),
+            families: declared.families.into_inner().expect("families lock"),
             registry,
             refreshers: Mutex::new(Vec::new()),
         };
@@ -466,6 +500,13 @@ impl Metrics {
                 .expect("process collector registers once");
         }
         m
+    }
+
+    /// Every plugvisor family this registry declares, with its label
+    /// names — also those with no series yet (the standard `process_*`
+    /// families are not among them).
+    pub fn families(&self) -> &[Family] {
+        &self.families
     }
 
     /// Registers a hook run before every [`Metrics::gather`].
@@ -497,7 +538,7 @@ impl Default for Metrics {
     }
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn gauge(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(g.clone()))
         .expect("each family registers once");
@@ -506,21 +547,21 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 
 /// A float gauge: `+Inf` (an unlimited cgroup) is a value an integer gauge
 /// cannot hold, and byte counts stay exact up to 2^53 (8 PiB).
-fn float_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+fn float_gauge(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(g.clone()))
         .expect("each family registers once");
     g
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+fn counter(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(c.clone()))
         .expect("each family registers once");
     c
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+fn histogram(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(latency_buckets()),
         labels,
@@ -670,6 +711,53 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metrics reference operators read (`docs/MONITORING.md`) names
+    /// exactly the families the daemon declares, with their labels in
+    /// order: a family added, renamed or relabelled without its row (or a
+    /// row left behind) fails here.
+    #[test]
+    fn the_metrics_reference_lists_every_family_with_its_labels() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/MONITORING.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for row in text.lines().filter(|l| l.starts_with("| `")) {
+            let first = row.split(" | ").next().unwrap();
+            for token in first.split('`').skip(1).step_by(2) {
+                let (name, labels) = match token.split_once('{') {
+                    Some((n, l)) => (n, l.trim_end_matches('}')),
+                    None => (token, ""),
+                };
+                let is_family = name.starts_with("plugvisor_")
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if is_family {
+                    documented.insert(Family {
+                        name: name.to_owned(),
+                        labels: labels
+                            .split(',')
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    });
+                }
+            }
+        }
+        let declared: std::collections::BTreeSet<Family> =
+            Metrics::new().families().iter().cloned().collect();
+        let missing: Vec<_> = declared.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&declared).collect();
+        assert!(
+            missing.is_empty() && stale.is_empty(),
+            "docs/MONITORING.md and the registry disagree.\nDeclared, not documented: {missing:?}\nDocumented, not declared: {stale:?}"
+        );
+        assert!(
+            declared.len() > 30,
+            "only {} families declared",
+            declared.len()
+        );
+    }
 
     #[test]
     fn families_are_exported_with_contract_names() {
