@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest as _, Sha256};
 
-use crate::{build, util};
+use crate::demo_picture::Timeline;
+use crate::util;
 
 /// Where the default config serves the echo plugin.
 const ECHO_ADDR: &str = "127.0.0.1:7001";
@@ -42,6 +43,17 @@ const METRICS_ADDR: &str = "127.0.0.1:9464";
 const PLUGIN: &str = "echo";
 /// The versions the demo reloads to, in order.
 const NEW_VERSIONS: [&str; 2] = ["1.0.1", "1.0.2"];
+/// What `cargo build` builds for the demo: the daemon's library and binary,
+/// and the echo plugin's library.
+pub const DEMO_BUILD: [&str; 7] = [
+    "-p",
+    "plugvisor",
+    "-p",
+    "plugvisor-echo",
+    "--lib",
+    "--bin",
+    "plugvisor",
+];
 /// Concurrent clients, one persistent connection each.
 const CLIENTS: usize = 8;
 
@@ -102,7 +114,10 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.no_setup {
         crate::setup::run().context("cargo xtask setup (run before the demo)")?;
     }
-    build::workspace(&build::Args { debug: false })?;
+    // Only what the demo runs: the daemon (its eBPF object is built by
+    // supervisor/build.rs) and the echo plugin it seeds — not the tests,
+    // fixtures and benchmarks of the whole workspace.
+    util::run(util::cargo().args(["build", "--release"]).args(DEMO_BUILD))?;
     let target = util::target_dir()?;
     let demo_dir = target.join("demo");
     if demo_dir.exists() {
@@ -122,7 +137,8 @@ pub fn run(args: &Args) -> Result<()> {
         util::secs(started.elapsed())
     );
 
-    let clients = Clients::start()?;
+    let timeline = Arc::new(Timeline::new());
+    let clients = Clients::start(&timeline)?;
     println!("demo: {CLIENTS} clients sending frames, one connection each");
     pause(BEFORE_FIRST_RELOAD, &mut daemon)?;
     for (i, version) in staged.iter().enumerate() {
@@ -130,6 +146,7 @@ pub fn run(args: &Args) -> Result<()> {
             pause(BETWEEN_RELOADS, &mut daemon)?;
         }
         let written = install(&demo_dir, version)?;
+        timeline.reload(written, &version.version);
         wait_for_version(&clients, &version.version, &mut daemon)?;
         println!(
             "demo: all {CLIENTS} clients on {PLUGIN} {} {} after the manifest was written \
@@ -149,6 +166,11 @@ pub fn run(args: &Args) -> Result<()> {
     let errors: u64 = stats.iter().map(|s| s.errors).sum();
     print!("{}", report(&stats, &during, &after));
     println!("daemon log: {}", daemon.log.display());
+    let picture = demo_dir.join("demo.png");
+    match timeline.draw(&picture) {
+        Ok(()) => println!("picture: {}", picture.display()),
+        Err(e) => println!("picture: not drawn ({e:#})"),
+    }
 
     if !args.once {
         println!(
@@ -524,6 +546,8 @@ impl ClientStats {
 struct Clients {
     stop: Arc<AtomicBool>,
     threads: Vec<ClientThread>,
+    // Samples the kernel's counters from /metrics for the picture.
+    sampler: Option<JoinHandle<()>>,
 }
 
 /// One client thread and the stats it keeps up to date.
@@ -534,11 +558,20 @@ struct ClientThread {
 }
 
 impl Clients {
-    fn start() -> Result<Self> {
+    fn start(timeline: &Arc<Timeline>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let sampler = thread::Builder::new()
+            .name("kernel-sampler".into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                let timeline = Arc::clone(timeline);
+                move || sample_kernel(&timeline, &stop)
+            })
+            .context("starting the kernel sampler")?;
         let mut clients = Self {
             stop: Arc::clone(&stop),
             threads: Vec::new(),
+            sampler: Some(sampler),
         };
         for id in 1..=CLIENTS {
             let stats = Arc::new(Mutex::new(ClientStats::default()));
@@ -547,7 +580,8 @@ impl Clients {
                 .spawn({
                     let stats = Arc::clone(&stats);
                     let stop = Arc::clone(&stop);
-                    move || client(&stats, &stop)
+                    let timeline = Arc::clone(timeline);
+                    move || client(&stats, &stop, &timeline)
                 })
                 .context("starting a client thread")?;
             clients.threads.push(ClientThread {
@@ -571,6 +605,9 @@ impl Clients {
             if let Some(handle) = t.handle.take() {
                 let _ = handle.join();
             }
+        }
+        if let Some(s) = self.sampler.take() {
+            let _ = s.join();
         }
     }
 
@@ -598,7 +635,7 @@ impl Drop for Clients {
 
 /// One client: a persistent connection, one frame at a time, reconnecting
 /// only after an error (which is the thing the demo shows does not happen).
-fn client(stats: &Mutex<ClientStats>, stop: &AtomicBool) {
+fn client(stats: &Mutex<ClientStats>, stop: &AtomicBool, timeline: &Timeline) {
     let lock = || stats.lock().unwrap_or_else(PoisonError::into_inner);
     let mut conn: Option<Conn> = None;
     let mut n: u64 = 0;
@@ -629,11 +666,13 @@ fn client(stats: &Mutex<ClientStats>, stop: &AtomicBool) {
         s.frames += 1;
         match outcome {
             Ok(version) => {
+                timeline.answer(&version);
                 if s.versions.last() != Some(&version) {
                     s.versions.push(version);
                 }
             }
             Err(e) => {
+                timeline.error();
                 s.error(&e);
                 // After a failed exchange the stream's position is unknown.
                 conn = None;
@@ -644,6 +683,28 @@ fn client(stats: &Mutex<ClientStats>, stop: &AtomicBool) {
     }
     if let Some(c) = conn {
         c.close();
+    }
+}
+
+/// How often the picture's kernel counters are read from /metrics.
+const KERNEL_SAMPLE: Duration = Duration::from_millis(200);
+
+/// Reads the kernel's connection counts from /metrics until `stop`.
+fn sample_kernel(timeline: &Timeline, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(text) = http_get(METRICS_ADDR, "/metrics") {
+            let sum = |family: &str| -> f64 {
+                samples(&text)
+                    .filter(|s| s.name == family && s.labels.contains("listener=\"echo-tcp\""))
+                    .map(|s| s.value)
+                    .sum()
+            };
+            timeline.kernel(
+                sum("plugvisor_tcp_connections"),
+                sum("plugvisor_reload_broken_connections_total"),
+            );
+        }
+        thread::sleep(KERNEL_SAMPLE);
     }
 }
 

@@ -26,6 +26,7 @@ mod bench;
 mod build;
 mod dashboards;
 mod demo;
+mod demo_picture;
 mod setup;
 mod test;
 mod util;

@@ -244,6 +244,11 @@ fn steps(
             util::run(util::cmd(script).args(["all", &FUZZ_SECONDS.to_string()]))
         })?;
     }
+    // The README's first command, as a new user runs it: setup first (its
+    // own idempotent check lines come before any build), then the demo's
+    // build, traffic and reloads. After the integration tests, whose
+    // daemons never take the demo's fixed ports.
+    step("demo --once", timings, demo_once)?;
     // The benchmark harness, briefly: it must not rot between full runs.
     // Its times are not judged here.
     step("bench --quick", timings, || {
@@ -253,6 +258,29 @@ fn steps(
         bail!("{} test(s) failed", tally.failed);
     }
     Ok(())
+}
+
+/// `cargo xtask demo --once` as a user runs it; fails unless setup's lines
+/// come before the first build.
+fn demo_once() -> Result<()> {
+    let mut first_setup = None;
+    let mut first_build = None;
+    let mut n = 0usize;
+    util::run_streaming(util::cargo().args(["xtask", "demo", "--once"]), |line| {
+        n += 1;
+        if line.starts_with("setup: ") {
+            first_setup.get_or_insert(n);
+        }
+        if line.starts_with("$ cargo build") {
+            first_build.get_or_insert(n);
+        }
+    })?;
+    match (first_setup, first_build) {
+        (Some(s), Some(b)) if s < b => Ok(()),
+        _ => bail!(
+            "`cargo xtask demo` must run setup before it builds: first setup line {first_setup:?}, first build line {first_build:?}"
+        ),
+    }
 }
 
 /// Runs one step between a header and a footer with its duration; an error
