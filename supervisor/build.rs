@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
         .context("non-UTF-8 path to ebpf-probes/ebpf")?;
     // The common crate is a path dependency of the eBPF crate; watch it too.
     println!("cargo:rerun-if-changed={ebpf_dir}/../common");
+    preflight();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "plugvisor-probes-ebpf",
@@ -35,6 +36,49 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// What building the eBPF object needs and a fresh machine lacks, said in
+/// one line with the command that installs it — an expected condition,
+/// so no error chain and no backtrace.
+fn preflight() {
+    // aya-build's own switch for a build that does not compile the probes.
+    if std::env::var_os("AYA_BUILD_SKIP").is_some() {
+        return;
+    }
+    let on_path = |program: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+    };
+    let missing = |what: &str| -> ! {
+        eprintln!(
+            "error: building plugvisor's eBPF probes needs {what}; run `cargo xtask setup` (it installs everything the build and the tests need, idempotently)"
+        );
+        std::process::exit(1);
+    };
+    if !on_path("rustup") {
+        missing("rustup (the nightly toolchain builds the eBPF crate)");
+    }
+    if !on_path("bpf-linker") {
+        missing("bpf-linker on PATH, built against the nightly's LLVM");
+    }
+    let sysroot = std::process::Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output();
+    match sysroot {
+        Ok(out) if out.status.success() => {
+            let root = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if !Path::new(&root)
+                .join("lib/rustlib/src/rust/library/Cargo.lock")
+                .is_file()
+            {
+                missing("the rust-src component of the nightly toolchain");
+            }
+        }
+        _ => missing("the nightly toolchain"),
+    }
 }
 
 /// Generates the `plugvisor.v1` server code and writes
