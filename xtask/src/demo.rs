@@ -117,7 +117,12 @@ pub fn run(args: &Args) -> Result<()> {
     // Only what the demo runs: the daemon (its eBPF object is built by
     // supervisor/build.rs) and the echo plugin it seeds — not the tests,
     // fixtures and benchmarks of the whole workspace.
+    println!(
+        "demo: building plugvisor (with its eBPF probes) and the echo plugin — about 3 min on 2 cores the first time, seconds after"
+    );
+    let started = Instant::now();
     util::run(util::cargo().args(["build", "--release"]).args(DEMO_BUILD))?;
+    println!("demo: built in {}", util::secs(started.elapsed()));
     let target = util::target_dir()?;
     let demo_dir = target.join("demo");
     if demo_dir.exists() {

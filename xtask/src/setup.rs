@@ -126,7 +126,9 @@ fn cargo_fuzz() -> Result<()> {
         println!("setup: cargo-fuzz ... already present");
         return Ok(());
     }
+    let started = installing("cargo-fuzz", "1 min: it is compiled from source");
     util::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    done(started);
     println!("setup: cargo-fuzz ... installed");
     Ok(())
 }
@@ -166,6 +168,10 @@ pub fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
         );
     }
 
+    let started = installing(
+        &format!("apt packages {}", missing.join(" ")),
+        "1–3 min, most of it the download",
+    );
     let _no_service_starts = PolicyRcGuard::install()?;
     util::run(Command::new("apt-get").args(["update"]))?;
     util::run(
@@ -185,6 +191,7 @@ pub fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
         }
         println!("setup: apt package {package} ... installed");
     }
+    done(started);
     Ok(())
 }
 
@@ -335,8 +342,13 @@ fn bpf_linker() -> Result<()> {
         _ => {}
     }
 
+    let started = installing(
+        &thing,
+        "3 min on 2 cores: it is compiled from source against the nightly's LLVM",
+    );
     install_bpf_linker(major)?;
     write_marker(&marker, major)?;
+    done(started);
     if util::which("bpf-linker").is_none() {
         println!(
             "setup: warning: {} is not on PATH; aya-build will not find bpf-linker",
@@ -435,6 +447,18 @@ fn find_libllvm(lib_dir: &Path, major: u32) -> Result<String> {
         "no {prefix}*.so in {}: is the nightly toolchain complete?",
         lib_dir.display()
     )
+}
+
+/// Says what is about to take a while and roughly how long, so a first
+/// run does not look hung; returns when it started.
+fn installing(thing: &str, about: &str) -> std::time::Instant {
+    println!("setup: {thing} ... installing (usually about {about})");
+    std::time::Instant::now()
+}
+
+/// Says how long the step begun at `started` took.
+fn done(started: std::time::Instant) {
+    println!("setup: ... took {}", util::secs(started.elapsed()));
 }
 
 #[cfg(test)]
