@@ -420,41 +420,49 @@ mod tests {
         put("PvBuf.ptr", field(offset_of!(PvBuf, ptr), ptr));
         put("PvBuf.len", field(offset_of!(PvBuf, len), ptr));
         put("PvBuf.cap", field(offset_of!(PvBuf, cap), ptr));
-        type D = PluginDescriptor;
         put(
             "PvPluginDescriptor.abi_version",
-            field(offset_of!(D, abi_version), 4),
+            field(offset_of!(PluginDescriptor, abi_version), 4),
         );
         put(
             "PvPluginDescriptor.descriptor_size",
-            field(offset_of!(D, descriptor_size), 4),
+            field(offset_of!(PluginDescriptor, descriptor_size), 4),
         );
         let s = size_of::<PvStr>();
-        put("PvPluginDescriptor.name", field(offset_of!(D, name), s));
+        put(
+            "PvPluginDescriptor.name",
+            field(offset_of!(PluginDescriptor, name), s),
+        );
         put(
             "PvPluginDescriptor.version",
-            field(offset_of!(D, version), s),
+            field(offset_of!(PluginDescriptor, version), s),
         );
         // Every entry point is one (nullable) code pointer on both sides.
         assert_eq!(size_of::<Option<crate::HealthFn>>(), ptr);
-        put("PvPluginDescriptor.init", field(offset_of!(D, init), ptr));
+        put(
+            "PvPluginDescriptor.init",
+            field(offset_of!(PluginDescriptor, init), ptr),
+        );
         put(
             "PvPluginDescriptor.handle",
-            field(offset_of!(D, handle), ptr),
+            field(offset_of!(PluginDescriptor, handle), ptr),
         );
         put(
             "PvPluginDescriptor.health",
-            field(offset_of!(D, health), ptr),
+            field(offset_of!(PluginDescriptor, health), ptr),
         );
         put(
             "PvPluginDescriptor.degrade",
-            field(offset_of!(D, degrade), ptr),
+            field(offset_of!(PluginDescriptor, degrade), ptr),
         );
         put(
             "PvPluginDescriptor.shutdown",
-            field(offset_of!(D, shutdown), ptr),
+            field(offset_of!(PluginDescriptor, shutdown), ptr),
         );
-        put("PvPluginDescriptor.free", field(offset_of!(D, free), ptr));
+        put(
+            "PvPluginDescriptor.free",
+            field(offset_of!(PluginDescriptor, free), ptr),
+        );
         assert_eq!(
             c, rust,
             "plugvisor.h (left) and plugin-sdk (right) disagree"
