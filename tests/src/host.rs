@@ -1,8 +1,10 @@
 //! What the tests need from the machine they run on: the binaries and
 //! plugin libraries cargo built, programs on `PATH`, root for eBPF, and
 //! free loopback ports.
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The cargo `target/release` directory holding the binary and plugins.
 pub fn target_dir() -> PathBuf {
@@ -61,13 +63,26 @@ pub fn require_root(test: &str) -> bool {
     root
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released), never one this process
+/// was given before: the kernel may hand the port it just took back to
+/// the next bind, and a daemon given the same port for a listener and
+/// for `/metrics` refuses to start (seen once in CI).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if HANDED_OUT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(port)
+        {
+            return port;
+        }
+    }
 }
 
 /// A program on `PATH`, or why not (for a skip or failure message).
