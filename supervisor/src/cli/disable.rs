@@ -1,8 +1,7 @@
 //! `plugvisor disable PLUGIN [--json]`.
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{ask, print_action};
+use super::{AdminArgs, ask, print_action};
 use crate::control::AdminRequest;
 
 /// Refuse all new work for PLUGIN, with a clear answer to clients.
@@ -10,21 +9,18 @@ use crate::control::AdminRequest;
 pub struct Args {
     /// The plugin.
     pub plugin: String,
-    /// Config file, to find the admin socket.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
+    /// How to reach the daemon, and the output format.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Runs `plugvisor disable`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resp = ask(
-        args.config.as_ref(),
+        &args.admin,
         &AdminRequest::Disable {
             plugin: args.plugin,
         },
     )?;
-    print_action(&resp, args.json)
+    print_action(&resp, args.admin.json)
 }

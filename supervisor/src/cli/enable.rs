@@ -1,8 +1,7 @@
 //! `plugvisor enable PLUGIN [--json]`.
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{ask, print_action};
+use super::{AdminArgs, ask, print_action};
 use crate::control::AdminRequest;
 
 /// Serve PLUGIN again after `disable`.
@@ -10,21 +9,18 @@ use crate::control::AdminRequest;
 pub struct Args {
     /// The plugin.
     pub plugin: String,
-    /// Config file, to find the admin socket.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
+    /// How to reach the daemon, and the output format.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Runs `plugvisor enable`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resp = ask(
-        args.config.as_ref(),
+        &args.admin,
         &AdminRequest::Enable {
             plugin: args.plugin,
         },
     )?;
-    print_action(&resp, args.json)
+    print_action(&resp, args.admin.json)
 }

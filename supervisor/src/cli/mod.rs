@@ -115,8 +115,20 @@ pub fn main() -> ExitCode {
 }
 
 /// Sends one request to the daemon named by the config at `config`.
-fn ask(config: Option<&PathBuf>, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
-    let config = load_config(config)?;
+/// What every verb that talks to the running daemon takes: where its
+/// config (and so its admin socket) is, and whether to print JSON.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Config file, to find the admin socket.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ask(admin: &AdminArgs, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
+    let config = load_config(admin.config.as_ref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,9 +1,8 @@
 //! `plugvisor reload PLUGIN [--json]`: re-read a package now and say what
 //! the attempt came to.
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{ask, print_json};
+use super::{AdminArgs, ask, print_json};
 use crate::control::{AdminRequest, AdminResponse};
 use crate::reload::{AttemptOutcome, ReloadReport};
 
@@ -12,23 +11,20 @@ use crate::reload::{AttemptOutcome, ReloadReport};
 pub struct Args {
     /// The plugin.
     pub plugin: String,
-    /// Config file, to find the admin socket.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
+    /// How to reach the daemon, and the output format.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Runs `plugvisor reload`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resp = ask(
-        args.config.as_ref(),
+        &args.admin,
         &AdminRequest::Reload {
             plugin: args.plugin,
         },
     )?;
-    print_reload(&resp, args.json)
+    print_reload(&resp, args.admin.json)
 }
 
 fn print_reload(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {

@@ -1,8 +1,7 @@
 //! `plugvisor rollback PLUGIN [--to VERSION] [--json]`.
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{ask, print_action};
+use super::{AdminArgs, ask, print_action};
 use crate::control::AdminRequest;
 
 /// Switch PLUGIN back to its known-good version (or --to VERSION); the
@@ -14,22 +13,19 @@ pub struct Args {
     /// The version to go back to (default: the known-good one).
     #[arg(long)]
     pub to: Option<String>,
-    /// Config file, to find the admin socket.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
+    /// How to reach the daemon, and the output format.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Runs `plugvisor rollback`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resp = ask(
-        args.config.as_ref(),
+        &args.admin,
         &AdminRequest::Rollback {
             plugin: args.plugin,
             to: args.to,
         },
     )?;
-    print_action(&resp, args.json)
+    print_action(&resp, args.admin.json)
 }

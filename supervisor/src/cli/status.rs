@@ -1,28 +1,24 @@
 //! `plugvisor status [--json]`: plugins, versions, listeners, probes,
 //! rules and dependency conflicts of the running daemon.
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use super::{ask, describe_action, print_json};
+use super::{AdminArgs, ask, describe_action, print_json};
 use crate::control::{AdminRequest, AdminResponse, Status};
 
 /// Show plugins, versions, listeners and probes of the running daemon.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Config file, to find the admin socket.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
+    /// How to reach the daemon, and the output format.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Runs `plugvisor status`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let resp = ask(args.config.as_ref(), &AdminRequest::Status)?;
-    print_status(&resp, args.json)
+    let resp = ask(&args.admin, &AdminRequest::Status)?;
+    print_status(&resp, args.admin.json)
 }
 
 fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {

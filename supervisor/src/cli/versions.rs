@@ -1,11 +1,10 @@
 //! `plugvisor versions PLUGIN [--json]`: active, known-good, mapped,
 //! history and quarantined versions.
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use super::{ask, print_json};
+use super::{AdminArgs, ask, print_json};
 use crate::control::{AdminRequest, Versions};
 
 /// Show PLUGIN's versions: active, known-good, mapped, history, quarantined.
@@ -13,23 +12,20 @@ use crate::control::{AdminRequest, Versions};
 pub struct Args {
     /// The plugin.
     pub plugin: String,
-    /// Config file, to find the admin socket.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
+    /// How to reach the daemon, and the output format.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Runs `plugvisor versions`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resp = ask(
-        args.config.as_ref(),
+        &args.admin,
         &AdminRequest::Versions {
             plugin: args.plugin,
         },
     )?;
-    if args.json {
+    if args.admin.json {
         return print_json(&resp);
     }
     if !resp.ok {
