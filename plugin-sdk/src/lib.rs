@@ -358,6 +358,19 @@ mod tests {
         assert_eq!(panic_text("handle", other.as_ref()), "panic in handle");
     }
 
+    // `TYPE.FIELD` → "offset size", both read from the Rust type.
+    fn size_of_field<T, F>(_: fn(&T) -> &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    macro_rules! field {
+        ($c:literal, $ty:ty, $f:ident) => {
+            (
+                concat!($c, ".", stringify!($f)).to_owned(),
+                format!("{} {}", offset_of!($ty, $f), size_of_field(|x: &$ty| &x.$f)),
+            )
+        };
+    }
+
     /// `plugin-sdk/include/plugvisor.h` lays the ABI out exactly as this
     /// crate does: the C compiler reports every size, offset and constant
     /// of the header (`c-tests/layout.c`), and each must equal Rust's.
@@ -397,72 +410,42 @@ mod tests {
             })
             .collect();
 
-        let field = |offset: usize, size: usize| format!("{offset} {size}");
-        let mut rust: BTreeMap<String, String> = BTreeMap::new();
-        let mut put = |k: &str, v: String| {
-            rust.insert(k.to_owned(), v);
-        };
-        put("abi_version", ABI_VERSION.to_string());
-        put("symbol", DESCRIPTOR_SYMBOL.to_owned());
-        put("status.ok", status::OK.to_string());
-        put("status.error", status::ERROR.to_string());
-        put("status.panic", status::PANIC.to_string());
-        put("status.unsupported", status::UNSUPPORTED.to_string());
-        put("sizeof.PvStr", size_of::<PvStr>().to_string());
-        put("sizeof.PvBuf", size_of::<PvBuf>().to_string());
-        put(
-            "sizeof.PvPluginDescriptor",
-            size_of::<PluginDescriptor>().to_string(),
-        );
-        let ptr = size_of::<usize>();
-        put("PvStr.ptr", field(offset_of!(PvStr, ptr), ptr));
-        put("PvStr.len", field(offset_of!(PvStr, len), ptr));
-        put("PvBuf.ptr", field(offset_of!(PvBuf, ptr), ptr));
-        put("PvBuf.len", field(offset_of!(PvBuf, len), ptr));
-        put("PvBuf.cap", field(offset_of!(PvBuf, cap), ptr));
-        put(
-            "PvPluginDescriptor.abi_version",
-            field(offset_of!(PluginDescriptor, abi_version), 4),
-        );
-        put(
-            "PvPluginDescriptor.descriptor_size",
-            field(offset_of!(PluginDescriptor, descriptor_size), 4),
-        );
-        let s = size_of::<PvStr>();
-        put(
-            "PvPluginDescriptor.name",
-            field(offset_of!(PluginDescriptor, name), s),
-        );
-        put(
-            "PvPluginDescriptor.version",
-            field(offset_of!(PluginDescriptor, version), s),
-        );
-        // Every entry point is one (nullable) code pointer on both sides.
-        assert_eq!(size_of::<Option<crate::HealthFn>>(), ptr);
-        put(
-            "PvPluginDescriptor.init",
-            field(offset_of!(PluginDescriptor, init), ptr),
-        );
-        put(
-            "PvPluginDescriptor.handle",
-            field(offset_of!(PluginDescriptor, handle), ptr),
-        );
-        put(
-            "PvPluginDescriptor.health",
-            field(offset_of!(PluginDescriptor, health), ptr),
-        );
-        put(
-            "PvPluginDescriptor.degrade",
-            field(offset_of!(PluginDescriptor, degrade), ptr),
-        );
-        put(
-            "PvPluginDescriptor.shutdown",
-            field(offset_of!(PluginDescriptor, shutdown), ptr),
-        );
-        put(
-            "PvPluginDescriptor.free",
-            field(offset_of!(PluginDescriptor, free), ptr),
-        );
+        let constants = [
+            ("abi_version", ABI_VERSION.to_string()),
+            ("symbol", DESCRIPTOR_SYMBOL.to_owned()),
+            ("status.ok", status::OK.to_string()),
+            ("status.error", status::ERROR.to_string()),
+            ("status.panic", status::PANIC.to_string()),
+            ("status.unsupported", status::UNSUPPORTED.to_string()),
+            ("sizeof.PvStr", size_of::<PvStr>().to_string()),
+            ("sizeof.PvBuf", size_of::<PvBuf>().to_string()),
+            (
+                "sizeof.PvPluginDescriptor",
+                size_of::<PluginDescriptor>().to_string(),
+            ),
+        ];
+        let fields = [
+            field!("PvStr", PvStr, ptr),
+            field!("PvStr", PvStr, len),
+            field!("PvBuf", PvBuf, ptr),
+            field!("PvBuf", PvBuf, len),
+            field!("PvBuf", PvBuf, cap),
+            field!("PvPluginDescriptor", PluginDescriptor, abi_version),
+            field!("PvPluginDescriptor", PluginDescriptor, descriptor_size),
+            field!("PvPluginDescriptor", PluginDescriptor, name),
+            field!("PvPluginDescriptor", PluginDescriptor, version),
+            field!("PvPluginDescriptor", PluginDescriptor, init),
+            field!("PvPluginDescriptor", PluginDescriptor, handle),
+            field!("PvPluginDescriptor", PluginDescriptor, health),
+            field!("PvPluginDescriptor", PluginDescriptor, degrade),
+            field!("PvPluginDescriptor", PluginDescriptor, shutdown),
+            field!("PvPluginDescriptor", PluginDescriptor, free),
+        ];
+        let rust: BTreeMap<String, String> = constants
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .chain(fields)
+            .collect();
         assert_eq!(
             c, rust,
             "plugvisor.h (left) and plugin-sdk (right) disagree"
