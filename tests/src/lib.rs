@@ -59,7 +59,7 @@ pub use metrics::Metrics;
 pub use options::{DaemonOptions, ListenerSpec, Protocol, TrustOptions, without_ebpf_capabilities};
 pub use packages::{PackageTweaks, drop_package, install_package, sha256_file, sign_manifest};
 pub use prometheus::Prometheus;
-pub use streams::ClientReport;
+pub use streams::{ClientReport, follow_tcp};
 
 /// The `plugvisor.v1` client, generated from
 /// `supervisor/proto/plugvisor/v1/plugin.proto`.

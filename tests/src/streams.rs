@@ -4,6 +4,13 @@
 //! gRPC test make the same claim, so it is written once and the two cannot
 //! drift apart.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use crate::clients::{LineClient, echo_version};
+
 /// What one long-lived client saw across a run of reloads.
 #[derive(Debug, Default)]
 pub struct ClientReport {
@@ -58,4 +65,43 @@ impl ClientReport {
             self.versions
         );
     }
+}
+
+/// A TCP client on one connection to the echo at `addr` (connected before
+/// this returns), sending `c{id}-f{n}` frames one after another until
+/// `stop` is set and it has seen `last` answer — an event, not a fixed
+/// time — then one more frame to show the connection is still open.
+///
+/// # Panics
+/// When the connection cannot be made.
+pub fn follow_tcp(
+    addr: SocketAddr,
+    id: usize,
+    stop: Arc<AtomicBool>,
+    last: String,
+) -> JoinHandle<ClientReport> {
+    let mut client = LineClient::connect(addr).expect("connect");
+    std::thread::spawn(move || {
+        let mut r = ClientReport::default();
+        while !(stop.load(Ordering::Relaxed) && r.versions.last() == Some(&last)) {
+            let frame = format!("c{id}-f{}", r.frames);
+            match client.call(&frame) {
+                Ok(resp) => match echo_version(&resp) {
+                    Some(v) if resp.ends_with(&frame) => {
+                        if r.versions.last().map(String::as_str) != Some(v) {
+                            r.versions.push(v.to_owned());
+                        }
+                    }
+                    _ => r.errors.push(format!("wrong answer {resp:?} to {frame:?}")),
+                },
+                Err(e) => {
+                    r.errors.push(e.to_string());
+                    return r;
+                }
+            }
+            r.frames += 1;
+        }
+        r.still_open = client.call("last").is_ok_and(|resp| resp.ends_with("last"));
+        r
+    })
 }

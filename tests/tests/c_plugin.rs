@@ -13,47 +13,12 @@ use plugvisor_tests::pb::Request;
 use plugvisor_tests::pb::plugin_client::PluginClient;
 use plugvisor_tests::{
     ClientReport, Daemon, DaemonOptions, LineClient, ListenerSpec, PackageTweaks, build_c_plugin,
-    echo_version, grpc_channel, install_package, require_root, wait_until,
+    echo_version, follow_tcp, grpc_channel, install_package, require_root, wait_until,
 };
 
 /// The versions the C plugin is swapped to, after the Rust echo 1.0.0 the
 /// daemon starts with.
 const VERSIONS: [&str; 2] = ["2.0.0", "2.1.0"];
-
-/// A TCP client that sends frames until told to stop and it has seen
-/// `last` answer.
-fn tcp_client(
-    addr: SocketAddr,
-    c: usize,
-    stop: Arc<AtomicBool>,
-    last: &'static str,
-) -> JoinHandle<ClientReport> {
-    let mut client = LineClient::connect(addr).expect("connect");
-    std::thread::spawn(move || {
-        let mut r = ClientReport::default();
-        while !(stop.load(Ordering::Relaxed) && r.versions.last().map(String::as_str) == Some(last))
-        {
-            let frame = format!("c{c}-f{}", r.frames);
-            match client.call(&frame) {
-                Ok(resp) => match echo_version(&resp) {
-                    Some(v) if resp.ends_with(&frame) => {
-                        if r.versions.last().map(String::as_str) != Some(v) {
-                            r.versions.push(v.to_owned());
-                        }
-                    }
-                    _ => r.errors.push(format!("wrong answer {resp:?} to {frame:?}")),
-                },
-                Err(e) => {
-                    r.errors.push(e.to_string());
-                    return r;
-                }
-            }
-            r.frames += 1;
-        }
-        r.still_open = client.call("last").is_ok_and(|resp| resp.ends_with("last"));
-        r
-    })
-}
 
 /// A gRPC client on one HTTP/2 connection making `Invoke` calls until told
 /// to stop and it has seen `last` answer.
@@ -137,7 +102,7 @@ fn a_c_plugin_serves_tcp_and_grpc_and_hot_swaps_under_live_clients() {
     let stop = Arc::new(AtomicBool::new(false));
     let last = VERSIONS[VERSIONS.len() - 1];
     let mut clients: Vec<_> = (0..4)
-        .map(|c| tcp_client(tcp, c, stop.clone(), last))
+        .map(|c| follow_tcp(tcp, c, stop.clone(), last.to_owned()))
         .collect();
     clients.push(grpc_client(grpc, stop.clone(), last));
     wait_until(

@@ -1,16 +1,13 @@
 //! The headline claim: plugins are swapped under live TCP traffic and not
 //! one connection breaks — as the clients see it and as the kernel does.
-#![expect(
-    clippy::too_many_lines,
-    reason = "each test is one black-box scenario that reads top to bottom"
-)]
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use plugvisor_tests::{
     ClientReport, Daemon, DaemonOptions, LineClient, PackageTweaks, build_echo_version,
-    echo_version, echo_version_series, install_package, require_root, sha256_file, wait_until,
+    echo_version, echo_version_series, follow_tcp, install_package, require_root, sha256_file,
+    wait_until,
 };
 
 const CONNECTIONS: usize = 20;
@@ -38,39 +35,9 @@ fn fifty_reloads_under_twenty_live_connections_break_nothing() {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    let last = versions.last().unwrap().clone();
     let clients: Vec<_> = (0..CONNECTIONS)
-        .map(|c| {
-            let stop = stop.clone();
-            let mut client = LineClient::connect(addr).expect("connect");
-            std::thread::spawn(move || {
-                let mut r = ClientReport::default();
-                while !stop.load(Ordering::Relaxed) {
-                    let frame = format!("c{c}-f{}", r.frames);
-                    match client.call(&frame) {
-                        Ok(resp) => {
-                            let Some(v) = echo_version(&resp) else {
-                                r.errors.push(resp);
-                                continue;
-                            };
-                            if !resp.ends_with(&frame) {
-                                r.errors.push(format!("wrong answer {resp:?} to {frame:?}"));
-                            }
-                            if r.versions.last().map(String::as_str) != Some(v) {
-                                r.versions.push(v.to_owned());
-                            }
-                        }
-                        Err(e) => {
-                            r.errors.push(format!("{e}"));
-                            return r;
-                        }
-                    }
-                    r.frames += 1;
-                }
-                // Still open after all reloads: one more frame answers.
-                r.still_open = client.call("last").is_ok_and(|resp| resp.ends_with("last"));
-                r
-            })
-        })
+        .map(|c| follow_tcp(addr, c, stop.clone(), last.clone()))
         .collect();
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -85,8 +52,6 @@ fn fifty_reloads_under_twenty_live_connections_break_nothing() {
         daemon.install_and_await("echo", v, lib, &format!("reload {} to {v}", i + 1));
         daemon.assert_running();
     }
-    // Let every client see the last version before stopping them.
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         daemon
             .metrics()
