@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use plugvisor::host::Loaded;
 use plugvisor::loader::{self, LoadedVersion};
 use plugvisor::metrics::{HistogramSnapshot, Metrics, Phase, ReloadOutcome};
 use plugvisor::slot::{DispatchError, Slot};
@@ -168,7 +169,7 @@ fn ns_per_call(iters: u32, mut f: impl FnMut() -> usize) -> f64 {
 fn dispatch(dir: &Path, lib: &Path, quick: bool) -> serde_json::Value {
     let (rounds, iters) = if quick { (3, 50_000) } else { (21, 400_000) };
     let slot = Slot::new("echo", 2, Arc::new(Metrics::new()));
-    slot.install(load_copy(dir, lib, 0));
+    slot.install(Loaded::InProcess(load_copy(dir, lib, 0)));
     let direct_path = dir.join("echo-direct.so");
     std::fs::copy(lib, &direct_path).expect("copying the echo library");
     let direct = Direct::open(&direct_path);
@@ -199,7 +200,10 @@ fn dispatch(dir: &Path, lib: &Path, quick: bool) -> serde_json::Value {
                 })),
                 3 => b.push(ns_per_bounded_call(&rt, &slot, req, bounded, bounded_iters)),
                 _ => w.push(ns_per_call(iters, || {
-                    active.loaded.handle(black_box(req)).map_or(0, |v| v.len())
+                    let Loaded::InProcess(version) = &active.loaded else {
+                        unreachable!("installed in-process above")
+                    };
+                    version.handle(black_box(req)).map_or(0, |v| v.len())
                 })),
             }
         }
@@ -259,7 +263,7 @@ fn switch(dir: &Path, lib: &Path, quick: bool) -> serde_json::Value {
     let mut versions: Vec<LoadedVersion> = (1..=swaps).map(|n| version_copy(dir, lib, n)).collect();
     versions.reverse();
     let slot = Arc::new(Slot::new("echo", 4, Arc::new(Metrics::new())));
-    slot.install(version_copy(dir, lib, 0));
+    slot.install(Loaded::InProcess(version_copy(dir, lib, 0)));
     let recording = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
@@ -315,7 +319,8 @@ fn switch(dir: &Path, lib: &Path, quick: bool) -> serde_json::Value {
     for _ in 0..swaps {
         recording.store(true, Ordering::Relaxed);
         answering(2000);
-        let (_, swap, _) = slot.install_timed(versions.pop().expect("one per swap"));
+        let (_, swap, _) =
+            slot.install_timed(Loaded::InProcess(versions.pop().expect("one per swap")));
         answering(2000);
         recording.store(false, Ordering::Relaxed);
         swap_ns.push(swap.as_nanos() as f64);

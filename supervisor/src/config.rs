@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::host::Isolation;
 use crate::name::valid_name;
 
 mod health_check;
@@ -77,6 +78,9 @@ pub struct Config {
     /// (answer each request with its own bytes). Without one, degrade's last
     /// step sheds new connections.
     pub fallback: std::collections::BTreeMap<String, String>,
+    /// Per-plugin settings, `[plugin.NAME]` (where its code runs).
+    #[serde(rename = "plugin")]
+    pub plugins: std::collections::BTreeMap<String, PluginConfig>,
     /// Dependencies checked from plugvisor, exported as
     /// `plugvisor_health_check_up{check}` (see [`HealthCheckConfig`]).
     #[serde(rename = "health_check")]
@@ -100,9 +104,30 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             listeners: Vec::new(),
             fallback: std::collections::BTreeMap::new(),
+            plugins: std::collections::BTreeMap::new(),
             health_checks: Vec::new(),
             source: None,
         }
+    }
+}
+
+/// `[plugin.NAME]`: one plugin's settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Where its versions run: `"process"` (a plugin host each, a crash
+    /// costs only its own requests) or `"in-process"` (the default for
+    /// now; see docs/ISOLATION.md).
+    pub isolation: Isolation,
+}
+
+impl Config {
+    /// `isolation` of every plugin that has a `[plugin.NAME]` table.
+    pub fn isolation(&self) -> std::collections::HashMap<String, Isolation> {
+        self.plugins
+            .iter()
+            .map(|(name, p)| (name.clone(), p.isolation))
+            .collect()
     }
 }
 
@@ -345,6 +370,13 @@ impl Config {
             if v != "passthrough" && semver::Version::parse(v).is_err() {
                 return Err(invalid(format!(
                     "[fallback] {plugin} = {v:?}: a semver version or \"passthrough\""
+                )));
+            }
+        }
+        for plugin in self.plugins.keys() {
+            if !valid_name(plugin) {
+                return Err(invalid(format!(
+                    "[plugin.{plugin}]: {plugin:?} is not a plugin name"
                 )));
             }
         }

@@ -29,8 +29,9 @@ use semver::Version;
 /// a thread and a library mapping for as long as it runs.
 pub const MAX_STUCK_INITS: usize = 2;
 
-/// Why a library was not loaded.
-#[derive(Debug, thiserror::Error)]
+/// Why a library was not loaded. Serializable: a plugin host sends it to
+/// the daemon when its load fails.
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LoadError {
     /// `dlopen` refused the file (not an ELF object, truncated, missing deps…).
     #[error("plugin {plugin:?}: cannot load {path}: {message}")]
@@ -132,6 +133,40 @@ pub enum LoadError {
         /// [`MAX_STUCK_INITS`].
         limit: usize,
     },
+    /// The plugin host process could not be started or spoke out of turn.
+    #[error("plugin {plugin:?} {version}: its plugin host did not start: {message}")]
+    HostFailed {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The plugin host died while it loaded the library or ran `init`.
+    #[error(
+        "plugin {plugin:?} {version}: its plugin host died during load or init ({cause}); the daemon and the serving version are unaffected"
+    )]
+    HostDied {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// How the host ended (signal or exit status).
+        cause: String,
+    },
+    /// `init` overran `[reload] init_timeout` in a plugin host, which was killed.
+    #[error(
+        "plugin {plugin:?} {version}: init did not return within {timeout:?} ([reload] init_timeout); its plugin host was killed, nothing stays behind"
+    )]
+    InitKilled {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// The bound it overran.
+        timeout: Duration,
+    },
 }
 
 impl LoadError {
@@ -143,6 +178,9 @@ impl LoadError {
             LoadError::InitFailed { .. }
                 | LoadError::InitTimeout { .. }
                 | LoadError::TooManyStuckInits { .. }
+                | LoadError::HostFailed { .. }
+                | LoadError::HostDied { .. }
+                | LoadError::InitKilled { .. }
         )
     }
 }

@@ -195,6 +195,10 @@ pub enum JournalEvent {
     CrashInLoad,
     /// An object no refs name was removed from the store.
     Collected,
+    /// A plugin host died while it served (`isolation = "process"`).
+    HostCrashed,
+    /// A new host took over from one that died.
+    HostRestarted,
 }
 
 impl JournalEvent {
@@ -214,6 +218,8 @@ impl JournalEvent {
             JournalEvent::TrialResumed => "trial-resumed",
             JournalEvent::CrashInLoad => "crash-in-load",
             JournalEvent::Collected => "collected",
+            JournalEvent::HostCrashed => "host-crashed",
+            JournalEvent::HostRestarted => "host-restarted",
         }
     }
 }

@@ -19,6 +19,7 @@ mod enable;
 mod failpoints;
 mod keygen;
 mod pack;
+mod plugin_host;
 mod reload;
 mod rollback;
 mod run;
@@ -82,6 +83,10 @@ enum Cmd {
     /// List the crash points `FAILPOINTS` can arm (failpoints build only).
     #[cfg(feature = "failpoints")]
     Failpoints,
+    /// The process a plugin version runs in (`isolation = "process"`);
+    /// started by the daemon only.
+    #[command(hide = true)]
+    PluginHost(plugin_host::Args),
 }
 
 /// The command line: parses, sets up logging, runs the verb, and turns an
@@ -102,6 +107,7 @@ pub fn main() -> ExitCode {
         Cmd::Keygen(a) => keygen::run(a),
         Cmd::Pack(a) => pack::run(a),
         Cmd::Verify(a) => verify::run(&a),
+        Cmd::PluginHost(a) => plugin_host::run(a),
         #[cfg(feature = "failpoints")]
         Cmd::Failpoints => Ok(failpoints::run()),
     };

@@ -16,6 +16,7 @@ use super::thresholds::{act, load_thresholds, retick};
 use crate::actions::Why;
 use crate::control::Command;
 use crate::fswatch::Watcher;
+use crate::host::Exit;
 
 /// Where events come from.
 pub(super) struct Sources {
@@ -26,6 +27,8 @@ pub(super) struct Sources {
     pub(super) thresholds_changed: mpsc::UnboundedReceiver<()>,
     pub(super) packages_changed: mpsc::UnboundedReceiver<BTreeSet<String>>,
     pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) host_exits: mpsc::UnboundedReceiver<Exit>,
+    pub(super) restarts: mpsc::UnboundedReceiver<(String, u32)>,
     pub(super) ticker: tokio::time::Interval,
     // Kept for as long as the loop runs: dropping one stops its events.
     pub(super) _thresholds_watcher: Option<Watcher>,
@@ -48,6 +51,10 @@ pub(super) enum Event {
     PackagesChanged(BTreeSet<String>),
     /// A command from the admin socket (or a deferred package's second look).
     Command(Command),
+    /// A plugin host died while it served.
+    HostExited(Exit),
+    /// Time to restart the host that died (plugin, its pid), after backoff.
+    RestartHost(String, u32),
 }
 
 impl Sources {
@@ -65,6 +72,10 @@ impl Sources {
             biased;
             _ = self.sigterm.recv() => Event::Stop("SIGTERM"),
             _ = self.sigint.recv() => Event::Stop("SIGINT"),
+            // Before everything but shutdown: while a crashed host is not
+            // replaced, its plugin's requests fail.
+            Some(exit) = self.host_exits.recv() => Event::HostExited(exit),
+            Some((plugin, pid)) = self.restarts.recv() => Event::RestartHost(plugin, pid),
             _ = self.sigusr1.recv() => Event::ForcedRescan,
             _ = self.sighup.recv() => Event::Hangup,
             Some(()) = self.thresholds_changed.recv() => {
@@ -139,6 +150,8 @@ impl Daemon {
                 .await;
             }
             Event::Command(cmd) => self.command(cmd).await,
+            Event::HostExited(exit) => self.host_exited(&exit),
+            Event::RestartHost(plugin, pid) => self.restart_host(&plugin, pid),
         }
     }
 

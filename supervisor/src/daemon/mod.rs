@@ -12,9 +12,11 @@
 //! `events::Event`, applied one at a time), `rescan` (reloads off the
 //! async workers, and the second look at a deferred package),
 //! `thresholds` (loading the thresholds file, carrying out a rule's
-//! decision), `status` (what `plugvisor status` and `versions` show).
+//! decision), `status` (what `plugvisor status` and `versions` show),
+//! `crashes` (a plugin host died: roll back, restart, degrade).
 //! This file holds the error type and the run from start to drain.
 
+mod crashes;
 mod events;
 mod rescan;
 mod start;
@@ -115,6 +117,9 @@ struct Daemon {
     admin_task: tokio::task::JoinHandle<()>,
     // What the service manager is told while serving.
     ready_status: String,
+    // Recent plugin host crashes, and where a delayed restart is sent.
+    crashes: crashes::Crashes,
+    restarts: mpsc::UnboundedSender<(String, u32)>,
 }
 
 impl Daemon {

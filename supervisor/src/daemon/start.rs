@@ -13,6 +13,7 @@ use super::{Daemon, DaemonError};
 use crate::actions::Actions;
 use crate::config::Config;
 use crate::control::{Command, socket};
+use crate::host::{Exit, Spawner};
 use crate::metrics::Metrics;
 use crate::probes::{self, WatchedListener};
 use crate::reload::Reloader;
@@ -55,6 +56,8 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     );
     reloader.set_trust(trust);
     reloader.set_init_timeout(config.reload.init_timeout);
+    // Before the first load: a host that dies from then on is news.
+    let host_exits = isolate(&mut reloader, &config);
     boot(&mut reloader, &config);
     let reloader = Arc::new(Mutex::new(reloader));
     // Created before the first scan: a deferred package schedules its
@@ -75,18 +78,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
 
     let health = start_signals(&config, &metrics, &reloader);
 
-    // /metrics outlives the listeners' drain, so the drain itself (GOAWAYs,
-    // connections closing) can still be scraped.
-    let (metrics_stop, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = crate::metrics::serve(config.metrics.listen, metrics.clone(), async move {
-        let _ = metrics_stop_rx.await;
-    })
-    .await
-    .map_err(|source| DaemonError::Metrics {
-        addr: config.metrics.listen,
-        source,
-    })?;
-    tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
+    let (metrics_stop, metrics_task) = serve_metrics(&config, &metrics).await?;
 
     let admin_listener = socket::bind(&config.admin.socket)?;
     let admin_task = tokio::spawn(socket::serve(admin_listener, commands.clone()));
@@ -95,6 +87,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     let packages_watcher =
         catalog::watch::start(&config.plugins_dir, config.reload.debounce, watch_tx)?;
 
+    let (restarts, restarts_rx) = mpsc::unbounded_channel();
     let sig = |kind| signal(kind).map_err(DaemonError::Signals);
     let sources = Sources {
         sigterm: sig(SignalKind::terminate())?,
@@ -104,6 +97,8 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         thresholds_changed: rules_rx,
         packages_changed: watch_rx,
         commands: commands_rx,
+        host_exits,
+        restarts: restarts_rx,
         ticker: Sources::ticker(engine.interval()),
         _thresholds_watcher: rules_watcher,
         _packages_watcher: packages_watcher,
@@ -133,8 +128,50 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         metrics_task,
         admin_task,
         ready_status,
+        crashes: super::crashes::Crashes::default(),
+        restarts,
     };
     Ok((daemon, sources))
+}
+
+/// Runs the plugins `[plugin.NAME] isolation` names in plugin hosts of
+/// this binary; returns where their deaths are reported.
+fn isolate(reloader: &mut Reloader, config: &Config) -> mpsc::UnboundedReceiver<Exit> {
+    let (exits, host_exits) = mpsc::unbounded_channel();
+    reloader.set_isolation(
+        config.isolation(),
+        Some(Spawner::this_binary(
+            tokio::runtime::Handle::current(),
+            exits,
+        )),
+    );
+    host_exits
+}
+
+/// `/metrics`, until the returned sender fires. It outlives the
+/// listeners' drain, so the drain itself (GOAWAYs, connections closing)
+/// can still be scraped.
+async fn serve_metrics(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    DaemonError,
+> {
+    let (metrics_stop, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = crate::metrics::serve(config.metrics.listen, metrics.clone(), async move {
+        let _ = metrics_stop_rx.await;
+    })
+    .await
+    .map_err(|source| DaemonError::Metrics {
+        addr: config.metrics.listen,
+        source,
+    })?;
+    tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
+    Ok((metrics_stop, metrics_task))
 }
 
 /// The store, and a word if it cannot take writes.

@@ -94,6 +94,8 @@ pub enum RequestOutcome {
     Error,
     /// The plugin panicked (caught at the boundary).
     Panic,
+    /// The plugin's host process died with the request in flight.
+    Crashed,
 }
 
 impl RequestOutcome {
@@ -103,6 +105,7 @@ impl RequestOutcome {
             RequestOutcome::Ok => "ok",
             RequestOutcome::Error => "error",
             RequestOutcome::Panic => "panic",
+            RequestOutcome::Crashed => "crashed",
         }
     }
 }
@@ -227,6 +230,15 @@ pub struct Metrics {
     /// `plugvisor_plugin_calls_shed_total{plugin,call}`: calls not made
     /// because too many earlier ones are stuck.
     pub plugin_calls_shed_total: IntCounterVec,
+    /// `plugvisor_plugin_host_restarts_total{plugin,reason}`: plugin host
+    /// processes that died while serving and were replaced, by why.
+    pub plugin_host_restarts_total: IntCounterVec,
+    /// `plugvisor_plugin_isolation{plugin,mode,limits}` = 1: where the
+    /// plugin's code runs and what bounds its resources.
+    pub plugin_isolation: IntGaugeVec,
+    /// `plugvisor_crash_recovery_seconds{plugin}`: a host's death to the
+    /// first answer by what replaced it.
+    pub crash_recovery_seconds: HistogramVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -484,6 +496,24 @@ impl Metrics {
                 "plugvisor_plugin_calls_shed_total",
                 "Calls refused without calling the plugin because too many earlier calls are stuck",
                 &["plugin", "call"],
+            ),
+            plugin_host_restarts_total: counter(
+                r,
+                "plugvisor_plugin_host_restarts_total",
+                "Plugin host processes that died while serving, by reason (segfault, abort, oom, hang, exit, signal)",
+                &["plugin", "reason"],
+            ),
+            plugin_isolation: gauge(
+                r,
+                "plugvisor_plugin_isolation",
+                "1 for where each plugin's code runs (mode: process, in-process) and what bounds its resources (limits: cgroup2, cgroup1, rlimit, none)",
+                &["plugin", "mode", "limits"],
+            ),
+            crash_recovery_seconds: histogram(
+                r,
+                "plugvisor_crash_recovery_seconds",
+                "From a plugin host's death to the first answer by the version that replaced it",
+                &["plugin"],
             ),
             families: declared.families.into_inner().expect("families lock"),
             registry,

@@ -56,6 +56,8 @@ pub struct RequestCounters {
     pub error: IntCounter,
     /// `outcome="panic"`.
     pub panic: IntCounter,
+    /// `outcome="crashed"`.
+    pub crashed: IntCounter,
 }
 
 /// The series of one health check of one plugin.
@@ -66,10 +68,11 @@ pub struct HealthSeries {
     pub failures: IntCounter,
 }
 
-const REQUEST_OUTCOMES: [RequestOutcome; 3] = [
+const REQUEST_OUTCOMES: [RequestOutcome; 4] = [
     RequestOutcome::Ok,
     RequestOutcome::Error,
     RequestOutcome::Panic,
+    RequestOutcome::Crashed,
 ];
 
 /// The reload path.
@@ -107,6 +110,45 @@ impl Metrics {
         self.dependency_conflicts
             .with_label_values(&[plugin, kind.as_str()])
             .set(i64::from(standing));
+    }
+}
+
+/// Plugin hosts.
+impl Metrics {
+    /// Where `plugin`'s code runs (`mode`) and what bounds it (`limits`);
+    /// replaces what was said before.
+    pub fn plugin_isolation(&self, plugin: &str, mode: &str, limits: &str) {
+        for m in ["process", "in-process"] {
+            for l in ["cgroup2", "cgroup1", "rlimit", "none"] {
+                if (m, l) != (mode, limits) {
+                    let _ = self.plugin_isolation.remove_label_values(&[plugin, m, l]);
+                }
+            }
+        }
+        self.plugin_isolation
+            .with_label_values(&[plugin, mode, limits])
+            .set(1);
+    }
+
+    /// Every restart reason of `plugin`, at 0 (see [`Metrics::plugin_at_zero`]).
+    pub fn host_restarts_at_zero(&self, plugin: &str, reasons: &[&str]) {
+        for reason in reasons {
+            self.plugin_host_restarts_total
+                .with_label_values(&[plugin, reason]);
+        }
+    }
+
+    /// A host of `plugin` died while serving, for `reason`.
+    pub fn host_restart(&self, plugin: &str, reason: &str) {
+        self.plugin_host_restarts_total
+            .with_label_values(&[plugin, reason])
+            .inc();
+    }
+
+    /// The histogram of `plugin`'s crash recoveries (resolved once per
+    /// crash, observed by the first answer after it).
+    pub fn crash_recovery(&self, plugin: &str) -> Histogram {
+        self.crash_recovery_seconds.with_label_values(&[plugin])
     }
 }
 
@@ -233,6 +275,7 @@ impl Metrics {
             ok: c(RequestOutcome::Ok),
             error: c(RequestOutcome::Error),
             panic: c(RequestOutcome::Panic),
+            crashed: c(RequestOutcome::Crashed),
         }
     }
 

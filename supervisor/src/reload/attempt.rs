@@ -14,7 +14,8 @@ use super::{AttemptOutcome, ReloadError, ReloadOptions, ReloadReport, Reloader, 
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies as deps;
 use crate::failpoints::{CrashPoint, crash_point};
-use crate::loader::{self, LoadError, LoadedVersion};
+use crate::host::{HostSpec, Isolation, Loaded};
+use crate::loader::{self, LoadError};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Phase, ReloadOutcome};
 use crate::slot::{Installed, Slot};
@@ -78,22 +79,50 @@ impl Reloader {
         abi: u32,
         sha256: &str,
         object: &Path,
-    ) -> Result<(LoadedVersion, loader::LoadTimings), LoadError> {
+    ) -> Result<(Loaded, loader::LoadTimings), LoadError> {
         let slot = self.slot(plugin);
-        let result = loader::load(
-            plugin,
-            version,
-            abi,
-            sha256,
-            object,
-            &slot.init_bound(self.init_timeout),
-        );
+        self.publish_isolation(plugin);
+        let result = match (self.isolation_of(plugin), &self.spawner) {
+            (Isolation::Process, Some(spawner)) => spawner
+                .spawn(
+                    &HostSpec {
+                        plugin: plugin.to_owned(),
+                        version: version.clone(),
+                        abi,
+                        sha256: sha256.to_owned(),
+                        object: object.to_owned(),
+                    },
+                    self.init_timeout,
+                    slot.handle_stuck(),
+                )
+                .map(|(h, t)| (Loaded::Process(h), t)),
+            _ => loader::load(
+                plugin,
+                version,
+                abi,
+                sha256,
+                object,
+                &slot.init_bound(self.init_timeout),
+            )
+            .map(|(l, t)| (Loaded::InProcess(l), t)),
+        };
         match &result {
-            Err(LoadError::InitTimeout { .. }) => slot.count_init_trouble(false),
+            Err(LoadError::InitTimeout { .. } | LoadError::InitKilled { .. }) => {
+                slot.count_init_trouble(false);
+            }
             Err(LoadError::TooManyStuckInits { .. }) => slot.count_init_trouble(true),
             _ => {}
         }
         result
+    }
+
+    /// Says once per plugin where its code runs (`plugvisor_plugin_isolation`).
+    fn publish_isolation(&mut self, plugin: &str) {
+        if self.isolation_published.insert(plugin.to_owned()) {
+            let mode = self.isolation_of(plugin);
+            // Resource limits for hosts are not applied yet: say so.
+            self.metrics.plugin_isolation(plugin, mode.as_str(), "none");
+        }
     }
 
     /// The attempt itself; `retry` marks a re-try of a blocked package,

@@ -38,11 +38,12 @@ use semver::Version;
 use self::conflicts::Blocked;
 pub use self::conflicts::StandingConflict;
 pub use self::outcome::{
-    AttemptOutcome, CRASH_IN_LOAD, CRASH_IN_TRIAL, MANUAL, ReloadError, ReloadOptions,
+    AttemptOutcome, CRASH, CRASH_IN_LOAD, CRASH_IN_TRIAL, MANUAL, ReloadError, ReloadOptions,
     ReloadReport, SIGNATURE_GRACE,
 };
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies::{self as deps, Conflict, ConflictKind};
+use crate::host::{Isolation, Spawner};
 use crate::markers::{PluginNames, ReloadWindow};
 use crate::metrics::Metrics;
 use crate::slot::Slot;
@@ -76,6 +77,12 @@ pub struct Reloader {
     deferred: HashMap<String, (String, Instant)>,
     // `[reload] init_timeout`.
     init_timeout: Duration,
+    // `[plugin.NAME] isolation`, and what starts the hosts of those in
+    // `process` (none: everything loads in this process).
+    isolation: HashMap<String, Isolation>,
+    spawner: Option<Spawner>,
+    // Plugins whose `isolation` was published as a metric.
+    isolation_published: BTreeSet<String>,
 }
 
 impl Reloader {
@@ -103,6 +110,29 @@ impl Reloader {
             nodes: HashMap::new(),
             deferred: HashMap::new(),
             init_timeout: crate::config::DEFAULT_INIT_TIMEOUT,
+            isolation: HashMap::new(),
+            spawner: None,
+            isolation_published: BTreeSet::new(),
+        }
+    }
+
+    /// Runs the versions of each plugin `isolation` names as `process` in
+    /// plugin hosts that `spawner` starts; the rest (and every plugin
+    /// without a spawner) load in this process.
+    pub fn set_isolation(
+        &mut self,
+        isolation: HashMap<String, Isolation>,
+        spawner: Option<Spawner>,
+    ) {
+        self.isolation = isolation;
+        self.spawner = spawner;
+    }
+
+    /// Where `plugin`'s versions run.
+    pub fn isolation_of(&self, plugin: &str) -> Isolation {
+        match (&self.spawner, self.isolation.get(plugin)) {
+            (Some(_), Some(i)) => *i,
+            _ => Isolation::InProcess,
         }
     }
 
@@ -126,7 +156,7 @@ impl Reloader {
         // Present at 0 from the start, so the first rollback or rejection
         // is an increase PromQL can see.
         self.metrics
-            .plugin_at_zero(plugin, &[MANUAL, CRASH_IN_TRIAL]);
+            .plugin_at_zero(plugin, &[MANUAL, CRASH_IN_TRIAL, CRASH]);
         self.slots.insert(plugin.to_owned(), slot.clone());
         let mut names = self.plugin_names.write().expect("plugin names");
         if !names.iter().any(|n| n == plugin) {

@@ -25,6 +25,11 @@ pub const SIGNATURE_GRACE: Duration = Duration::from_secs(2);
 /// during a trial.
 pub const CRASH_IN_TRIAL: &str = "crash-in-trial";
 
+/// The `reason` of a rollback because the version on trial crashed its
+/// plugin host (`isolation = "process"`): the daemon lived, the version
+/// did not.
+pub const CRASH: &str = "crash";
+
 /// The `reason` of an operator's own rollback.
 pub const MANUAL: &str = "manual";
 
@@ -154,7 +159,10 @@ impl ReloadError {
             ReloadError::Load(
                 LoadError::InitFailed { .. }
                 | LoadError::InitTimeout { .. }
-                | LoadError::TooManyStuckInits { .. },
+                | LoadError::TooManyStuckInits { .. }
+                | LoadError::HostFailed { .. }
+                | LoadError::HostDied { .. }
+                | LoadError::InitKilled { .. },
             )
             | ReloadError::VersionReused { .. }
             | ReloadError::Quarantined { .. }

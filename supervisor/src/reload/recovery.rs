@@ -4,7 +4,8 @@
 //! and a trial interrupted by a clean stop, resumed on the next start.
 
 use super::{AttemptOutcome, CRASH_IN_LOAD, CRASH_IN_TRIAL, ReloadReport, Reloader};
-use crate::loader::{LoadError, LoadedVersion};
+use crate::host::Loaded;
+use crate::loader::LoadError;
 use crate::metrics::ReloadOutcome;
 use crate::store::{JournalEntry, JournalEvent, Refs, VersionRef};
 
@@ -210,11 +211,7 @@ impl Reloader {
     }
 
     /// Loads a version straight from its object in the store.
-    pub fn load_from_store(
-        &mut self,
-        plugin: &str,
-        v: &VersionRef,
-    ) -> Result<LoadedVersion, LoadError> {
+    pub fn load_from_store(&mut self, plugin: &str, v: &VersionRef) -> Result<Loaded, LoadError> {
         let object = self.store.object_path(&v.sha256);
         self.load_object(
             plugin,

@@ -29,10 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use prometheus::IntCounter;
+use prometheus::{Histogram, IntCounter};
 use semver::Version;
 use tokio::sync::watch;
 
+use crate::host::{self, Exit, Loaded};
 use crate::loader::{self, HandleError, InitBound, LoadedVersion, StuckCalls};
 use crate::metrics::{Metrics, PluginCall, RequestCounters};
 use calls::{Abandon, CallError, CallPool};
@@ -88,6 +89,19 @@ pub enum DispatchError {
         /// [`MAX_STUCK_HANDLES`].
         limit: usize,
     },
+    /// The version's plugin host died with this request in flight (or no
+    /// version was left to send it to).
+    #[error(
+        "plugin {plugin:?} {version} crashed ({cause}) while handling this request; the connection stays open and the next request goes to whatever serves now"
+    )]
+    Crashed {
+        /// The plugin.
+        plugin: String,
+        /// The version whose host died.
+        version: String,
+        /// How it died.
+        cause: String,
+    },
 }
 
 /// What a slot lets in, from most to least open.
@@ -116,12 +130,13 @@ impl Admission {
 /// A version installed in a slot, with its request counters resolved once
 /// (no label lookup per request).
 pub struct Installed {
-    /// The loaded library.
-    pub loaded: LoadedVersion,
+    /// The loaded version, in this process or in a host.
+    pub loaded: Loaded,
     version_label: String,
     ok: IntCounter,
     error: IntCounter,
     panic: IntCounter,
+    crashed: IntCounter,
     // A panic is a bug in the plugin: the first one of each version is
     // logged with its message, the rest only counted (a version that
     // panics on every request must not flood the log).
@@ -151,9 +166,18 @@ impl Abandon for VersionStuck {
 }
 
 impl Installed {
-    fn handle(&self, request: &[u8]) -> Result<Vec<u8>, HandleError> {
-        let r = self.loaded.handle(request);
-        match &r {
+    fn handle_in_process(
+        &self,
+        loaded: &LoadedVersion,
+        request: &[u8],
+    ) -> Result<Vec<u8>, HandleError> {
+        let r = loaded.handle(request);
+        self.count(&r);
+        r
+    }
+
+    fn count(&self, r: &Result<Vec<u8>, HandleError>) {
+        match r {
             Ok(_) => self.ok.inc(),
             Err(HandleError::Plugin(_)) => self.error.inc(),
             Err(HandleError::Panic(message)) => {
@@ -167,13 +191,23 @@ impl Installed {
                 }
             }
         }
-        r
     }
 
     /// The version's string form.
     pub fn version(&self) -> &str {
         &self.version_label
     }
+}
+
+/// What a dead host was to a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRole {
+    /// It ran the active version: requests fail until it is replaced.
+    Active,
+    /// It ran a standby version, now dropped from the mapped set.
+    Standby,
+    /// Nothing the slot still holds (replaced or evicted already).
+    Gone,
 }
 
 /// One plugin's slot.
@@ -202,6 +236,11 @@ pub struct Slot {
     init_shed: IntCounter,
     handle_shed: IntCounter,
     calls: Arc<CallPool>,
+    // Set when the active version's host died; the first answer after it
+    // observes the recovery time.
+    recovering: Mutex<Option<Instant>>,
+    recovering_flag: AtomicBool,
+    recovery: Histogram,
     metrics: Arc<Metrics>,
 }
 
@@ -227,6 +266,9 @@ impl Slot {
             pinned: Mutex::new(None),
             admission: AtomicU8::new(Admission::Open as u8),
             passthrough: AtomicBool::new(false),
+            recovering: Mutex::new(None),
+            recovering_flag: AtomicBool::new(false),
+            recovery: metrics.crash_recovery(plugin),
             metrics,
         }
     }
@@ -305,6 +347,23 @@ impl Slot {
                 None,
             );
         };
+        let (result, version) = match &installed.loaded {
+            Loaded::Process(_) => self.call_host(installed, request, timeout).await,
+            Loaded::InProcess(_) => self.call_in_process(installed, request, timeout).await,
+        };
+        if result.is_ok() && self.recovering_flag.load(Ordering::Relaxed) {
+            self.recovered();
+        }
+        (result, version)
+    }
+
+    /// A call into a version mapped in this process.
+    async fn call_in_process(
+        &self,
+        installed: Arc<Installed>,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> (Result<Vec<u8>, DispatchError>, Option<String>) {
         let version = installed.version_label.clone();
         let stuck_here = installed.stuck.count.load(Ordering::Acquire);
         if stuck_here >= MAX_STUCK_HANDLES {
@@ -321,8 +380,11 @@ impl Slot {
             // `request_timeout = "0s"`: no bound, called right here on the
             // async worker — the fastest path, for a plugin trusted never
             // to block (one that hangs then holds this worker for good).
+            let Loaded::InProcess(l) = &installed.loaded else {
+                unreachable!("called for in-process versions only")
+            };
             return (
-                installed.handle(&request).map_err(Into::into),
+                installed.handle_in_process(l, &request).map_err(Into::into),
                 Some(version),
             );
         }
@@ -331,7 +393,16 @@ impl Slot {
         // it mapped for good, which is what running code needs.
         let result = self
             .calls
-            .call(timeout, move || installed.handle(&request), &stuck)
+            .call(
+                timeout,
+                move || {
+                    let Loaded::InProcess(l) = &installed.loaded else {
+                        unreachable!("called for in-process versions only")
+                    };
+                    installed.handle_in_process(l, &request)
+                },
+                &stuck,
+            )
             .await;
         match result {
             Ok(r) => (r.map_err(Into::into), Some(version)),
@@ -358,6 +429,148 @@ impl Slot {
         }
     }
 
+    /// A call into a version in a plugin host. A request the host never
+    /// got (it was already dead) goes, once, to what serves after it; one
+    /// in flight when it died is lost, and answered so.
+    async fn call_host(
+        &self,
+        installed: Arc<Installed>,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> (Result<Vec<u8>, DispatchError>, Option<String>) {
+        // No bound asked for; a host still gets one so that a hang is
+        // found (and the host replaced) in the end.
+        let timeout = if timeout.is_zero() {
+            host::UNBOUNDED_CALL
+        } else {
+            timeout
+        };
+        let started = Instant::now();
+        let mut installed = installed;
+        let mut retried = false;
+        loop {
+            let Loaded::Process(h) = &installed.loaded else {
+                // A retry found an in-process version serving now.
+                return Box::pin(self.call_in_process(installed, request, timeout)).await;
+            };
+            let version = installed.version_label.clone();
+            match h.handle(&request, timeout).await {
+                Ok(bytes) => {
+                    installed.ok.inc();
+                    return (Ok(bytes), Some(version));
+                }
+                Err(host::CallError::Plugin(e)) => {
+                    let r = Err(e);
+                    installed.count(&r);
+                    return (r.map_err(Into::into), Some(version));
+                }
+                Err(host::CallError::TimedOut) => {
+                    // The host's side counts the call as stuck (in the
+                    // plugin's gauge) until it answers, and kills the host
+                    // if it stays stuck: nothing is shed here.
+                    self.handle_timeouts.inc();
+                    let e = DispatchError::Timeout {
+                        plugin: self.plugin.clone(),
+                        version: version.clone(),
+                        timeout,
+                    };
+                    return (Err(e), Some(version));
+                }
+                Err(host::CallError::Lost(exit)) => {
+                    installed.crashed.inc();
+                    let e = DispatchError::Crashed {
+                        plugin: self.plugin.clone(),
+                        version: version.clone(),
+                        cause: exit.cause.to_string(),
+                    };
+                    return (Err(e), Some(version));
+                }
+                Err(host::CallError::NotDelivered(exit)) => {
+                    let cause =
+                        exit.map_or_else(|| "its host is gone".to_owned(), |e| e.cause.to_string());
+                    let crashed = DispatchError::Crashed {
+                        plugin: self.plugin.clone(),
+                        version: version.clone(),
+                        cause,
+                    };
+                    let left = timeout.saturating_sub(started.elapsed());
+                    if retried {
+                        return (Err(crashed), Some(version));
+                    }
+                    match self.replacement_of(&installed, left).await {
+                        Some(next) => {
+                            installed = next;
+                            retried = true;
+                        }
+                        None => return (Err(crashed), Some(version)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits, at most `bound`, until something other than `dead` is the
+    /// active version (a rollback or a restarted host), and returns it.
+    async fn replacement_of(
+        &self,
+        dead: &Arc<Installed>,
+        bound: Duration,
+    ) -> Option<Arc<Installed>> {
+        let mut rx = self.active_version.subscribe();
+        let wait = async {
+            loop {
+                if let Some(a) = self.active.load_full()
+                    && !Arc::ptr_eq(&a, dead)
+                    && a.loaded.alive()
+                {
+                    return Some(a);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(bound, wait).await.ok().flatten()
+    }
+
+    /// The first answer after the active host's death: the recovery is over.
+    fn recovered(&self) {
+        if let Some(at) = self.recovering.lock().expect("slot lock").take() {
+            self.recovery.observe(at.elapsed().as_secs_f64());
+        }
+        self.recovering_flag.store(false, Ordering::Relaxed);
+    }
+
+    /// What the death of a host means for this slot: whether it ran the
+    /// active version, a standby (now dropped from the mapped set), or
+    /// nothing this slot still holds.
+    pub fn host_died(&self, exit: &Exit) -> HostRole {
+        let holds = |i: &Arc<Installed>| i.loaded.host().is_some_and(|h| h.pid() == exit.pid);
+        let active = self.active.load_full();
+        if active.as_ref().is_some_and(holds) {
+            *self.recovering.lock().expect("slot lock") = Some(exit.at);
+            self.recovering_flag.store(true, Ordering::Relaxed);
+            return HostRole::Active;
+        }
+        let (removed, still_mapped) = {
+            let mut mapped = self.mapped.lock().expect("slot lock");
+            let before = mapped.len();
+            mapped.retain(|i| !holds(i));
+            let still = mapped.iter().any(|i| *i.loaded.version() == exit.version);
+            (before != mapped.len(), still)
+        };
+        if removed {
+            if !still_mapped {
+                self.metrics
+                    .forget_requests(&self.plugin, &exit.version.to_string());
+            }
+            self.publish_info();
+            HostRole::Standby
+        } else {
+            HostRole::Gone
+        }
+    }
+
     /// How `init` of a new version of this plugin is bounded: `timeout`,
     /// and this plugin's count of abandoned init calls.
     pub fn init_bound(&self, timeout: Duration) -> InitBound {
@@ -365,6 +578,13 @@ impl Slot {
             timeout,
             stuck: self.stuck_init.clone(),
         }
+    }
+
+    /// This plugin's count of `handle` calls stuck past their timeout
+    /// (`plugvisor_plugin_calls_stuck{call="handle"}`), which a plugin
+    /// host keeps too.
+    pub fn handle_stuck(&self) -> Arc<StuckCalls> {
+        self.stuck_handle.clone()
     }
 
     /// Counts an `init` of this plugin that overran its timeout (or one
@@ -406,7 +626,7 @@ impl Slot {
     ///
     /// The swap is the only step between "old serves" and "new serves";
     /// bookkeeping (mapped list, metrics) happens after it.
-    pub fn install(&self, loaded: LoadedVersion) -> Option<Arc<Installed>> {
+    pub fn install(&self, loaded: Loaded) -> Option<Arc<Installed>> {
         self.install_timed(loaded).0
     }
 
@@ -415,17 +635,19 @@ impl Slot {
     /// cannot: the store is atomic, but this bounds any stall) — and when
     /// it ended, i.e. when the new version started serving. The counters
     /// resolved before it and the bookkeeping after it are not part of it.
-    pub fn install_timed(
-        &self,
-        loaded: LoadedVersion,
-    ) -> (Option<Arc<Installed>>, Duration, Instant) {
+    pub fn install_timed(&self, loaded: Loaded) -> (Option<Arc<Installed>>, Duration, Instant) {
         let version_label = loaded.version().to_string();
-        let RequestCounters { ok, error, panic } =
-            self.metrics.requests(&self.plugin, &version_label);
+        let RequestCounters {
+            ok,
+            error,
+            panic,
+            crashed,
+        } = self.metrics.requests(&self.plugin, &version_label);
         let installed = Arc::new(Installed {
             ok,
             error,
             panic,
+            crashed,
             panic_logged: AtomicBool::new(false),
             stuck: Arc::new(VersionStuck {
                 count: AtomicUsize::new(0),
@@ -452,7 +674,7 @@ impl Slot {
             let mapped = self.mapped.lock().expect("slot lock");
             mapped
                 .iter()
-                .find(|i| i.loaded.version() == version)
+                .find(|i| i.loaded.version() == version && i.loaded.alive())
                 .cloned()
         }?;
         let previous = self.active.swap(Some(target.clone()));
@@ -465,7 +687,10 @@ impl Slot {
     fn remember(&self, installed: Arc<Installed>) {
         let evicted: Vec<Arc<Installed>> = {
             let mut mapped = self.mapped.lock().expect("slot lock");
-            mapped.retain(|i| !Arc::ptr_eq(i, &installed));
+            // A version whose host died is of no use mapped (the one it
+            // replaces, after a restart, shares its request series: they
+            // are not forgotten).
+            mapped.retain(|i| !Arc::ptr_eq(i, &installed) && i.loaded.alive());
             mapped.push_back(installed);
             let pinned = self.pinned.lock().expect("slot lock").clone();
             let active = self.active.load_full();
@@ -518,7 +743,7 @@ mod tests {
 
     /// Loads the echo plugin from its own copy (dlopen needs a distinct path
     /// to give a distinct image).
-    fn load_copy(dir: &std::path::Path, n: u32) -> LoadedVersion {
+    fn load_copy(dir: &std::path::Path, n: u32) -> Loaded {
         let path = dir.join(format!("echo-{n}.so"));
         std::fs::copy(echo_library(), &path).unwrap();
         let version = Version::parse(plugvisor_echo::VERSION).unwrap();
@@ -530,8 +755,8 @@ mod tests {
             &path,
             &loader::InitBound::standalone(Duration::from_secs(10)),
         )
+        .map(|(l, _)| Loaded::InProcess(l))
         .unwrap()
-        .0
     }
 
     /// `Slot::call` on a runtime of its own.
@@ -564,7 +789,10 @@ mod tests {
         let previous = slot.install(load_copy(t.path(), 2)).unwrap();
         assert!(Arc::ptr_eq(&held, &previous));
         // The old version still serves the request that holds it…
-        assert!(held.loaded.handle(b"a").unwrap().ends_with(b"a"));
+        let Loaded::InProcess(l) = &held.loaded else {
+            unreachable!()
+        };
+        assert!(l.handle(b"a").unwrap().ends_with(b"a"));
         // …and new requests go to the new one.
         let now = slot.active().unwrap();
         assert!(!Arc::ptr_eq(&held, &now));

@@ -1,0 +1,638 @@
+//! The daemon's side of a plugin host: spawn it, wait until its version
+//! serves, send it calls, and notice when it dies.
+//!
+//! Each call gets an id and a waiter; the host's answers come back on one
+//! reader task, in any order. When the host dies — any signal, any exit —
+//! the task that reaps it fails every waiter with the cause
+//! ([`Reply::Lost`]), so a crash costs exactly the calls in flight on it,
+//! and a call made after the death is never sent ([`CallError::NotDelivered`]):
+//! the slot sends it to whatever serves next.
+//!
+//! A call that overruns its timeout is answered with a timeout at once and
+//! remembered as stuck; one still stuck [`hang_grace`] later means the
+//! host is hung, and it is killed (reason `hang`), which frees its threads
+//! and its mapping — what an in-process call cannot do.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream as StdStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt as _;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{self, Kind};
+use super::{Cause, Exit, HostSpec};
+use crate::loader::{HandleError, LoadError, LoadTimings, StuckCalls};
+
+/// How long a host that lost its channel, or was told to stop, may take to
+/// exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a write to a host may wait for room in the socket buffer: a
+/// host that reads nothing for this long is frozen, and is killed.
+const WRITE_STALL: Duration = Duration::from_secs(2);
+
+/// After a call's timeout, how much longer it may stay stuck before its
+/// host counts as hung and is killed: as long again as the timeout itself.
+pub fn hang_grace(timeout: Duration) -> Duration {
+    timeout.max(Duration::from_millis(100))
+}
+
+/// Why a call to a host gave no answer from the plugin.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The plugin answered with an error or panicked.
+    Plugin(HandleError),
+    /// The host died with the call in flight: the call is lost.
+    Lost(Exit),
+    /// The host was already gone (or going): the call was never sent.
+    NotDelivered(Option<Exit>),
+    /// No answer within the timeout; the call is remembered as stuck.
+    TimedOut,
+}
+
+/// What a waiter gets.
+enum Reply {
+    Message(Kind, Vec<u8>),
+    Lost(Exit),
+}
+
+enum Waiter {
+    Async(oneshot::Sender<Reply>),
+    Blocking(std::sync::mpsc::SyncSender<Reply>),
+}
+
+impl Waiter {
+    fn send(self, r: Reply) {
+        match self {
+            Waiter::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Waiter::Blocking(tx) => {
+                let _ = tx.try_send(r);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    calls: HashMap<u64, Waiter>,
+    // Timed out, not answered yet: id → when it was given up on.
+    stuck: HashMap<u64, Instant>,
+    // No new calls: the host died (Some) or its channel closed (None).
+    closed: bool,
+    exit: Option<Exit>,
+}
+
+// Why plugvisor killed a host, if it did.
+const KILLED_NONE: u8 = 0;
+const KILLED_HANG: u8 = 1;
+const KILLED_INIT: u8 = 2;
+
+/// One host's connection, shared by callers, the reader and the reaper.
+struct Conn {
+    spec: HostSpec,
+    pid: u32,
+    writer: Mutex<Option<OwnedWriteHalf>>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    killed: AtomicU8,
+    // Set once the host said ready: only then is its death news.
+    serving: AtomicBool,
+    // Set when the daemon let go of it: its exit is expected.
+    retired: AtomicBool,
+    stuck_gauge: Arc<StuckCalls>,
+    exits: mpsc::UnboundedSender<Exit>,
+    // The exit, for a spawner still waiting for `Ready`.
+    reaped: OnceLock<Exit>,
+    reaped_tx: Mutex<Option<std::sync::mpsc::SyncSender<Exit>>>,
+}
+
+/// A version running in a host process.
+pub struct Host {
+    conn: Arc<Conn>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("plugin", &self.conn.spec.plugin)
+            .field("version", &self.conn.spec.version.to_string())
+            .field("pid", &self.conn.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts hosts: which program to run, on which runtime their I/O lives,
+/// and where their deaths are reported.
+#[derive(Clone)]
+pub struct Spawner {
+    program: PathBuf,
+    runtime: tokio::runtime::Handle,
+    exits: mpsc::UnboundedSender<Exit>,
+}
+
+impl std::fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawner")
+            .field("program", &self.program)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Spawner {
+    /// Hosts run `program plugin-host …` (the plugvisor binary), their I/O
+    /// on `runtime`; every unexpected death is sent to `exits`.
+    pub fn new(
+        program: PathBuf,
+        runtime: tokio::runtime::Handle,
+        exits: mpsc::UnboundedSender<Exit>,
+    ) -> Spawner {
+        Spawner {
+            program,
+            runtime,
+            exits,
+        }
+    }
+
+    /// Hosts run this process's own binary (`/proc/self/exe`: still the
+    /// right file after the package manager replaced it on disk).
+    pub fn this_binary(
+        runtime: tokio::runtime::Handle,
+        exits: mpsc::UnboundedSender<Exit>,
+    ) -> Spawner {
+        Spawner::new(PathBuf::from("/proc/self/exe"), runtime, exits)
+    }
+
+    /// The host's command line, with `their_fd` to become its fd 3.
+    fn command(&self, spec: &HostSpec, their_fd: i32) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.arg("plugin-host")
+            .arg("--plugin")
+            .arg(&spec.plugin)
+            .arg("--version")
+            .arg(spec.version.to_string())
+            .arg("--abi")
+            .arg(spec.abi.to_string())
+            .arg("--sha256")
+            .arg(&spec.sha256)
+            .arg("--object")
+            .arg(&spec.object)
+            .stdin(Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The channel becomes fd 3, without close-on-exec.
+                if their_fd == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(their_fd, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // Nothing else of the daemon's crosses: not its listening
+                // sockets, not the admin socket, not inherited systemd fds.
+                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                // Its own process group: a Ctrl-C meant for the daemon
+                // must not kill the hosts first and look like crashes.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Spawns a host for `spec` and waits until its `init` returned, at
+    /// most `init_timeout` (then the host is killed). Blocks the caller.
+    pub fn spawn(
+        &self,
+        spec: &HostSpec,
+        init_timeout: Duration,
+        stuck: Arc<StuckCalls>,
+    ) -> Result<(Host, LoadTimings), LoadError> {
+        let failed = |message: String| LoadError::HostFailed {
+            plugin: spec.plugin.clone(),
+            version: spec.version.to_string(),
+            message,
+        };
+        let (mut ours, theirs) =
+            StdStream::pair().map_err(|e| failed(format!("socketpair: {e}")))?;
+        let cmd = self.command(spec, theirs.as_raw_fd());
+        let _rt = self.runtime.enter();
+        let mut child = tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(|e| failed(format!("cannot start {}: {e}", self.program.display())))?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        let (reaped_tx, reaped_rx) = std::sync::mpsc::sync_channel(1);
+        let conn = Arc::new(Conn {
+            spec: spec.clone(),
+            pid,
+            writer: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
+            next_id: AtomicU64::new(1),
+            killed: AtomicU8::new(KILLED_NONE),
+            serving: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            stuck_gauge: stuck,
+            exits: self.exits.clone(),
+            reaped: OnceLock::new(),
+            reaped_tx: Mutex::new(Some(reaped_tx)),
+        });
+        let reaper = conn.clone();
+        self.runtime.spawn(async move {
+            let status = child.wait().await.ok();
+            reaper.reaped(status);
+        });
+
+        ours.set_read_timeout(Some(init_timeout))
+            .map_err(|e| failed(e.to_string()))?;
+        let first = wire::read_message(&mut ours);
+        let died = |conn: &Conn| {
+            let exit = reaped_rx
+                .recv_timeout(EXIT_GRACE)
+                .ok()
+                .or_else(|| conn.reaped.get().cloned());
+            LoadError::HostDied {
+                plugin: spec.plugin.clone(),
+                version: spec.version.to_string(),
+                cause: exit.map_or_else(
+                    || "it closed its channel".to_owned(),
+                    |e| e.cause.to_string(),
+                ),
+            }
+        };
+        let timings = match first {
+            Ok(Some(m)) if m.kind == Kind::Ready => {
+                let r: wire::Ready = serde_json::from_slice(&m.payload)
+                    .map_err(|e| failed(format!("unreadable ready message: {e}")))?;
+                LoadTimings {
+                    load: Duration::from_micros(r.load_us),
+                    init: Duration::from_micros(r.init_us),
+                }
+            }
+            Ok(Some(m)) if m.kind == Kind::LoadFailed => {
+                conn.retired.store(true, Ordering::Release);
+                return Err(serde_json::from_slice::<LoadError>(&m.payload)
+                    .unwrap_or_else(|e| failed(format!("unreadable load error: {e}"))));
+            }
+            Ok(Some(m)) => {
+                conn.kill(KILLED_NONE);
+                return Err(failed(format!("said {:?} before it was ready", m.kind)));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                conn.kill(KILLED_INIT);
+                return Err(LoadError::InitKilled {
+                    plugin: spec.plugin.clone(),
+                    version: spec.version.to_string(),
+                    timeout: init_timeout,
+                });
+            }
+            Ok(None) | Err(_) => return Err(died(&conn)),
+        };
+        let stream = ours
+            .set_read_timeout(None)
+            .and_then(|()| ours.set_nonblocking(true))
+            .and_then(|()| tokio::net::UnixStream::from_std(ours))
+            .map_err(|e| failed(e.to_string()))?;
+        let (read, write) = stream.into_split();
+        *conn.writer.lock().expect("host lock") = Some(write);
+        conn.serving.store(true, Ordering::Release);
+        let reader = conn.clone();
+        self.runtime.spawn(async move { reader.read(read).await });
+        Ok((Host { conn }, timings))
+    }
+}
+
+impl Conn {
+    /// Delivers the host's answers until its stream ends.
+    async fn read(self: Arc<Self>, read: OwnedReadHalf) {
+        let mut r = tokio::io::BufReader::with_capacity(64 << 10, read);
+        let mut header = [0u8; wire::HEADER];
+        let ended = loop {
+            if let Err(e) = r.read_exact(&mut header).await {
+                break e;
+            }
+            let (len, id, kind) = match wire::parse_header(&header) {
+                Ok(h) => h,
+                Err(e) => break e,
+            };
+            let mut payload = vec![0u8; len];
+            if let Err(e) = r.read_exact(&mut payload).await {
+                break e;
+            }
+            let waiter = {
+                let mut p = self.pending.lock().expect("host lock");
+                let w = p.calls.remove(&id);
+                if w.is_none() && p.stuck.remove(&id).is_some() {
+                    // A call given up on answered at last: no longer stuck.
+                    self.stuck_gauge.leave();
+                }
+                w
+            };
+            if let Some(w) = waiter {
+                w.send(Reply::Message(kind, payload));
+            }
+        };
+        {
+            let mut p = self.pending.lock().expect("host lock");
+            p.closed = true;
+        }
+        if ended.kind() != io::ErrorKind::UnexpectedEof {
+            tracing::warn!(plugin = %self.spec.plugin, version = %self.spec.version, pid = self.pid, error = %ended, "reading from the plugin host failed; it is stopped");
+        }
+        // The stream ends when the host exits; one that closed its end
+        // and lives on is of no use, and is made to exit.
+        tokio::time::sleep(EXIT_GRACE).await;
+        if self.reaped.get().is_none() {
+            self.kill(KILLED_NONE);
+        }
+    }
+
+    /// The reaper saw the host exit: every call still waiting is lost.
+    fn reaped(&self, status: Option<std::process::ExitStatus>) {
+        let cause = match self.killed.load(Ordering::Acquire) {
+            KILLED_HANG => Cause::Hang,
+            KILLED_INIT => Cause::InitTimeout,
+            _ => status.map_or(Cause::Unknown, Cause::from_status),
+        };
+        let exit = Exit {
+            plugin: self.spec.plugin.clone(),
+            version: self.spec.version.clone(),
+            sha256: self.spec.sha256.clone(),
+            pid: self.pid,
+            cause,
+            at: Instant::now(),
+        };
+        let _ = self.reaped.set(exit.clone());
+        if let Some(tx) = self.reaped_tx.lock().expect("host lock").take() {
+            let _ = tx.try_send(exit.clone());
+        }
+        let (calls, stuck) = {
+            let mut p = self.pending.lock().expect("host lock");
+            p.closed = true;
+            p.exit = Some(exit.clone());
+            (std::mem::take(&mut p.calls), std::mem::take(&mut p.stuck))
+        };
+        for _ in 0..stuck.len() {
+            self.stuck_gauge.leave();
+        }
+        let lost = calls.len();
+        for (_, w) in calls {
+            w.send(Reply::Lost(exit.clone()));
+        }
+        let retired = self.retired.load(Ordering::Acquire);
+        if retired || !self.serving.load(Ordering::Acquire) {
+            tracing::debug!(plugin = %exit.plugin, version = %exit.version, pid = exit.pid, cause = %exit.cause, "plugin host exited");
+            return;
+        }
+        tracing::error!(
+            plugin = %exit.plugin,
+            version = %exit.version,
+            pid = exit.pid,
+            cause = %exit.cause,
+            lost_calls = lost,
+            stuck_calls = stuck.len(),
+            "plugin host died; the calls in flight on it are lost, every connection stays open"
+        );
+        let _ = self.exits.send(exit);
+    }
+
+    fn kill(&self, why: u8) {
+        if self.reaped.get().is_some() || self.pid == 0 {
+            return;
+        }
+        if why != KILLED_NONE {
+            let _ =
+                self.killed
+                    .compare_exchange(KILLED_NONE, why, Ordering::AcqRel, Ordering::Acquire);
+        }
+        // Not reaped yet, so the pid is still this host's (a zombie at worst).
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+    }
+
+    fn register(&self, w: Waiter) -> Result<u64, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut p = self.pending.lock().expect("host lock");
+        if p.closed {
+            return Err(CallError::NotDelivered(p.exit.clone()));
+        }
+        p.calls.insert(id, w);
+        Ok(id)
+    }
+
+    fn unregister(&self, id: u64) -> Option<Waiter> {
+        self.pending.lock().expect("host lock").calls.remove(&id)
+    }
+
+    /// Writes one message; blocks only while the host's socket buffer is
+    /// full, at most [`WRITE_STALL`], and kills a host that stays full.
+    fn write(&self, id: u64, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        let w = self.writer.lock().expect("host lock");
+        let Some(w) = w.as_ref() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let header = wire::header(id, kind, payload.len());
+        if payload.len() <= 4096 {
+            let mut buf = Vec::with_capacity(wire::HEADER + payload.len());
+            buf.extend_from_slice(&header);
+            buf.extend_from_slice(payload);
+            self.write_all(w, &buf)
+        } else {
+            self.write_all(w, &header)?;
+            self.write_all(w, payload)
+        }
+    }
+
+    fn write_all(&self, w: &OwnedWriteHalf, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match w.try_write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let fd = w.as_ref().as_raw_fd();
+                    let mut pfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let n = unsafe { libc::poll(&raw mut pfd, 1, WRITE_STALL.as_millis() as i32) };
+                    if n == 0 {
+                        self.kill(KILLED_HANG);
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers a timed-out call; if it is still unanswered a grace later,
+    /// the host is hung and is killed.
+    fn abandon(self: &Arc<Self>, id: u64, timeout: Duration) {
+        {
+            let mut p = self.pending.lock().expect("host lock");
+            if p.calls.remove(&id).is_none() {
+                // Answered (or lost) just now: nothing is stuck.
+                return;
+            }
+            p.stuck.insert(id, Instant::now());
+        }
+        self.stuck_gauge.enter();
+        let conn = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(hang_grace(timeout)).await;
+            let still = conn
+                .pending
+                .lock()
+                .expect("host lock")
+                .stuck
+                .contains_key(&id);
+            if still {
+                tracing::warn!(
+                    plugin = %conn.spec.plugin,
+                    version = %conn.spec.version,
+                    pid = conn.pid,
+                    "a call is still stuck {:?} after its timeout: the host is hung and is killed (its threads and mapping are reclaimed)",
+                    hang_grace(timeout)
+                );
+                conn.kill(KILLED_HANG);
+            }
+        });
+    }
+}
+
+fn reply_to_result(r: Reply) -> Result<Vec<u8>, CallError> {
+    match r {
+        Reply::Message(Kind::Answer | Kind::HealthAnswer | Kind::DegradeAnswer, b) => Ok(b),
+        Reply::Message(Kind::Panic, b) => Err(CallError::Plugin(HandleError::Panic(
+            String::from_utf8_lossy(&b).into_owned(),
+        ))),
+        Reply::Message(_, b) => Err(CallError::Plugin(HandleError::Plugin(
+            String::from_utf8_lossy(&b).into_owned(),
+        ))),
+        Reply::Lost(exit) => Err(CallError::Lost(exit)),
+    }
+}
+
+impl Host {
+    /// What the host runs.
+    pub fn spec(&self) -> &HostSpec {
+        &self.conn.spec
+    }
+
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.conn.pid
+    }
+
+    /// How the host ended, once it has.
+    pub fn exit(&self) -> Option<&Exit> {
+        self.conn.reaped.get()
+    }
+
+    /// Sends one request to `handle` and waits at most `timeout`.
+    pub async fn handle(&self, request: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.conn.register(Waiter::Async(tx))?;
+        if let Err(_e) = self.conn.write(id, Kind::Handle, request) {
+            self.conn.unregister(id);
+            return Err(CallError::NotDelivered(self.conn.reaped.get().cloned()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => reply_to_result(r),
+            // The waiter went without an answer: only a death does that,
+            // and a death answers first; treat it as one.
+            Ok(Err(_)) => Err(CallError::NotDelivered(self.conn.reaped.get().cloned())),
+            Err(_) => {
+                self.conn.abandon(id, timeout);
+                Err(CallError::TimedOut)
+            }
+        }
+    }
+
+    /// A call that blocks the calling thread (health and degrade hooks,
+    /// from the daemon's synchronous paths).
+    fn call_blocking(
+        &self,
+        kind: Kind,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let id = self.conn.register(Waiter::Blocking(tx))?;
+        if self.conn.write(id, kind, payload).is_err() {
+            self.conn.unregister(id);
+            return Err(CallError::NotDelivered(self.conn.reaped.get().cloned()));
+        }
+        if let Ok(r) = rx.recv_timeout(timeout) {
+            reply_to_result(r)
+        } else {
+            self.conn.unregister(id);
+            Err(CallError::TimedOut)
+        }
+    }
+
+    /// The plugin's own health verdict; a dead or silent host is unhealthy.
+    pub fn healthy(&self, timeout: Duration) -> bool {
+        self.call_blocking(Kind::Health, &[], timeout)
+            .is_ok_and(|b| b.first() == Some(&1))
+    }
+
+    /// Calls the plugin's degrade hook: `None` if it has none (or the host
+    /// did not answer), else whether it worked.
+    pub fn degrade(&self, level: u32, timeout: Duration) -> Option<bool> {
+        match self
+            .call_blocking(Kind::Degrade, &level.to_le_bytes(), timeout)
+            .ok()?
+            .first()
+        {
+            Some(&wire::DEGRADE_OK) => Some(true),
+            Some(&wire::DEGRADE_FAILED) => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Kills the host now (an operator's or a test's way to make it die).
+    pub fn kill(&self) {
+        self.conn.kill(KILLED_NONE);
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Last reference gone: no call can be in flight. Closing our end
+        // tells the host to run `shutdown` and exit; one that does not is
+        // killed.
+        self.conn.retired.store(true, Ordering::Release);
+        drop(self.conn.writer.lock().expect("host lock").take());
+        if self.conn.reaped.get().is_some() {
+            return;
+        }
+        let conn = self.conn.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(EXIT_GRACE).await;
+                conn.kill(KILLED_NONE);
+            });
+        }
+    }
+}
