@@ -221,6 +221,16 @@ fn the_record_says_crash_and_rollback(d: &Daemon) {
         ),
         Some(1.0)
     );
+    eprintln!(
+        "crash → first answer by the known-good version: {:.2} ms",
+        metrics
+            .get(
+                "plugvisor_crash_recovery_seconds_sum",
+                &[("plugin", "echo")]
+            )
+            .unwrap_or(f64::NAN)
+            * 1e3
+    );
     let s = assert_state_consistent(&d.state_dir);
     assert_eq!(s.active_version("echo"), Some("1.0.0"));
     assert!(

@@ -460,26 +460,48 @@ impl Conn {
         }
     }
 
+    /// Writes all of `bytes` with `send(2)` on the raw fd — not tokio's
+    /// `try_write`, which answers from its cached readiness: after a full
+    /// buffer, or once the host is gone, it can say "would block" without
+    /// asking the kernel while `poll` says ready, and a loop of the two
+    /// spins. The kernel's own answer ends the loop either way.
     fn write_all(&self, w: &OwnedWriteHalf, mut bytes: &[u8]) -> io::Result<()> {
+        let fd = w.as_ref().as_raw_fd();
+        let deadline = Instant::now() + WRITE_STALL;
         while !bytes.is_empty() {
-            match w.try_write(bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let fd = w.as_ref().as_raw_fd();
+            // SAFETY: a valid buffer of that length; the fd is open while
+            // `w` (borrowed) lives.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
                     let mut pfd = libc::pollfd {
                         fd,
                         events: libc::POLLOUT,
                         revents: 0,
                     };
                     // SAFETY: one valid pollfd.
-                    let n = unsafe { libc::poll(&raw mut pfd, 1, WRITE_STALL.as_millis() as i32) };
-                    if n == 0 {
+                    let ready = unsafe { libc::poll(&raw mut pfd, 1, left.as_millis() as i32) };
+                    if ready == 0 || left.is_zero() {
+                        // Nothing read for WRITE_STALL: the host is frozen.
                         self.kill(KILLED_HANG);
                         return Err(io::ErrorKind::TimedOut.into());
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                _ => return Err(e),
             }
         }
         Ok(())
