@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::host::Isolation;
+use crate::host::limits::Limits;
+use crate::host::{Hosting, Isolation};
 use crate::name::valid_name;
 
 mod health_check;
@@ -119,14 +120,57 @@ pub struct PluginConfig {
     /// costs only its own requests) or `"in-process"` (the default for
     /// now; see docs/ISOLATION.md).
     pub isolation: Isolation,
+    /// A host's memory limit (`"256MiB"`): cgroup `memory.max` (v2), the
+    /// v1 memory limit, or `RLIMIT_AS`.
+    pub memory_max: Option<String>,
+    /// A host's CPU share (`"50%"` of one CPU): cgroup `cpu.max`.
+    pub cpu_max: Option<String>,
+    /// A host's threads and processes: cgroup `pids.max`.
+    pub pids_max: Option<u64>,
+    /// The user a host runs as (default `plugvisor-plugin`, else `nobody`).
+    pub user: Option<String>,
+}
+
+impl PluginConfig {
+    /// The limits, parsed (checked when the config is read).
+    pub fn limits(&self) -> Result<Limits, String> {
+        Ok(Limits {
+            memory_max: self
+                .memory_max
+                .as_deref()
+                .map(crate::host::limits::parse_size)
+                .transpose()
+                .map_err(|e| format!("memory_max: {e}"))?,
+            cpu_max: self
+                .cpu_max
+                .as_deref()
+                .map(crate::host::limits::parse_cpu)
+                .transpose()
+                .map_err(|e| format!("cpu_max: {e}"))?,
+            pids_max: match self.pids_max {
+                Some(0) => return Err("pids_max: at least 1".to_owned()),
+                p => p,
+            },
+        })
+    }
 }
 
 impl Config {
-    /// `isolation` of every plugin that has a `[plugin.NAME]` table.
-    pub fn isolation(&self) -> std::collections::HashMap<String, Isolation> {
+    /// How each plugin with a `[plugin.NAME]` table is hosted. The limits
+    /// were checked when the file was read.
+    pub fn hosting(&self) -> std::collections::HashMap<String, Hosting> {
         self.plugins
             .iter()
-            .map(|(name, p)| (name.clone(), p.isolation))
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    Hosting {
+                        isolation: p.isolation,
+                        limits: p.limits().unwrap_or_default(),
+                        user: p.user.clone(),
+                    },
+                )
+            })
             .collect()
     }
 }
@@ -373,10 +417,17 @@ impl Config {
                 )));
             }
         }
-        for plugin in self.plugins.keys() {
+        for (plugin, p) in &self.plugins {
             if !valid_name(plugin) {
                 return Err(invalid(format!(
                     "[plugin.{plugin}]: {plugin:?} is not a plugin name"
+                )));
+            }
+            p.limits()
+                .map_err(|e| invalid(format!("[plugin.{plugin}] {e}")))?;
+            if p.user.as_deref().is_some_and(str::is_empty) {
+                return Err(invalid(format!(
+                    "[plugin.{plugin}] user: a user name, or leave it out"
                 )));
             }
         }

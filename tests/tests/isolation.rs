@@ -36,15 +36,30 @@ fn process_daemon(
     trial: &'static str,
     packages: Vec<(String, std::path::PathBuf, String)>,
 ) -> Daemon {
+    configured_daemon(trial, packages, "", None)
+}
+
+/// [`process_daemon`] with more lines in `[plugin.echo]` and a
+/// `request_timeout` on the TCP listener.
+fn configured_daemon(
+    trial: &'static str,
+    packages: Vec<(String, std::path::PathBuf, String)>,
+    plugin_lines: &str,
+    tcp_timeout: Option<&'static str>,
+) -> Daemon {
+    let tcp = ListenerSpec::tcp("echo-tcp", "echo");
     Daemon::start(DaemonOptions {
         probes: "off",
         trial,
         listeners: vec![
-            ListenerSpec::tcp("echo-tcp", "echo"),
+            match tcp_timeout {
+                Some(t) => tcp.request_timeout(t),
+                None => tcp,
+            },
             ListenerSpec::grpc("echo-grpc", "echo"),
         ],
         packages,
-        extra_config: "[plugin.echo]\nisolation = \"process\"\n".into(),
+        extra_config: format!("[plugin.echo]\nisolation = \"process\"\n{plugin_lines}"),
         ..Default::default()
     })
 }
@@ -341,6 +356,280 @@ fn a_segfault_in_init_fails_the_load_and_the_old_version_serves_on() {
     assert!(
         failed["reason"].as_str().unwrap().contains("SIGSEGV"),
         "{failed}"
+    );
+    assert_state_consistent(&d.state_dir);
+}
+
+/// One row of the fault matrix: a known-good version (the `segv` fixture
+/// as 1.0.0) under 20 live TCP clients and 4 `Exchange` streams is sent
+/// `payload` on a connection of its own. Its host dies of it; the answer
+/// names `cause`; a new host serves 1.0.0 on the same connection; the
+/// death is counted as `reason` and journaled; no client connection or
+/// stream closed, and only requests in flight on the dead host failed.
+fn fault_row(
+    payload: &str,
+    answer_has: &str,
+    reason: &str,
+    plugin_lines: &str,
+    tcp_timeout: Option<&'static str>,
+) -> Daemon {
+    let segv = build_plugin_version("plugvisor-fixture-segv", "fixture_segv", "1.0.0");
+    let mut d = configured_daemon(
+        "1s",
+        vec![("echo".into(), segv, "1.0.0".into())],
+        plugin_lines,
+        tcp_timeout,
+    );
+    let pid = d.pid();
+    wait_until(deadline(), "1.0.0 known-good", || {
+        d.status()["plugins"][0]["state"] == "known-good"
+    });
+    let live = live(&d);
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let before = hosts_of(pid);
+    assert_eq!(before.len(), 1);
+    let answer = client
+        .call(payload)
+        .expect("the connection outlives the host");
+    assert!(
+        answer.starts_with("ERR ") && answer.contains(answer_has),
+        "{payload}: {answer}"
+    );
+    wait_until(deadline(), "a new host serves 1.0.0", || {
+        restarts(&d, reason) == 1
+            && client
+                .call("again")
+                .is_ok_and(|a| a == "[echo 1.0.0] again")
+    });
+    assert_ne!(hosts_of(pid), before, "{payload}: a new host process");
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = live.stop();
+    d.assert_running();
+    assert_eq!(d.pid(), pid, "the daemon itself never went down");
+    let lost = only_in_flight_requests_failed(&tally, 1);
+    assert_eq!(tally.versions, BTreeSet::from(["1.0.0".to_owned()]));
+    eprintln!(
+        "{payload}: {} frames answered by live clients, {lost} lost in flight",
+        tally.frames
+    );
+    let j = d.journal();
+    let crash = j
+        .iter()
+        .find(|e| e["event"] == "host-crashed")
+        .expect("journaled");
+    assert_eq!(crash["version"], "1.0.0");
+    assert!(j.iter().any(|e| e["event"] == "host-restarted"), "{j:#?}");
+    assert!(d.status()["plugins"][0]["state"] == "known-good");
+    assert_state_consistent(&d.state_dir);
+    d
+}
+
+#[test]
+fn fault_matrix_abort_in_handle() {
+    fault_row("abort", "crashed (SIGABRT)", "abort", "", None);
+}
+
+/// Rust's guard-page handler reports a stack overflow and aborts.
+#[test]
+fn fault_matrix_stack_overflow_in_handle() {
+    fault_row("overflow", "crashed (SIGABRT)", "abort", "", None);
+}
+
+#[test]
+fn fault_matrix_exit_from_handle() {
+    fault_row("exit", "crashed (exit status 3)", "exit", "", None);
+}
+
+/// A leak past `memory_max`: the kernel's OOM killer ends the host (its
+/// cgroup's own count says so), not the daemon. Before it, the host's
+/// memory, CPU and threads are exported from the kernel's accounting.
+#[test]
+fn fault_matrix_leak_past_memory_max() {
+    let d = fault_row(
+        "leak",
+        "crashed (killed by the kernel: out of memory",
+        "oom",
+        "memory_max = \"64MiB\"\npids_max = 64\n",
+        None,
+    );
+    let m = d.metrics();
+    let labels = [("plugin", "echo"), ("version", "1.0.0")];
+    let memory = m.get("plugvisor_plugin_memory_bytes", &labels).unwrap();
+    assert!(
+        memory > 0.0 && memory < 64.0 * 1024.0 * 1024.0,
+        "the new host's memory, within its limit: {memory}"
+    );
+    assert!(m.get("plugvisor_plugin_threads", &labels).unwrap() >= 1.0);
+    assert!(
+        m.get("plugvisor_plugin_cpu_seconds_total", &labels)
+            .unwrap()
+            > 0.0,
+        "the leak itself burned CPU, and the counter kept it across the restart"
+    );
+    let limits = m
+        .matching("plugvisor_plugin_isolation", &[("plugin", "echo")])
+        .next()
+        .map(|(l, _)| l["limits"].clone());
+    assert!(
+        matches!(limits.as_deref(), Some("cgroup1" | "cgroup2")),
+        "this node has a memory cgroup: {limits:?}"
+    );
+}
+
+/// A call that hangs past its `request_timeout` and as long again: the
+/// host is killed and replaced, which frees the stuck thread and mapping.
+#[test]
+fn fault_matrix_hang_past_the_bound() {
+    let d = fault_row("hang", "did not answer within", "hang", "", Some("500ms"));
+    assert_eq!(
+        d.metrics().get(
+            "plugvisor_plugin_calls_stuck",
+            &[("plugin", "echo"), ("call", "handle")]
+        ),
+        Some(0.0),
+        "the stuck call went with its host"
+    );
+}
+
+/// What a plugin host cannot do, tried for real by the `hostile`
+/// fixture: the kernel refuses it the admin socket, `state_dir` and
+/// `bpf()`; it is not root. The same library in-process (in this root
+/// daemon) is allowed all of it — which is what `process` takes away.
+#[test]
+fn a_plugin_host_is_refused_the_admin_socket_state_dir_and_bpf() {
+    // SAFETY: plain query.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the daemon under test runs as root, as in production"
+    );
+    let hostile = build_plugin_version("plugvisor-fixture-hostile", "fixture_hostile", "1.0.0");
+    let tries = |d: &Daemon| {
+        let mut c = LineClient::connect(d.addr("echo-tcp")).unwrap();
+        let admin = d.dir.path().join("admin.sock");
+        [
+            c.call("whoami").unwrap(),
+            c.call(&format!("connect {}", admin.display())).unwrap(),
+            c.call(&format!("write {}", d.state_dir.display())).unwrap(),
+            c.call("bpf").unwrap(),
+        ]
+    };
+    let planted = |d: &Daemon| d.state_dir.join("planted-by-a-plugin").exists();
+
+    let d = process_daemon(
+        "30s",
+        vec![("echo".into(), hostile.clone(), "1.0.0".into())],
+    );
+    let [who, admin, write, bpf] = tries(&d);
+    assert_ne!(who, "uid=0", "a host is not root");
+    for (what, said) in [
+        ("admin socket", &admin),
+        ("state_dir", &write),
+        ("bpf()", &bpf),
+    ] {
+        assert!(said.starts_with("refused: "), "{what}: {said}");
+    }
+    assert!(bpf.contains("Operation not permitted"), "{bpf}");
+    assert!(!planted(&d));
+    eprintln!("in a host: {who}; admin socket {admin}; state_dir {write}; bpf {bpf}");
+    drop(d);
+
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        packages: vec![("echo".into(), hostile, "1.0.0".into())],
+        ..Default::default()
+    });
+    let [who, admin, write, bpf] = tries(&d);
+    assert_eq!(
+        [who.as_str(), admin.as_str(), write.as_str(), bpf.as_str()],
+        ["uid=0", "allowed", "allowed", "allowed"],
+        "in-process the same plugin can do all of it"
+    );
+    assert!(planted(&d));
+}
+
+/// A rule on a plugin host's own memory — the kernel's count for that
+/// host alone, which an in-process plugin cannot have — rolls back a
+/// version on trial that leaks, while the known-good version's host, its
+/// own series beside it, stays warm and takes over.
+#[test]
+fn a_leak_rule_on_the_hosts_own_memory_rolls_the_leaking_version_back() {
+    let rule = r#"evaluation_interval = "250ms"
+
+[[rule]]
+name = "host-leak"
+metric = "plugvisor_plugin_memory_bytes"
+labels = { plugin = "echo", version = "2.0.0" }
+op = ">"
+threshold = "48MiB"
+action = "rollback"
+"#;
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        trial: "3s",
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        packages: vec![("echo".into(), build_echo_version("1.0.0"), "1.0.0".into())],
+        thresholds: Some(rule.into()),
+        extra_config: "[plugin.echo]\nisolation = \"process\"\nmemory_max = \"256MiB\"\n".into(),
+        ..Default::default()
+    });
+    let pid = d.pid();
+    wait_until(deadline(), "1.0.0 known-good", || {
+        d.status()["plugins"][0]["state"] == "known-good"
+    });
+    // The leak fixture is named echo: a bad build of it.
+    let leak = build_plugin_version("plugvisor-fixture-leak", "fixture_leak", "2.0.0");
+    install_package(
+        &d.plugins_dir,
+        "echo",
+        "2.0.0",
+        &leak,
+        &PackageTweaks::default(),
+    );
+    wait_until(deadline(), "2.0.0 on trial", || {
+        d.serving("echo-tcp").as_deref() == Some("2.0.0")
+    });
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let labels = [("plugin", "echo"), ("version", "2.0.0")];
+    let before = d
+        .metrics()
+        .get("plugvisor_plugin_memory_bytes", &labels)
+        .unwrap();
+    let mut sent = 0;
+    while d.serving("echo-tcp").as_deref() == Some("2.0.0") && sent < 200 {
+        let a = client
+            .call("x")
+            .expect("the connection stays open throughout");
+        assert!(a.ends_with(" x"), "{a}");
+        // Two leaking requests a round: this one, and `serving`'s probe.
+        sent += 2;
+        // A leak, not a burst: the rule sees it grow (it runs every 250 ms).
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_until(deadline(), "rolled back to 1.0.0", || {
+        d.serving("echo-tcp").as_deref() == Some("1.0.0")
+    });
+    assert_eq!(
+        client.call("after").unwrap(),
+        "[echo 1.0.0] after",
+        "same connection"
+    );
+    assert_eq!(d.pid(), pid);
+    let rb = d
+        .journal()
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "rollback")
+        .expect("journaled");
+    assert_eq!(rb["reason"], "host-leak");
+    eprintln!(
+        "2.0.0's host: {:.1} MiB before, rolled back after {sent} leaking requests",
+        before / 1048576.0
+    );
+    assert!(
+        sent >= 40,
+        "the rule fired on the leak, not on the host's start ({sent} requests)"
     );
     assert_state_consistent(&d.state_dir);
 }

@@ -29,10 +29,21 @@ pub struct Args {
     /// The object's sha256.
     #[arg(long)]
     pub sha256: String,
-    /// The object in the store.
+    /// The object in the store (for messages: the host reads it from the
+    /// fd the daemon opened, [`OBJECT_FD`]).
     #[arg(long)]
     pub object: PathBuf,
+    /// The uid to run as (with `--gid`).
+    #[arg(long, requires = "gid")]
+    pub uid: Option<u32>,
+    /// The gid to run as.
+    #[arg(long, requires = "uid")]
+    pub gid: Option<u32>,
 }
+
+/// The fd the daemon hands the library on: the host needs no access to
+/// the store.
+const OBJECT_FD: i32 = 4;
 
 /// Runs the host until the daemon lets go of it.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -55,7 +66,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     // SAFETY: fd 3 is ours (see above) and nothing else owns it.
     let stream = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
-    child::serve(&spec, stream)
+    let object = PathBuf::from(format!("/proc/self/fd/{OBJECT_FD}"));
+    child::serve(&spec, &object, args.uid.zip(args.gid), stream)
         .with_context(|| format!("plugin host of {} {}", spec.plugin, spec.version))?;
     Ok(ExitCode::SUCCESS)
 }

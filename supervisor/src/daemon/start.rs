@@ -13,7 +13,7 @@ use super::{Daemon, DaemonError};
 use crate::actions::Actions;
 use crate::config::Config;
 use crate::control::{Command, socket};
-use crate::host::{Exit, Spawner};
+use crate::host::{Exit, Isolation, Limits, Mechanism, Resources, Spawner};
 use crate::metrics::Metrics;
 use crate::probes::{self, WatchedListener};
 use crate::reload::Reloader;
@@ -138,11 +138,38 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
 /// this binary; returns where their deaths are reported.
 fn isolate(reloader: &mut Reloader, config: &Config) -> mpsc::UnboundedReceiver<Exit> {
     let (exits, host_exits) = mpsc::unbounded_channel();
+    let hosting = config.hosting();
+    for (plugin, h) in &hosting {
+        if h.isolation == Isolation::InProcess && (h.limits.any() || h.user.is_some()) {
+            tracing::warn!(plugin = %plugin, "[plugin.{plugin}] sets limits or a user, which only a plugin host can have; it runs in-process (isolation = \"in-process\"), so they do not apply");
+        }
+    }
+    let resources = if hosting.values().any(|h| h.isolation == Isolation::Process) {
+        let r = Resources::discover();
+        let mechanism = r.mechanism(&Limits {
+            memory_max: Some(1),
+            ..Limits::default()
+        });
+        tracing::info!(
+            limits = mechanism.as_str(),
+            why_not = %r.why_not.join("; "),
+            "plugin hosts are held to their limits by {}",
+            match mechanism {
+                Mechanism::Cgroup2 => "a cgroup v2 each",
+                Mechanism::Cgroup1 => "a v1 cgroup each (the memory controller, and cpu, cpuacct, pids where mounted)",
+                _ => "rlimits (memory_max as RLIMIT_AS; cpu_max and pids_max cannot be held)",
+            }
+        );
+        r
+    } else {
+        Resources::rlimits_only()
+    };
     reloader.set_isolation(
-        config.isolation(),
+        hosting,
         Some(Spawner::this_binary(
             tokio::runtime::Handle::current(),
             exits,
+            Arc::new(resources),
         )),
     );
     host_exits
@@ -211,6 +238,14 @@ fn start_signals(
     reloader: &Arc<Mutex<Reloader>>,
 ) -> crate::signals::health::HealthChecks {
     crate::signals::resources::start(metrics, &config.state_dir);
+    let hosts = reloader.clone();
+    crate::signals::plugin_hosts::start(
+        metrics,
+        Box::new(move || {
+            let r = hosts.try_lock().ok()?;
+            Some(r.slots().values().cloned().collect())
+        }),
+    );
     let reloader = reloader.clone();
     crate::signals::health::start(
         &config.health_checks,

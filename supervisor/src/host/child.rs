@@ -16,13 +16,14 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::HostSpec;
 use super::wire::{self, Kind, Message};
-use crate::loader::{self, HandleError, InitBound, LoadedVersion};
+use crate::loader::{self, HandleError, InitBound, LoadError, LoadedVersion};
 
 /// How long an idle worker waits for the next call before its thread ends.
 const WORKER_PARK: Duration = Duration::from_secs(2);
@@ -32,23 +33,44 @@ const WORKER_PARK: Duration = Duration::from_secs(2);
 /// be longer than any that could be configured.
 const INIT_UNBOUNDED: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Loads `spec` and serves it over `stream` until the daemon closes it.
-/// Returns when the host should exit; `Err` only when the stream itself
-/// failed.
-pub fn serve(spec: &HostSpec, stream: UnixStream) -> io::Result<()> {
+/// Gives up the daemon's privileges (to `run_as`, see
+/// [`privileges`](super::privileges)), loads `spec` from `object` (the
+/// library as this process has it open, `/proc/self/fd/4`) and serves it
+/// over `stream` until the daemon closes it. Returns when the host should
+/// exit; `Err` only when the stream itself failed.
+pub fn serve(
+    spec: &HostSpec,
+    object: &Path,
+    run_as: Option<(u32, u32)>,
+    stream: UnixStream,
+) -> io::Result<()> {
     let out = Arc::new(Mutex::new(stream.try_clone()?));
+    let dropped = match super::privileges::drop_to(run_as) {
+        Ok(d) => d,
+        Err(e) => {
+            let err = LoadError::HostFailed {
+                plugin: spec.plugin.clone(),
+                version: spec.version.to_string(),
+                message: format!("giving up the daemon's privileges: {e}"),
+            };
+            let payload = serde_json::to_vec(&err).expect("plain enum");
+            send(&out, 0, Kind::LoadFailed, &payload)?;
+            return Ok(());
+        }
+    };
     let loaded = match loader::load(
         &spec.plugin,
         &spec.version,
         spec.abi,
         &spec.sha256,
-        &spec.object,
+        object,
         &InitBound::standalone(INIT_UNBOUNDED),
     ) {
         Ok((loaded, timings)) => {
             let ready = wire::Ready {
                 load_us: timings.load.as_micros() as u64,
                 init_us: timings.init.as_micros() as u64,
+                dropped,
             };
             let payload = serde_json::to_vec(&ready).expect("plain struct");
             send(&out, 0, Kind::Ready, &payload)?;

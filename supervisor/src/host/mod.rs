@@ -13,7 +13,9 @@
 //! [`Loaded`] is what a slot holds, whichever the mode.
 
 pub mod child;
+pub mod limits;
 pub mod parent;
+pub mod privileges;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use semver::Version;
 
 use crate::loader::LoadedVersion;
+pub use limits::{Limits, Mechanism, Resources, Usage};
 pub use parent::{CallError, Host, Spawner};
 
 /// How long a health or degrade call to a host may take before the host
@@ -47,6 +50,17 @@ pub struct HostSpec {
     pub object: PathBuf,
 }
 
+/// How one plugin is hosted: `[plugin.NAME]` as the reload path uses it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hosting {
+    /// Where its versions run.
+    pub isolation: Isolation,
+    /// What each host is held to.
+    pub limits: limits::Limits,
+    /// The user its hosts run as (`None`: the default user).
+    pub user: Option<String>,
+}
+
 /// How a host ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -58,6 +72,8 @@ pub enum Cause {
     Hang,
     /// plugvisor killed it: `init` overran `[reload] init_timeout`.
     InitTimeout,
+    /// The kernel's OOM killer ended it: it reached its `memory_max`.
+    Oom,
     /// Its exit status could not be read.
     Unknown,
 }
@@ -85,6 +101,7 @@ impl Cause {
             Cause::Signal(_) | Cause::Unknown => "signal",
             Cause::Exited(_) => "exit",
             Cause::Hang | Cause::InitTimeout => "hang",
+            Cause::Oom => "oom",
         }
     }
 }
@@ -96,6 +113,7 @@ impl std::fmt::Display for Cause {
             Cause::Exited(code) => write!(f, "exit status {code}"),
             Cause::Hang => f.write_str("killed by plugvisor: hung"),
             Cause::InitTimeout => f.write_str("killed by plugvisor: init overran init_timeout"),
+            Cause::Oom => f.write_str("killed by the kernel: out of memory (memory_max)"),
             Cause::Unknown => f.write_str("unknown cause"),
         }
     }

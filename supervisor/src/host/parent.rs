@@ -28,6 +28,8 @@ use tokio::io::AsyncReadExt as _;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
+use super::limits::{HostCgroup, Limits, Resources, Usage};
+use super::privileges::{Dropped, RunAs};
 use super::wire::{self, Kind};
 use super::{Cause, Exit, HostSpec};
 use crate::loader::{HandleError, LoadError, LoadTimings, StuckCalls};
@@ -112,6 +114,8 @@ struct Conn {
     retired: AtomicBool,
     stuck_gauge: Arc<StuckCalls>,
     exits: mpsc::UnboundedSender<Exit>,
+    // Its cgroup, removed once it is reaped.
+    cgroup: Mutex<Option<HostCgroup>>,
     // The exit, for a spawner still waiting for `Ready`.
     reaped: OnceLock<Exit>,
     reaped_tx: Mutex<Option<std::sync::mpsc::SyncSender<Exit>>>,
@@ -132,13 +136,24 @@ impl std::fmt::Debug for Host {
     }
 }
 
+/// What a host is held to and who it runs as.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Confinement {
+    /// Its limits.
+    pub limits: Limits,
+    /// The user it becomes before it opens the library (`None`: it keeps
+    /// the daemon's user — only for a daemon that is not root).
+    pub run_as: Option<RunAs>,
+}
+
 /// Starts hosts: which program to run, on which runtime their I/O lives,
-/// and where their deaths are reported.
+/// where their deaths are reported, and the node's cgroups.
 #[derive(Clone)]
 pub struct Spawner {
     program: PathBuf,
     runtime: tokio::runtime::Handle,
     exits: mpsc::UnboundedSender<Exit>,
+    resources: Arc<Resources>,
 }
 
 impl std::fmt::Debug for Spawner {
@@ -156,12 +171,19 @@ impl Spawner {
         program: PathBuf,
         runtime: tokio::runtime::Handle,
         exits: mpsc::UnboundedSender<Exit>,
+        resources: Arc<Resources>,
     ) -> Spawner {
         Spawner {
             program,
             runtime,
             exits,
+            resources,
         }
+    }
+
+    /// The node's cgroups for hosts.
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// Hosts run this process's own binary (`/proc/self/exe`: still the
@@ -169,12 +191,23 @@ impl Spawner {
     pub fn this_binary(
         runtime: tokio::runtime::Handle,
         exits: mpsc::UnboundedSender<Exit>,
+        resources: Arc<Resources>,
     ) -> Spawner {
-        Spawner::new(PathBuf::from("/proc/self/exe"), runtime, exits)
+        Spawner::new(PathBuf::from("/proc/self/exe"), runtime, exits, resources)
     }
 
-    /// The host's command line, with `their_fd` to become its fd 3.
-    fn command(&self, spec: &HostSpec, their_fd: i32) -> std::process::Command {
+    /// The host's command line: `channel` becomes its fd 3 and `object`
+    /// (the library, opened here) its fd 4; it joins `join` (its cgroup's
+    /// `cgroup.procs` files) before `exec`, or takes `rlimit_as`.
+    fn command(
+        &self,
+        spec: &HostSpec,
+        confinement: &Confinement,
+        channel: i32,
+        object: i32,
+        join: Vec<std::ffi::CString>,
+        rlimit_as: Option<u64>,
+    ) -> std::process::Command {
         let mut cmd = std::process::Command::new(&self.program);
         cmd.arg("plugin-host")
             .arg("--plugin")
@@ -188,28 +221,132 @@ impl Spawner {
             .arg("--object")
             .arg(&spec.object)
             .stdin(Stdio::null());
-        // SAFETY: only async-signal-safe calls between fork and exec.
+        if let Some(u) = &confinement.run_as {
+            cmd.arg("--uid")
+                .arg(u.uid.to_string())
+                .arg("--gid")
+                .arg(u.gid.to_string());
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec; every
+        // buffer they use was made before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                // The channel becomes fd 3, without close-on-exec.
-                if their_fd == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(their_fd, 3) < 0 {
+                // Both fds were duplicated above 9 by the parent, so
+                // neither is clobbered by the other's dup2; dup2 leaves the
+                // new fd without close-on-exec.
+                if libc::dup2(channel, 3) < 0 || libc::dup2(object, 4) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 // Nothing else of the daemon's crosses: not its listening
                 // sockets, not the admin socket, not inherited systemd fds.
-                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
                 // Its own process group: a Ctrl-C meant for the daemon
                 // must not kill the hosts first and look like crashes.
                 libc::setpgid(0, 0);
+                for f in &join {
+                    let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if n != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if let Some(bytes) = rlimit_as {
+                    let lim = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &raw const lim) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         cmd
+    }
+
+    /// Says once, when a host serves, what it runs as and what holds it.
+    fn log_serving(&self, conn: &Conn, confinement: &Confinement, dropped: &Dropped) {
+        let limits = conn.cgroup.lock().expect("host lock").as_ref().map_or_else(
+            || self.resources.mechanism(&confinement.limits),
+            HostCgroup::mechanism,
+        );
+        tracing::info!(
+            plugin = %conn.spec.plugin,
+            version = %conn.spec.version,
+            pid = conn.pid,
+            uid = dropped.uid,
+            user = confinement.run_as.as_ref().map_or("(the daemon's)", |u| u.name.as_str()),
+            capabilities = format_args!("{:#x}", dropped.cap_eff),
+            no_new_privs = dropped.no_new_privs,
+            seccomp = dropped.seccomp,
+            limits = limits.as_str(),
+            "plugin host serving"
+        );
+    }
+
+    /// Starts the host process: its channel, its library's fd, its
+    /// cgroup (or rlimit). Returns the daemon's end of the channel.
+    fn start_process(
+        &self,
+        spec: &HostSpec,
+        confinement: &Confinement,
+    ) -> Result<(StdStream, tokio::process::Child, Option<HostCgroup>), LoadError> {
+        let failed = |message: String| LoadError::HostFailed {
+            plugin: spec.plugin.clone(),
+            version: spec.version.to_string(),
+            message,
+        };
+        let (ours, theirs) = StdStream::pair().map_err(|e| failed(format!("socketpair: {e}")))?;
+        let object = std::fs::File::open(&spec.object)
+            .map_err(|e| failed(format!("opening {}: {e}", spec.object.display())))?;
+        let high = |fd: i32| {
+            // SAFETY: duplicating an fd this function owns.
+            let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+            if d < 0 {
+                Err(failed(format!("dup: {}", io::Error::last_os_error())))
+            } else {
+                // SAFETY: `d` is a new fd nothing else owns.
+                Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(d) })
+            }
+        };
+        // The originals close here: a copy of the host's end kept open in
+        // the daemon would hide the host's death (no end of stream).
+        let (theirs, object) = {
+            let (t, o) = (theirs, object);
+            (high(t.as_raw_fd())?, high(o.as_raw_fd())?)
+        };
+        let cgroup = self
+            .resources
+            .create(&spec.plugin, &spec.version.to_string(), &confinement.limits)
+            .map_err(|e| failed(format!("its cgroup: {e}")))?;
+        let join = cgroup
+            .as_ref()
+            .map(HostCgroup::procs_files)
+            .unwrap_or_default();
+        let rlimit_as = if cgroup.is_none() {
+            confinement.limits.memory_max
+        } else {
+            None
+        };
+        let cmd = self.command(
+            spec,
+            confinement,
+            theirs.as_raw_fd(),
+            object.as_raw_fd(),
+            join,
+            rlimit_as,
+        );
+        let _rt = self.runtime.enter();
+        let child = tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(|e| failed(format!("cannot start {}: {e}", self.program.display())))?;
+        drop((theirs, object));
+        Ok((ours, child, cgroup))
     }
 
     /// Spawns a host for `spec` and waits until its `init` returned, at
@@ -217,6 +354,7 @@ impl Spawner {
     pub fn spawn(
         &self,
         spec: &HostSpec,
+        confinement: &Confinement,
         init_timeout: Duration,
         stuck: Arc<StuckCalls>,
     ) -> Result<(Host, LoadTimings), LoadError> {
@@ -225,14 +363,7 @@ impl Spawner {
             version: spec.version.to_string(),
             message,
         };
-        let (mut ours, theirs) =
-            StdStream::pair().map_err(|e| failed(format!("socketpair: {e}")))?;
-        let cmd = self.command(spec, theirs.as_raw_fd());
-        let _rt = self.runtime.enter();
-        let mut child = tokio::process::Command::from(cmd)
-            .spawn()
-            .map_err(|e| failed(format!("cannot start {}: {e}", self.program.display())))?;
-        drop(theirs);
+        let (mut ours, mut child, cgroup) = self.start_process(spec, confinement)?;
         let pid = child.id().unwrap_or(0);
         let (reaped_tx, reaped_rx) = std::sync::mpsc::sync_channel(1);
         let conn = Arc::new(Conn {
@@ -246,6 +377,7 @@ impl Spawner {
             retired: AtomicBool::new(false),
             stuck_gauge: stuck,
             exits: self.exits.clone(),
+            cgroup: Mutex::new(cgroup),
             reaped: OnceLock::new(),
             reaped_tx: Mutex::new(Some(reaped_tx)),
         });
@@ -276,6 +408,7 @@ impl Spawner {
             Ok(Some(m)) if m.kind == Kind::Ready => {
                 let r: wire::Ready = serde_json::from_slice(&m.payload)
                     .map_err(|e| failed(format!("unreadable ready message: {e}")))?;
+                self.log_serving(&conn, confinement, &r.dropped);
                 LoadTimings {
                     load: Duration::from_micros(r.load_us),
                     init: Duration::from_micros(r.init_us),
@@ -366,11 +499,24 @@ impl Conn {
 
     /// The reaper saw the host exit: every call still waiting is lost.
     fn reaped(&self, status: Option<std::process::ExitStatus>) {
+        let cgroup = self.cgroup.lock().expect("host lock").take();
         let cause = match self.killed.load(Ordering::Acquire) {
             KILLED_HANG => Cause::Hang,
             KILLED_INIT => Cause::InitTimeout,
-            _ => status.map_or(Cause::Unknown, Cause::from_status),
+            _ => match status.map_or(Cause::Unknown, Cause::from_status) {
+                // The kernel's own count says whether the OOM killer did it.
+                Cause::Signal(libc::SIGKILL)
+                    if cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0) =>
+                {
+                    Cause::Oom
+                }
+                c => c,
+            },
         };
+        if let Some(cg) = cgroup {
+            // rmdir may have to wait for the kernel to let go of the pages.
+            std::thread::spawn(move || drop(cg));
+        }
         let exit = Exit {
             plugin: self.spec.plugin.clone(),
             version: self.spec.version.clone(),
@@ -556,6 +702,18 @@ fn reply_to_result(r: Reply) -> Result<Vec<u8>, CallError> {
 }
 
 impl Host {
+    /// What the host uses, as the kernel counts it: its cgroup's totals,
+    /// or its process's own from `/proc` on a node without cgroups.
+    pub fn usage(&self) -> Usage {
+        if self.conn.reaped.get().is_some() {
+            return Usage::default();
+        }
+        match self.conn.cgroup.lock().expect("host lock").as_ref() {
+            Some(cg) => cg.usage(),
+            None => super::limits::proc_usage(self.conn.pid),
+        }
+    }
+
     /// What the host runs.
     pub fn spec(&self) -> &HostSpec {
         &self.conn.spec

@@ -86,6 +86,8 @@ pub struct Ready {
     pub load_us: u64,
     /// The plugin's `init`, in microseconds.
     pub init_us: u64,
+    /// What the host gave up before it opened the library.
+    pub dropped: super::privileges::Dropped,
 }
 
 /// One message read off the stream.

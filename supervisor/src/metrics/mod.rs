@@ -16,8 +16,8 @@ mod record;
 pub use self::record::{CallSeries, HealthSeries, ListenerSeries, RequestCounters, set_or_absent};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Outcome of a reload attempt (`plugvisor_reloads_total{outcome}`).
@@ -239,6 +239,14 @@ pub struct Metrics {
     /// `plugvisor_crash_recovery_seconds{plugin}`: a host's death to the
     /// first answer by what replaced it.
     pub crash_recovery_seconds: HistogramVec,
+    /// `plugvisor_plugin_memory_bytes{plugin,version}`: memory the kernel
+    /// charges to that version's plugin host (its cgroup, else its RSS).
+    pub plugin_memory_bytes: GaugeVec,
+    /// `plugvisor_plugin_cpu_seconds_total{plugin,version}`: CPU time its
+    /// hosts used, user and system.
+    pub plugin_cpu_seconds_total: CounterVec,
+    /// `plugvisor_plugin_threads{plugin,version}`: threads in its host.
+    pub plugin_threads: IntGaugeVec,
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
@@ -515,6 +523,24 @@ impl Metrics {
                 "From a plugin host's death to the first answer by the version that replaced it",
                 &["plugin"],
             ),
+            plugin_memory_bytes: float_gauge(
+                r,
+                "plugvisor_plugin_memory_bytes",
+                "Memory the kernel charges to each mapped version's plugin host (its cgroup; its resident set on a node without cgroups)",
+                &["plugin", "version"],
+            ),
+            plugin_cpu_seconds_total: float_counter(
+                r,
+                "plugvisor_plugin_cpu_seconds_total",
+                "CPU time (user and system) used by each version's plugin hosts, as the kernel counts it",
+                &["plugin", "version"],
+            ),
+            plugin_threads: gauge(
+                r,
+                "plugvisor_plugin_threads",
+                "Threads in each mapped version's plugin host (its cgroup's tasks, else its own)",
+                &["plugin", "version"],
+            ),
             families: declared.families.into_inner().expect("families lock"),
             registry,
             refreshers: Mutex::new(Vec::new()),
@@ -582,6 +608,14 @@ fn float_gauge(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> Gau
     r.register(Box::new(g.clone()))
         .expect("each family registers once");
     g
+}
+
+/// A float counter: CPU seconds are not whole.
+fn float_counter(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let c = CounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("each family registers once");
+    c
 }
 
 fn counter(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

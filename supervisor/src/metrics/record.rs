@@ -150,6 +150,38 @@ impl Metrics {
     pub fn crash_recovery(&self, plugin: &str) -> Histogram {
         self.crash_recovery_seconds.with_label_values(&[plugin])
     }
+
+    /// The hosts of `plugin` `version` use `memory_bytes` and `threads` now.
+    pub fn plugin_host_levels(&self, plugin: &str, version: &str, memory_bytes: f64, threads: i64) {
+        self.plugin_memory_bytes
+            .with_label_values(&[plugin, version])
+            .set(memory_bytes);
+        self.plugin_threads
+            .with_label_values(&[plugin, version])
+            .set(threads);
+    }
+
+    /// A host of `plugin` `version` used `seconds` more CPU (the series
+    /// appears at its first read, at 0).
+    pub fn plugin_host_cpu(&self, plugin: &str, version: &str, seconds: f64) {
+        let c = self
+            .plugin_cpu_seconds_total
+            .with_label_values(&[plugin, version]);
+        if seconds > 0.0 {
+            c.inc_by(seconds);
+        }
+    }
+
+    /// `plugin` `version` has no host any more: its resource series go.
+    pub fn forget_plugin_host(&self, plugin: &str, version: &str) {
+        let _ = self
+            .plugin_memory_bytes
+            .remove_label_values(&[plugin, version]);
+        let _ = self.plugin_threads.remove_label_values(&[plugin, version]);
+        let _ = self
+            .plugin_cpu_seconds_total
+            .remove_label_values(&[plugin, version]);
+    }
 }
 
 /// Actions and the rules that take them.

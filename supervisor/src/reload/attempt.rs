@@ -14,7 +14,8 @@ use super::{AttemptOutcome, ReloadError, ReloadOptions, ReloadReport, Reloader, 
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies as deps;
 use crate::failpoints::{CrashPoint, crash_point};
-use crate::host::{HostSpec, Isolation, Loaded};
+use crate::host::parent::Confinement;
+use crate::host::{HostSpec, Isolation, Loaded, Mechanism, privileges};
 use crate::loader::{self, LoadError};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Phase, ReloadOutcome};
@@ -83,18 +84,22 @@ impl Reloader {
         let slot = self.slot(plugin);
         self.publish_isolation(plugin);
         let result = match (self.isolation_of(plugin), &self.spawner) {
-            (Isolation::Process, Some(spawner)) => spawner
-                .spawn(
-                    &HostSpec {
-                        plugin: plugin.to_owned(),
-                        version: version.clone(),
-                        abi,
-                        sha256: sha256.to_owned(),
-                        object: object.to_owned(),
-                    },
-                    self.init_timeout,
-                    slot.handle_stuck(),
-                )
+            (Isolation::Process, Some(spawner)) => self
+                .confinement(plugin, version)
+                .and_then(|confinement| {
+                    spawner.spawn(
+                        &HostSpec {
+                            plugin: plugin.to_owned(),
+                            version: version.clone(),
+                            abi,
+                            sha256: sha256.to_owned(),
+                            object: object.to_owned(),
+                        },
+                        &confinement,
+                        self.init_timeout,
+                        slot.handle_stuck(),
+                    )
+                })
                 .map(|(h, t)| (Loaded::Process(h), t)),
             _ => loader::load(
                 plugin,
@@ -116,12 +121,51 @@ impl Reloader {
         result
     }
 
-    /// Says once per plugin where its code runs (`plugvisor_plugin_isolation`).
+    /// What `plugin`'s hosts are held to and who they run as. The user is
+    /// looked up at each load: one the node gains later is found then.
+    fn confinement(&self, plugin: &str, version: &Version) -> Result<Confinement, LoadError> {
+        let hosting = self.isolation.get(plugin).cloned().unwrap_or_default();
+        // SAFETY: plain query.
+        let root = unsafe { libc::geteuid() } == 0;
+        let run_as = if root {
+            Some(
+                privileges::resolve(hosting.user.as_deref()).map_err(|message| {
+                    LoadError::HostFailed {
+                        plugin: plugin.to_owned(),
+                        version: version.to_string(),
+                        message,
+                    }
+                })?,
+            )
+        } else {
+            // Not root: a host cannot change user, and is no more than
+            // the daemon already is.
+            None
+        };
+        Ok(Confinement {
+            limits: hosting.limits,
+            run_as,
+        })
+    }
+
+    /// Says once per plugin where its code runs and what holds it to its
+    /// limits (`plugvisor_plugin_isolation`).
     fn publish_isolation(&mut self, plugin: &str) {
         if self.isolation_published.insert(plugin.to_owned()) {
             let mode = self.isolation_of(plugin);
-            // Resource limits for hosts are not applied yet: say so.
-            self.metrics.plugin_isolation(plugin, mode.as_str(), "none");
+            let limits = match (mode, &self.spawner) {
+                (Isolation::Process, Some(s)) => {
+                    let limits = self
+                        .isolation
+                        .get(plugin)
+                        .map(|h| h.limits)
+                        .unwrap_or_default();
+                    s.resources().mechanism(&limits)
+                }
+                _ => Mechanism::None,
+            };
+            self.metrics
+                .plugin_isolation(plugin, mode.as_str(), limits.as_str());
         }
     }
 

@@ -43,7 +43,7 @@ pub use self::outcome::{
 };
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies::{self as deps, Conflict, ConflictKind};
-use crate::host::{Isolation, Spawner};
+use crate::host::{Hosting, Isolation, Spawner};
 use crate::markers::{PluginNames, ReloadWindow};
 use crate::metrics::Metrics;
 use crate::slot::Slot;
@@ -79,7 +79,7 @@ pub struct Reloader {
     init_timeout: Duration,
     // `[plugin.NAME] isolation`, and what starts the hosts of those in
     // `process` (none: everything loads in this process).
-    isolation: HashMap<String, Isolation>,
+    isolation: HashMap<String, Hosting>,
     spawner: Option<Spawner>,
     // Plugins whose `isolation` was published as a metric.
     isolation_published: BTreeSet<String>,
@@ -119,11 +119,7 @@ impl Reloader {
     /// Runs the versions of each plugin `isolation` names as `process` in
     /// plugin hosts that `spawner` starts; the rest (and every plugin
     /// without a spawner) load in this process.
-    pub fn set_isolation(
-        &mut self,
-        isolation: HashMap<String, Isolation>,
-        spawner: Option<Spawner>,
-    ) {
+    pub fn set_isolation(&mut self, isolation: HashMap<String, Hosting>, spawner: Option<Spawner>) {
         self.isolation = isolation;
         self.spawner = spawner;
     }
@@ -131,7 +127,7 @@ impl Reloader {
     /// Where `plugin`'s versions run.
     pub fn isolation_of(&self, plugin: &str) -> Isolation {
         match (&self.spawner, self.isolation.get(plugin)) {
-            (Some(_), Some(i)) => *i,
+            (Some(_), Some(h)) => h.isolation,
             _ => Isolation::InProcess,
         }
     }

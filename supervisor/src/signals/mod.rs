@@ -4,6 +4,8 @@
 //! families) and `health` (each plugin's own `health()` hook and the
 //! configured `[[health_check]]`s of what a plugin relies on, as
 //! `plugvisor_health_check_up{check}`). Both write into the metrics
-//! registry only; the rules engine reads them there.
+//! registry only; the rules engine reads them there. `plugin_hosts`
+//! adds each plugin host's own memory, CPU and threads.
 pub mod health;
+pub mod plugin_hosts;
 pub mod resources;

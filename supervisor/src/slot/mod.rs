@@ -602,6 +602,16 @@ impl Slot {
         self.active.load_full()
     }
 
+    /// Every mapped version (the active one among them), oldest first.
+    pub fn mapped(&self) -> Vec<Arc<Installed>> {
+        self.mapped
+            .lock()
+            .expect("slot lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Versions mapped in this slot, oldest first.
     pub fn mapped_versions(&self) -> Vec<Version> {
         self.mapped
