@@ -565,7 +565,7 @@ op = ">"
 threshold = "48MiB"
 action = "rollback"
 "#;
-    let mut d = Daemon::start(DaemonOptions {
+    let d = Daemon::start(DaemonOptions {
         probes: "off",
         trial: "3s",
         listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
@@ -625,7 +625,7 @@ action = "rollback"
     assert_eq!(rb["reason"], "host-leak");
     eprintln!(
         "2.0.0's host: {:.1} MiB before, rolled back after {sent} leaking requests",
-        before / 1048576.0
+        before / 1_048_576.0
     );
     assert!(
         sent >= 40,

@@ -24,7 +24,9 @@
 //!   failed requests, the kernel's broken-connection count, RSS and fds —
 //!   and the naive upgrade (SIGTERM, start the new version) under the same
 //!   load (`naive.rs`);
-//! * breach → rollback at the default and a fast rule tick (`breach.rs`).
+//! * breach → rollback at the default and a fast rule tick (`breach.rs`);
+//! * plugin hosts vs the in-process modes (`isolation.rs`): per-request
+//!   overhead, throughput, crash → answer, manifest → serving, RSS.
 //!
 //! `report.rs` writes the markdown and `charts.rs` the plots from what they
 //! found; `load.rs` is the client load, `plot.rs` draws a chart, `stats.rs`
@@ -33,6 +35,7 @@ mod breach;
 mod charts;
 mod gopeer;
 mod inprocess;
+mod isolation;
 mod load;
 mod naive;
 mod overhead;
@@ -93,6 +96,7 @@ struct Results {
     naive: naive::Naive,
     breach_1s: Vec<f64>,
     breach_250: Vec<f64>,
+    isolation: isolation::Isolation,
 }
 
 fn loadavg() -> String {
@@ -130,6 +134,7 @@ fn main() {
     let trials = if q { 1 } else { 7 };
     let breach_1s = breach::breach_to_rollback("1s", trials);
     let breach_250 = breach::breach_to_rollback("250ms", trials);
+    let isolation = isolation::isolation(q);
     let r = Results {
         quick: q,
         overhead,
@@ -142,6 +147,7 @@ fn main() {
         naive,
         breach_1s,
         breach_250,
+        isolation,
     };
     let plots = args
         .plots

@@ -61,6 +61,7 @@ pub fn render(r: &Results, meta: &Meta) -> String {
     probe_overhead(&mut md, &r.overhead);
     probe_cost_section(&mut md, &r.costs);
     breach(&mut md, r);
+    crate::isolation::render(&mut md, &r.isolation);
     floors(&mut md, r);
     md
 }
