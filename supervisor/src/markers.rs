@@ -58,3 +58,28 @@ impl Drop for ReloadWindow {
         plugvisor_reload_end(self.plugin, self.seq, self.outcome);
     }
 }
+
+/// Called once a plugin host serves: from now on its death is a crash the
+/// kernel times, from the exit to [`plugvisor_host_recovered`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plugvisor_host_serving(pid: u32) {
+    std::hint::black_box(pid);
+}
+
+/// Called before a host is stopped on purpose, and after the death of one
+/// whose work nothing takes over (a standby, a host replaced by a reload):
+/// the kernel forgets it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plugvisor_host_retired(pid: u32) {
+    std::hint::black_box(pid);
+}
+
+/// Called at the first answer by what replaced the dead host `pid` of
+/// plugin index `plugin`: the crash is recovered from.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plugvisor_host_recovered(plugin: u32, pid: u32) {
+    std::hint::black_box((plugin, pid));
+}

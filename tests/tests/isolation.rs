@@ -30,8 +30,9 @@ fn deadline() -> Instant {
     Instant::now() + ACT_TIMEOUT
 }
 
-/// A daemon (probes off) running echo in plugin hosts, with a TCP and a
-/// gRPC listener and `packages` installed before it starts.
+/// A daemon running echo in plugin hosts, with a TCP and a gRPC listener
+/// and `packages` installed before it starts; its probes must attach (the
+/// kernel's word on each crash is part of what is judged).
 fn process_daemon(
     trial: &'static str,
     packages: Vec<(String, std::path::PathBuf, String)>,
@@ -49,7 +50,7 @@ fn configured_daemon(
 ) -> Daemon {
     let tcp = ListenerSpec::tcp("echo-tcp", "echo");
     Daemon::start(DaemonOptions {
-        probes: "off",
+        probes: "on",
         trial,
         listeners: vec![
             match tcp_timeout {
@@ -115,6 +116,71 @@ fn hosts_of(parent: u32) -> Vec<u32> {
     out
 }
 
+/// RSTs the kernel saw plugvisor send on each listener, to compare across
+/// a crash (the tests' own short-lived probing connections may end so).
+fn resets_sent(d: &Daemon) -> [u64; 2] {
+    let m = d.metrics();
+    ["echo-tcp", "echo-grpc"].map(|listener| {
+        m.get(
+            "plugvisor_tcp_resets_total",
+            &[("listener", listener), ("direction", "sent")],
+        )
+        .expect("the reset counter is exported from the start") as u64
+    })
+}
+
+/// The kernel's word on `crashes` crashes of echo's hosts, while the live
+/// clients (and `own` connections of the test's) are still connected: it
+/// saw each death and the first answer after it (the recovery histogram's
+/// count), no connection of either listener left ESTABLISHED between the
+/// two, plugvisor reset none since `resets_before` (taken with the clients
+/// connected, before the first crash), and every TCP client is still
+/// established.
+fn the_kernel_saw_every_connection_survive(
+    d: &Daemon,
+    crashes: u64,
+    own: usize,
+    resets_before: [u64; 2],
+) {
+    let m = || d.metrics();
+    wait_until(deadline(), "the kernel timed each recovery", || {
+        m().get(
+            "plugvisor_kernel_crash_recovery_seconds_count",
+            &[("plugin", "echo")],
+        ) == Some(crashes as f64)
+    });
+    assert_eq!(
+        resets_sent(d),
+        resets_before,
+        "the kernel saw plugvisor reset a connection across the crash"
+    );
+    let m = m();
+    for listener in ["echo-tcp", "echo-grpc"] {
+        assert_eq!(
+            m.get(
+                "plugvisor_crash_broken_connections_total",
+                &[("listener", listener)]
+            ),
+            Some(0.0),
+            "{listener}: the kernel saw a connection close across a crash"
+        );
+    }
+    assert_eq!(
+        m.get("plugvisor_tcp_connections", &[("listener", "echo-tcp")]),
+        Some((TCP_CLIENTS + own) as f64),
+        "every TCP client still established, in the kernel's count"
+    );
+    eprintln!(
+        "kernel: {crashes} crash(es), exit → first answer {:.2} ms in all",
+        m.get(
+            "plugvisor_kernel_crash_recovery_seconds_sum",
+            &[("plugin", "echo")]
+        )
+        .unwrap_or(f64::NAN)
+            * 1e3
+    );
+}
+
 fn restarts(d: &Daemon, reason: &str) -> u64 {
     d.metrics()
         .get(
@@ -163,6 +229,7 @@ fn a_version_on_trial_that_segfaults_is_rolled_back_and_no_connection_closes() {
     let live = live(&d);
     let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
     assert_eq!(client.call("fine").unwrap(), "[echo 2.0.0] fine");
+    let resets = resets_sent(&d);
     let answer = client
         .call("crash")
         .expect("the connection outlives the crash");
@@ -178,6 +245,7 @@ fn a_version_on_trial_that_segfaults_is_rolled_back_and_no_connection_closes() {
         "[echo 1.0.0] after",
         "same connection"
     );
+    the_kernel_saw_every_connection_survive(&d, 1, 1, resets);
     std::thread::sleep(Duration::from_millis(300));
     let tally = live.stop();
     d.assert_running();
@@ -271,6 +339,7 @@ fn a_known_good_version_whose_host_dies_is_restarted_and_serves_on() {
     let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
     let first_host = hosts_of(pid);
     assert_eq!(first_host.len(), 1);
+    let resets = resets_sent(&d);
 
     let answer = client
         .call("crash")
@@ -294,6 +363,7 @@ fn a_known_good_version_whose_host_dies_is_restarted_and_serves_on() {
                 .call("third")
                 .is_ok_and(|a| a == "[echo 1.0.0] third")
     });
+    the_kernel_saw_every_connection_survive(&d, 2, 1, resets);
     std::thread::sleep(Duration::from_millis(300));
     let tally = live.stop();
     d.assert_running();
@@ -388,6 +458,7 @@ fn fault_row(
     let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
     let before = hosts_of(pid);
     assert_eq!(before.len(), 1);
+    let resets = resets_sent(&d);
     let answer = client
         .call(payload)
         .expect("the connection outlives the host");
@@ -402,6 +473,7 @@ fn fault_row(
                 .is_ok_and(|a| a == "[echo 1.0.0] again")
     });
     assert_ne!(hosts_of(pid), before, "{payload}: a new host process");
+    the_kernel_saw_every_connection_survive(&d, 1, 1, resets);
     std::thread::sleep(Duration::from_millis(300));
     let tally = live.stop();
     d.assert_running();

@@ -48,10 +48,17 @@
 //!   an RST seen by the kernel), `uprobe-markers` (a reload's window
 //!   measured in the kernel), `hot-swap` (a reload under live connections:
 //!   0 broken, by the clients and by the kernel).
+//! * `host-crash`: a second daemon runs echo in a plugin host with
+//!   `memory_max` and `pids_max` — in a cgroup v2 of its own in the guests
+//!   (init mounts cgroup2), in whatever this machine offers on the host —
+//!   and the limits are read back from the kernel; the host is SIGKILLed
+//!   under live connections and a new one serves them all, none broken by
+//!   the clients' count or the kernel's (`host_crashes` probe).
 //!
 //! A test that panics (the harness asserts) is reported as FAIL with the
 //! panic's message; the next test still runs.
 mod h2_frames;
+mod host_crash;
 mod init;
 mod probe_checks;
 mod report;

@@ -81,6 +81,10 @@ fn hooks(probe: Probe) -> &'static [Hook] {
             SOCK_STATE,
         ],
         Probe::Http2Frames => &[Hook::Cgroup2],
+        Probe::HostCrashes => &[
+            Hook::Tracepoint("sched", "sched_process_exit"),
+            Hook::Uprobes,
+        ],
     }
 }
 
@@ -172,6 +176,9 @@ fn load_all() -> Result<Vec<(Probe, bool, Vec<String>)>, String> {
     // uses /proc/self/exe): keep them linked in.
     std::hint::black_box(plugvisor::markers::plugvisor_reload_begin as extern "C" fn(u32, u64));
     std::hint::black_box(plugvisor::markers::plugvisor_reload_end as extern "C" fn(u32, u64, u32));
+    std::hint::black_box(plugvisor::markers::plugvisor_host_serving as extern "C" fn(u32));
+    std::hint::black_box(plugvisor::markers::plugvisor_host_retired as extern "C" fn(u32));
+    std::hint::black_box(plugvisor::markers::plugvisor_host_recovered as extern "C" fn(u32, u32));
     // The observer's ring buffer reader is a tokio task.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -51,7 +51,7 @@ pub fn run(rep: &mut Reporter, setup: &Setup, checks: Option<&[ProbeCheck]>) {
     let versions = match Versions::make(setup) {
         Ok(v) => v,
         Err(e) => {
-            for t in TESTS {
+            for t in TESTS.iter().chain(&["host-crash"]) {
                 rep.run(t, || {
                     Outcome::Fail(format!("no echo versions to install: {e}"))
                 });
@@ -77,7 +77,7 @@ pub fn run(rep: &mut Reporter, setup: &Setup, checks: Option<&[ProbeCheck]>) {
         outcome
     });
     let Some(d) = daemon.as_mut() else {
-        for t in &TESTS[1..] {
+        for t in TESTS[1..].iter().chain(&["host-crash"]) {
             rep.run(t, || Outcome::Fail("the daemon did not start".into()));
         }
         return;
@@ -105,6 +105,8 @@ pub fn run(rep: &mut Reporter, setup: &Setup, checks: Option<&[ProbeCheck]>) {
     {
         eprintln!("plugvisor exited {code} on SIGTERM; log:\n{}", d.log_text());
     }
+    let (version, lib) = &versions.list[0];
+    rep.run("host-crash", || crate::host_crash::run(version, lib));
 }
 
 /// Echo versions 1…3 of one stamped build, in a directory of their own.

@@ -26,10 +26,20 @@
 //!   HTTP/2 frame header lies in each gRPC connection's outgoing byte
 //!   stream, for the `cgroup_skb` egress program that counts server-sent
 //!   GOAWAY and RST_STREAM frames.
+//! * `HOST_PIDS` (hash, process id → [`HostLife`]) holds the plugin hosts
+//!   that serve, put there by the uprobe on the daemon's
+//!   `plugvisor_host_serving` marker; `sched/sched_process_exit` stamps a
+//!   host's death there in the kernel's clock and opens a crash window
+//!   (`CRASH_WINDOWS`, the number open), which the uprobe on
+//!   `plugvisor_host_recovered` — the first answer by what replaced it —
+//!   closes. A connection that leaves ESTABLISHED while one is open is
+//!   "broken across a crash"; the window's length is the kernel-measured
+//!   recovery.
 //! * `EVENTS` (ring buffer) carries only what userspace must act on: the end
-//!   of a reload window (with its kernel-measured duration) and each
+//!   of a reload window (with its kernel-measured duration), each
 //!   connection broken inside one (so the daemon can name the reload in its
-//!   log). A failed reserve is counted in `DROPPED`.
+//!   log) and the end of each crash window. A failed reserve is counted in
+//!   `DROPPED`.
 #![no_std]
 
 /// Upper bound of listeners the probes can tell apart (map sizes).
@@ -58,6 +68,10 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of `u64`, indexed by [`super::Probe`]: ring buffer reserve failures.
     pub const DROPPED: &str = "DROPPED";
+    /// Hash: process id (initial pid namespace) → [`super::HostLife`].
+    pub const HOST_PIDS: &str = "HOST_PIDS";
+    /// Array of one `u64`: crash windows open right now.
+    pub const CRASH_WINDOWS: &str = "CRASH_WINDOWS";
 }
 
 /// Names of the programs in the object file.
@@ -80,6 +94,14 @@ pub mod programs {
     pub const SOCK_SEND_LENGTH: &str = "sock_send_length";
     /// `cgroup_skb` egress: HTTP/2 frame inspection.
     pub const H2_EGRESS: &str = "h2_egress";
+    /// Tracepoint `sched/sched_process_exit`: a plugin host's death.
+    pub const HOST_EXIT: &str = "host_exit";
+    /// Uprobe on `plugvisor_host_serving`.
+    pub const HOST_SERVING: &str = "host_serving";
+    /// Uprobe on `plugvisor_host_retired`.
+    pub const HOST_RETIRED: &str = "host_retired";
+    /// Uprobe on `plugvisor_host_recovered`.
+    pub const HOST_RECOVERED: &str = "host_recovered";
 }
 
 /// Names of the marker functions in the daemon the uprobes attach to.
@@ -88,6 +110,13 @@ pub mod markers {
     pub const RELOAD_BEGIN: &str = "plugvisor_reload_begin";
     /// Called right after the window closes, whatever the outcome.
     pub const RELOAD_END: &str = "plugvisor_reload_end";
+    /// Called when a plugin host starts to serve (its death is a crash).
+    pub const HOST_SERVING: &str = "plugvisor_host_serving";
+    /// Called before a host is stopped on purpose, or after the death of
+    /// one that nothing replaces (its death is no crash to recover from).
+    pub const HOST_RETIRED: &str = "plugvisor_host_retired";
+    /// Called at the first answer by what replaced a dead host.
+    pub const HOST_RECOVERED: &str = "plugvisor_host_recovered";
 }
 
 /// Probes, as indices into `DROPPED` and as the `probe` label.
@@ -106,19 +135,22 @@ pub enum Probe {
     ServiceGap = 4,
     /// `cgroup_skb` egress HTTP/2 frame inspection.
     Http2Frames = 5,
+    /// `sched/sched_process_exit` and the three host marker uprobes.
+    HostCrashes = 6,
 }
 
 impl Probe {
     /// Number of probes.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Every probe, in index order.
-    pub const ALL: [Probe; 6] = [
+    pub const ALL: [Probe; 7] = [
         Probe::SockState,
         Probe::ReloadMarkers,
         Probe::TcpResets,
         Probe::TcpRetransmits,
         Probe::ServiceGap,
         Probe::Http2Frames,
+        Probe::HostCrashes,
     ];
 
     /// The stable `probe` label value.
@@ -130,6 +162,7 @@ impl Probe {
             Probe::TcpRetransmits => "tcp_retransmits",
             Probe::ServiceGap => "service_gap",
             Probe::Http2Frames => "http2_frames",
+            Probe::HostCrashes => "host_crashes",
         }
     }
 }
@@ -186,6 +219,18 @@ pub struct ListenerCounters {
     pub goaway: u64,
     /// HTTP/2 RST_STREAM frames the server sent.
     pub rst_stream: u64,
+    /// Of `closed`, those that left while a plugin host's crash was not yet
+    /// recovered from, closed by plugvisor or reset (not the client's own
+    /// close).
+    pub broken_in_crash: u64,
+}
+
+/// A serving plugin host, as the kernel tracks it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct HostLife {
+    /// `bpf_ktime_get_ns` of its death; 0 while it lives.
+    pub died_ns: u64,
 }
 
 /// A watched server-side socket, from ESTABLISHED until CLOSE.
@@ -289,6 +334,10 @@ pub enum EventKind {
     /// A watched connection left ESTABLISHED while a reload window was open;
     /// `value` packs `oldstate << 32 | newstate`.
     BrokenConnection = 2,
+    /// A crash window closed: `subject` is the plugin index, `seq` the dead
+    /// host's pid, `value` the ns from its death to the first answer by
+    /// its replacement.
+    HostRecovered = 3,
 }
 
 /// One ring buffer record.
@@ -313,6 +362,8 @@ pub mod tcp_state {
     pub const ESTABLISHED: i32 = 1;
     /// `TCP_CLOSE`.
     pub const CLOSE: i32 = 7;
+    /// `TCP_CLOSE_WAIT`: the peer closed first.
+    pub const CLOSE_WAIT: i32 = 8;
 }
 
 /// HTTP/2 frame types counted by the egress probe.
@@ -353,4 +404,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::GapHist {}
     unsafe impl aya::Pod for super::H2Flow {}
+    unsafe impl aya::Pod for super::HostLife {}
 }

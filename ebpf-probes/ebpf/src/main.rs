@@ -33,6 +33,14 @@
 //!   sockets and walk user-space iovecs. A connection is recognised as
 //!   HTTP/2 by the server's first frame, SETTINGS on stream 0.
 //!
+//! * `sched/sched_process_exit` (tracepoint) sees a plugin host die — any
+//!   signal, any exit — in the kernel's clock, whatever the daemon learns
+//!   later; uprobes on the daemon's `plugvisor_host_serving`,
+//!   `plugvisor_host_retired` and `plugvisor_host_recovered` markers say
+//!   which processes are serving hosts and when the first answer by a
+//!   replacement went out. Between the two a crash window is open, and a
+//!   connection that leaves ESTABLISHED then was broken across the crash.
+//!
 //! Counting happens here (per-CPU counters and log2 histograms); the ring
 //! buffer only carries the end of each window and each broken connection.
 #![no_std]
@@ -51,8 +59,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use plugvisor_probes_common::{
-    Event, EventKind, GAP_BUCKETS, GapHist, H2Flow, IPPROTO_TCP, ListenerCounters, MAX_LISTENERS,
-    Probe, ReloadWindow, SockState, TracepointLayout, WatchedPort, h2, tcp_state, window,
+    Event, EventKind, GAP_BUCKETS, GapHist, H2Flow, HostLife, IPPROTO_TCP, ListenerCounters,
+    MAX_LISTENERS, Probe, ReloadWindow, SockState, TracepointLayout, WatchedPort, h2, tcp_state,
+    window,
 };
 
 #[map]
@@ -89,6 +98,15 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[map]
 static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(Probe::COUNT, 0);
+
+/// Serving plugin hosts at once: far more than `keep_loaded` × plugins.
+const MAX_HOSTS: u32 = 4096;
+
+#[map]
+static HOST_PIDS: HashMap<u32, HostLife> = HashMap::with_max_entries(MAX_HOSTS, 0);
+
+#[map]
+static CRASH_WINDOWS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Adds one to a counter in a map value.
 ///
@@ -180,6 +198,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 value: (u64::from(old as u32) << 32) | u64::from(new as u32),
             };
             emit(Probe::SockState, &event);
+        }
+        // Across a crash only plugvisor's side counts: it closed the
+        // connection (FIN_WAIT1) or it was reset (CLOSE). A client that
+        // hangs up on its own — say, reconnecting after the error answer
+        // to its lost request — leaves to CLOSE_WAIT.
+        if new != tcp_state::CLOSE_WAIT && CRASH_WINDOWS.get(0).is_some_and(|open| *open > 0) {
+            // SAFETY: in-bounds field of the map value.
+            bump(unsafe { &raw mut (*counters).broken_in_crash });
         }
     }
     Ok(())
@@ -553,6 +579,96 @@ pub fn reload_end(ctx: ProbeContext) -> u32 {
         value: duration,
     };
     emit(Probe::ReloadMarkers, &event);
+    0
+}
+
+/// Adds `delta` (two's complement for a decrement) to the number of open
+/// crash windows.
+#[inline(always)]
+fn crash_windows_add(delta: u64) {
+    if let Some(open) = CRASH_WINDOWS.get_ptr_mut(0) {
+        // SAFETY: a map value, valid and aligned while the program runs;
+        // hosts die on any CPU at once, so the add is atomic.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                open, delta,
+            );
+        }
+    }
+}
+
+#[tracepoint]
+pub fn host_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // The thread-group leader's exit is the process's: every thread of a
+    // process killed by a signal or `exit_group` goes, the leader with them.
+    if tgid != tid {
+        return 0;
+    }
+    let Some(host) = HOST_PIDS.get_ptr_mut(&tgid) else {
+        return 0;
+    };
+    // SAFETY: map value pointer; only this leader's exit writes it.
+    unsafe {
+        if (*host).died_ns == 0 {
+            (*host).died_ns = bpf_ktime_get_ns();
+            crash_windows_add(1);
+        }
+    }
+    0
+}
+
+#[uprobe]
+pub fn host_serving(ctx: ProbeContext) -> u32 {
+    let pid: u32 = ctx.arg(0).unwrap_or(0);
+    if pid != 0 {
+        let _ = HOST_PIDS.insert(&pid, &HostLife::default(), 0);
+    }
+    0
+}
+
+/// Forgets host `pid`; a crash window its death opened closes unmeasured.
+#[inline(always)]
+fn forget_host(pid: u32) -> Option<u64> {
+    // SAFETY: the value is copied out before the entry is removed.
+    let died_ns = unsafe { HOST_PIDS.get(&pid) }.map(|h| h.died_ns)?;
+    HOST_PIDS.remove(&pid).ok()?;
+    if died_ns != 0 {
+        crash_windows_add(u64::MAX);
+    }
+    Some(died_ns)
+}
+
+#[uprobe]
+pub fn host_retired(ctx: ProbeContext) -> u32 {
+    let pid: u32 = ctx.arg(0).unwrap_or(0);
+    let _ = forget_host(pid);
+    0
+}
+
+#[uprobe]
+pub fn host_recovered(ctx: ProbeContext) -> u32 {
+    let plugin: u32 = ctx.arg(0).unwrap_or(u32::MAX);
+    let pid: u32 = ctx.arg(1).unwrap_or(0);
+    let Some(died_ns) = forget_host(pid) else {
+        return 0;
+    };
+    if died_ns == 0 {
+        // The daemon saw a death the kernel did not (a pid namespace the
+        // host's number does not match in): nothing to measure.
+        return 0;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let event = Event {
+        kind: EventKind::HostRecovered as u32,
+        subject: plugin,
+        seq: u64::from(pid),
+        ts_ns: now,
+        value: now.saturating_sub(died_ns),
+    };
+    emit(Probe::HostCrashes, &event);
     0
 }
 

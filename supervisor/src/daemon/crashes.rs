@@ -71,9 +71,14 @@ impl Daemon {
         let plugin = exit.plugin.clone();
         let mut r = self.reloader.lock().expect("reloader lock");
         let Some(slot) = r.slots().get(&plugin).cloned() else {
+            crate::markers::plugvisor_host_retired(exit.pid);
             return;
         };
         let role = slot.host_died(exit);
+        if role != HostRole::Active {
+            // Nothing will answer in its place: no crash window to time.
+            crate::markers::plugvisor_host_retired(exit.pid);
+        }
         if role == HostRole::Gone {
             return;
         }

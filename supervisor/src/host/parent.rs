@@ -446,6 +446,7 @@ impl Spawner {
         let (read, write) = stream.into_split();
         *conn.writer.lock().expect("host lock") = Some(write);
         conn.serving.store(true, Ordering::Release);
+        crate::markers::plugvisor_host_serving(conn.pid);
         let reader = conn.clone();
         self.runtime.spawn(async move { reader.read(read).await });
         Ok((Host { conn }, timings))
@@ -544,6 +545,9 @@ impl Conn {
         }
         let retired = self.retired.load(Ordering::Acquire);
         if retired || !self.serving.load(Ordering::Acquire) {
+            // No one recovers from a death not reported: the kernel
+            // forgets the host (again, if its drop already did).
+            crate::markers::plugvisor_host_retired(self.pid);
             tracing::debug!(plugin = %exit.plugin, version = %exit.version, pid = exit.pid, cause = %exit.cause, "plugin host exited");
             return;
         }
@@ -803,8 +807,15 @@ impl Drop for Host {
         // tells the host to run `shutdown` and exit; one that does not is
         // killed.
         self.conn.retired.store(true, Ordering::Release);
+        let dead = self.conn.reaped.get().is_some();
+        if !dead {
+            // Before it is told to stop: its exit is no crash. (A dead
+            // one's is the daemon's to judge: it tells the kernel whether
+            // anything recovers from it.)
+            crate::markers::plugvisor_host_retired(self.conn.pid);
+        }
         drop(self.conn.writer.lock().expect("host lock").take());
-        if self.conn.reaped.get().is_some() {
+        if dead {
             return;
         }
         let conn = self.conn.clone();

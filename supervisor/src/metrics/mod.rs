@@ -169,6 +169,9 @@ pub struct Metrics {
     pub reload_duration_seconds: HistogramVec,
     /// `plugvisor_kernel_reload_duration_seconds{plugin}`.
     pub kernel_reload_duration_seconds: HistogramVec,
+    /// `plugvisor_kernel_crash_recovery_seconds{plugin}`: a plugin host's
+    /// exit to the first answer by its replacement, in the kernel's clock.
+    pub kernel_crash_recovery_seconds: HistogramVec,
     /// `plugvisor_requests_total{plugin,version,outcome}`.
     pub requests_total: IntCounterVec,
     /// `plugvisor_dependency_conflicts{plugin,kind}`: 1 while the conflict
@@ -178,6 +181,10 @@ pub struct Metrics {
     pub tcp_connections: IntGaugeVec,
     /// `plugvisor_reload_broken_connections_total{listener,protocol}` (kernel-observed).
     pub reload_broken_connections_total: IntCounterVec,
+    /// `plugvisor_crash_broken_connections_total{listener,protocol}`
+    /// (kernel-observed): connections plugvisor closed, or that were reset,
+    /// while a plugin host's crash was not yet recovered from.
+    pub crash_broken_connections_total: IntCounterVec,
     /// `plugvisor_probe_up{probe}`.
     pub probe_up: IntGaugeVec,
     /// `plugvisor_probe_failures_total{probe,stage}`.
@@ -333,6 +340,12 @@ impl Metrics {
                 "Reload window length measured in the kernel between the reload-begin and reload-end uprobes",
                 &["plugin"],
             ),
+            kernel_crash_recovery_seconds: histogram(
+                r,
+                "plugvisor_kernel_crash_recovery_seconds",
+                "From a plugin host's exit (sched_process_exit) to the first answer by its replacement (uprobe), in the kernel's clock",
+                &["plugin"],
+            ),
             requests_total: counter(
                 r,
                 "plugvisor_requests_total",
@@ -355,6 +368,12 @@ impl Metrics {
                 r,
                 "plugvisor_reload_broken_connections_total",
                 "Connections that were closed or reset while a reload window was open, as the kernel saw them",
+                &["listener", "protocol"],
+            ),
+            crash_broken_connections_total: counter(
+                r,
+                "plugvisor_crash_broken_connections_total",
+                "Connections that plugvisor closed, or that were reset, between a plugin host's death and the first answer by its replacement, as the kernel saw them",
                 &["listener", "protocol"],
             ),
             probe_up: gauge(

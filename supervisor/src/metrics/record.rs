@@ -26,6 +26,8 @@ pub struct ListenerSeries {
     pub connections: IntGauge,
     /// `plugvisor_reload_broken_connections_total{listener,protocol}`.
     pub broken: IntCounter,
+    /// `plugvisor_crash_broken_connections_total{listener,protocol}`.
+    pub broken_in_crash: IntCounter,
     /// `plugvisor_tcp_resets_total{listener,direction="sent"}`.
     pub resets_sent: IntCounter,
     /// `plugvisor_tcp_resets_total{listener,direction="received"}`.
@@ -279,6 +281,9 @@ impl Metrics {
             broken: self
                 .reload_broken_connections_total
                 .with_label_values(&[name, protocol.as_str()]),
+            broken_in_crash: self
+                .crash_broken_connections_total
+                .with_label_values(&[name, protocol.as_str()]),
             resets_sent: self.tcp_resets_total.with_label_values(&[name, "sent"]),
             resets_received: self.tcp_resets_total.with_label_values(&[name, "received"]),
             retransmits: self.tcp_retransmits_total.with_label_values(&[name]),
@@ -290,6 +295,13 @@ impl Metrics {
     /// A reload window of `plugin` the kernel measured.
     pub fn kernel_reload(&self, plugin: &str, d: Duration) {
         self.kernel_reload_duration_seconds
+            .with_label_values(&[plugin])
+            .observe(d.as_secs_f64());
+    }
+
+    /// A plugin host's crash of `plugin`, recovered from, as the kernel timed it.
+    pub fn kernel_crash_recovery(&self, plugin: &str, d: Duration) {
+        self.kernel_crash_recovery_seconds
             .with_label_values(&[plugin])
             .observe(d.as_secs_f64());
     }

@@ -293,7 +293,14 @@ fn attach(ebpf: &mut Ebpf, probe: Probe) -> Result<(), ProbeError> {
             "sock",
             "inet_sock_set_state",
         ),
-        Probe::ReloadMarkers => attach_markers(ebpf),
+        Probe::ReloadMarkers => attach_uprobes(
+            ebpf,
+            probe,
+            &[
+                (programs::RELOAD_BEGIN, markers::RELOAD_BEGIN),
+                (programs::RELOAD_END, markers::RELOAD_END),
+            ],
+        ),
         Probe::TcpResets => {
             attach_tracepoint(
                 ebpf,
@@ -334,6 +341,24 @@ fn attach(ebpf: &mut Ebpf, probe: Probe) -> Result<(), ProbeError> {
             )
         }
         Probe::Http2Frames => attach_h2(ebpf),
+        Probe::HostCrashes => {
+            attach_tracepoint(
+                ebpf,
+                name,
+                programs::HOST_EXIT,
+                "sched",
+                "sched_process_exit",
+            )?;
+            attach_uprobes(
+                ebpf,
+                probe,
+                &[
+                    (programs::HOST_SERVING, markers::HOST_SERVING),
+                    (programs::HOST_RETIRED, markers::HOST_RETIRED),
+                    (programs::HOST_RECOVERED, markers::HOST_RECOVERED),
+                ],
+            )
+        }
     }
 }
 
@@ -438,16 +463,19 @@ fn attach_h2(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn attach_markers(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let probe = Probe::ReloadMarkers.as_str();
+/// Attaches uprobes `(program, marker symbol)` to this process's own marker
+/// functions (only this process: the plugin hosts run the same binary).
+fn attach_uprobes(
+    ebpf: &mut Ebpf,
+    probe: Probe,
+    programs: &[(&str, &str)],
+) -> Result<(), ProbeError> {
+    let probe = probe.as_str();
     let exe = std::env::current_exe().map_err(|e| ProbeError::Attach {
         probe,
         message: format!("locating own executable: {e}"),
     })?;
-    for (program, symbol) in [
-        (programs::RELOAD_BEGIN, markers::RELOAD_BEGIN),
-        (programs::RELOAD_END, markers::RELOAD_END),
-    ] {
+    for &(program, symbol) in programs {
         let load = |message: String| ProbeError::Load { probe, message };
         let prog: &mut UProbe = ebpf
             .program_mut(program)

@@ -30,6 +30,7 @@ use crate::markers::PluginNames;
 #[derive(Default, Clone, Copy)]
 struct Seen {
     broken: u64,
+    broken_in_crash: u64,
     resets_sent: u64,
     resets_received: u64,
     retransmits: u64,
@@ -185,6 +186,7 @@ fn refresh_listener(
             acc.retransmits += c.retransmits;
             acc.goaway += c.goaway;
             acc.rst_stream += c.rst_stream;
+            acc.broken_in_crash += c.broken_in_crash;
             acc
         });
     let name = l.name.as_str();
@@ -192,6 +194,11 @@ fn refresh_listener(
         .connections
         .set(sum.opened.saturating_sub(sum.closed) as i64);
     advance(&series.broken, &mut seen.broken, sum.broken_in_reload);
+    advance(
+        &series.broken_in_crash,
+        &mut seen.broken_in_crash,
+        sum.broken_in_crash,
+    );
     advance(&series.resets_sent, &mut seen.resets_sent, sum.resets_sent);
     advance(
         &series.resets_received,
@@ -277,6 +284,17 @@ fn handle_event(event: &Event, plugins: &PluginNames, listeners: &[String], metr
             "kernel-measured reload window"
         );
         metrics.kernel_reload(&plugin, Duration::from_nanos(event.value));
+    } else if event.kind == EventKind::HostRecovered as u32 {
+        let Some(plugin) = plugin_name(event.subject) else {
+            return;
+        };
+        tracing::debug!(
+            plugin,
+            host_pid = event.seq,
+            recovery_ns = event.value,
+            "kernel-measured recovery from a plugin host's crash"
+        );
+        metrics.kernel_crash_recovery(&plugin, Duration::from_nanos(event.value));
     } else if event.kind == EventKind::BrokenConnection as u32 {
         let old = (event.value >> 32) as u32;
         let new = event.value as u32;

@@ -155,9 +155,11 @@ impl Reloader {
             .plugin_at_zero(plugin, &[MANUAL, CRASH_IN_TRIAL, CRASH]);
         self.slots.insert(plugin.to_owned(), slot.clone());
         let mut names = self.plugin_names.write().expect("plugin names");
-        if !names.iter().any(|n| n == plugin) {
+        let index = names.iter().position(|n| n == plugin).unwrap_or_else(|| {
             names.push(plugin.to_owned());
-        }
+            names.len() - 1
+        });
+        slot.set_probe_index(index as u32);
         slot
     }
 

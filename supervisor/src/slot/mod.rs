@@ -24,7 +24,7 @@
 pub mod calls;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -237,10 +237,13 @@ pub struct Slot {
     handle_shed: IntCounter,
     calls: Arc<CallPool>,
     // Set when the active version's host died; the first answer after it
-    // observes the recovery time.
-    recovering: Mutex<Option<Instant>>,
+    // observes the recovery time, and tells the kernel which dead hosts
+    // (pids) it recovered from.
+    recovering: Mutex<Option<(Instant, Vec<u32>)>>,
     recovering_flag: AtomicBool,
     recovery: Histogram,
+    // The plugin's index in the probes' name list (the markers pass it).
+    probe_index: AtomicU32,
     metrics: Arc<Metrics>,
 }
 
@@ -269,8 +272,15 @@ impl Slot {
             recovering: Mutex::new(None),
             recovering_flag: AtomicBool::new(false),
             recovery: metrics.crash_recovery(plugin),
+            probe_index: AtomicU32::new(u32::MAX),
             metrics,
         }
+    }
+
+    /// The index the kernel knows this plugin by (its place in the probes'
+    /// plugin name list), passed to the crash markers.
+    pub fn set_probe_index(&self, index: u32) {
+        self.probe_index.store(index, Ordering::Relaxed);
     }
 
     /// What the slot lets in now.
@@ -535,8 +545,12 @@ impl Slot {
 
     /// The first answer after the active host's death: the recovery is over.
     fn recovered(&self) {
-        if let Some(at) = self.recovering.lock().expect("slot lock").take() {
+        if let Some((at, dead)) = self.recovering.lock().expect("slot lock").take() {
             self.recovery.observe(at.elapsed().as_secs_f64());
+            let plugin = self.probe_index.load(Ordering::Relaxed);
+            for pid in dead {
+                crate::markers::plugvisor_host_recovered(plugin, pid);
+            }
         }
         self.recovering_flag.store(false, Ordering::Relaxed);
     }
@@ -548,7 +562,14 @@ impl Slot {
         let holds = |i: &Arc<Installed>| i.loaded.host().is_some_and(|h| h.pid() == exit.pid);
         let active = self.active.load_full();
         if active.as_ref().is_some_and(holds) {
-            *self.recovering.lock().expect("slot lock") = Some(exit.at);
+            let mut recovering = self.recovering.lock().expect("slot lock");
+            // A replacement that dies before its first answer: the crash
+            // goes on, measured here from the latest death, in the kernel
+            // from each one.
+            let mut dead = recovering.take().map(|(_, d)| d).unwrap_or_default();
+            dead.push(exit.pid);
+            *recovering = Some((exit.at, dead));
+            drop(recovering);
             self.recovering_flag.store(true, Ordering::Relaxed);
             return HostRole::Active;
         }
