@@ -237,6 +237,12 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The pids of the plugin hosts (`isolation = "process"`) this daemon
+    /// runs now: its children running `plugvisor plugin-host`.
+    pub fn plugin_hosts(&self) -> Vec<u32> {
+        plugin_hosts_of(self.pid())
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child.
@@ -409,6 +415,29 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         reap(self.child.take(), "plugvisor", || self.log_text());
     }
+}
+
+/// The pids of the plugin hosts whose parent is process `parent`.
+pub fn plugin_hosts_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state, ppid, …
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(parent) && cmdline.split(|b| *b == 0).any(|a| a == b"plugin-host") {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Polls `cond` every 20 ms until it holds; panics at `deadline`.

@@ -93,29 +93,6 @@ fn only_in_flight_requests_failed(tally: &Tally, crashes: usize) -> usize {
     tally.errors.len()
 }
 
-/// The pids of the plugin hosts the daemon `parent` runs now.
-fn hosts_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state, ppid, …
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(parent) && cmdline.split(|b| *b == 0).any(|a| a == b"plugin-host") {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// RSTs the kernel saw plugvisor send on each listener, to compare across
 /// a crash (the tests' own short-lived probing connections may end so).
 fn resets_sent(d: &Daemon) -> [u64; 2] {
@@ -211,7 +188,7 @@ fn a_version_on_trial_that_segfaults_is_rolled_back_and_no_connection_closes() {
         ),
         Some(1.0)
     );
-    assert_eq!(hosts_of(pid).len(), 1, "1.0.0 runs in a host of its own");
+    assert_eq!(d.plugin_hosts().len(), 1, "1.0.0 runs in a host of its own");
     let segv = build_plugin_version("plugvisor-fixture-segv", "fixture_segv", "2.0.0");
     install_package(
         &d.plugins_dir,
@@ -337,7 +314,7 @@ fn a_known_good_version_whose_host_dies_is_restarted_and_serves_on() {
     });
     let live = live(&d);
     let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
-    let first_host = hosts_of(pid);
+    let first_host = d.plugin_hosts();
     assert_eq!(first_host.len(), 1);
     let resets = resets_sent(&d);
 
@@ -351,7 +328,7 @@ fn a_known_good_version_whose_host_dies_is_restarted_and_serves_on() {
                 .call("again")
                 .is_ok_and(|a| a == "[echo 1.0.0] again")
     });
-    let second_host = hosts_of(pid);
+    let second_host = d.plugin_hosts();
     assert_eq!(second_host.len(), 1, "{second_host:?}");
     assert_ne!(first_host, second_host, "a new process");
 
@@ -456,7 +433,7 @@ fn fault_row(
     });
     let live = live(&d);
     let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
-    let before = hosts_of(pid);
+    let before = d.plugin_hosts();
     assert_eq!(before.len(), 1);
     let resets = resets_sent(&d);
     let answer = client
@@ -472,7 +449,7 @@ fn fault_row(
                 .call("again")
                 .is_ok_and(|a| a == "[echo 1.0.0] again")
     });
-    assert_ne!(hosts_of(pid), before, "{payload}: a new host process");
+    assert_ne!(d.plugin_hosts(), before, "{payload}: a new host process");
     the_kernel_saw_every_connection_survive(&d, 1, 1, resets);
     std::thread::sleep(Duration::from_millis(300));
     let tally = live.stop();

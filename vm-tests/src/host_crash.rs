@@ -91,7 +91,7 @@ fn crash(d: &Daemon, version: &str) -> Outcome {
             .iter_mut()
             .all(|c| answer(c, "before").as_deref() == Some(version))
     });
-    let hosts = hosts_of(d.pid());
+    let hosts = d.plugin_hosts();
     let [host] = hosts[..] else {
         return Outcome::Fail(format!("expected one plugin host, found {hosts:?}"));
     };
@@ -144,7 +144,7 @@ fn crash(d: &Daemon, version: &str) -> Outcome {
                 .iter_mut()
                 .all(|c| answer(c, "after").as_deref() == Some(version))
     });
-    let now = hosts_of(d.pid());
+    let now = d.plugin_hosts();
     if now.len() != 1 || now[0] == host {
         return Outcome::Fail(format!("hosts after the kill: {now:?} (killed {host})"));
     }
@@ -200,28 +200,6 @@ fn kernel_verdict(d: &Daemon, clients_side: &str, resets_before: f64) -> Outcome
         "{clients_side}; kernel: exit → first answer {recovery_ms:.1} ms, 0 broken, 0 RST, \
          {CLIENTS} established"
     ))
-}
-
-/// The plugin hosts (children running `plugin-host`) of process `parent`.
-fn hosts_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(parent) && cmdline.split(|b| *b == 0).any(|a| a == b"plugin-host") {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// The limits as the kernel holds them for `host`, read back from its
