@@ -25,6 +25,12 @@
 //!   written nothing of it is recorded, so 2.0.0; after, 1.0.0 with 2.0.0
 //!   quarantined (the journal line was not written yet: the refs are the
 //!   commit point, the journal the account of it).
+//!
+//! Every point is run twice: with echo in the daemon and in plugin hosts
+//! (`isolation = "process"`). The steps and what they must give are the
+//! same; in hosts, the kill -9 must also take the daemon's hosts with it
+//! (each sees its channel close and exits: none is left behind), and after
+//! the restart the version serves from a host again.
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -263,7 +269,35 @@ fn assert_outcome(c: &Case, after: &StateSummary) {
     }
 }
 
-fn run(point: &str) {
+/// Where echo's code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    InProcess,
+    Process,
+}
+
+/// Plugin hosts started by a daemon whose environment carries `marker`
+/// (hosts inherit it; after a kill -9 they are no longer its children).
+fn hosts_marked(marker: &str) -> Vec<u32> {
+    let needle = format!("PLUGVISOR_TEST_RUN={marker}");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !cmdline.split(|b| *b == 0).any(|a| a == b"plugin-host") {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|e| e == needle.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn run(point: &str, isolation: Isolation) {
     let c = case(point);
     let v1 = build_echo_version("1.0.0");
     let v2 = build_echo_version("2.0.0");
@@ -274,16 +308,37 @@ fn run(point: &str) {
     } else {
         "2.0.0".to_owned()
     };
+    let marker = format!("{}-{point}-{isolation:?}", std::process::id());
     let mut d = Daemon::start(DaemonOptions {
         probes: "off",
         trial: "300ms",
         binary: Some(failpoints_binary()),
         packages: vec![("echo".into(), v1, "1.0.0".into())],
         listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
-        env: vec![("FAILPOINTS".into(), format!("{}=return({key})", c.point))],
+        env: vec![
+            ("FAILPOINTS".into(), format!("{}=return({key})", c.point)),
+            ("PLUGVISOR_TEST_RUN".into(), marker.clone()),
+        ],
+        extra_config: match isolation {
+            Isolation::InProcess => String::new(),
+            Isolation::Process => "[plugin.echo]\nisolation = \"process\"\n".to_owned(),
+        },
         ..DaemonOptions::default()
     });
+    if isolation == Isolation::Process {
+        // The marker finds the hosts (so "none left" below means something).
+        wait_until(Instant::now() + WAIT, "1.0.0 in a marked host", || {
+            !hosts_marked(&marker).is_empty()
+        });
+    }
     let at_crash = crash(&mut d, c, &v2);
+    if isolation == Isolation::Process {
+        wait_until(
+            Instant::now() + WAIT,
+            "the dead daemon's plugin hosts gone",
+            || hosts_marked(&marker).is_empty(),
+        );
+    }
     if c.point == "store-object-before-rename" {
         assert!(
             at_crash
@@ -312,6 +367,16 @@ fn run(point: &str) {
         after.temp_files
     );
     assert_outcome(c, &after);
+    if isolation == Isolation::Process {
+        // The version that serves, and a known-good one kept warm
+        // beside a version on trial.
+        let hosts = d.plugin_hosts();
+        assert!(
+            (1..=2).contains(&hosts.len()),
+            "{}: the version serves from a host after the restart: {hosts:?}",
+            c.point
+        );
+    }
     // And it stays there: one more look at the package changes nothing.
     let (code, out, err) = d.cli(&["reload", "echo"]);
     assert!(code == 0 || out.contains("quarantined"), "{out}{err}");
@@ -358,6 +423,15 @@ fn every_crash_point_has_a_case() {
 fn kill9_at_every_crash_point_restarts_on_a_consistent_version() {
     for point in listed_points() {
         eprintln!("--- kill -9 at {point}");
-        run(&point);
+        run(&point, Isolation::InProcess);
+    }
+}
+
+/// The same with echo in plugin hosts.
+#[test]
+fn kill9_at_every_crash_point_with_plugin_hosts_restarts_on_a_consistent_version() {
+    for point in listed_points() {
+        eprintln!("--- kill -9 at {point} (plugin hosts)");
+        run(&point, Isolation::Process);
     }
 }
