@@ -316,6 +316,15 @@ fn a_known_good_version_whose_host_dies_is_restarted_and_serves_on() {
     let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
     let first_host = d.plugin_hosts();
     assert_eq!(first_host.len(), 1);
+    // The daemon was given `--log-format json` on its command line; its
+    // hosts log the same way.
+    let environ = std::fs::read(format!("/proc/{}/environ", first_host[0])).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|e| e == b"PLUGVISOR_LOG_FORMAT=json"),
+        "the host inherits the daemon's log format"
+    );
     let resets = resets_sent(&d);
 
     let answer = client

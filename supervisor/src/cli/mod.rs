@@ -95,6 +95,16 @@ pub fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     crate::failpoints::setup();
     let cli = Cli::parse();
+    // Plugin hosts (and anything else this process starts with its own
+    // binary) log as the daemon does, whether the format came from the
+    // flag or the environment.
+    let inherited = match cli.log_format {
+        LogFormat::Human => "human",
+        LogFormat::Json => "json",
+    };
+    // SAFETY: nothing but this thread runs yet (no runtime, no logger),
+    // so no other thread can be reading the environment.
+    unsafe { std::env::set_var("PLUGVISOR_LOG_FORMAT", inherited) };
     init_logging(cli.log_format);
     let result = match cli.command {
         Cmd::Run(a) => run::run(&a),
