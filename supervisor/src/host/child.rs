@@ -8,12 +8,17 @@
 //! checks, the same `init` — but here a crash, an `abort()` or an OOM kill
 //! takes only this process, and the daemon sees the end of the stream.
 //!
-//! One thread reads calls and never runs plugin code, so a `handle` that
-//! hangs holds up only itself; each call runs on a worker of a small pool
-//! that grows when every worker is busy and shrinks when idle. Workers
-//! write their own answers, one whole message at a time under a lock.
+//! Calls are read and run leader/follower style: of the host's threads,
+//! one at a time reads the stream; having read a call, it hands the
+//! reading on (a mutex unlock wakes the next reader) and runs the call
+//! itself, so no call waits for another thread to be scheduled before
+//! plugin code runs (the hand-off to a worker thread the first version of
+//! this loop had cost a context switch per call). There is always a
+//! thread left reading: one that takes a call when no other is free starts
+//! another first, so a `handle` that hangs holds up only itself. Threads
+//! beyond a couple of spares end when their call is done. Each writes its
+//! own answer, one whole message at a time under a lock.
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -25,8 +30,14 @@ use super::HostSpec;
 use super::wire::{self, Kind, Message};
 use crate::loader::{self, HandleError, InitBound, LoadError, LoadedVersion};
 
-/// How long an idle worker waits for the next call before its thread ends.
-const WORKER_PARK: Duration = Duration::from_secs(2);
+/// Threads kept free (reading, or waiting to read) once a burst is over.
+const SPARE_THREADS: usize = 2;
+
+/// How long, once the stream has ended, a host waits for its other
+/// threads to leave before it runs the plugin's `shutdown` (they leave at
+/// once unless one is in a call, which the daemon never leaves behind
+/// when it lets a version go).
+const LAST_CALLS: Duration = Duration::from_millis(200);
 
 /// `init` in a host is bounded by the daemon, which kills the host when it
 /// overruns `[reload] init_timeout`; the loader's own bound only needs to
@@ -82,23 +93,37 @@ pub fn serve(
             return Ok(());
         }
     };
-    let pool = Pool::new();
-    let mut reader = io::BufReader::with_capacity(64 << 10, stream);
-    loop {
-        let message = match wire::read_message(&mut reader) {
-            Ok(Some(m)) => m,
-            // The daemon let go of this version, or died: either way nobody
-            // will read an answer again.
-            Ok(None) => break,
-            Err(e) => return Err(e),
-        };
-        let (loaded, out) = (loaded.clone(), out.clone());
-        pool.submit(Box::new(move || answer(&loaded, &out, &message)));
+    let calls = Arc::new(Calls {
+        reader: Mutex::new(Reading::Open(io::BufReader::with_capacity(
+            64 << 10,
+            stream,
+        ))),
+        free: AtomicUsize::new(1),
+        threads: Mutex::new(1),
+        left: Condvar::new(),
+        loaded: loaded.clone(),
+        out,
+    });
+    // This thread is one of the callers; it returns when the stream ends.
+    if let Some(e) = calls.work(true) {
+        return Err(e);
     }
-    if pool.busy() == 0 {
-        // Idle: the plugin gets its `shutdown`, as in-process. A call still
-        // running would have its instance freed under it, so a host with
-        // calls stuck just exits.
+    // The other free threads see the end too and leave at once; one still
+    // in a call would have its instance freed under it, so a host with a
+    // call running past this just exits, without `shutdown`.
+    let threads = calls
+        .threads
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (threads, _) = calls
+        .left
+        .wait_timeout_while(threads, LAST_CALLS, |n| *n > 1)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let idle = *threads == 1;
+    drop(threads);
+    if idle {
+        // Idle: the plugin gets its `shutdown`, as in-process.
+        drop(calls);
         drop(Arc::try_unwrap(loaded).ok());
     }
     Ok(())
@@ -151,79 +176,95 @@ fn send(out: &Mutex<UnixStream>, id: u64, kind: Kind, payload: &[u8]) -> io::Res
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Worker threads for the calls: one per call in flight at most, kept a
-/// while when idle.
-struct Pool {
-    state: Mutex<PoolState>,
-    wake: Condvar,
-    busy: AtomicUsize,
+/// The stream, while it is open; how it ended, once it has.
+enum Reading {
+    Open(io::BufReader<UnixStream>),
+    /// Ended cleanly (the daemon let go of this version, or died).
+    Ended,
+    /// Ended with this error (taken by the thread that returns it).
+    Failed(Option<io::Error>),
 }
 
-#[derive(Default)]
-struct PoolState {
-    jobs: VecDeque<Job>,
-    idle: usize,
+/// The threads that read and run calls (see the module docs).
+struct Calls {
+    reader: Mutex<Reading>,
+    // Threads not running plugin code (reading, or waiting to read).
+    free: AtomicUsize,
+    // Threads alive, this one included; each says when it leaves.
+    threads: Mutex<usize>,
+    left: Condvar,
+    loaded: Arc<LoadedVersion>,
+    out: Arc<Mutex<UnixStream>>,
 }
 
-impl Pool {
-    fn new() -> Arc<Pool> {
-        Arc::new(Pool {
-            state: Mutex::new(PoolState::default()),
-            wake: Condvar::new(),
-            busy: AtomicUsize::new(0),
-        })
+impl Calls {
+    fn threads(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Calls running now.
-    fn busy(&self) -> usize {
-        self.busy.load(Ordering::Acquire)
+    /// A thread other than the first is done.
+    fn leave(&self) {
+        *self.threads() -= 1;
+        self.left.notify_all();
     }
 
-    fn submit(self: &Arc<Self>, job: Job) {
-        let spawn = {
-            let mut s = self.state.lock().expect("pool lock");
-            s.jobs.push_back(job);
-            // Each parked worker takes one job; more jobs than parked
-            // workers means this one needs a thread of its own.
-            s.idle < s.jobs.len()
-        };
-        if spawn {
-            let pool = self.clone();
-            let started = std::thread::Builder::new()
-                .name("call".into())
-                .spawn(move || pool.work());
-            if started.is_err() {
-                // Out of threads (pids_max): the call waits for a worker
-                // that is busy now to come back for it.
-                tracing::warn!("cannot start another call thread; calls queue");
-            }
-        } else {
-            self.wake.notify_one();
-        }
-    }
-
-    fn work(&self) {
-        let mut s = self.state.lock().expect("pool lock");
+    /// Reads and runs calls until the stream ends; `main` (the host's
+    /// first thread) never leaves early. Returns the stream's error, if it
+    /// failed and this thread is the one to say so.
+    fn work(self: &Arc<Self>, main: bool) -> Option<io::Error> {
         loop {
-            if let Some(job) = s.jobs.pop_front() {
-                drop(s);
-                self.busy.fetch_add(1, Ordering::AcqRel);
-                job();
-                self.busy.fetch_sub(1, Ordering::AcqRel);
-                s = self.state.lock().expect("pool lock");
-                continue;
+            let message = {
+                let mut r = self
+                    .reader
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Reading::Open(stream) = &mut *r else {
+                    return match &mut *r {
+                        Reading::Failed(e) => e.take(),
+                        _ => None,
+                    };
+                };
+                match wire::read_message(stream) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        *r = Reading::Ended;
+                        return None;
+                    }
+                    Err(e) => {
+                        *r = Reading::Failed(None);
+                        return Some(e);
+                    }
+                }
+                // Unlocked here: the next free thread reads on while this
+                // one runs the call.
+            };
+            if self.free.fetch_sub(1, Ordering::AcqRel) == 1 {
+                // The last free thread: start another so a call that
+                // hangs cannot keep the next ones from being read.
+                self.free.fetch_add(1, Ordering::AcqRel);
+                *self.threads() += 1;
+                let calls = self.clone();
+                let started = std::thread::Builder::new()
+                    .name("call".into())
+                    .spawn(move || {
+                        calls.work(false);
+                        calls.leave();
+                    });
+                if started.is_err() {
+                    // Out of threads (pids_max): the next call is read
+                    // when a thread busy now is done.
+                    self.free.fetch_sub(1, Ordering::AcqRel);
+                    *self.threads() -= 1;
+                    tracing::warn!("cannot start another call thread; calls queue");
+                }
             }
-            s.idle += 1;
-            let (next, _) = self
-                .wake
-                .wait_timeout_while(s, WORKER_PARK, |s| s.jobs.is_empty())
-                .expect("pool lock");
-            s = next;
-            s.idle -= 1;
-            if s.jobs.is_empty() {
-                return;
+            answer(&self.loaded, &self.out, &message);
+            if self.free.fetch_add(1, Ordering::AcqRel) >= SPARE_THREADS && !main {
+                // Enough threads free already: this one ends.
+                self.free.fetch_sub(1, Ordering::AcqRel);
+                return None;
             }
         }
     }
