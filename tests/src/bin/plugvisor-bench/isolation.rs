@@ -40,6 +40,12 @@ pub struct Isolation {
     /// Daemon side (`plugvisor_crash_recovery_seconds`): death to first
     /// answer, ms.
     pub crash_daemon_ms: Vec<f64>,
+    /// Kernel side (`plugvisor_kernel_crash_recovery_seconds`): the host's
+    /// exit (`sched_process_exit`) to the first answer, ms.
+    pub crash_kernel_ms: Vec<f64>,
+    /// Connections the kernel saw plugvisor close or reset across the
+    /// crashes (`plugvisor_crash_broken_connections_total`).
+    pub crash_kernel_broken: f64,
     /// Live client requests lost in flight, over all crash rounds.
     pub crash_lost: usize,
     /// Live client connections or streams broken, over all crash rounds.
@@ -102,24 +108,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("RssAnon:"), field("RssFile:") + field("RssShmem:"))
 }
 
-fn host_pids(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(parent) && cmd.split(|b| *b == 0).any(|a| a == b"plugin-host") {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Manifest → serving of 2.0.0, from the daemon's `reloaded` line.
 fn reload_us(d: &Daemon) -> f64 {
     d.install_and_await(
@@ -148,7 +136,8 @@ fn reload_us(d: &Daemon) -> f64 {
 /// One crash round: 1.0.0 known-good, 2.0.0 (segv) on trial crashes.
 fn crash_round(r: &mut Isolation) {
     let mut d = Daemon::start(DaemonOptions {
-        probes: "off",
+        // The kernel's word on the crash is one of the measures.
+        probes: "on",
         trial: "2s",
         listeners: vec![
             ListenerSpec::tcp("echo-tcp", "echo"),
@@ -208,6 +197,23 @@ fn crash_round(r: &mut Isolation) {
     ) {
         r.crash_daemon_ms.push(s * 1e3);
     }
+    let kernel = |m: &plugvisor_tests::Metrics| {
+        m.get(
+            "plugvisor_kernel_crash_recovery_seconds_count",
+            &[("plugin", "echo")],
+        ) == Some(1.0)
+    };
+    wait_until(soon(), "the kernel's recovery time", || {
+        kernel(&d.metrics())
+    });
+    let m = d.metrics();
+    r.crash_kernel_ms.push(
+        m.sum(
+            "plugvisor_kernel_crash_recovery_seconds_sum",
+            &[("plugin", "echo")],
+        ) * 1e3,
+    );
+    r.crash_kernel_broken += m.sum("plugvisor_crash_broken_connections_total", &[]);
 }
 
 /// Every measure of this module.
@@ -236,7 +242,7 @@ pub fn isolation(quick: bool) -> Isolation {
                     anon + file
                 });
                 if i == 1 {
-                    for host in host_pids(daemon.pid()) {
+                    for host in daemon.plugin_hosts() {
                         r.host_rss_kib.push(rss_kib(host));
                     }
                 }
@@ -320,24 +326,29 @@ pub fn render(md: &mut String, r: &Isolation) {
     }
     let c = crate::stats::Dist::of(&r.crash_client_ms);
     let dm = crate::stats::Dist::of(&r.crash_daemon_ms);
+    let km = crate::stats::Dist::of(&r.crash_kernel_ms);
     let _ = writeln!(
         md,
         "\nCrash → first answer from the known-good version (its host warm), a version on trial \
          segfaulting in `handle` under 20 TCP clients and 4 `Exchange` streams, {} round(s), a fresh \
          daemon each. *client*: from the crash's error answer to the next good answer on the same \
          connection; *daemon*: `plugvisor_crash_recovery_seconds` (the host's reaping to the first \
-         answer). Goal ≤ 20 ms p99, 0 connections closed.\n",
+         answer); *kernel*: `plugvisor_kernel_crash_recovery_seconds` (the host's exit in \
+         `sched_process_exit` to the first answer's uprobe). Goal ≤ 20 ms p99, 0 connections closed.\n",
         c.n
     );
     let _ = writeln!(md, "| measure | p50 ms | p99 (max) ms |");
     let _ = writeln!(md, "| --- | ---: | ---: |");
     let _ = writeln!(md, "| client | {:.2} | {:.2} |", c.p50, c.max);
     let _ = writeln!(md, "| daemon | {:.2} | {:.2} |", dm.p50, dm.max);
+    let _ = writeln!(md, "| kernel | {:.2} | {:.2} |", km.p50, km.max);
     let _ = writeln!(
         md,
         "\nLive clients over all rounds: {} requests lost in flight on the dead host (each answered \
-         `crashed (SIGSEGV)`), **{} connections or streams broken**.\n",
-        r.crash_lost, r.crash_broken
+         `crashed (SIGSEGV)`), **{} connections or streams broken**; the kernel counted **{} \
+         connections closed or reset by plugvisor** across the crashes \
+         (`plugvisor_crash_broken_connections_total`).\n",
+        r.crash_lost, r.crash_broken, r.crash_kernel_broken
     );
     render_costs(md, r);
 }
