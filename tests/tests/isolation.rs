@@ -549,6 +549,42 @@ fn fault_matrix_hang_past_the_bound() {
     );
 }
 
+/// A host's call that never returns does not keep the host alive past its
+/// daemon: killed with -9 (no chance to clean up), the daemon's end of the
+/// channel closes, and the host, its call still stuck in the plugin,
+/// exits.
+#[test]
+fn a_host_with_a_call_stuck_exits_when_the_daemon_is_killed() {
+    use std::io::Write as _;
+    let segv = build_plugin_version("plugvisor-fixture-segv", "fixture_segv", "1.0.0");
+    let mut d = process_daemon("30s", vec![("echo".into(), segv, "1.0.0".into())]);
+    let hosts = d.plugin_hosts();
+    assert_eq!(hosts.len(), 1);
+    let mut stuck = std::net::TcpStream::connect(d.addr("echo-tcp")).unwrap();
+    stuck.write_all(b"hang\n").unwrap();
+    wait_until(deadline(), "the call runs in the host", || {
+        thread_count(hosts[0]) >= 3
+    });
+    d.signal(libc::SIGKILL);
+    d.wait_exit(ACT_TIMEOUT);
+    wait_until(deadline(), "the orphaned host exits", || exited(hosts[0]));
+}
+
+/// Threads of process `pid` now (0 once it is gone).
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+}
+
+/// Whether `pid` has exited: gone, or a zombie its new parent has not
+/// reaped (PID 1 of a container may not).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
+}
+
 /// What a plugin host cannot do, tried for real by the `hostile`
 /// fixture: the kernel refuses it the admin socket, `state_dir` and
 /// `bpf()`; it is not root. The same library in-process (in this root

@@ -17,7 +17,9 @@
 //! thread left reading: one that takes a call when no other is free starts
 //! another first, so a `handle` that hangs holds up only itself. Threads
 //! beyond a couple of spares end when their call is done. Each writes its
-//! own answer, one whole message at a time under a lock.
+//! own answer, one whole message at a time under a lock. The host's first
+//! thread runs no plugin code: it waits for the stream to end, so a host
+//! exits when the daemon lets go of it (or dies) even with a call stuck.
 
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
@@ -94,33 +96,33 @@ pub fn serve(
         }
     };
     let calls = Arc::new(Calls {
-        reader: Mutex::new(Reading::Open(io::BufReader::with_capacity(
-            64 << 10,
-            stream,
-        ))),
-        free: AtomicUsize::new(1),
-        threads: Mutex::new(1),
-        left: Condvar::new(),
+        reader: Mutex::new(Some(io::BufReader::with_capacity(64 << 10, stream))),
+        free: AtomicUsize::new(0),
+        state: Mutex::new(State::default()),
+        changed: Condvar::new(),
         loaded: loaded.clone(),
         out,
     });
-    // This thread is one of the callers; it returns when the stream ends.
-    if let Some(e) = calls.work(true) {
+    calls.start_thread();
+    // This thread runs no plugin code: the host ends when the stream does,
+    // even with a call stuck in the plugin.
+    let state = calls.state();
+    let mut state = calls
+        .changed
+        .wait_while(state, |s| s.ended.is_none())
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(Err(e)) = state.ended.take() {
         return Err(e);
     }
-    // The other free threads see the end too and leave at once; one still
-    // in a call would have its instance freed under it, so a host with a
-    // call running past this just exits, without `shutdown`.
-    let threads = calls
-        .threads
-        .lock()
+    // The free threads see the end too and leave at once; one still in a
+    // call would have its instance freed under it, so a host with a call
+    // running past this just exits, without `shutdown`.
+    let (state, _) = calls
+        .changed
+        .wait_timeout_while(state, LAST_CALLS, |s| s.threads > 0)
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (threads, _) = calls
-        .left
-        .wait_timeout_while(threads, LAST_CALLS, |n| *n > 1)
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let idle = *threads == 1;
-    drop(threads);
+    let idle = state.threads == 0;
+    drop(state);
     if idle {
         // Idle: the plugin gets its `shutdown`, as in-process.
         drop(calls);
@@ -176,65 +178,77 @@ fn send(out: &Mutex<UnixStream>, id: u64, kind: Kind, payload: &[u8]) -> io::Res
     }
 }
 
-/// The stream, while it is open; how it ended, once it has.
-enum Reading {
-    Open(io::BufReader<UnixStream>),
-    /// Ended cleanly (the daemon let go of this version, or died).
-    Ended,
-    /// Ended with this error (taken by the thread that returns it).
-    Failed(Option<io::Error>),
+/// What the host's first thread waits on.
+#[derive(Default)]
+struct State {
+    /// Call threads alive.
+    threads: usize,
+    /// Set when the stream ends: `Ok` cleanly (the daemon let go of this
+    /// version, or died), `Err` with the error that ended it.
+    ended: Option<io::Result<()>>,
 }
 
 /// The threads that read and run calls (see the module docs).
 struct Calls {
-    reader: Mutex<Reading>,
+    /// The stream while it is open; `None` once it has ended.
+    reader: Mutex<Option<io::BufReader<UnixStream>>>,
     // Threads not running plugin code (reading, or waiting to read).
     free: AtomicUsize,
-    // Threads alive, this one included; each says when it leaves.
-    threads: Mutex<usize>,
-    left: Condvar,
+    state: Mutex<State>,
+    changed: Condvar,
     loaded: Arc<LoadedVersion>,
     out: Arc<Mutex<UnixStream>>,
 }
 
 impl Calls {
-    fn threads(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.threads
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A thread other than the first is done.
-    fn leave(&self) {
-        *self.threads() -= 1;
-        self.left.notify_all();
+    /// Starts one more call thread, counted free; `false` if the system
+    /// gave none (pids_max): the next call is then read when a thread
+    /// busy now is done.
+    fn start_thread(self: &Arc<Self>) -> bool {
+        self.free.fetch_add(1, Ordering::AcqRel);
+        self.state().threads += 1;
+        let calls = self.clone();
+        let started = std::thread::Builder::new()
+            .name("call".into())
+            .spawn(move || {
+                calls.work();
+                calls.state().threads -= 1;
+                calls.changed.notify_all();
+            });
+        if started.is_err() {
+            self.free.fetch_sub(1, Ordering::AcqRel);
+            self.state().threads -= 1;
+            tracing::warn!("cannot start another call thread; calls queue");
+            return false;
+        }
+        true
     }
 
-    /// Reads and runs calls until the stream ends; `main` (the host's
-    /// first thread) never leaves early. Returns the stream's error, if it
-    /// failed and this thread is the one to say so.
-    fn work(self: &Arc<Self>, main: bool) -> Option<io::Error> {
+    /// Reads and runs calls until the stream ends (or enough other threads
+    /// are free).
+    fn work(self: &Arc<Self>) {
         loop {
             let message = {
                 let mut r = self
                     .reader
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let Reading::Open(stream) = &mut *r else {
-                    return match &mut *r {
-                        Reading::Failed(e) => e.take(),
-                        _ => None,
-                    };
+                let Some(stream) = r.as_mut() else {
+                    return;
                 };
                 match wire::read_message(stream) {
                     Ok(Some(m)) => m,
-                    Ok(None) => {
-                        *r = Reading::Ended;
-                        return None;
-                    }
-                    Err(e) => {
-                        *r = Reading::Failed(None);
-                        return Some(e);
+                    end => {
+                        *r = None;
+                        self.state().ended = Some(end.map(|_| ()));
+                        self.changed.notify_all();
+                        return;
                     }
                 }
                 // Unlocked here: the next free thread reads on while this
@@ -243,28 +257,13 @@ impl Calls {
             if self.free.fetch_sub(1, Ordering::AcqRel) == 1 {
                 // The last free thread: start another so a call that
                 // hangs cannot keep the next ones from being read.
-                self.free.fetch_add(1, Ordering::AcqRel);
-                *self.threads() += 1;
-                let calls = self.clone();
-                let started = std::thread::Builder::new()
-                    .name("call".into())
-                    .spawn(move || {
-                        calls.work(false);
-                        calls.leave();
-                    });
-                if started.is_err() {
-                    // Out of threads (pids_max): the next call is read
-                    // when a thread busy now is done.
-                    self.free.fetch_sub(1, Ordering::AcqRel);
-                    *self.threads() -= 1;
-                    tracing::warn!("cannot start another call thread; calls queue");
-                }
+                self.start_thread();
             }
             answer(&self.loaded, &self.out, &message);
-            if self.free.fetch_add(1, Ordering::AcqRel) >= SPARE_THREADS && !main {
+            if self.free.fetch_add(1, Ordering::AcqRel) >= SPARE_THREADS {
                 // Enough threads free already: this one ends.
                 self.free.fetch_sub(1, Ordering::AcqRel);
-                return None;
+                return;
             }
         }
     }
