@@ -710,12 +710,22 @@ action = "rollback"
         "same connection"
     );
     assert_eq!(d.pid(), pid);
-    let rb = d
-        .journal()
-        .into_iter()
-        .rev()
-        .find(|e| e["event"] == "rollback")
-        .expect("journaled");
+    // The swap is what serves; the journal line is written just after it.
+    let mut rb = serde_json::Value::Null;
+    wait_until(deadline(), "the rollback journaled", || {
+        match d
+            .journal()
+            .into_iter()
+            .rev()
+            .find(|e| e["event"] == "rollback")
+        {
+            Some(e) => {
+                rb = e;
+                true
+            }
+            None => false,
+        }
+    });
     assert_eq!(rb["reason"], "host-leak");
     eprintln!(
         "2.0.0's host: {:.1} MiB before, rolled back after {sent} leaking requests",
