@@ -1037,6 +1037,20 @@ fn established(port: u16) -> usize {
 /// daemon is not scheduled (SIGSTOP — as a starved or frozen consumer
 /// would be). Every event that did not fit is counted as dropped, the
 /// kernel's own counter misses none, the daemon serves on.
+/// Whether every thread of `pid` is in the stopped state (`T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
+}
+
 #[test]
 fn a_ring_buffer_overflow_is_counted_and_serving_goes_on() {
     const STORM: usize = 400;
@@ -1109,6 +1123,11 @@ fn a_ring_buffer_overflow_is_counted_and_serving_goes_on() {
     // the live client's.
     let live_tcp = established(port) - STORM;
     d.signal(libc::SIGSTOP);
+    // kill(2) returns before the stop has reached every thread; a thread
+    // still running would drain the ring while the storm fills it.
+    wait_until(deadline(), "every thread of plugvisor stopped", || {
+        all_threads_stopped(d.pid())
+    });
     drop(storm);
     let all_closed = Instant::now() + Duration::from_secs(10);
     while established(port) > live_tcp && Instant::now() < all_closed {
