@@ -183,6 +183,28 @@ impl LoadError {
                 | LoadError::InitKilled { .. }
         )
     }
+
+    /// The same error naming `object` as the file. A plugin host opens the
+    /// library through a descriptor it inherited, whose name
+    /// (`/proc/self/fd/4`) tells an operator nothing; the daemon names the
+    /// store's object, as the in-process load does.
+    #[must_use]
+    pub fn naming(mut self, object: &Path) -> LoadError {
+        match &mut self {
+            LoadError::Open { path, .. }
+            | LoadError::NoDescriptor { path, .. }
+            | LoadError::AbiMismatch { path, .. }
+            | LoadError::ManifestAbi { path, .. }
+            | LoadError::IdentityMismatch { path, .. } => object.clone_into(path),
+            LoadError::InitFailed { .. }
+            | LoadError::InitTimeout { .. }
+            | LoadError::TooManyStuckInits { .. }
+            | LoadError::HostFailed { .. }
+            | LoadError::HostDied { .. }
+            | LoadError::InitKilled { .. } => {}
+        }
+        self
+    }
 }
 
 /// Calls into one plugin that overran their timeout and still run on a

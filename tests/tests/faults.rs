@@ -177,6 +177,8 @@ struct Matrix {
     objects: BTreeSet<String>,
     /// RSS when the rules were written.
     rules: String,
+    /// Where the plugins run.
+    isolation: Isolation,
 }
 
 impl Matrix {
@@ -483,14 +485,59 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Where the matrix's plugins run, and so where the fixture's memory is
+/// counted: the daemon's own RSS, or the fixture's hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    InProcess,
+    Process,
+}
+
+impl Isolation {
+    /// The metric (and label selector) the memory rule watches.
+    fn memory_metric(self) -> (&'static str, &'static str) {
+        match self {
+            Isolation::InProcess => ("process_resident_memory_bytes", ""),
+            Isolation::Process => (
+                "plugvisor_plugin_memory_bytes",
+                "labels = { plugin = \"fixture\" }\n",
+            ),
+        }
+    }
+
+    /// The fixture's memory as the rule sees it (the worst of its hosts).
+    fn memory(self, m: &Metrics) -> f64 {
+        match self {
+            Isolation::InProcess => m.get("process_resident_memory_bytes", &[]).unwrap(),
+            Isolation::Process => m
+                .matching("plugvisor_plugin_memory_bytes", &[("plugin", "fixture")])
+                .map(|(_, v)| v)
+                .reduce(f64::max)
+                .unwrap(),
+        }
+    }
+
+    /// The config lines that put every plugin of the matrix in this mode.
+    fn config(self) -> String {
+        match self {
+            Isolation::InProcess => String::new(),
+            Isolation::Process => ["echo", "fixture", "codec", "legacy-echo"]
+                .iter()
+                .map(|p| format!("[plugin.{p}]\nisolation = \"process\"\n"))
+                .collect(),
+        }
+    }
+}
+
 /// The matrix's thresholds file: a memory rule that degrades the fixture
 /// 64 MiB above `base` and clears 32 MiB above it, and an alert on any
 /// panic of the fixture.
-fn rules(base: f64) -> String {
+fn rules(isolation: Isolation, base: f64) -> String {
     let mib = f64::from(1 << 20);
+    let (metric, labels) = isolation.memory_metric();
     format!(
         "evaluation_interval = \"250ms\"\n\
-         [[rule]]\nname = \"fixture-rss\"\nmetric = \"process_resident_memory_bytes\"\nop = \">\"\nthreshold = {}\nclear = {}\nplugin = \"fixture\"\naction = \"degrade\"\nlevel = 1\ncooldown = \"0s\"\n\
+         [[rule]]\nname = \"fixture-rss\"\nmetric = \"{metric}\"\n{labels}op = \">\"\nthreshold = {}\nclear = {}\nplugin = \"fixture\"\naction = \"degrade\"\nlevel = 1\ncooldown = \"0s\"\n\
          [[rule]]\nname = \"fixture-panics\"\nmetric = \"plugvisor_requests_total\"\nlabels = {{ plugin = \"fixture\", outcome = \"panic\" }}\nfunction = \"increase\"\nwindow = \"2s\"\nop = \">\"\nthreshold = 0\nplugin = \"fixture\"\naction = \"alert\"\ncooldown = \"0s\"\n",
         (base + 64.0 * mib).round(),
         (base + 32.0 * mib).round()
@@ -509,6 +556,17 @@ mod rows;
 
 #[test]
 fn matrix() {
+    run_matrix(Isolation::InProcess);
+}
+
+/// The same rows with every plugin in plugin hosts: what the catalog,
+/// the store and the rules do does not depend on where a version runs.
+#[test]
+fn matrix_in_plugin_hosts() {
+    run_matrix(Isolation::Process);
+}
+
+fn run_matrix(isolation: Isolation) {
     if !require_root("matrix (mounts a tmpfs as state_dir)") {
         return;
     }
@@ -542,6 +600,7 @@ fn matrix() {
             sign_with: Some(trusted.clone()),
         },
         state_dir: Some(state_fs.path.clone()),
+        extra_config: isolation.config(),
         ..Default::default()
     });
     let live = Live::start(&LiveOptions {
@@ -550,6 +609,7 @@ fn matrix() {
         pause: Duration::from_millis(2),
     });
     let mut m = Matrix {
+        isolation,
         live,
         good: series[0].0.clone(),
         series,
@@ -587,12 +647,9 @@ fn matrix() {
             && m.plugin_status("legacy-echo")["active"] == "0.1.0"
     });
     // The rules every thresholds row must leave in force: an alert on
-    // fixture panics, and a memory rule over the daemon's RSS as it is now.
-    m.rules = rules(
-        m.d.metrics()
-            .get("process_resident_memory_bytes", &[])
-            .unwrap(),
-    );
+    // fixture panics, and a memory rule over the fixture's memory as it is
+    // now.
+    m.rules = rules(isolation, isolation.memory(&m.d.metrics()));
     write_atomically(&m.d.thresholds_path(), m.rules.as_bytes());
     wait_until(deadline(), "rules loaded", || {
         m.d.metrics()
@@ -638,11 +695,19 @@ fn matrix() {
     }
     let tally = m.live.take();
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    // The rows ran where they were meant to: in hosts, the serving
+    // versions each in a process of its own (echo, fixture, codec,
+    // legacy-echo at least); in-process, none.
+    let hosts = m.d.plugin_hosts().len();
+    match isolation {
+        Isolation::Process => assert!(hosts >= 4, "{hosts} plugin hosts"),
+        Isolation::InProcess => assert_eq!(hosts, 0),
+    }
     for (i, (name, took)) in &timings {
         eprintln!("row {i:2} {took:>10.2?}  {name}");
     }
     eprintln!(
-        "matrix: {} rows in {:.1?}, echo {} serving",
+        "matrix ({isolation:?}): {} rows in {:.1?}, echo {} serving",
         rows::all().count(),
         started.elapsed(),
         m.good

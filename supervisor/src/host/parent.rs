@@ -416,8 +416,10 @@ impl Spawner {
             }
             Ok(Some(m)) if m.kind == Kind::LoadFailed => {
                 conn.retired.store(true, Ordering::Release);
-                return Err(serde_json::from_slice::<LoadError>(&m.payload)
-                    .unwrap_or_else(|e| failed(format!("unreadable load error: {e}"))));
+                return Err(serde_json::from_slice::<LoadError>(&m.payload).map_or_else(
+                    |e| failed(format!("unreadable load error: {e}")),
+                    |e| e.naming(&spec.object),
+                ));
             }
             Ok(Some(m)) => {
                 conn.kill(KILLED_NONE);

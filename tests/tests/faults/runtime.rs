@@ -82,17 +82,15 @@ pub(super) const ROWS: &[Row] = &[
                 .and_then(|mut c| c.call("v"))
                 .is_ok_and(|r| echo_version(&r) == Some("1.2.0"))
         });
-        let rss = |m: &Matrix| {
-            m.d.metrics()
-                .get("process_resident_memory_bytes", &[])
-                .unwrap()
-        };
+        // The daemon's RSS in-process, the worst of the fixture's hosts
+        // in plugin hosts (1.2.0's, once it leaks).
+        let rss = |m: &Matrix| m.isolation.memory(&m.d.metrics());
         // The memory rule, re-based on the RSS of now (a panic's backtrace,
         // when RUST_BACKTRACE is set, costs the plugin's std tens of MiB of
         // symbol tables for good), degrades it: the leak's own hook drops
         // what it kept, and the rule clears.
         let base = rss(m);
-        m.rules = rules(base);
+        m.rules = rules(m.isolation, base);
         write_atomically(&m.d.thresholds_path(), m.rules.as_bytes());
         wait_until(deadline(), "the re-based rules are loaded", || {
             m.d.log_lines()[m.log_from..]
