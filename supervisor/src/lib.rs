@@ -118,6 +118,7 @@ pub mod daemon;
 pub mod dependencies;
 pub mod failpoints;
 pub mod fswatch;
+pub mod handover;
 pub mod host;
 pub mod listeners;
 pub mod loader;

@@ -13,8 +13,16 @@
 //!   when a `SIGHUP` arrives, and `READY=1` again when it has been acted on;
 //! * `STOPPING=1` when a drain begins;
 //! * `WATCHDOG=1` every half `$WATCHDOG_USEC` while the runtime is alive, if
-//!   the service manager asked for it (`WatchdogSec=`).
+//!   the service manager asked for it (`WatchdogSec=`);
+//! * on `plugvisor upgrade`, `RELOADING=1` from the old process, then
+//!   `MAINPID=` and `READY=1` from the new one once it serves
+//!   (`NotifyAccess=all`), as `sd_notify(3)` describes for a service that
+//!   replaces its main process.
+//!
+//! It also reads socket activation's variables (`sd_listen_fds(3)`):
+//! [`listen_fds`].
 use std::io;
+use std::os::fd::{FromRawFd as _, OwnedFd};
 // Abstract names are Linux's; so is plugvisor (eBPF).
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -127,6 +135,15 @@ impl Notifier {
         ));
     }
 
+    /// `MAINPID=` (this process) and `READY=1`: a new process took over
+    /// from the one the service manager started (`plugvisor upgrade`).
+    pub fn ready_replacing(&self, status: &str) {
+        self.send(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS={status}\n",
+            std::process::id()
+        ));
+    }
+
     /// `STOPPING=1`.
     pub fn stopping(&self, status: &str) {
         self.send(&format!("STOPPING=1\nSTATUS={status}\n"));
@@ -178,6 +195,55 @@ impl Notifier {
             }
         }))
     }
+}
+
+/// The first fd socket activation passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The sockets the service manager passed (socket activation:
+/// `$LISTEN_PID`, `$LISTEN_FDS`, `$LISTEN_FDNAMES`), by name, owned and
+/// close-on-exec. Empty unless `$LISTEN_PID` is this process. The
+/// variables are cleared either way, so nothing this process starts takes
+/// them for its own (`sd_listen_fds(3)`'s `unset_environment`). An fd
+/// with no name is named `unknown`, as systemd does.
+pub fn listen_fds() -> Vec<(String, OwnedFd)> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY: called at start, before other threads read the environment.
+        unsafe { std::env::remove_var(var) };
+    }
+    let ours = pid
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let count = count
+        .and_then(|n| n.trim().parse::<i32>().ok())
+        .unwrap_or(0);
+    if !ours || count <= 0 {
+        return Vec::new();
+    }
+    let names: Vec<String> = names
+        .map(|n| n.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    (0..count)
+        .filter_map(|i| {
+            let fd = LISTEN_FDS_START + i;
+            // SAFETY: F_SETFD only sets the descriptor's flags; a closed
+            // fd fails.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+                return None;
+            }
+            let name = names
+                .get(usize::try_from(i).ok()?)
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned());
+            // SAFETY: the service manager passed this fd to us alone; it is
+            // open (checked above) and nothing else in the process owns it.
+            Some((name, unsafe { OwnedFd::from_raw_fd(fd) }))
+        })
+        .collect()
 }
 
 /// `/path` or `@abstract` (the leading `@` stands for the NUL byte).

@@ -18,6 +18,10 @@ use crate::{
 /// A daemon under test with its own directories. Killed on drop.
 pub struct Daemon {
     child: Option<Child>,
+    // After `plugvisor upgrade`: the process that took over (not spawned
+    // here; ours to reap once the old one exits if this test process is a
+    // child subreaper, see `become_subreaper`).
+    successor: Option<u32>,
     /// Temp directory holding config, plugins, state and logs.
     pub dir: tempfile::TempDir,
     /// `plugins_dir`.
@@ -118,6 +122,7 @@ impl Daemon {
         let log = dir.path().join("plugvisor.log");
         let mut d = Daemon {
             child: None,
+            successor: None,
             plugins_dir,
             state_dir,
             config,
@@ -195,8 +200,53 @@ impl Daemon {
         });
     }
 
+    /// `plugvisor upgrade --json` (to `binary`, default the daemon's own),
+    /// as an operator runs it; returns its exit code and its JSON answer.
+    /// When it succeeds the new process is the daemon under test from then
+    /// on, and the old one has exited (within `wait_old`).
+    pub fn upgrade(
+        &mut self,
+        binary: Option<&Path>,
+        wait_old: Duration,
+    ) -> (i32, serde_json::Value) {
+        let mut args = vec!["upgrade".to_owned(), "--json".to_owned()];
+        if let Some(b) = binary {
+            args.push("--binary".to_owned());
+            args.push(b.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = self.cli(&args);
+        let answer: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("upgrade printed no JSON ({e}): {out:?} {err:?}"));
+        if code == 0 {
+            let new_pid = u32::try_from(answer["result"]["new_pid"].as_u64().unwrap()).unwrap();
+            let old_pid = self.pid();
+            assert_ne!(new_pid, old_pid);
+            let deadline = Instant::now() + wait_old;
+            wait_until(
+                deadline,
+                "the old process exits after the upgrade",
+                || match (&mut self.child, self.successor) {
+                    (Some(c), _) => c.try_wait().unwrap().is_some(),
+                    (None, Some(pid)) => successor_status(pid).is_some(),
+                    (None, None) => true,
+                },
+            );
+            self.child = None;
+            self.successor = Some(new_pid);
+        }
+        (code, answer)
+    }
+
     /// Whether the daemon has exited (reaped; `restart` may follow).
     pub fn exited(&mut self) -> bool {
+        if let Some(pid) = self.successor {
+            let gone = successor_status(pid).is_some();
+            if gone {
+                self.successor = None;
+            }
+            return gone;
+        }
         let exited = self
             .child
             .as_mut()
@@ -209,6 +259,15 @@ impl Daemon {
 
     /// Panics with the log if the daemon exited.
     pub fn assert_running(&mut self) {
+        if let Some(pid) = self.successor {
+            if let Some(status) = successor_status(pid) {
+                panic!(
+                    "plugvisor (pid {pid}, after an upgrade) exited with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            return;
+        }
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
             panic!("plugvisor exited with {status}; log:\n{}", self.log_text());
         }
@@ -234,7 +293,8 @@ impl Daemon {
 
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.successor
+            .unwrap_or_else(|| self.child.as_ref().unwrap().id())
     }
 
     /// The pids of the plugin hosts (`isolation = "process"`) this daemon
@@ -251,6 +311,21 @@ impl Daemon {
 
     /// SIGTERM, then waits for exit; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
+        if let Some(pid) = self.successor.take() {
+            // SAFETY: kill(2) on the daemon under test.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(st) = successor_status(pid) {
+                    return st.code();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "plugvisor did not exit within 20 s of SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let mut child = self.child.take()?;
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -356,6 +431,9 @@ impl Daemon {
 
     /// Kills the daemon with SIGKILL (no drain, no cleanup), as a crash would.
     pub fn kill9(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            kill_successor(pid);
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -413,6 +491,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            kill_successor(pid);
+        }
         reap(self.child.take(), "plugvisor", || self.log_text());
     }
 }
@@ -460,6 +541,55 @@ pub(crate) fn reap(child: Option<Child>, name: &str, log: impl FnOnce() -> Strin
     }
     if std::thread::panicking() {
         eprintln!("--- {name} log ---\n{}", log());
+    }
+}
+
+/// Makes this test process the child subreaper (`PR_SET_CHILD_SUBREAPER`):
+/// a daemon that an upgrade started becomes its child when the old daemon
+/// exits, so it can be reaped and its exit status read. For test binaries
+/// that upgrade (each test file is a process of its own).
+pub fn become_subreaper() {
+    // SAFETY: prctl with an integer argument.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// How a process the test did not spawn ended, if it did: reaped when it
+/// is our child (after reparenting), else judged from `/proc` (status
+/// unknown: reported as 0).
+fn successor_status(pid: u32) -> Option<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut status = 0;
+    // SAFETY: waitpid on one pid with WNOHANG.
+    let rc = unsafe { libc::waitpid(pid as i32, &raw mut status, libc::WNOHANG) };
+    if rc == pid as i32 {
+        return Some(std::process::ExitStatus::from_raw(status));
+    }
+    if rc == 0 {
+        return None;
+    }
+    // Not (yet) our child: alive unless /proc says it is gone or a zombie.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat)
+            if !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z') =>
+        {
+            None
+        }
+        _ => Some(std::process::ExitStatus::from_raw(0)),
+    }
+}
+
+fn kill_successor(pid: u32) {
+    // SAFETY: kill(2) on the daemon under test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while successor_status(pid).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

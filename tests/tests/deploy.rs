@@ -87,9 +87,10 @@ fn systemd_unit_verifies_and_its_config_is_valid() {
     let unit = std::fs::read_to_string(deploy_dir().join("systemd/plugvisor.service")).unwrap();
     for line in [
         "Type=notify",
-        "NotifyAccess=main",
+        // The upgrade's new process sends MAINPID= and READY=1.
+        "NotifyAccess=all",
         "WatchdogSec=",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/plugvisor upgrade --config /etc/plugvisor/plugvisor.toml",
         "ExecStart=/usr/bin/plugvisor ",
     ] {
         assert!(
@@ -122,6 +123,29 @@ fn systemd_unit_verifies_and_its_config_is_valid() {
     assert!(
         ok,
         "systemd-analyze verify deploy/systemd/plugvisor.service:\n{out}"
+    );
+    // The socket unit beside it, naming its fd after a listener the config
+    // has.
+    let socket =
+        std::fs::read_to_string(deploy_dir().join("systemd/plugvisor-echo-tcp.socket")).unwrap();
+    assert!(
+        socket.contains("FileDescriptorName=echo-tcp")
+            && socket.contains("Service=plugvisor.service")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plugvisor.service"),
+        unit.replace("/usr/bin/plugvisor", &binary().display().to_string()),
+    )
+    .unwrap();
+    let path = dir.path().join("plugvisor-echo-tcp.socket");
+    std::fs::write(&path, &socket).unwrap();
+    let (ok, out) = run(Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .arg(&path));
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify deploy/systemd/plugvisor-echo-tcp.socket:\n{out}"
     );
 }
 

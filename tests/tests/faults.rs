@@ -37,6 +37,7 @@
     reason = "metric values are integer counts carried in f64; exact comparison is the point"
 )]
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
@@ -521,10 +522,13 @@ impl Isolation {
     fn config(self) -> String {
         match self {
             Isolation::InProcess => String::new(),
-            Isolation::Process => ["echo", "fixture", "codec", "legacy-echo"]
-                .iter()
-                .map(|p| format!("[plugin.{p}]\nisolation = \"process\"\n"))
-                .collect(),
+            Isolation::Process => {
+                let mut config = String::new();
+                for p in ["echo", "fixture", "codec", "legacy-echo"] {
+                    let _ = write!(config, "[plugin.{p}]\nisolation = \"process\"\n");
+                }
+                config
+            }
         }
     }
 }

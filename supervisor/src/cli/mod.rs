@@ -1,6 +1,6 @@
 //! The `plugvisor` command: the daemon (`run`), the clients that talk to
 //! it over the admin socket (`status`, `reload`, `rollback`, `versions`,
-//! `disable`, `enable`), and the offline tools (`keygen`, `pack`,
+//! `disable`, `enable`, `upgrade`), and the offline tools (`keygen`, `pack`,
 //! `verify`) — one file per verb, each with its flags (a clap `Args`) and
 //! its `run`. Both binaries (`plugvisor`, and `plugvisor-failpoints` for
 //! the crash tests) are [`main`].
@@ -24,6 +24,7 @@ mod reload;
 mod rollback;
 mod run;
 mod status;
+mod upgrade;
 mod verify;
 mod versions;
 
@@ -72,6 +73,10 @@ enum Cmd {
     Disable(disable::Args),
     /// Serve PLUGIN again after `disable`.
     Enable(enable::Args),
+    /// Replace the running daemon by a new process (a new binary, or the
+    /// same) that takes over its sockets and connections; exits 0 once the
+    /// new one serves. `SIGUSR2` to the daemon does the same.
+    Upgrade(upgrade::Args),
     /// Make an ed25519 key pair for signing packages (offline).
     Keygen(keygen::Args),
     /// Write or update the package in DIR: library, plugin.toml, and with
@@ -114,6 +119,7 @@ pub fn main() -> ExitCode {
         Cmd::Versions(a) => versions::run(a),
         Cmd::Disable(a) => disable::run(a),
         Cmd::Enable(a) => enable::run(a),
+        Cmd::Upgrade(a) => upgrade::run(a),
         Cmd::Keygen(a) => keygen::run(a),
         Cmd::Pack(a) => pack::run(a),
         Cmd::Verify(a) => verify::run(&a),

@@ -52,6 +52,31 @@ pub enum Command {
         /// Where to send them.
         reply: oneshot::Sender<Result<Versions, String>>,
     },
+    /// `plugvisor upgrade [--binary PATH]` (or `SIGUSR2`, with no reply).
+    Upgrade {
+        /// The new binary (default: the one this daemon was started from).
+        binary: Option<std::path::PathBuf>,
+        /// Where to send the outcome, once the new process serves or
+        /// has failed to.
+        reply: Option<oneshot::Sender<Result<UpgradeReport, String>>>,
+    },
+}
+
+/// What `plugvisor upgrade` reports when the new process serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// The process that was replaced (it drains its gRPC connections and
+    /// exits).
+    pub old_pid: u32,
+    /// The process that serves now.
+    pub new_pid: u32,
+    /// The binary it runs.
+    pub binary: String,
+    /// Raw TCP connections moved to it, open, per listener.
+    pub connections_moved: std::collections::BTreeMap<String, u64>,
+    /// Milliseconds from the start of the upgrade to the new process's
+    /// "ready".
+    pub ready_ms: u64,
 }
 
 /// `plugvisor versions PLUGIN`: what the store and the slot know.
@@ -106,6 +131,12 @@ pub enum AdminRequest {
     Enable {
         /// The plugin.
         plugin: String,
+    },
+    /// `plugvisor upgrade [--binary PATH]`.
+    Upgrade {
+        /// The new binary (default: the one the daemon was started from).
+        #[serde(default)]
+        binary: Option<std::path::PathBuf>,
     },
 }
 

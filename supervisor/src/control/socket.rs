@@ -144,6 +144,10 @@ async fn handle(mut stream: UnixStream, commands: mpsc::Sender<Command>) {
     let _ = write_line(&mut stream, &resp).await;
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one arm per admin request, each a few lines; splitting it would scatter the protocol"
+)]
 async fn execute(req: AdminRequest, commands: &mpsc::Sender<Command>) -> AdminResponse {
     let gone = || AdminResponse {
         ok: false,
@@ -207,6 +211,14 @@ async fn execute(req: AdminRequest, commands: &mpsc::Sender<Command>) -> AdminRe
         AdminRequest::Versions { plugin } => {
             let (tx, rx) = oneshot::channel();
             ask(commands, Command::Versions { plugin, reply: tx }, rx).await
+        }
+        AdminRequest::Upgrade { binary } => {
+            let (tx, rx) = oneshot::channel();
+            let cmd = Command::Upgrade {
+                binary,
+                reply: Some(tx),
+            };
+            ask(commands, cmd, rx).await
         }
         AdminRequest::Reload { plugin } => {
             let (tx, rx) = oneshot::channel();

@@ -24,6 +24,7 @@ pub(super) struct Sources {
     pub(super) sigint: Signal,
     pub(super) sighup: Signal,
     pub(super) sigusr1: Signal,
+    pub(super) sigusr2: Signal,
     pub(super) thresholds_changed: mpsc::UnboundedReceiver<()>,
     pub(super) packages_changed: mpsc::UnboundedReceiver<BTreeSet<String>>,
     pub(super) commands: mpsc::Receiver<Command>,
@@ -43,6 +44,8 @@ pub(super) enum Event {
     ForcedRescan,
     /// SIGHUP: the thresholds file again, and a rescan.
     Hangup,
+    /// SIGUSR2: upgrade to the binary this daemon was started from.
+    Upgrade,
     /// The thresholds file changed on disk.
     ThresholdsChanged,
     /// Time to evaluate the rules.
@@ -78,6 +81,7 @@ impl Sources {
             Some((plugin, pid)) = self.restarts.recv() => Event::RestartHost(plugin, pid),
             _ = self.sigusr1.recv() => Event::ForcedRescan,
             _ = self.sighup.recv() => Event::Hangup,
+            _ = self.sigusr2.recv() => Event::Upgrade,
             Some(()) = self.thresholds_changed.recv() => {
                 while self.thresholds_changed.try_recv().is_ok() {}
                 Event::ThresholdsChanged
@@ -105,6 +109,10 @@ impl Daemon {
                 }
                 event => self.apply(event).await,
             }
+            if self.handed_over {
+                // A new process serves; what is left here is the drain.
+                return;
+            }
             // The evaluation interval follows the thresholds file.
             retick(&mut sources.ticker, self.engine.interval());
         }
@@ -128,6 +136,14 @@ impl Daemon {
                 self.notifier.ready(&self.ready_status);
             }
             Event::ThresholdsChanged => self.reload_thresholds(),
+            Event::Upgrade => {
+                tracing::info!("SIGUSR2: upgrading");
+                self.command(Command::Upgrade {
+                    binary: None,
+                    reply: None,
+                })
+                .await;
+            }
             Event::Tick => {
                 let decisions = self.engine.evaluate();
                 let mut r = self.reloader.lock().expect("reloader lock");
@@ -208,6 +224,15 @@ impl Daemon {
             }
             Command::Versions { plugin, reply } => {
                 let _ = reply.send(versions(&self.reloader, &plugin));
+            }
+            Command::Upgrade { binary, reply } => {
+                let result = self.upgrade(binary).await.map_err(|e| {
+                    tracing::error!(error = %e, "upgrade failed");
+                    e.to_string()
+                });
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
             }
         }
     }

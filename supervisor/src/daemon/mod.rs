@@ -13,7 +13,9 @@
 //! async workers, and the second look at a deferred package),
 //! `thresholds` (loading the thresholds file, carrying out a rule's
 //! decision), `status` (what `plugvisor status` and `versions` show),
-//! `crashes` (a plugin host died: roll back, restart, degrade).
+//! `crashes` (a plugin host died: roll back, restart, degrade),
+//! `upgrade` (this process replaced by a new one: `plugvisor upgrade`,
+//! `SIGUSR2`; and a new process taking over, or socket-activated).
 //! This file holds the error type and the run from start to drain.
 
 mod crashes;
@@ -22,7 +24,9 @@ mod rescan;
 mod start;
 mod status;
 mod thresholds;
+pub mod upgrade;
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,6 +89,9 @@ pub enum DaemonError {
     /// Installing a signal handler failed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// Taking over from the plugvisor this process replaces failed.
+    #[error("taking over from the running plugvisor: {0}")]
+    Upgrade(crate::handover::HandoverError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -109,10 +116,19 @@ struct Daemon {
     // its second look.
     commands: mpsc::Sender<Command>,
     shutdown: watch::Sender<bool>,
-    listener_tasks: Vec<tokio::task::JoinHandle<()>>,
+    listeners: Vec<listeners::Running>,
+    // Where the raw TCP connections go when an upgrade stops the listeners.
+    hand_off: listeners::handoff::HandOff,
+    // Duplicates of the /metrics and admin sockets, to offer on an upgrade.
+    metrics_socket: OwnedFd,
+    admin_socket: OwnedFd,
+    // What an upgrade starts again.
+    invocation: upgrade::Invocation,
+    // Set once an upgrade handed everything to a new process.
+    handed_over: bool,
     health: crate::signals::health::HealthChecks,
     probes: Option<probes::Probes>,
-    metrics_stop: tokio::sync::oneshot::Sender<()>,
+    metrics_stop: Option<tokio::sync::oneshot::Sender<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
     admin_task: tokio::task::JoinHandle<()>,
     // What the service manager is told while serving.
@@ -124,30 +140,42 @@ struct Daemon {
 
 impl Daemon {
     /// Stops accepting, drains the listeners within their bound, records
-    /// the trials the stop interrupts, and stops /metrics last.
+    /// the trials the stop interrupts, and stops /metrics last. After an
+    /// upgrade only the drain is left: the new process has the sockets,
+    /// the connections that could move and the trials, and tells the
+    /// service manager itself.
     async fn drain(self) {
-        self.notifier.stopping("draining");
-        let _ = self.shutdown.send(true);
+        if !self.handed_over {
+            self.notifier.stopping("draining");
+            let _ = self.shutdown.send(true);
+        }
         self.admin_task.abort();
         let exit_bound = self.config.shutdown.drain_timeout + EXIT_TIMEOUT;
-        let listener_tasks = self.listener_tasks;
+        let listeners = self.listeners;
         let drained = tokio::time::timeout(exit_bound, async {
-            for t in listener_tasks {
-                let _ = t.await;
+            for l in listeners {
+                let _ = l.task.await;
             }
         })
         .await;
         if drained.is_err() {
             tracing::warn!("listeners did not drain in {exit_bound:?}; exiting anyway");
         }
-        // Last, so that nothing can fire a rule or end a trial after it.
-        self.reloader
-            .lock()
-            .expect("reloader lock")
-            .interrupt_trials();
-        let _ = self.metrics_stop.send(());
+        if !self.handed_over {
+            // Last, so that nothing can fire a rule or end a trial after it.
+            self.reloader
+                .lock()
+                .expect("reloader lock")
+                .interrupt_trials();
+        }
+        if let Some(stop) = self.metrics_stop {
+            let _ = stop.send(());
+        }
         let _ = self.metrics_task.await;
-        let _ = std::fs::remove_file(&self.config.admin.socket);
+        if !self.handed_over {
+            // After an upgrade the path is the new process's socket.
+            let _ = std::fs::remove_file(&self.config.admin.socket);
+        }
         drop(self.health);
         drop(self.probes);
         if let Some(w) = self.watchdog {

@@ -1,6 +1,8 @@
 //! The start order, step by step, into a running [`Daemon`] and the
 //! [`Sources`] its event loop reads.
 
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -9,11 +11,13 @@ use tokio::sync::{mpsc, watch};
 use super::events::Sources;
 use super::rescan::rescan;
 use super::thresholds::load_thresholds;
+use super::upgrade::{self, Inheritance, Invocation};
 use super::{Daemon, DaemonError};
 use crate::actions::Actions;
 use crate::config::Config;
 use crate::control::{Command, socket};
 use crate::host::{Exit, Isolation, Limits, Mechanism, Resources, Spawner};
+use crate::listeners::handoff::{Adopted, HandOff};
 use crate::metrics::Metrics;
 use crate::probes::{self, WatchedListener};
 use crate::reload::Reloader;
@@ -25,25 +29,21 @@ use crate::{catalog, listeners, seed};
 
 /// Starts everything, in order, up to "ready".
 pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonError> {
-    let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "not notifying the service manager");
-        Notifier::disabled()
-    }));
+    let invocation = Invocation::current();
+    // First: an upgrade's old process waits on its offer of sockets, and
+    // socket activation's variables must be read before anything else runs.
+    let inherited: Inheritance = upgrade::inherit(&config)?;
+    let notifier = Arc::new(notifier());
     // From the start: a slow start-up (probes, first loads) is still alive.
     let watchdog = notifier.spawn_watchdog();
     let metrics = Arc::new(Metrics::new());
     prepare_plugins_dir(&config)?;
-    let trust = TrustPolicy::load(&config.trust.public_keys, config.trust.require_signature)?;
-    tracing::info!(
-        require_signature = trust.require_signature(),
-        keys = %trust.keys().iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(","),
-        "package trust"
-    );
+    let trust = load_trust(&config)?;
     if config.is_embedded_default() {
         seed_echo(&config);
     }
     let store = open_store(&config)?;
-    let (bound, watched) = bind(&config)?;
+    let (bound, watched) = bind(&config, inherited.listeners)?;
     let plugin_names = Arc::new(RwLock::new(config.plugins()));
     let probes = probes::start(&config.probes, &watched, &plugin_names, &metrics)?;
 
@@ -74,14 +74,22 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     } = start_rules(&config, &metrics)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let listener_tasks = spawn_listeners(bound, &reloader, &shutdown_rx, &config)?;
+    let hand_off = HandOff::default();
+    let (listeners, adopt) = spawn_listeners(
+        bound,
+        &reloader,
+        &shutdown_rx,
+        &config,
+        &hand_off,
+        inherited.predecessor.is_some(),
+    )?;
 
     let health = start_signals(&config, &metrics, &reloader);
 
-    let (metrics_stop, metrics_task) = serve_metrics(&config, &metrics).await?;
+    let (metrics_stop, metrics_task, metrics_socket) =
+        serve_metrics(&config, &metrics, inherited.metrics)?;
 
-    let admin_listener = socket::bind(&config.admin.socket)?;
-    let admin_task = tokio::spawn(socket::serve(admin_listener, commands.clone()));
+    let (admin_task, admin_socket) = serve_admin(&config, inherited.admin, &commands)?;
 
     let (watch_tx, watch_rx) = mpsc::unbounded_channel();
     let packages_watcher =
@@ -94,6 +102,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         sigint: sig(SignalKind::interrupt())?,
         sighup: sig(SignalKind::hangup())?,
         sigusr1: sig(SignalKind::user_defined1())?,
+        sigusr2: sig(SignalKind::user_defined2())?,
         thresholds_changed: rules_rx,
         packages_changed: watch_rx,
         commands: commands_rx,
@@ -104,13 +113,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         _packages_watcher: packages_watcher,
     };
 
-    tracing::info!(pid = std::process::id(), "plugvisor ready");
-    let ready_status = format!(
-        "serving {} listener(s); metrics on {}",
-        config.listeners.len(),
-        config.metrics.listen
-    );
-    notifier.ready(&ready_status);
+    let ready_status = ready(&config, &notifier, inherited.predecessor, adopt, &metrics);
     let daemon = Daemon {
         config,
         notifier,
@@ -121,10 +124,15 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         engine,
         commands,
         shutdown,
-        listener_tasks,
+        listeners,
+        hand_off,
+        metrics_socket,
+        admin_socket,
+        invocation,
+        handed_over: false,
         health,
         probes,
-        metrics_stop,
+        metrics_stop: Some(metrics_stop),
         metrics_task,
         admin_task,
         ready_status,
@@ -175,30 +183,132 @@ fn isolate(reloader: &mut Reloader, config: &Config) -> mpsc::UnboundedReceiver<
     host_exits
 }
 
-/// `/metrics`, until the returned sender fires. It outlives the
-/// listeners' drain, so the drain itself (GOAWAYs, connections closing)
-/// can still be scraped.
-async fn serve_metrics(
+/// `/metrics`, until the returned sender fires, on the inherited socket if
+/// it is bound where the config says. It outlives the listeners' drain, so
+/// the drain itself (GOAWAYs, connections closing) can still be scraped.
+/// Also returns a duplicate of its socket, to offer on an upgrade.
+fn serve_metrics(
     config: &Config,
     metrics: &Arc<Metrics>,
+    inherited: Option<OwnedFd>,
 ) -> Result<
     (
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
+        OwnedFd,
     ),
     DaemonError,
 > {
-    let (metrics_stop, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = crate::metrics::serve(config.metrics.listen, metrics.clone(), async move {
-        let _ = metrics_stop_rx.await;
-    })
-    .await
-    .map_err(|source| DaemonError::Metrics {
+    let err = |source| DaemonError::Metrics {
         addr: config.metrics.listen,
         source,
-    })?;
+    };
+    let listener = match inherited.and_then(|fd| upgrade::metrics_socket(fd, config.metrics.listen))
+    {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(config.metrics.listen).map_err(err)?,
+    };
+    let dup = listener.as_fd().try_clone_to_owned().map_err(err)?;
+    let (metrics_stop, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = crate::metrics::serve(listener, metrics.clone(), async move {
+        let _ = metrics_stop_rx.await;
+    })
+    .map_err(err)?;
     tracing::info!(addr = %config.metrics.listen, "metrics at /metrics");
-    Ok((metrics_stop, metrics_task))
+    Ok((metrics_stop, metrics_task, dup))
+}
+
+/// The service manager's notification channel, if it gave one.
+fn notifier() -> Notifier {
+    Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    })
+}
+
+/// The `[trust]` keys, and a word on what they are.
+fn load_trust(config: &Config) -> Result<TrustPolicy, DaemonError> {
+    let trust = TrustPolicy::load(&config.trust.public_keys, config.trust.require_signature)?;
+    tracing::info!(
+        require_signature = trust.require_signature(),
+        keys = %trust.keys().iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(","),
+        "package trust"
+    );
+    Ok(trust)
+}
+
+/// The admin socket (inherited from the process this one replaces, if it
+/// is at the configured path) served, and a duplicate to offer on an
+/// upgrade.
+fn serve_admin(
+    config: &Config,
+    inherited: Option<OwnedFd>,
+    commands: &mpsc::Sender<Command>,
+) -> Result<(tokio::task::JoinHandle<()>, OwnedFd), DaemonError> {
+    let listener = match inherited.and_then(|fd| upgrade::admin_socket(fd, &config.admin.socket)) {
+        Some(l) => l,
+        None => socket::bind(&config.admin.socket)?,
+    };
+    let dup = listener.as_fd().try_clone_to_owned().map_err(|source| {
+        DaemonError::Admin(socket::AdminError::Io {
+            path: config.admin.socket.clone(),
+            action: "duplicating the socket",
+            source,
+        })
+    })?;
+    Ok((tokio::spawn(socket::serve(listener, commands.clone())), dup))
+}
+
+/// Says "ready" — to the service manager, and to the process this one
+/// replaces, which then hands over its connections — and returns the
+/// status line the service manager is told while serving.
+fn ready(
+    config: &Config,
+    notifier: &Notifier,
+    predecessor: Option<(crate::handover::Channel, u32)>,
+    adopt: BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
+    metrics: &Arc<Metrics>,
+) -> String {
+    tracing::info!(pid = std::process::id(), "plugvisor ready");
+    let status = format!(
+        "serving {} listener(s); metrics on {}",
+        config.listeners.len(),
+        config.metrics.listen
+    );
+    match predecessor {
+        Some((channel, old_pid)) => {
+            notifier.ready_replacing(&status);
+            upgrade::succeed(channel, old_pid, adopt, metrics.clone());
+        }
+        None => notifier.ready(&status),
+    }
+    status
+}
+
+/// For an upgrade: one channel per raw TCP listener, its sender for the
+/// thread that receives the old process's connections and its receiver
+/// for the listener.
+fn adoption(
+    config: &Config,
+    upgrading: bool,
+) -> (
+    BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
+    BTreeMap<String, mpsc::UnboundedReceiver<Adopted>>,
+) {
+    let mut senders = BTreeMap::new();
+    let mut receivers = BTreeMap::new();
+    if upgrading {
+        for l in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == crate::config::Protocol::Tcp)
+        {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.insert(l.name.clone(), tx);
+            receivers.insert(l.name.clone(), rx);
+        }
+    }
+    (senders, receivers)
 }
 
 /// The store, and a word if it cannot take writes.
@@ -212,11 +322,14 @@ fn open_store(config: &Config) -> Result<Store, DaemonError> {
     Ok(store)
 }
 
-/// Every listener bound, and what the probes watch of each.
-fn bind(config: &Config) -> Result<(Vec<listeners::Bound>, Vec<WatchedListener>), DaemonError> {
-    let bound = listeners::bind_all(&config.listeners)?;
+/// Every listener bound (or inherited), and what the probes watch of each.
+fn bind(
+    config: &Config,
+    inherited: listeners::Inherited,
+) -> Result<(Vec<listeners::Bound>, Vec<WatchedListener>), DaemonError> {
+    let bound = listeners::bind_all(&config.listeners, inherited)?;
     for b in &bound {
-        tracing::info!(listener = %b.config.name, addr = %b.local_addr, protocol = b.config.protocol.as_str(), plugin = %b.config.plugin, "bound listener");
+        tracing::info!(listener = %b.config.name, addr = %b.local_addr, protocol = b.config.protocol.as_str(), plugin = %b.config.plugin, inherited = b.inherited, "bound listener");
     }
     let watched = bound
         .iter()
@@ -287,27 +400,46 @@ fn start_rules(config: &Config, metrics: &Arc<Metrics>) -> Result<Rules, DaemonE
     })
 }
 
-/// Every bound listener serving its plugin's slot.
+/// Every bound listener serving its plugin's slot. When `upgrading`, also
+/// where the old process's raw TCP connections go, per listener.
+#[expect(
+    clippy::type_complexity,
+    reason = "the listeners and their adoption channels, made together"
+)]
 fn spawn_listeners(
     bound: Vec<listeners::Bound>,
     reloader: &Arc<Mutex<Reloader>>,
     shutdown: &watch::Receiver<bool>,
     config: &Config,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
-    let mut tasks = Vec::new();
+    hand_off: &HandOff,
+    upgrading: bool,
+) -> Result<
+    (
+        Vec<listeners::Running>,
+        BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
+    ),
+    DaemonError,
+> {
+    let (adopt, mut adopted) = adoption(config, upgrading);
+    let mut running = Vec::new();
     for b in bound {
         let slot = reloader
             .lock()
             .expect("reloader lock")
             .slot(&b.config.plugin);
-        tasks.push(listeners::spawn(
+        let extras = listeners::Extras {
+            hand_off: hand_off.clone(),
+            adopted: adopted.remove(&b.config.name),
+        };
+        running.push(listeners::spawn(
             b,
             slot,
             shutdown.clone(),
             config.shutdown.drain_timeout,
+            extras,
         )?);
     }
-    Ok(tasks)
+    Ok((running, adopt))
 }
 
 /// Creates `plugins_dir` if it is missing and refuses one that others may

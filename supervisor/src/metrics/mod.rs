@@ -5,7 +5,6 @@
 //! versions bounded by `keep_loaded`) — never a peer address, port or
 //! connection id.
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
@@ -45,6 +44,36 @@ impl ReloadOutcome {
             ReloadOutcome::Success => "success",
             ReloadOutcome::Rejected => "rejected",
             ReloadOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Outcome of an upgrade of plugvisor itself (`plugvisor_upgrades_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeOutcome {
+    /// The new process serves (counted by the new process, which is the
+    /// one scraped from then on).
+    Success,
+    /// The new binary refused the config (`run --check`); nothing started.
+    CheckFailed,
+    /// The new process exited or was not ready in time; the old one serves on.
+    Failed,
+}
+
+impl UpgradeOutcome {
+    /// Every outcome, for series created at 0.
+    pub const ALL: [UpgradeOutcome; 3] = [
+        UpgradeOutcome::Success,
+        UpgradeOutcome::CheckFailed,
+        UpgradeOutcome::Failed,
+    ];
+
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UpgradeOutcome::Success => "success",
+            UpgradeOutcome::CheckFailed => "check_failed",
+            UpgradeOutcome::Failed => "failed",
         }
     }
 }
@@ -207,6 +236,11 @@ pub struct Metrics {
     pub rules_config_valid: prometheus::IntGauge,
     /// `plugvisor_rollbacks_total{plugin,reason}`.
     pub rollbacks_total: IntCounterVec,
+    /// `plugvisor_upgrades_total{outcome}`: upgrades of plugvisor itself.
+    pub upgrades_total: IntCounterVec,
+    /// `plugvisor_connections_handed_over_total{listener}`: raw TCP
+    /// connections this process took over from the one it replaced.
+    pub connections_handed_over_total: IntCounterVec,
     /// `plugvisor_degradations_total{plugin,reason}`.
     pub degradations_total: IntCounterVec,
     /// `plugvisor_degraded{plugin}`: 1 while degraded.
@@ -451,6 +485,18 @@ impl Metrics {
                 "plugvisor_rollbacks_total",
                 "Rollbacks by plugin and reason (the rule's name, manual, or crash-in-trial)",
                 &["plugin", "reason"],
+            ),
+            upgrades_total: counter(
+                r,
+                "plugvisor_upgrades_total",
+                "Upgrades of plugvisor itself by outcome: success (counted by the new process), check_failed, failed (counted by the old one, which serves on)",
+                &["outcome"],
+            ),
+            connections_handed_over_total: counter(
+                r,
+                "plugvisor_connections_handed_over_total",
+                "Raw TCP connections this process took over, open, from the plugvisor it replaced",
+                &["listener"],
             ),
             degradations_total: counter(
                 r,
@@ -756,14 +802,16 @@ impl Collector for KernelHistogramCollector {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
+/// Serves `GET /metrics` on `listener` (bound by the caller, or inherited
+/// from the process this one replaced) until `shutdown` resolves.
+pub fn serve(
+    listener: std::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use axum::{Router, http::header, routing::get};
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = Router::new()
         .route(
             "/metrics",

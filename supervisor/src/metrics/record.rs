@@ -15,7 +15,9 @@ use std::time::Duration;
 use plugvisor_probes_common::Probe;
 use prometheus::{GaugeVec, Histogram, IntCounter, IntGauge};
 
-use super::{Metrics, Phase, PluginCall, ProbeStage, ReloadOutcome, RequestOutcome};
+use super::{
+    Metrics, Phase, PluginCall, ProbeStage, ReloadOutcome, RequestOutcome, UpgradeOutcome,
+};
 use crate::config::Protocol;
 use crate::dependencies::ConflictKind;
 
@@ -130,6 +132,34 @@ impl Metrics {
         self.plugin_isolation
             .with_label_values(&[plugin, mode, limits])
             .set(1);
+    }
+
+    /// Every upgrade outcome at 0, so a rate over them exists from the
+    /// first scrape.
+    pub fn upgrades_at_zero(&self) {
+        for o in UpgradeOutcome::ALL {
+            self.upgrades_total.with_label_values(&[o.as_str()]);
+        }
+    }
+
+    /// An upgrade of plugvisor itself ended with `outcome`.
+    pub fn upgrade(&self, outcome: UpgradeOutcome) {
+        self.upgrades_total
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// `listener`'s count of connections taken over, at 0.
+    pub fn handed_over_at_zero(&self, listener: &str) {
+        self.connections_handed_over_total
+            .with_label_values(&[listener]);
+    }
+
+    /// A raw TCP connection of `listener` arrived from the replaced process.
+    pub fn handed_over(&self, listener: &str) {
+        self.connections_handed_over_total
+            .with_label_values(&[listener])
+            .inc();
     }
 
     /// Every restart reason of `plugin`, at 0 (see [`Metrics::plugin_at_zero`]).

@@ -45,6 +45,24 @@ impl Reloader {
         }
     }
 
+    /// An upgrade marked the trials interrupted (see
+    /// [`Reloader::interrupt_trials`]) and then failed: this process serves
+    /// on, and each such trial starts over, journalled as resumed.
+    pub fn resume_trials_after_failed_upgrade(&self) {
+        let plugins: Vec<String> = self.slots.keys().cloned().collect();
+        for plugin in plugins {
+            let Ok(mut refs) = self.store.refs(&plugin) else {
+                continue;
+            };
+            if !refs.trial_interrupted {
+                continue;
+            }
+            if let Some(active) = refs.active.clone() {
+                self.resume_interrupted_trial(&plugin, &mut refs, &active);
+            }
+        }
+    }
+
     /// The last process stopped cleanly during `active`'s trial: that says
     /// nothing against the version, so its trial starts over. Returns the
     /// start's message.

@@ -1,0 +1,637 @@
+//! `plugvisor upgrade` (and `SIGUSR2`): this daemon replaced by a new
+//! process — of a new binary, or of the same one — with no connect refused
+//! and no raw TCP connection closed. [`crate::handover`] is the wire; this
+//! file holds both ends of the conversation: the old process's
+//! [`Daemon::upgrade`], and the new process's [`inherit`] (at start) and
+//! [`succeed`] (once it serves).
+//!
+//! The order is the point:
+//! 1. the new binary checks the config (`run --check`) before anything
+//!    starts: a binary that cannot read it never gets the sockets;
+//! 2. trials are marked interrupted, so the new process resumes them
+//!    instead of taking the old one's exit for a crash in a trial (boot
+//!    counting);
+//! 3. the new process gets every listening socket, starts as any start
+//!    does (probes, store, plugins) and says ready. Until then the old one
+//!    serves alone; from then on both accept from the same sockets, so the
+//!    backlog always has an owner;
+//! 4. only then does the old one stop accepting. Its raw TCP connections
+//!    move at their next frame boundary, with what was read and not yet
+//!    answered; its gRPC connections drain with the two-phase GOAWAY
+//!    (HTTP/2 state cannot move), and new streams go to the new process;
+//! 5. a new process that exits, or is not ready within [`READY_TIMEOUT`],
+//!    is killed: the old one resumes its trials, serves on, and the command
+//!    fails saying why.
+//!
+//! While an upgrade waits for the new process the old event loop waits
+//! with it (events queue); the old process's plugin hosts are not adopted
+//! (the new process starts its own and runs `init` again).
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{Daemon, DaemonError, EXIT_TIMEOUT};
+use crate::config::{Config, Protocol};
+use crate::control::UpgradeReport;
+use crate::handover::{Channel, HandoverError, Message, Offered, UPGRADE_FD_ENV, set_cloexec};
+use crate::listeners::handoff::{Adopted, Moving};
+use crate::metrics::{Metrics, UpgradeOutcome};
+
+/// How long the new binary's `run --check` may take.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long the new process has from its start to "ready": loading every
+/// active version (and its `init`) included.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a new process waits for the old one's offer of sockets.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the wait for "ready" looks at whether the new process died.
+const LIVENESS_POLL: Duration = Duration::from_millis(50);
+
+/// Environment variables of the old process that must not reach the new
+/// one: socket activation's (they name the old pid) and the watchdog's pid
+/// (the new process becomes the main pid, and the watchdog is its job).
+const NOT_INHERITED: [&str; 4] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID"];
+
+/// Why an upgrade did not happen. In every case the running daemon serves
+/// on, unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The new binary refused the config, or could not run its check.
+    #[error(
+        "upgrade to {binary}: the new binary's config check failed ({status}): {output}; this plugvisor serves on"
+    )]
+    Check {
+        /// The new binary.
+        binary: PathBuf,
+        /// Its exit status, or why it did not finish.
+        status: String,
+        /// The end of what it printed.
+        output: String,
+    },
+    /// The new process could not be started.
+    #[error("upgrade to {binary}: starting it: {source}; this plugvisor serves on")]
+    Spawn {
+        /// The new binary.
+        binary: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The new process died, or was not ready in time, and was killed.
+    #[error(
+        "upgrade to {binary}: the new process (pid {pid}) {how} before it was ready (its log says why); this plugvisor serves on"
+    )]
+    NotReady {
+        /// The new binary.
+        binary: PathBuf,
+        /// Its pid.
+        pid: u32,
+        /// What happened.
+        how: String,
+    },
+    /// The hand-over channel failed before the new process was ready.
+    #[error("upgrade to {binary}: {source}; this plugvisor serves on")]
+    Channel {
+        /// The new binary.
+        binary: PathBuf,
+        /// The error.
+        source: HandoverError,
+    },
+}
+
+/// The binary this daemon runs and the arguments it was started with: what
+/// an upgrade starts again (a new file at the same path, by default).
+#[derive(Debug, Clone)]
+pub(super) struct Invocation {
+    pub(super) binary: PathBuf,
+    pub(super) args: Vec<OsString>,
+}
+
+impl Invocation {
+    /// This process's own, read at start — before a package manager can
+    /// replace the file, after which `/proc/self/exe` names a deleted one.
+    pub(super) fn current() -> Invocation {
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let binary = std::env::current_exe()
+            .ok()
+            .or_else(|| args.first().map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("plugvisor"));
+        Invocation {
+            binary,
+            args: args.into_iter().skip(1).collect(),
+        }
+    }
+}
+
+impl Daemon {
+    /// Replaces this process by a new one of `binary` (default: the one it
+    /// was started from). On `Ok` the new process serves, this one's raw
+    /// TCP connections are in it, and the caller drains what is left (gRPC)
+    /// and exits; on `Err` nothing changed.
+    pub(super) async fn upgrade(
+        &mut self,
+        binary: Option<PathBuf>,
+    ) -> Result<UpgradeReport, UpgradeError> {
+        let started = Instant::now();
+        let binary = binary.unwrap_or_else(|| self.invocation.binary.clone());
+        let args = self.invocation.args.clone();
+        tracing::info!(binary = %binary.display(), "upgrade: checking the config with the new binary");
+        if let Err(e) = check(&binary, &args).await {
+            self.metrics.upgrade(UpgradeOutcome::CheckFailed);
+            return Err(e);
+        }
+        self.notifier
+            .reloading(&format!("upgrading to {}", binary.display()));
+        self.reloader
+            .lock()
+            .expect("reloader lock")
+            .interrupt_trials();
+        let (channel, new_pid) = match self.start_successor(&binary, &args).await {
+            Ok(started) => started,
+            Err(e) => {
+                self.reloader
+                    .lock()
+                    .expect("reloader lock")
+                    .resume_trials_after_failed_upgrade();
+                self.notifier.ready(&self.ready_status);
+                self.metrics.upgrade(UpgradeOutcome::Failed);
+                return Err(e);
+            }
+        };
+        let ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(
+            new_pid,
+            ready_ms,
+            "upgrade: the new process serves; handing over"
+        );
+        let connections_moved = self.hand_over(channel).await;
+        self.handed_over = true;
+        tracing::info!(
+            new_pid,
+            moved = connections_moved.values().sum::<u64>(),
+            took_ms = started.elapsed().as_millis(),
+            "upgrade: raw TCP connections handed over; draining gRPC and exiting"
+        );
+        Ok(UpgradeReport {
+            old_pid: std::process::id(),
+            new_pid,
+            binary: binary.display().to_string(),
+            connections_moved,
+            ready_ms,
+        })
+    }
+
+    /// Starts `binary`, offers it the listening sockets and waits for it
+    /// to say it serves.
+    async fn start_successor(
+        &self,
+        binary: &Path,
+        args: &[OsString],
+    ) -> Result<(Channel, u32), UpgradeError> {
+        let channel_err = |source| UpgradeError::Channel {
+            binary: binary.to_owned(),
+            source,
+        };
+        let (ours, theirs) = Channel::pair().map_err(channel_err)?;
+        let mut cmd = std::process::Command::new(binary);
+        cmd.args(args)
+            .env(UPGRADE_FD_ENV, theirs.raw_fd().to_string())
+            .stdin(std::process::Stdio::null());
+        for var in NOT_INHERITED {
+            cmd.env_remove(var);
+        }
+        let fd = theirs.raw_fd();
+        // SAFETY: between fork and exec only fcntl runs, which is
+        // async-signal-safe; it lets the new process inherit its end.
+        unsafe {
+            cmd.pre_exec(move || set_cloexec(fd, false));
+        }
+        let mut child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+        drop(theirs);
+        let pid = child.id();
+        tracing::info!(pid, "upgrade: new process started");
+        let (sockets, fds) = self.offer();
+        let offered = ours.send(
+            &Message::Offer {
+                pid: std::process::id(),
+                sockets,
+            },
+            &[],
+            &fds,
+        );
+        if let Err(e) = offered {
+            kill(&mut child);
+            return Err(channel_err(e));
+        }
+        let binary = binary.to_owned();
+        tokio::task::spawn_blocking(move || match wait_ready(ours, &mut child) {
+            Ok(ready) => Ok(ready),
+            Err(how) => {
+                kill(&mut child);
+                Err(UpgradeError::NotReady { binary, pid, how })
+            }
+        })
+        .await
+        .expect("the wait for ready does not panic")
+    }
+
+    /// Every listening socket this process has, as offered.
+    fn offer(&self) -> (Vec<Offered>, Vec<BorrowedFd<'_>>) {
+        let mut sockets = Vec::new();
+        let mut fds = Vec::new();
+        for l in &self.listeners {
+            sockets.push(Offered::Listener {
+                name: l.config.name.clone(),
+            });
+            fds.push(l.socket.as_fd());
+        }
+        sockets.push(Offered::Metrics);
+        fds.push(self.metrics_socket.as_fd());
+        sockets.push(Offered::Admin);
+        fds.push(self.admin_socket.as_fd());
+        (sockets, fds)
+    }
+
+    /// Stops accepting (the new process accepts from the same sockets),
+    /// moves every raw TCP connection at its next frame boundary and starts
+    /// the gRPC drain. Returns the connections moved, per listener.
+    async fn hand_over(&mut self, channel: Channel) -> BTreeMap<String, u64> {
+        // The new process answers the admin socket and /metrics from now on.
+        self.admin_task.abort();
+        if let Some(stop) = self.metrics_stop.take() {
+            let _ = stop.send(());
+        }
+        let (to, moving) = std::sync::mpsc::channel::<Moving>();
+        self.hand_off.direct_to(to);
+        let sender = std::thread::Builder::new()
+            .name("plugvisor-handover".into())
+            .spawn(move || send_connections(&channel, &moving))
+            .expect("spawning the hand-over thread");
+        let _ = self.shutdown.send(true);
+        // A raw TCP listener's task ends once each of its connections has
+        // moved (each waits for its frame in flight, bounded by the drain).
+        let (tcp, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| l.config.protocol == Protocol::Tcp);
+        self.listeners = rest;
+        let bound = self.config.shutdown.drain_timeout + EXIT_TIMEOUT;
+        let moved_all = tokio::time::timeout(bound, async {
+            for l in tcp {
+                let _ = l.task.await;
+            }
+        })
+        .await;
+        if moved_all.is_err() {
+            tracing::warn!(
+                ?bound,
+                "upgrade: raw TCP connections still busy; the rest close"
+            );
+        }
+        self.hand_off.release();
+        tokio::task::spawn_blocking(move || sender.join().unwrap_or_default())
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// Runs `binary run … --check` with this daemon's own arguments.
+async fn check(binary: &Path, args: &[OsString]) -> Result<(), UpgradeError> {
+    let failed = |status: String, output: &[u8]| UpgradeError::Check {
+        binary: binary.to_owned(),
+        status,
+        output: tail(output),
+    };
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(args)
+        .arg("--check")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for var in NOT_INHERITED {
+        cmd.env_remove(var);
+    }
+    let out = match tokio::time::timeout(CHECK_TIMEOUT, cmd.output()).await {
+        Err(_) => return Err(failed(format!("no answer in {CHECK_TIMEOUT:?}"), &[])),
+        Ok(Err(source)) => {
+            return Err(UpgradeError::Spawn {
+                binary: binary.to_owned(),
+                source,
+            });
+        }
+        Ok(Ok(out)) => out,
+    };
+    if out.status.success() {
+        Ok(())
+    } else {
+        let mut output = out.stderr;
+        output.extend_from_slice(&out.stdout);
+        Err(failed(out.status.to_string(), &output))
+    }
+}
+
+/// The last line or two of a command's output, for one error line.
+fn tail(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(2);
+    let joined = lines[start..].join(" / ");
+    if joined.is_empty() {
+        "(it printed nothing)".to_owned()
+    } else {
+        joined
+    }
+}
+
+/// Waits for the new process's "ready"; `Err` says what happened instead.
+fn wait_ready(
+    mut channel: Channel,
+    child: &mut std::process::Child,
+) -> Result<(Channel, u32), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match channel.recv(Some(LIVENESS_POLL)) {
+            Ok(r) => match r.message {
+                Message::Ready { pid } => return Ok((channel, pid)),
+                other => return Err(format!("said {other:?} before it was ready")),
+            },
+            Err(HandoverError::Timeout(_)) => {}
+            Err(HandoverError::Closed) => {
+                // Its end closes as it exits: give the exit a moment to be
+                // reaped, so the error can name the status.
+                let until = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < until {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("exited ({status})"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return Err("closed the hand-over channel".to_owned());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited ({status})"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("was not ready in {READY_TIMEOUT:?} and was killed"));
+        }
+    }
+}
+
+/// Kills a new process that will not serve, and reaps it.
+fn kill(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The hand-over thread of the old process: each connection that reaches
+/// its frame boundary goes over the channel; then `Done`. Returns how many
+/// went, per listener.
+fn send_connections(
+    channel: &Channel,
+    moving: &std::sync::mpsc::Receiver<Moving>,
+) -> BTreeMap<String, u64> {
+    let mut moved: BTreeMap<String, u64> = BTreeMap::new();
+    let mut lost = 0u64;
+    for m in moving {
+        let sent = channel.send(
+            &Message::Connection {
+                listener: m.listener.clone(),
+            },
+            &m.pending,
+            &[m.stream.as_fd()],
+        );
+        match sent {
+            Ok(()) => *moved.entry(m.listener).or_default() += 1,
+            Err(e) => {
+                lost += 1;
+                tracing::error!(listener = %m.listener, error = %e, "upgrade: a connection could not be handed over; it closes");
+            }
+        }
+        // Our copy closes here; the new process holds the connection.
+    }
+    let total = moved.values().sum();
+    if let Err(e) = channel.send(&Message::Done { connections: total }, &[], &[]) {
+        tracing::warn!(error = %e, "upgrade: could not tell the new process the hand-over is done");
+    }
+    if lost > 0 {
+        tracing::error!(lost, "upgrade: connections closed instead of handed over");
+    }
+    moved
+}
+
+/// What this process was handed at start: by the process it replaces
+/// (`plugvisor upgrade`), or by the service manager (socket activation).
+#[derive(Default)]
+pub(super) struct Inheritance {
+    /// Listening sockets by listener name.
+    pub(super) listeners: crate::listeners::Inherited,
+    /// The `/metrics` socket.
+    pub(super) metrics: Option<OwnedFd>,
+    /// The admin socket.
+    pub(super) admin: Option<OwnedFd>,
+    /// The channel to the process this one replaces, and its pid.
+    pub(super) predecessor: Option<(Channel, u32)>,
+}
+
+/// Takes what this process inherited. An upgrade's channel comes first; with
+/// none, socket activation's fds (named by `LISTEN_FDNAMES`: a listener's
+/// name, or `metrics` for the metrics endpoint).
+pub(super) fn inherit(config: &Config) -> Result<Inheritance, DaemonError> {
+    let mut inherited = Inheritance::default();
+    if let Some(mut channel) = Channel::from_env().map_err(DaemonError::Upgrade)? {
+        let offer = channel
+            .recv(Some(OFFER_TIMEOUT))
+            .map_err(DaemonError::Upgrade)?;
+        let Message::Offer { pid, sockets } = offer.message else {
+            return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
+                "expected the offer of sockets, got {:?}",
+                offer.message
+            ))));
+        };
+        if sockets.len() != offer.fds.len() {
+            return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
+                "{} sockets offered with {} descriptors",
+                sockets.len(),
+                offer.fds.len()
+            ))));
+        }
+        for (socket, fd) in sockets.into_iter().zip(offer.fds) {
+            match socket {
+                Offered::Listener { name } => {
+                    inherited.listeners.insert(name, fd);
+                }
+                Offered::Metrics => inherited.metrics = Some(fd),
+                Offered::Admin => inherited.admin = Some(fd),
+            }
+        }
+        tracing::info!(
+            from_pid = pid,
+            listeners = inherited.listeners.len(),
+            "taking over from the running plugvisor"
+        );
+        inherited.predecessor = Some((channel, pid));
+        return Ok(inherited);
+    }
+    for (name, fd) in crate::systemd::listen_fds() {
+        if config.listeners.iter().any(|l| l.name == name) {
+            inherited.listeners.insert(name, fd);
+        } else if name == "metrics" {
+            inherited.metrics = Some(fd);
+        } else {
+            tracing::warn!(
+                name,
+                "socket activation passed a socket no listener is named after; closed"
+            );
+        }
+    }
+    if !inherited.listeners.is_empty() || inherited.metrics.is_some() {
+        tracing::info!(
+            listeners = %inherited.listeners.keys().cloned().collect::<Vec<_>>().join(","),
+            metrics = inherited.metrics.is_some(),
+            "socket activation: serving the sockets the service manager passed"
+        );
+    }
+    Ok(inherited)
+}
+
+/// The new process's end once it serves: tells the old one, then adopts
+/// the raw TCP connections it sends, each on its listener's channel
+/// (`adopt`), on a thread of its own until `Done`.
+pub(super) fn succeed(
+    mut channel: Channel,
+    old_pid: u32,
+    adopt: BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    metrics.upgrades_at_zero();
+    for name in adopt.keys() {
+        metrics.handed_over_at_zero(name);
+    }
+    if let Err(e) = channel.send(
+        &Message::Ready {
+            pid: std::process::id(),
+        },
+        &[],
+        &[],
+    ) {
+        // The old process is gone (killed mid-upgrade): this one serves
+        // what it has — the listening sockets — and the rest is lost.
+        tracing::error!(old_pid, error = %e, "upgrade: could not tell the old process we serve");
+        return;
+    }
+    metrics.upgrade(UpgradeOutcome::Success);
+    let spawned = std::thread::Builder::new()
+        .name("plugvisor-adopt".into())
+        .spawn(move || adopt_connections(&mut channel, old_pid, &adopt, &metrics));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "upgrade: could not start adopting connections");
+    }
+}
+
+fn adopt_connections(
+    channel: &mut Channel,
+    old_pid: u32,
+    adopt: &BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
+    metrics: &Metrics,
+) {
+    let mut adopted = 0u64;
+    loop {
+        match channel.recv(None) {
+            Ok(r) => match r.message {
+                Message::Connection { listener } => {
+                    let Some(fd) = r.fds.into_iter().next() else {
+                        tracing::warn!(
+                            listener,
+                            "upgrade: a connection arrived without its socket"
+                        );
+                        continue;
+                    };
+                    let stream = std::net::TcpStream::from(fd);
+                    match adopt.get(&listener) {
+                        Some(to) if to.send((stream, r.payload)).is_ok() => {
+                            adopted += 1;
+                            metrics.handed_over(&listener);
+                        }
+                        _ => tracing::warn!(
+                            listener,
+                            "upgrade: a connection of a listener this config does not serve over raw TCP; closed"
+                        ),
+                    }
+                }
+                Message::Done { connections } => {
+                    if connections == adopted {
+                        tracing::info!(
+                            old_pid,
+                            connections,
+                            "upgrade: every raw TCP connection taken over"
+                        );
+                    } else {
+                        tracing::warn!(
+                            old_pid,
+                            sent = connections,
+                            adopted,
+                            "upgrade: fewer connections taken over than sent"
+                        );
+                    }
+                    return;
+                }
+                other => tracing::warn!(?other, "upgrade: unexpected message; ignored"),
+            },
+            Err(HandoverError::Closed) => {
+                tracing::warn!(
+                    old_pid,
+                    adopted,
+                    "upgrade: the old process closed the channel before it was done"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(old_pid, error = %e, adopted, "upgrade: the hand-over channel failed");
+                return;
+            }
+        }
+    }
+}
+
+/// An inherited socket for `/metrics`, if it is bound where the config
+/// wants it.
+pub(super) fn metrics_socket(
+    fd: OwnedFd,
+    wanted: std::net::SocketAddr,
+) -> Option<std::net::TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    match listener.local_addr() {
+        Ok(addr) if crate::listeners::serves(wanted, addr) => Some(listener),
+        other => {
+            tracing::warn!(?other, configured = %wanted, "the inherited metrics socket is not where the config says; binding anew");
+            None
+        }
+    }
+}
+
+/// An inherited admin socket, if it is bound at the configured path.
+pub(super) fn admin_socket(fd: OwnedFd, wanted: &Path) -> Option<tokio::net::UnixListener> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let at = listener.local_addr().ok();
+    if at.as_ref().and_then(|a| a.as_pathname()) != Some(wanted) {
+        tracing::warn!(configured = %wanted.display(), "the inherited admin socket is not where the config says; binding anew");
+        return None;
+    }
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "inherited admin socket unusable; binding anew"),
+        )
+        .ok()
+}

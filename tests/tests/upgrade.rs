@@ -1,0 +1,389 @@
+//! plugvisor replacing itself (`plugvisor upgrade`), as an operator sees
+//! it: under live TCP clients, a connect storm and gRPC streams, no connect
+//! is refused, no raw TCP connection closes (each moves to the new process
+//! with what it had half sent), gRPC streams end only with a status a
+//! client retries on, and the command's exit code says whether the new
+//! process serves. A new binary that refuses the config or dies at start
+//! leaves the old one serving. Socket activation with Debian's
+//! `systemd-socket-activate` (PID 1 here is not systemd).
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use plugvisor_tests::live::{Live, LiveOptions};
+use plugvisor_tests::pb::Request;
+use plugvisor_tests::pb::plugin_client::PluginClient;
+use plugvisor_tests::{
+    Daemon, DaemonOptions, LineClient, ListenerSpec, become_subreaper, binary, echo_version,
+    grpc_channel, wait_until,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Upgrades in a row under load.
+const UPGRADES: usize = 3;
+/// Persistent raw TCP clients.
+const TCP_CLIENTS: usize = 8;
+/// How long an old process may take to drain its gRPC connections and exit.
+const OLD_EXITS_WITHIN: Duration = Duration::from_secs(20);
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(20)
+}
+
+fn daemon() -> Daemon {
+    become_subreaper();
+    Daemon::start(DaemonOptions {
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+        ],
+        drain_timeout: Some("5s"),
+        ..Default::default()
+    })
+}
+
+/// New connections, one frame each, until stopped: counts answered ones
+/// and every failure (a refused connect above all).
+struct Storm {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Storm {
+    fn start(addr: SocketAddr) -> Storm {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (halt, count, failed) = (stop.clone(), answered.clone(), failures.clone());
+        let thread = std::thread::spawn(move || {
+            let mut frame = 0u64;
+            while !halt.load(Ordering::Relaxed) {
+                frame += 1;
+                let sent = format!("storm{frame}");
+                match LineClient::connect(addr).and_then(|mut c| c.call(&sent)) {
+                    Ok(resp) if resp.ends_with(&format!("] {sent}")) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(resp) => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("answer {resp:?} to {sent}")),
+                    Err(e) => failed.lock().unwrap().push(format!("{sent}: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Storm {
+            stop,
+            answered,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        (
+            self.answered.load(Ordering::Relaxed),
+            std::mem::take(&mut *self.failures.lock().unwrap()),
+        )
+    }
+}
+
+/// What one `Exchange` stream saw: answers, then how it ended.
+async fn exchange_until_it_ends(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (u64, Option<tonic::Status>) {
+    let channel = grpc_channel(addr).await.unwrap();
+    let (tx, rx) = mpsc::channel::<Request>(1);
+    let mut inbound = PluginClient::new(channel)
+        .exchange(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let sent = format!("x{answered}");
+        if tx
+            .send(Request {
+                payload: sent.clone().into_bytes(),
+            })
+            .await
+            .is_err()
+        {
+            // The call is over; its status says how.
+            return match inbound.message().await {
+                Err(status) => (answered, Some(status)),
+                Ok(_) => (answered, None),
+            };
+        }
+        let message = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an answer on the Exchange stream within 10 s");
+        match message {
+            Ok(Some(r)) => {
+                assert!(r.error.is_empty(), "error answer {:?}", r.error);
+                answered += 1;
+            }
+            Ok(None) => return (answered, None),
+            Err(status) => return (answered, Some(status)),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (answered, None)
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one black-box scenario that reads top to bottom"
+)]
+fn upgrades_under_load_refuse_no_connect_and_move_every_raw_tcp_connection() {
+    let mut d = daemon();
+    let tcp = d.addr("echo-tcp");
+    let grpc = d.addr("echo-grpc");
+    let live = Live::start(&LiveOptions {
+        tcp: vec![tcp; TCP_CLIENTS],
+        grpc: Vec::new(),
+        pause: Duration::from_millis(2),
+    });
+    let storm = Storm::start(tcp);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut moved_total = 0;
+    for round in 0..UPGRADES {
+        // A client that sent half a frame before the upgrade finishes it
+        // after: the half travels with the connection.
+        let mut half = TcpStream::connect(tcp).unwrap();
+        half.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        half.write_all(b"first ").unwrap();
+        // And two whole frames in one write, pipelined.
+        let mut piped = LineClient::connect(tcp).unwrap();
+        assert!(echo_version(&piped.call("warm").unwrap()).is_some());
+
+        let stop_stream = Arc::new(AtomicBool::new(false));
+        let stream = rt.spawn(exchange_until_it_ends(grpc, stop_stream.clone()));
+        // The stream is flowing before the upgrade starts.
+        std::thread::sleep(Duration::from_millis(200));
+        let old = d.pid();
+        let (code, answer) = d.upgrade(None, OLD_EXITS_WITHIN);
+        assert_eq!(code, 0, "round {round}: {answer:#}");
+        let result = &answer["result"];
+        assert_eq!(result["old_pid"].as_u64(), Some(u64::from(old)));
+        let moved = result["connections_moved"]["echo-tcp"]
+            .as_u64()
+            .unwrap_or(0);
+        // The live clients, the half-sent frame and the pipelining client
+        // at least (storm connections in flight may add to it).
+        assert!(
+            moved >= TCP_CLIENTS as u64 + 2,
+            "round {round}: {moved} raw TCP connections moved: {answer:#}"
+        );
+        moved_total += moved;
+        assert_ne!(d.pid(), old);
+
+        half.write_all(b"second\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&half).read_line(&mut line).unwrap();
+        assert!(
+            line.trim_end().ends_with("] first second"),
+            "the half-sent frame after the upgrade: {line:?}"
+        );
+        piped
+            .stream()
+            .try_clone()
+            .unwrap()
+            .write_all(b"p1\np2\n")
+            .unwrap();
+        assert!(piped.read_line().unwrap().ends_with("] p1"));
+        assert!(piped.read_line().unwrap().ends_with("] p2"));
+
+        // The gRPC stream of the old process ended with a status a client
+        // retries on; a new one goes to the new process.
+        let (answered, ended) = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), stream)
+                .await
+                .expect("the old process ends its Exchange stream within its drain")
+                .unwrap()
+        });
+        assert!(answered > 0, "the stream never flowed");
+        let status = ended.expect("the old process's stream ends with a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        stop_stream.store(true, Ordering::Relaxed);
+        let again = Arc::new(AtomicBool::new(false));
+        let fresh = rt.spawn(exchange_until_it_ends(grpc, again.clone()));
+        std::thread::sleep(Duration::from_millis(200));
+        again.store(true, Ordering::Relaxed);
+        let (fresh_answers, fresh_end) = rt.block_on(fresh).unwrap();
+        assert!(fresh_answers > 0 && fresh_end.is_none(), "{fresh_end:?}");
+
+        // The new process counts what it took over.
+        let m = d.metrics();
+        assert_eq!(
+            m.get(
+                "plugvisor_connections_handed_over_total",
+                &[("listener", "echo-tcp")]
+            ),
+            Some(moved as f64)
+        );
+        assert_eq!(
+            m.get("plugvisor_upgrades_total", &[("outcome", "success")]),
+            Some(1.0)
+        );
+    }
+    // The live clients answered on after the last upgrade, on the same
+    // connections: not one error, not one reconnect.
+    let before = live.take();
+    wait_until(
+        deadline(),
+        "live clients answer after the last upgrade",
+        || live.take().frames > 0,
+    );
+    let after = live.stop();
+    for t in [&before, &after] {
+        assert!(t.errors.is_empty(), "live TCP clients: {:?}", t.errors);
+    }
+    let (storm_answered, storm_failures) = storm.stop();
+    assert!(storm_answered > 0);
+    assert!(
+        storm_failures.is_empty(),
+        "new connections during {UPGRADES} upgrades: {} failed, e.g. {:?}",
+        storm_failures.len(),
+        &storm_failures[..storm_failures.len().min(5)]
+    );
+    eprintln!(
+        "{UPGRADES} upgrades: {moved_total} raw TCP connections moved, {storm_answered} new connections answered, 0 refused"
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// A shell script standing in for a new binary.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The old process after a failed upgrade: same pid, the same connection
+/// still answered, the failure counted.
+fn serves_on(d: &mut Daemon, old: u32, client: &mut LineClient, outcome: &str) {
+    d.assert_running();
+    assert_eq!(d.pid(), old);
+    assert!(echo_version(&client.call("still here").unwrap()).is_some());
+    assert!(
+        echo_version(
+            &LineClient::connect(d.addr("echo-tcp"))
+                .unwrap()
+                .call("new")
+                .unwrap()
+        )
+        .is_some()
+    );
+    assert_eq!(
+        d.metrics()
+            .get("plugvisor_upgrades_total", &[("outcome", outcome)]),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_binary_that_refuses_the_config_is_never_started() {
+    let mut d = daemon();
+    let old = d.pid();
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let bad = script(
+        d.dir.path(),
+        "refuses",
+        "echo 'plugvisor: config: unknown field `frobnicate`' >&2; exit 1",
+    );
+    let (code, answer) = d.upgrade(Some(&bad), OLD_EXITS_WITHIN);
+    assert_ne!(code, 0);
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("config check failed"), "{error}");
+    assert!(error.contains("unknown field `frobnicate`"), "{error}");
+    assert!(error.contains("serves on"), "{error}");
+    serves_on(&mut d, old, &mut client, "check_failed");
+}
+
+#[test]
+fn a_binary_that_dies_at_start_leaves_the_old_one_serving() {
+    let mut d = daemon();
+    let old = d.pid();
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    // Passes the check (the real binary answers it), dies when it runs.
+    let real = binary();
+    let dies = script(
+        d.dir.path(),
+        "dies",
+        &format!(
+            "for a in \"$@\"; do [ \"$a\" = --check ] && exec {} \"$@\"; done\nkill -SEGV $$",
+            real.display()
+        ),
+    );
+    let (code, answer) = d.upgrade(Some(&dies), OLD_EXITS_WITHIN);
+    assert_ne!(code, 0);
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("before it was ready"), "{error}");
+    assert!(error.contains("serves on"), "{error}");
+    serves_on(&mut d, old, &mut client, "failed");
+    // The trial the upgrade interrupted goes on here, and says so.
+    let journal = d.journal();
+    let events: Vec<&str> = journal.iter().filter_map(|e| e["event"].as_str()).collect();
+    let interrupted = events.iter().rposition(|e| *e == "trial-interrupted");
+    let resumed = events.iter().rposition(|e| *e == "trial-resumed");
+    assert!(
+        interrupted.is_some() && resumed > interrupted,
+        "journal events: {events:?}"
+    );
+}
+
+#[test]
+fn socket_activation_serves_the_passed_socket_and_queues_connects_before_start() {
+    let tool = "/usr/bin/systemd-socket-activate";
+    assert!(
+        Path::new(tool).exists(),
+        "{tool} is missing (Debian's systemd package; cargo xtask setup installs it)"
+    );
+    let listener = ListenerSpec::tcp("echo-tcp", "echo");
+    let addr = listener.addr();
+    // systemd-socket-activate listens first and starts plugvisor on the
+    // first connection: the harness's own first connect waits in the
+    // backlog while the daemon starts, and is served.
+    let d = Daemon::start(DaemonOptions {
+        listeners: vec![listener],
+        wrapper: vec![
+            tool.to_owned(),
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--fdname=echo-tcp".to_owned(),
+        ],
+        ..Default::default()
+    });
+    let lines = d.log_lines();
+    let bound = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "bound listener")
+        .expect("a bound listener line");
+    assert_eq!(bound["fields"]["inherited"], true, "{bound}");
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("socket activation"))),
+        "no socket-activation line in the log"
+    );
+    assert!(echo_version(&LineClient::connect(addr).unwrap().call("hi").unwrap()).is_some());
+}
