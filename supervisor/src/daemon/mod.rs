@@ -151,10 +151,13 @@ impl Daemon {
         }
         self.admin_task.abort();
         let exit_bound = self.config.shutdown.drain_timeout + EXIT_TIMEOUT;
-        let listeners = self.listeners;
+        // The duplicates kept to offer an upgrade go first: once a
+        // listener's task drops its socket, a connect must be refused at
+        // once, not wait in a backlog nobody will accept from.
+        let tasks: Vec<_> = self.listeners.into_iter().map(|l| l.task).collect();
         let drained = tokio::time::timeout(exit_bound, async {
-            for l in listeners {
-                let _ = l.task.await;
+            for t in tasks {
+                let _ = t.await;
             }
         })
         .await;
