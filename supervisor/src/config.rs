@@ -71,6 +71,9 @@ pub struct Config {
     pub reload: ReloadConfig,
     /// SIGTERM behaviour.
     pub shutdown: ShutdownConfig,
+    /// Upgrades of plugvisor itself between processes that share only a
+    /// socket path (a new pod beside the old one).
+    pub upgrade: UpgradeConfig,
     /// Listeners owned by plugvisor.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -103,6 +106,7 @@ impl Default for Config {
             trust: TrustConfig::default(),
             reload: ReloadConfig::default(),
             shutdown: ShutdownConfig::default(),
+            upgrade: UpgradeConfig::default(),
             listeners: Vec::new(),
             fallback: std::collections::BTreeMap::new(),
             plugins: std::collections::BTreeMap::new(),
@@ -310,6 +314,20 @@ impl Default for ShutdownConfig {
             drain_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// `[upgrade]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpgradeConfig {
+    /// A unix socket path where the running daemon waits for the process
+    /// that replaces it (mode 0600). A daemon that starts and finds another
+    /// answering there takes over its sockets and raw TCP connections, as
+    /// `plugvisor upgrade` does; the one replaced then stays idle until its
+    /// SIGTERM. For a new pod beside the old one (a DaemonSet's rolling
+    /// update with `maxSurge: 1`), the path on a shared hostPath. Unset:
+    /// only `plugvisor upgrade` and `SIGUSR2` upgrade.
+    pub socket: Option<PathBuf>,
 }
 
 /// Wire protocol of a listener.

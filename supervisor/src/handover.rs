@@ -24,6 +24,7 @@
 //! Blocking calls: each side runs them on a thread of its own.
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -356,6 +357,157 @@ impl Channel {
     }
 }
 
+/// A `sockaddr_un` for `path`, and its length.
+fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt as _;
+    // SAFETY: a zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long or with a NUL byte",
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, libc::socklen_t::try_from(len).expect("short path")))
+}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Channel {
+    /// Connects to a running plugvisor waiting at `path` (`[upgrade]
+    /// socket`); `None` when nobody listens there (no such file, or a
+    /// stale one).
+    pub fn connect(path: &Path) -> Result<Option<Channel>, HandoverError> {
+        let fd = seqpacket_socket().map_err(io_err("socket"))?;
+        let (addr, len) = unix_addr(path).map_err(io_err("the upgrade socket's path"))?;
+        // SAFETY: addr is a valid sockaddr_un of length len.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+        if rc == 0 {
+            return Ok(Some(Channel::new(fd)));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ECONNREFUSED) => Ok(None),
+            _ => Err(io_err("connecting to the running plugvisor")(e)),
+        }
+    }
+}
+
+/// Where a running plugvisor waits for the process that replaces it
+/// (`[upgrade] socket`): a `SOCK_SEQPACKET` unix socket, mode 0600, whose
+/// clients must be root or the daemon's own user.
+#[derive(Debug)]
+pub struct Waiting {
+    fd: OwnedFd,
+}
+
+impl Waiting {
+    /// Binds `path`, replacing what is there (the previous process's
+    /// socket, once it has handed over).
+    pub fn bind(path: &Path) -> Result<Waiting, HandoverError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(io_err("creating the upgrade socket's directory"))?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing the old upgrade socket")(e)),
+        }
+        let fd = seqpacket_socket().map_err(io_err("socket"))?;
+        let (addr, len) = unix_addr(path).map_err(io_err("the upgrade socket's path"))?;
+        // SAFETY: umask is process-wide; set around bind alone, so the
+        // socket never exists with wider access.
+        let old = unsafe { libc::umask(0o177) };
+        // SAFETY: addr is a valid sockaddr_un of length len.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        if rc != 0 {
+            return Err(io_err("binding the upgrade socket")(
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: listen(2) on our socket.
+        if unsafe { libc::listen(fd.as_raw_fd(), 4) } != 0 {
+            return Err(io_err("listening on the upgrade socket")(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(Waiting { fd })
+    }
+
+    /// Waits for the next process that wants to take over; refuses (closes)
+    /// one that is neither root nor this process's user.
+    pub fn accept(&self) -> Result<Channel, HandoverError> {
+        loop {
+            // SAFETY: accept4 on our listening socket; no address wanted.
+            let fd = unsafe {
+                libc::accept4(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(io_err("accepting on the upgrade socket")(e));
+            }
+            // SAFETY: a new descriptor from accept4, ours alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            match peer_uid(&fd) {
+                // SAFETY: geteuid has no preconditions.
+                Ok(uid) if uid == 0 || uid == unsafe { libc::geteuid() } => {
+                    return Ok(Channel::new(fd));
+                }
+                other => tracing::warn!(
+                    peer = ?other.ok(),
+                    "upgrade socket: refused a process that is neither root nor the daemon's user"
+                ),
+            }
+        }
+    }
+}
+
+fn peer_uid(fd: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: a zeroed ucred is valid; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).expect("small");
+    // SAFETY: SO_PEERCRED into a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cred.uid)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The descriptors in a received message's `SCM_RIGHTS`, owned.
 fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
     let mut out = Vec::new();
@@ -415,6 +567,7 @@ pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 mod tests {
     use std::io::{Read as _, Write as _};
     use std::os::fd::AsFd as _;
+    use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
 
@@ -464,6 +617,26 @@ mod tests {
         ));
         drop(a);
         assert!(matches!(b.recv(None), Err(HandoverError::Closed)));
+    }
+
+    #[test]
+    fn a_waiting_daemon_is_found_at_its_path_and_a_missing_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upgrade.sock");
+        assert!(Channel::connect(&path).unwrap().is_none());
+        let waiting = Waiting::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let client = Channel::connect(&path).unwrap().expect("someone waits");
+        let mut served = waiting.accept().unwrap();
+        client.send(&Message::Ready { pid: 1 }, &[], &[]).unwrap();
+        assert_eq!(
+            served.recv(None).unwrap().message,
+            Message::Ready { pid: 1 }
+        );
+        // Closed: the path is stale, and nobody is found there.
+        drop(waiting);
+        assert!(Channel::connect(&path).unwrap().is_none());
     }
 
     #[test]

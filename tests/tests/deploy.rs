@@ -149,6 +149,32 @@ fn systemd_unit_verifies_and_its_config_is_valid() {
     );
 }
 
+/// A new pod starts beside the old one and finds it through a socket on
+/// the node (`[upgrade] socket` on a hostPath).
+fn upgrades_surge_and_find_the_old_pod(
+    config: &str,
+    ds: &serde_json::Value,
+    host_path: &dyn Fn(&str) -> Option<String>,
+) {
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 1, "{rolling}");
+    assert_eq!(rolling["maxUnavailable"], 0, "{rolling}");
+    let upgrade_socket = config
+        .split("[upgrade]")
+        .nth(1)
+        .map(|section| toml_string(section, "socket"))
+        .expect("the ConfigMap's config has an [upgrade] socket");
+    let upgrade_dir = Path::new(&upgrade_socket)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(
+        host_path(upgrade_dir).is_some(),
+        "the upgrade socket's directory is not on the node: a new pod could not find the old one"
+    );
+}
+
 /// The validator: `PLUGVISOR_KUBERNETES_VALIDATE` (set by `cargo xtask
 /// test`), the venv `cargo xtask setup` makes, or `PATH`.
 fn kubernetes_validate() -> Option<PathBuf> {
@@ -306,6 +332,7 @@ fn kubernetes_daemonset_mounts_and_scrapes_what_its_config_names() {
         "scrape port = [metrics] listen"
     );
     assert_eq!(pod["hostNetwork"], true);
+    upgrades_surge_and_find_the_old_pod(config, ds, &host_path);
     let caps = &container["securityContext"]["capabilities"]["add"];
     for cap in ["BPF", "PERFMON"] {
         assert!(

@@ -387,3 +387,119 @@ fn socket_activation_serves_the_passed_socket_and_queues_connects_before_start()
     );
     assert!(echo_version(&LineClient::connect(addr).unwrap().call("hi").unwrap()).is_some());
 }
+
+/// A process holding only the config of a running daemon: what a new pod
+/// of a rolling update is. Killed on drop.
+struct Peer {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Peer {
+    fn start(config: &Path, log: PathBuf) -> Peer {
+        let child = std::process::Command::new(binary())
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .env("PLUGVISOR_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Peer { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- new pod's plugvisor log ---\n{}", self.log());
+        }
+    }
+}
+
+#[test]
+fn a_new_process_sharing_only_the_upgrade_socket_takes_over() {
+    let shared = tempfile::tempdir().unwrap();
+    let socket = shared.path().join("upgrade.sock");
+    let mut old = Daemon::start(DaemonOptions {
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+        ],
+        drain_timeout: Some("5s"),
+        extra_config: format!("[upgrade]\nsocket = \"{}\"\n", socket.display()),
+        ..Default::default()
+    });
+    let tcp = old.addr("echo-tcp");
+    wait_until(
+        deadline(),
+        "the old daemon waits at the upgrade socket",
+        || socket.exists(),
+    );
+    let live = Live::start(&LiveOptions {
+        tcp: vec![tcp; 4],
+        grpc: Vec::new(),
+        pause: Duration::from_millis(2),
+    });
+    let storm = Storm::start(tcp);
+    // The new pod: the same config, started by nobody the old one knows.
+    let new = Peer::start(&old.config, shared.path().join("new.log"));
+    wait_until(deadline(), "the new process took over", || {
+        new.log().contains("every raw TCP connection taken over")
+    });
+    let m = old.metrics();
+    assert_eq!(
+        m.get("plugvisor_upgrades_total", &[("outcome", "success")]),
+        Some(1.0),
+        "/metrics answers from the new process"
+    );
+    assert!(
+        m.get(
+            "plugvisor_connections_handed_over_total",
+            &[("listener", "echo-tcp")]
+        )
+        .unwrap_or(0.0)
+            >= 4.0
+    );
+    // The old one hands over, drains, and idles: exiting would have its
+    // container restarted.
+    wait_until(
+        deadline(),
+        "the old process idles after the hand-over",
+        || old.log_text().contains("idle until SIGTERM"),
+    );
+    old.assert_running();
+    let before = live.take();
+    wait_until(
+        deadline(),
+        "live clients answer through the new process",
+        || live.take().frames > 0,
+    );
+    // The old pod is deleted: its SIGTERM ends it at once, and cleanly.
+    assert_eq!(old.stop(), Some(0));
+    wait_until(
+        deadline(),
+        "live clients answer after the old one is gone",
+        || live.take().frames > 0,
+    );
+    let after = live.stop();
+    for t in [&before, &after] {
+        assert!(t.errors.is_empty(), "live TCP clients: {:?}", t.errors);
+    }
+    let (answered, failures) = storm.stop();
+    assert!(answered > 0);
+    assert!(failures.is_empty(), "new connections: {failures:?}");
+    // The new one waits at the socket for the next.
+    assert!(
+        new.log().contains("waiting at the upgrade socket"),
+        "{}",
+        new.log()
+    );
+}

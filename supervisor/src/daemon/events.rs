@@ -30,6 +30,8 @@ pub(super) struct Sources {
     pub(super) commands: mpsc::Receiver<Command>,
     pub(super) host_exits: mpsc::UnboundedReceiver<Exit>,
     pub(super) restarts: mpsc::UnboundedReceiver<(String, u32)>,
+    /// Processes that connected to `[upgrade] socket` to take over.
+    pub(super) successors: Option<mpsc::Receiver<crate::handover::Channel>>,
     pub(super) ticker: tokio::time::Interval,
     // Kept for as long as the loop runs: dropping one stops its events.
     pub(super) _thresholds_watcher: Option<Watcher>,
@@ -46,6 +48,8 @@ pub(super) enum Event {
     Hangup,
     /// SIGUSR2: upgrade to the binary this daemon was started from.
     Upgrade,
+    /// A new process at `[upgrade] socket` asks to take over.
+    Successor(crate::handover::Channel),
     /// The thresholds file changed on disk.
     ThresholdsChanged,
     /// Time to evaluate the rules.
@@ -82,6 +86,7 @@ impl Sources {
             _ = self.sigusr1.recv() => Event::ForcedRescan,
             _ = self.sighup.recv() => Event::Hangup,
             _ = self.sigusr2.recv() => Event::Upgrade,
+            Some(channel) = next_successor(&mut self.successors) => Event::Successor(channel),
             Some(()) = self.thresholds_changed.recv() => {
                 while self.thresholds_changed.try_recv().is_ok() {}
                 Event::ThresholdsChanged
@@ -95,6 +100,16 @@ impl Sources {
             }
             Some(cmd) = self.commands.recv() => Event::Command(cmd),
         }
+    }
+}
+
+/// The next process at the upgrade socket, or never when there is none.
+async fn next_successor(
+    successors: &mut Option<mpsc::Receiver<crate::handover::Channel>>,
+) -> Option<crate::handover::Channel> {
+    match successors {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -136,6 +151,12 @@ impl Daemon {
                 self.notifier.ready(&self.ready_status);
             }
             Event::ThresholdsChanged => self.reload_thresholds(),
+            Event::Successor(channel) => {
+                let socket = self.config.upgrade.socket.clone().unwrap_or_default();
+                if let Err(e) = self.hand_to_peer(channel, &socket).await {
+                    tracing::error!(error = %e, "upgrade through the upgrade socket failed");
+                }
+            }
             Event::Upgrade => {
                 tracing::info!("SIGUSR2: upgrading");
                 self.command(Command::Upgrade {

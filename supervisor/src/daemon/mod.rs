@@ -98,7 +98,17 @@ pub enum DaemonError {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (mut daemon, mut sources) = start::start(config).await?;
     daemon.serve(&mut sources).await;
+    let parked = daemon.parked;
     daemon.drain().await;
+    if parked {
+        // Handed over to a new pod: exiting now would have this container
+        // restarted, and it would take the sockets back. Idle instead.
+        tracing::info!("handed over through the upgrade socket; idle until SIGTERM");
+        tokio::select! {
+            _ = sources.sigterm.recv() => {}
+            _ = sources.sigint.recv() => {}
+        }
+    }
     Ok(())
 }
 
@@ -126,6 +136,9 @@ struct Daemon {
     invocation: upgrade::Invocation,
     // Set once an upgrade handed everything to a new process.
     handed_over: bool,
+    // Set when that process came through `[upgrade] socket`: after the
+    // drain this one idles until SIGTERM instead of exiting.
+    parked: bool,
     health: crate::signals::health::HealthChecks,
     probes: Option<probes::Probes>,
     metrics_stop: Option<tokio::sync::oneshot::Sender<()>>,

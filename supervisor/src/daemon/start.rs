@@ -67,11 +67,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
 
     let mut actions = Actions::default();
     actions.fallbacks = config.fallbacks();
-    let Rules {
-        engine,
-        changed: rules_rx,
-        watcher: rules_watcher,
-    } = start_rules(&config, &metrics)?;
+    let rules = start_rules(&config, &metrics)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let hand_off = HandOff::default();
@@ -97,23 +93,26 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
 
     let (restarts, restarts_rx) = mpsc::unbounded_channel();
     let sig = |kind| signal(kind).map_err(DaemonError::Signals);
-    let sources = Sources {
+    let mut sources = Sources {
         sigterm: sig(SignalKind::terminate())?,
         sigint: sig(SignalKind::interrupt())?,
         sighup: sig(SignalKind::hangup())?,
         sigusr1: sig(SignalKind::user_defined1())?,
         sigusr2: sig(SignalKind::user_defined2())?,
-        thresholds_changed: rules_rx,
+        thresholds_changed: rules.changed,
         packages_changed: watch_rx,
         commands: commands_rx,
         host_exits,
         restarts: restarts_rx,
-        ticker: Sources::ticker(engine.interval()),
-        _thresholds_watcher: rules_watcher,
+        successors: None,
+        ticker: Sources::ticker(rules.engine.interval()),
+        _thresholds_watcher: rules.watcher,
         _packages_watcher: packages_watcher,
     };
 
-    let ready_status = ready(&config, &notifier, inherited.predecessor, adopt, &metrics);
+    let (ready_status, successors) =
+        ready(&config, &notifier, inherited.predecessor, adopt, &metrics)?;
+    sources.successors = successors;
     let daemon = Daemon {
         config,
         notifier,
@@ -121,7 +120,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         metrics,
         reloader,
         actions,
-        engine,
+        engine: rules.engine,
         commands,
         shutdown,
         listeners,
@@ -130,6 +129,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         admin_socket,
         invocation,
         handed_over: false,
+        parked: false,
         health,
         probes,
         metrics_stop: Some(metrics_stop),
@@ -260,7 +260,9 @@ fn serve_admin(
 }
 
 /// Says "ready" — to the service manager, and to the process this one
-/// replaces, which then hands over its connections — and returns the
+/// replaces, which then hands over its connections — and then waits at
+/// `[upgrade] socket` for the next one (not before: until this process
+/// serves, the socket at that path is the previous one's). Returns the
 /// status line the service manager is told while serving.
 fn ready(
     config: &Config,
@@ -268,7 +270,7 @@ fn ready(
     predecessor: Option<(crate::handover::Channel, u32)>,
     adopt: BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
     metrics: &Arc<Metrics>,
-) -> String {
+) -> Result<(String, Option<mpsc::Receiver<crate::handover::Channel>>), DaemonError> {
     tracing::info!(pid = std::process::id(), "plugvisor ready");
     let status = format!(
         "serving {} listener(s); metrics on {}",
@@ -282,7 +284,13 @@ fn ready(
         }
         None => notifier.ready(&status),
     }
-    status
+    let successors = config
+        .upgrade
+        .socket
+        .as_deref()
+        .map(upgrade::wait_for_successors)
+        .transpose()?;
+    Ok((status, successors))
 }
 
 /// For an upgrade: one channel per raw TCP listener, its sender for the

@@ -188,6 +188,79 @@ impl Daemon {
         })
     }
 
+    /// A new process connected to `[upgrade] socket` (a new pod beside
+    /// this one): it is started already, so there is no check and no
+    /// spawn; the offer, the wait for ready and the hand-over are the same.
+    /// On `Ok` the caller drains and then waits, idle, for SIGTERM (an exit
+    /// would have the pod's container restarted).
+    pub(super) async fn hand_to_peer(
+        &mut self,
+        channel: Channel,
+        socket: &Path,
+    ) -> Result<UpgradeReport, UpgradeError> {
+        let started = Instant::now();
+        tracing::info!(socket = %socket.display(), "upgrade: a new process asks to take over");
+        self.notifier.reloading("a new process takes over");
+        self.reloader
+            .lock()
+            .expect("reloader lock")
+            .interrupt_trials();
+        let (sockets, fds) = self.offer();
+        let offered = channel
+            .send(
+                &Message::Offer {
+                    pid: std::process::id(),
+                    sockets,
+                },
+                &[],
+                &fds,
+            )
+            .map_err(|source| UpgradeError::Channel {
+                binary: socket.to_owned(),
+                source,
+            });
+        let who = socket.to_owned();
+        let ready = match offered {
+            Ok(()) => tokio::task::spawn_blocking(move || wait_ready(channel, None))
+                .await
+                .expect("the wait for ready does not panic")
+                .map_err(|how| UpgradeError::NotReady {
+                    binary: who,
+                    pid: 0,
+                    how,
+                }),
+            Err(e) => Err(e),
+        };
+        let (channel, new_pid) = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                self.reloader
+                    .lock()
+                    .expect("reloader lock")
+                    .resume_trials_after_failed_upgrade();
+                self.notifier.ready(&self.ready_status);
+                self.metrics.upgrade(UpgradeOutcome::Failed);
+                return Err(e);
+            }
+        };
+        let ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let connections_moved = self.hand_over(channel).await;
+        self.handed_over = true;
+        self.parked = true;
+        tracing::info!(
+            new_pid,
+            moved = connections_moved.values().sum::<u64>(),
+            "upgrade: handed over to the new process; draining gRPC, then idle until SIGTERM"
+        );
+        Ok(UpgradeReport {
+            old_pid: std::process::id(),
+            new_pid,
+            binary: socket.display().to_string(),
+            connections_moved,
+            ready_ms,
+        })
+    }
+
     /// Starts `binary`, offers it the listening sockets and waits for it
     /// to say it serves.
     async fn start_successor(
@@ -234,7 +307,7 @@ impl Daemon {
             return Err(channel_err(e));
         }
         let binary = binary.to_owned();
-        tokio::task::spawn_blocking(move || match wait_ready(ours, &mut child) {
+        tokio::task::spawn_blocking(move || match wait_ready(ours, Some(&mut child)) {
             Ok(ready) => Ok(ready),
             Err(how) => {
                 kill(&mut child);
@@ -351,10 +424,11 @@ fn tail(output: &[u8]) -> String {
     }
 }
 
-/// Waits for the new process's "ready"; `Err` says what happened instead.
+/// Waits for the new process's "ready" (watching it exit, when it is our
+/// child); `Err` says what happened instead.
 fn wait_ready(
     mut channel: Channel,
-    child: &mut std::process::Child,
+    mut child: Option<&mut std::process::Child>,
 ) -> Result<(Channel, u32), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -368,9 +442,12 @@ fn wait_ready(
                 // Its end closes as it exits: give the exit a moment to be
                 // reaped, so the error can name the status.
                 let until = Instant::now() + Duration::from_secs(1);
-                while Instant::now() < until {
-                    if let Ok(Some(status)) = child.try_wait() {
+                while let Some(c) = child.as_deref_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
                         return Err(format!("exited ({status})"));
+                    }
+                    if Instant::now() >= until {
+                        break;
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -378,7 +455,7 @@ fn wait_ready(
             }
             Err(e) => return Err(e.to_string()),
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Some(Ok(Some(status))) = child.as_deref_mut().map(std::process::Child::try_wait) {
             return Err(format!("exited ({status})"));
         }
         if Instant::now() >= deadline {
@@ -448,39 +525,16 @@ pub(super) struct Inheritance {
 /// name, or `metrics` for the metrics endpoint).
 pub(super) fn inherit(config: &Config) -> Result<Inheritance, DaemonError> {
     let mut inherited = Inheritance::default();
-    if let Some(mut channel) = Channel::from_env().map_err(DaemonError::Upgrade)? {
-        let offer = channel
-            .recv(Some(OFFER_TIMEOUT))
-            .map_err(DaemonError::Upgrade)?;
-        let Message::Offer { pid, sockets } = offer.message else {
-            return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
-                "expected the offer of sockets, got {:?}",
-                offer.message
-            ))));
-        };
-        if sockets.len() != offer.fds.len() {
-            return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
-                "{} sockets offered with {} descriptors",
-                sockets.len(),
-                offer.fds.len()
-            ))));
-        }
-        for (socket, fd) in sockets.into_iter().zip(offer.fds) {
-            match socket {
-                Offered::Listener { name } => {
-                    inherited.listeners.insert(name, fd);
-                }
-                Offered::Metrics => inherited.metrics = Some(fd),
-                Offered::Admin => inherited.admin = Some(fd),
-            }
-        }
-        tracing::info!(
-            from_pid = pid,
-            listeners = inherited.listeners.len(),
-            "taking over from the running plugvisor"
-        );
-        inherited.predecessor = Some((channel, pid));
+    if let Some(channel) = Channel::from_env().map_err(DaemonError::Upgrade)? {
+        take_offer(channel, &mut inherited)?;
         return Ok(inherited);
+    }
+    if let Some(path) = &config.upgrade.socket {
+        if let Some(channel) = Channel::connect(path).map_err(DaemonError::Upgrade)? {
+            tracing::info!(socket = %path.display(), "a plugvisor waits at the upgrade socket: taking over from it");
+            take_offer(channel, &mut inherited)?;
+            return Ok(inherited);
+        }
     }
     for (name, fd) in crate::systemd::listen_fds() {
         if config.listeners.iter().any(|l| l.name == name) {
@@ -502,6 +556,72 @@ pub(super) fn inherit(config: &Config) -> Result<Inheritance, DaemonError> {
         );
     }
     Ok(inherited)
+}
+
+/// Receives the old process's offer of sockets on `channel`.
+fn take_offer(mut channel: Channel, inherited: &mut Inheritance) -> Result<(), DaemonError> {
+    let offer = channel
+        .recv(Some(OFFER_TIMEOUT))
+        .map_err(DaemonError::Upgrade)?;
+    let Message::Offer { pid, sockets } = offer.message else {
+        return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
+            "expected the offer of sockets, got {:?}",
+            offer.message
+        ))));
+    };
+    if sockets.len() != offer.fds.len() {
+        return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
+            "{} sockets offered with {} descriptors",
+            sockets.len(),
+            offer.fds.len()
+        ))));
+    }
+    for (socket, fd) in sockets.into_iter().zip(offer.fds) {
+        match socket {
+            Offered::Listener { name } => {
+                inherited.listeners.insert(name, fd);
+            }
+            Offered::Metrics => inherited.metrics = Some(fd),
+            Offered::Admin => inherited.admin = Some(fd),
+        }
+    }
+    tracing::info!(
+        from_pid = pid,
+        listeners = inherited.listeners.len(),
+        "taking over from the running plugvisor"
+    );
+    inherited.predecessor = Some((channel, pid));
+    Ok(())
+}
+
+/// Waits at `[upgrade] socket` for a process that takes over, on a thread
+/// of its own; each one arrives on the returned channel.
+pub(super) fn wait_for_successors(path: &Path) -> Result<mpsc::Receiver<Channel>, DaemonError> {
+    let waiting = crate::handover::Waiting::bind(path).map_err(DaemonError::Upgrade)?;
+    let (tx, rx) = mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("plugvisor-upgrade-socket".into())
+        .spawn(move || {
+            loop {
+                match waiting.accept() {
+                    Ok(channel) => {
+                        if tx.blocking_send(channel).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "upgrade socket: no longer waiting for a successor");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| DaemonError::Upgrade(HandoverError::Io {
+            action: "starting the upgrade socket's thread",
+            source: e,
+        }))?;
+    tracing::info!(socket = %path.display(), "waiting at the upgrade socket for a process that takes over");
+    Ok(rx)
 }
 
 /// The new process's end once it serves: tells the old one, then adopts

@@ -51,6 +51,10 @@ pub struct ClientStats {
     pub failed: u64,
     /// Connects (or stream opens) that failed.
     pub connect_errors: u64,
+    /// gRPC streams the server ended with `UNAVAILABLE`, a status clients
+    /// retry on (a draining plugvisor); the message in flight is counted
+    /// here, not in `failed`.
+    pub retryable_ends: u64,
     /// Longest interval between two consecutive answers.
     pub max_gap: Duration,
     /// Answers per [`BUCKET`] since the load started.
@@ -111,6 +115,29 @@ impl Report {
     /// Failed requests, all clients.
     pub fn failed(&self) -> u64 {
         self.all().map(|c| c.failed).sum()
+    }
+
+    /// gRPC streams ended with a retryable status, all clients.
+    pub fn retryable_ends(&self) -> u64 {
+        self.all().map(|c| c.retryable_ends).sum()
+    }
+
+    /// Failed requests on the raw TCP clients alone.
+    pub fn tcp_failed(&self) -> u64 {
+        self.tcp.iter().map(|c| c.failed).sum()
+    }
+
+    /// The longest gap a raw TCP client saw.
+    pub fn tcp_max_gap(&self) -> Duration {
+        self.tcp.iter().map(|c| c.max_gap).max().unwrap_or_default()
+    }
+
+    /// Every long gap of the raw TCP clients (see [`Report::long_gaps`]).
+    pub fn tcp_long_gaps(&self) -> Vec<(f64, f64)> {
+        self.tcp
+            .iter()
+            .flat_map(|c| c.long_gaps.iter().copied())
+            .collect()
     }
 
     /// Failed connects and stream opens, all clients.
@@ -323,12 +350,22 @@ async fn stream_client(
             n += 1;
             let payload = format!("s{id}-{n}").into_bytes();
             if tx.send(Request { payload }).await.is_err() {
-                s.failed += 1;
+                // The call is over: its status says whether to retry.
+                match inbound.message().await {
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        s.retryable_ends += 1;
+                    }
+                    _ => s.failed += 1,
+                }
                 continue 'open;
             }
             match tokio::time::timeout(ANSWER_TIMEOUT, inbound.message()).await {
                 Ok(Ok(Some(r))) if r.error.is_empty() => s.answered(start, &mut last),
                 Ok(Ok(Some(_))) => s.failed += 1,
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                    s.retryable_ends += 1;
+                    continue 'open;
+                }
                 _ => {
                     s.failed += 1;
                     continue 'open;

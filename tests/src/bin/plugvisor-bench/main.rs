@@ -23,7 +23,8 @@
 //! * 1000 reloads under TCP frames and open gRPC streams (`soak.rs`) —
 //!   failed requests, the kernel's broken-connection count, RSS and fds —
 //!   and the naive upgrade (SIGTERM, start the new version) under the same
-//!   load (`naive.rs`);
+//!   load (`naive.rs`), and plugvisor upgrading itself under it
+//!   (`upgrade.rs`);
 //! * breach → rollback at the default and a fast rule tick (`breach.rs`);
 //! * plugin hosts vs the in-process modes (`isolation.rs`): per-request
 //!   overhead, throughput, crash → answer, manifest → serving, RSS.
@@ -45,6 +46,7 @@ mod reload;
 mod report;
 mod soak;
 mod stats;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -94,6 +96,7 @@ struct Results {
     inproc: Result<serde_json::Value, String>,
     soak: soak::Soak,
     naive: naive::Naive,
+    upgrade: upgrade::Upgrades,
     breach_1s: Vec<f64>,
     breach_250: Vec<f64>,
     isolation: isolation::Isolation,
@@ -131,6 +134,7 @@ fn main() {
     }
     let soak = soak::soak(q);
     let naive = naive::naive_restart(q);
+    let upgrade = upgrade::upgrades(q);
     let trials = if q { 1 } else { 7 };
     let breach_1s = breach::breach_to_rollback("1s", trials);
     let breach_250 = breach::breach_to_rollback("250ms", trials);
@@ -145,6 +149,7 @@ fn main() {
         inproc,
         soak,
         naive,
+        upgrade,
         breach_1s,
         breach_250,
         isolation,

@@ -117,6 +117,7 @@ fn summary(md: &mut String, r: &Results, quick: bool) {
     summary_kernel(md, r);
     summary_inprocess(md, r);
     summary_soak(md, r, quick);
+    summary_upgrade(md, r);
     summary_probes(md, r);
     summary_breach(md, r);
     summary_metrics(md, r);
@@ -277,6 +278,36 @@ fn summary_soak(md: &mut String, r: &Results, quick: bool) {
         n.load.max_gap().as_secs_f64() * 1e3,
         s.load.max_gap().as_secs_f64() / n.load.max_gap().as_secs_f64(),
         verdict(s.load.failed() == 0 && s.broken == 0.0 && s.probes_up)
+    );
+}
+
+/// Summary row of plugvisor upgrading itself, against the naive restart.
+fn summary_upgrade(md: &mut String, r: &Results) {
+    let u = &r.upgrade;
+    let n = &r.naive;
+    let gaps = Dist::of(&u.tcp_gap_per_upgrade());
+    let _ = writeln!(
+        md,
+        "| {} daemon upgrades (`plugvisor upgrade`) under the same load | 0 refused, 0 failed TCP; longest TCP gap ≤ 5 ms p99 | {} refused, {} failed TCP of {}, {} raw TCP connections moved, gRPC: {} streams ended retryable, {} failed; longest TCP gap p50 {:.1} ms, max {:.1} ms | naive restart ×{}: {} refused connects, longest gap {:.0} ms | longest TCP gap {:.3}× naive | {} |",
+        u.count,
+        u.load.connect_errors(),
+        u.load.tcp_failed(),
+        u.load.tcp.iter().map(|c| c.ok + c.failed).sum::<u64>(),
+        u.moved,
+        u.load.retryable_ends(),
+        u.load.failed() - u.load.tcp_failed(),
+        gaps.p50,
+        gaps.max,
+        n.restarts,
+        n.load.connect_errors(),
+        n.load.max_gap().as_secs_f64() * 1e3,
+        u.load.tcp_max_gap().as_secs_f64() / n.load.max_gap().as_secs_f64(),
+        verdict(
+            u.failures.is_empty()
+                && u.load.connect_errors() == 0
+                && u.load.tcp_failed() == 0
+                && gaps.max <= 5.0
+        )
     );
 }
 
@@ -692,6 +723,19 @@ fn upgrades(md: &mut String, r: &Results, quick: bool) {
         s.goaway,
         s.rst_stream
     );
+    let u = &r.upgrade;
+    let _ = writeln!(
+        md,
+        "| plugvisor upgrade (new process takes sockets and raw TCP connections) | {} | {} | {:.0} | {} ({} TCP; {} gRPC streams ended `UNAVAILABLE`, retried) | {} | {:.1} (TCP) | — | — | — | — |",
+        u.count,
+        u.load.ok(),
+        u.load.rate(),
+        u.load.failed(),
+        u.load.tcp_failed(),
+        u.load.retryable_ends(),
+        u.load.connect_errors(),
+        u.load.tcp_max_gap().as_secs_f64() * 1e3
+    );
     let dt = Dist::of(&n.downtime);
     let _ = writeln!(
         md,
@@ -708,6 +752,26 @@ fn upgrades(md: &mut String, r: &Results, quick: bool) {
         "\nNaive restart: SIGTERM → new daemon answering on every listener took p50 {:.0} ms, max {:.0} ms.",
         dt.p50 * 1e3,
         dt.max * 1e3
+    );
+    let ready = Dist::of(&u.ready_ms);
+    let took = Dist::of(&u.took);
+    let gaps = Dist::of(&u.tcp_gap_per_upgrade());
+    let _ = writeln!(
+        md,
+        "\nplugvisor upgrade ({} times, to the same binary, `drain_timeout` 2 s; [`UPGRADE.md`](UPGRADE.md)):          {} raw TCP connections moved in all; the new process ready p50 {:.0} ms, max {:.0} ms after the          command started (config check, start, probes off, versions loaded); the command returned p50 {:.2} s          (it waits for the old process to exit, gRPC drain included); longest raw TCP gap overlapping an          upgrade p50 {:.1} ms, max {:.1} ms (gaps count only when ≥ {} ms over the pacing). {}",
+        u.count,
+        u.moved,
+        ready.p50,
+        ready.max,
+        took.p50,
+        gaps.p50,
+        gaps.max,
+        load::LONG_GAP.as_millis(),
+        if u.failures.is_empty() {
+            "Every upgrade exited 0.".to_owned()
+        } else {
+            format!("Upgrades that failed: {:?}", u.failures)
+        }
     );
 }
 
