@@ -238,6 +238,15 @@ impl Daemon {
         (code, answer)
     }
 
+    /// From now on the daemon under test is process `pid` (one an upgrade
+    /// started), the old one having exited: it is reaped here.
+    pub fn follow(&mut self, pid: u32) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        self.successor = Some(pid);
+    }
+
     /// Whether the daemon has exited (reaped; `restart` may follow).
     pub fn exited(&mut self) -> bool {
         if let Some(pid) = self.successor {

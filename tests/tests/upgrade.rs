@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use plugvisor_tests::live::{Live, LiveOptions};
 use plugvisor_tests::pb::Request;
 use plugvisor_tests::pb::plugin_client::PluginClient;
+use plugvisor_tests::state_check::assert_state_consistent;
 use plugvisor_tests::{
-    Daemon, DaemonOptions, LineClient, ListenerSpec, become_subreaper, binary, echo_version,
-    grpc_channel, wait_until,
+    Daemon, DaemonOptions, LineClient, ListenerSpec, become_subreaper, binary,
+    build_plugin_version, echo_version, grpc_channel, wait_until,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -502,4 +503,90 @@ fn a_new_process_sharing_only_the_upgrade_socket_takes_over() {
         "{}",
         new.log()
     );
+}
+
+#[test]
+fn a_kill_9_of_the_old_process_mid_hand_over_leaves_the_new_one_serving() {
+    become_subreaper();
+    // echo built from the `hang` fixture: `sleep MS` answers late, which
+    // holds the hand-over open (a connection moves only at a frame
+    // boundary) while the test kills the old process.
+    let slow = build_plugin_version("plugvisor-fixture-hang", "fixture_hang", "1.0.0");
+    let mut d = Daemon::start(DaemonOptions {
+        packages: vec![("echo".into(), slow, "1.0.0".into())],
+        drain_timeout: Some("10s"),
+        ..Default::default()
+    });
+    let tcp = d.addr("echo-tcp");
+    let old = d.pid();
+    let mut idle: Vec<LineClient> = (0..3).map(|_| LineClient::connect(tcp).unwrap()).collect();
+    for c in &mut idle {
+        assert!(echo_version(&c.call("hello").unwrap()).is_some());
+    }
+    let mut busy = LineClient::connect(tcp).unwrap();
+    busy.stream()
+        .try_clone()
+        .unwrap()
+        .write_all(b"sleep 5000\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let log_from = d.log_text().len();
+    let config = d.config.clone();
+    let upgrade = std::thread::spawn(move || {
+        std::process::Command::new(binary())
+            .args(["upgrade", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    });
+    wait_until(
+        deadline(),
+        "the new process serves and the hand-over began",
+        || d.log_text()[log_from..].contains("upgrade: the new process serves; handing over"),
+    );
+    let new_pid: u32 = d
+        .log_lines()
+        .iter()
+        .filter(|l| l["fields"]["message"] == "plugvisor ready")
+        .filter_map(|l| l["fields"]["pid"].as_u64())
+        .map(|p| u32::try_from(p).unwrap())
+        .find(|p| *p != old)
+        .expect("the new process said ready");
+    // The idle connections moved at once; the busy one waits for its frame.
+    wait_until(
+        deadline(),
+        "the idle connections are in the new process",
+        || {
+            d.metrics()
+                .get(
+                    "plugvisor_connections_handed_over_total",
+                    &[("listener", "echo-tcp")],
+                )
+                .unwrap_or(0.0)
+                >= 3.0
+        },
+    );
+    d.kill9();
+    d.follow(new_pid);
+    let out = upgrade.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "upgrade said it succeeded though its daemon was killed: {out:?}"
+    );
+    // The new process serves on: the moved connections, new ones, the
+    // admin socket and /metrics.
+    d.assert_running();
+    for c in &mut idle {
+        assert!(echo_version(&c.call("after").unwrap()).is_some());
+    }
+    assert!(echo_version(&LineClient::connect(tcp).unwrap().call("new").unwrap()).is_some());
+    assert_eq!(d.status()["plugins"][0]["active"], "1.0.0");
+    // What the kill cost: the one connection still in the old process (its
+    // frame in flight), closed by the kernel with it.
+    assert!(
+        busy.read_line().is_err(),
+        "the connection that was still in the killed process"
+    );
+    assert_state_consistent(&d.state_dir);
+    assert_eq!(d.stop(), Some(0));
 }
