@@ -83,3 +83,20 @@ pub extern "C" fn plugvisor_host_retired(pid: u32) {
 pub extern "C" fn plugvisor_host_recovered(plugin: u32, pid: u32) {
     std::hint::black_box((plugin, pid));
 }
+
+/// Called by a new plugvisor right before it tells the process it replaces
+/// that it serves: from here until [`plugvisor_upgrade_end`] the kernel
+/// counts the listeners' connections that plugvisor closes or that are
+/// reset (`plugvisor_upgrade_broken_connections_total`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plugvisor_upgrade_begin() {
+    std::hint::black_box(());
+}
+
+/// Called once the replaced process is gone (or its drain's bound passed).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plugvisor_upgrade_end() {
+    std::hint::black_box(1u8);
+}

@@ -19,7 +19,7 @@ use plugvisor_tests::pb::plugin_client::PluginClient;
 use plugvisor_tests::state_check::assert_state_consistent;
 use plugvisor_tests::{
     Daemon, DaemonOptions, LineClient, ListenerSpec, become_subreaper, binary,
-    build_plugin_version, echo_version, grpc_channel, wait_until,
+    build_plugin_version, echo_version, grpc_channel, require_root, wait_until,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -230,8 +230,27 @@ fn upgrades_under_load_refuse_no_connect_and_move_every_raw_tcp_connection() {
         let (fresh_answers, fresh_end) = rt.block_on(fresh).unwrap();
         assert!(fresh_answers > 0 && fresh_end.is_none(), "{fresh_end:?}");
 
-        // The new process counts what it took over.
+        // The new process counts what it took over, and the kernel saw no
+        // raw TCP connection closed or reset across the upgrade.
+        wait_until(
+            deadline(),
+            "the new process closes its upgrade window",
+            || {
+                d.log_text()
+                    .matches("upgrade over: the old process is gone")
+                    .count()
+                    > round
+            },
+        );
         let m = d.metrics();
+        assert_eq!(
+            m.get(
+                "plugvisor_upgrade_broken_connections_total",
+                &[("listener", "echo-tcp"), ("protocol", "tcp")]
+            ),
+            Some(0.0),
+            "round {round}"
+        );
         assert_eq!(
             m.get(
                 "plugvisor_connections_handed_over_total",
@@ -587,6 +606,26 @@ fn a_kill_9_of_the_old_process_mid_hand_over_leaves_the_new_one_serving() {
         busy.read_line().is_err(),
         "the connection that was still in the killed process"
     );
+    // And the kernel counted it: the control for the 0 the other tests
+    // read.
+    if require_root("the kernel's count across an upgrade") {
+        wait_until(
+            deadline(),
+            "the new process closes its upgrade window",
+            || {
+                d.log_text()
+                    .contains("upgrade over: the old process is gone")
+            },
+        );
+        let broken = d.metrics().get(
+            "plugvisor_upgrade_broken_connections_total",
+            &[("listener", "echo-tcp"), ("protocol", "tcp")],
+        );
+        assert!(
+            broken >= Some(1.0),
+            "the kernel's count of connections broken across the upgrade: {broken:?}"
+        );
+    }
     assert_state_consistent(&d.state_dir);
     assert_eq!(d.stop(), Some(0));
 }

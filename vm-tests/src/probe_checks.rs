@@ -179,6 +179,8 @@ fn load_all() -> Result<Vec<(Probe, bool, Vec<String>)>, String> {
     std::hint::black_box(plugvisor::markers::plugvisor_host_serving as extern "C" fn(u32));
     std::hint::black_box(plugvisor::markers::plugvisor_host_retired as extern "C" fn(u32));
     std::hint::black_box(plugvisor::markers::plugvisor_host_recovered as extern "C" fn(u32, u32));
+    std::hint::black_box(plugvisor::markers::plugvisor_upgrade_begin as extern "C" fn());
+    std::hint::black_box(plugvisor::markers::plugvisor_upgrade_end as extern "C" fn());
     // The observer's ring buffer reader is a tokio task.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -72,6 +72,9 @@ pub mod maps {
     pub const HOST_PIDS: &str = "HOST_PIDS";
     /// Array of one `u64`: crash windows open right now.
     pub const CRASH_WINDOWS: &str = "CRASH_WINDOWS";
+    /// Array of one `u64`: upgrade windows open right now (a new plugvisor
+    /// taking over from the old one, until the old one is gone).
+    pub const UPGRADE_WINDOWS: &str = "UPGRADE_WINDOWS";
 }
 
 /// Names of the programs in the object file.
@@ -102,6 +105,10 @@ pub mod programs {
     pub const HOST_RETIRED: &str = "host_retired";
     /// Uprobe on `plugvisor_host_recovered`.
     pub const HOST_RECOVERED: &str = "host_recovered";
+    /// Uprobe on `plugvisor_upgrade_begin`.
+    pub const UPGRADE_BEGIN: &str = "upgrade_begin";
+    /// Uprobe on `plugvisor_upgrade_end`.
+    pub const UPGRADE_END: &str = "upgrade_end";
 }
 
 /// Names of the marker functions in the daemon the uprobes attach to.
@@ -117,6 +124,11 @@ pub mod markers {
     pub const HOST_RETIRED: &str = "plugvisor_host_retired";
     /// Called at the first answer by what replaced a dead host.
     pub const HOST_RECOVERED: &str = "plugvisor_host_recovered";
+    /// Called by a new plugvisor right before it tells the old one it
+    /// serves (the old one then hands over and drains).
+    pub const UPGRADE_BEGIN: &str = "plugvisor_upgrade_begin";
+    /// Called once the old plugvisor is gone (or its drain's bound passed).
+    pub const UPGRADE_END: &str = "plugvisor_upgrade_end";
 }
 
 /// Probes, as indices into `DROPPED` and as the `probe` label.
@@ -223,6 +235,11 @@ pub struct ListenerCounters {
     /// recovered from, closed by plugvisor or reset (not the client's own
     /// close).
     pub broken_in_crash: u64,
+    /// Of `closed`, those that left while an upgrade window was open,
+    /// closed by plugvisor or reset (not the client's own close): a raw
+    /// TCP connection that moved to the new process never leaves
+    /// ESTABLISHED; a gRPC connection the old process drains does.
+    pub broken_in_upgrade: u64,
 }
 
 /// A serving plugin host, as the kernel tracks it.

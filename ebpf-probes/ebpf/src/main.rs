@@ -108,6 +108,9 @@ static HOST_PIDS: HashMap<u32, HostLife> = HashMap::with_max_entries(MAX_HOSTS, 
 #[map]
 static CRASH_WINDOWS: Array<u64> = Array::with_max_entries(1, 0);
 
+#[map]
+static UPGRADE_WINDOWS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Adds one to a counter in a map value.
 ///
 /// An atomic add, even on per-CPU values: a program running in process
@@ -206,6 +209,12 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         if new != tcp_state::CLOSE_WAIT && CRASH_WINDOWS.get(0).is_some_and(|open| *open > 0) {
             // SAFETY: in-bounds field of the map value.
             bump(unsafe { &raw mut (*counters).broken_in_crash });
+        }
+        // Across an upgrade, the same: what plugvisor closed or what was
+        // reset, never a client's own hang-up.
+        if new != tcp_state::CLOSE_WAIT && UPGRADE_WINDOWS.get(0).is_some_and(|open| *open > 0) {
+            // SAFETY: in-bounds field of the map value.
+            bump(unsafe { &raw mut (*counters).broken_in_upgrade });
         }
     }
     Ok(())
@@ -580,6 +589,34 @@ pub fn reload_end(ctx: ProbeContext) -> u32 {
     };
     emit(Probe::ReloadMarkers, &event);
     0
+}
+
+#[uprobe]
+pub fn upgrade_begin(_ctx: ProbeContext) -> u32 {
+    upgrade_windows_add(1);
+    0
+}
+
+#[uprobe]
+pub fn upgrade_end(_ctx: ProbeContext) -> u32 {
+    if UPGRADE_WINDOWS.get(0).is_some_and(|open| *open > 0) {
+        upgrade_windows_add(u64::MAX);
+    }
+    0
+}
+
+/// Adds `delta` (two's complement for a decrement) to the number of open
+/// upgrade windows.
+#[inline(always)]
+fn upgrade_windows_add(delta: u64) {
+    if let Some(open) = UPGRADE_WINDOWS.get_ptr_mut(0) {
+        // SAFETY: a map value, valid and aligned while the program runs.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                open, delta,
+            );
+        }
+    }
 }
 
 /// Adds `delta` (two's complement for a decrement) to the number of open

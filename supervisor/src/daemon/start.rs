@@ -280,7 +280,8 @@ fn ready(
     match predecessor {
         Some((channel, old_pid)) => {
             notifier.ready_replacing(&status);
-            upgrade::succeed(channel, old_pid, adopt, metrics.clone());
+            let bound = config.shutdown.drain_timeout + super::EXIT_TIMEOUT;
+            upgrade::succeed(channel, old_pid, adopt, metrics.clone(), bound);
         }
         None => notifier.ready(&status),
     }

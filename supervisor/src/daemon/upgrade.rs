@@ -632,11 +632,16 @@ pub(super) fn succeed(
     old_pid: u32,
     adopt: BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
     metrics: std::sync::Arc<Metrics>,
+    old_drains_within: Duration,
 ) {
     metrics.upgrades_at_zero();
     for name in adopt.keys() {
         metrics.handed_over_at_zero(name);
     }
+    // The kernel counts what breaks from here until the old process is
+    // gone; this process's probes are attached already, the old one's
+    // still are: no blind spot.
+    crate::markers::plugvisor_upgrade_begin();
     if let Err(e) = channel.send(
         &Message::Ready {
             pid: std::process::id(),
@@ -647,14 +652,39 @@ pub(super) fn succeed(
         // The old process is gone (killed mid-upgrade): this one serves
         // what it has — the listening sockets — and the rest is lost.
         tracing::error!(old_pid, error = %e, "upgrade: could not tell the old process we serve");
+        crate::markers::plugvisor_upgrade_end();
         return;
     }
     metrics.upgrade(UpgradeOutcome::Success);
     let spawned = std::thread::Builder::new()
         .name("plugvisor-adopt".into())
-        .spawn(move || adopt_connections(&mut channel, old_pid, &adopt, &metrics));
+        .spawn(move || {
+            adopt_connections(&mut channel, old_pid, &adopt, &metrics);
+            wait_gone(old_pid, old_drains_within);
+            crate::markers::plugvisor_upgrade_end();
+            tracing::info!(old_pid, "upgrade over: the old process is gone (or past its drain); the kernel's count of connections broken across it is final");
+        });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "upgrade: could not start adopting connections");
+    }
+}
+
+/// Waits until process `pid` is gone (exited, a zombie, or reaped) or
+/// `bound` has passed: the old process drains its gRPC connections after
+/// the hand-over, and exits (or, handed over through `[upgrade] socket`,
+/// idles).
+fn wait_gone(pid: u32, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        let gone = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']))
+        });
+        if gone {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

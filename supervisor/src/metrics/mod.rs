@@ -214,6 +214,10 @@ pub struct Metrics {
     /// (kernel-observed): connections plugvisor closed, or that were reset,
     /// while a plugin host's crash was not yet recovered from.
     pub crash_broken_connections_total: IntCounterVec,
+    /// `plugvisor_upgrade_broken_connections_total{listener,protocol}`
+    /// (kernel: closed by plugvisor or reset while this process took over
+    /// from the one it replaced).
+    pub upgrade_broken_connections_total: IntCounterVec,
     /// `plugvisor_probe_up{probe}`.
     pub probe_up: IntGaugeVec,
     /// `plugvisor_probe_failures_total{probe,stage}`.
@@ -402,6 +406,12 @@ impl Metrics {
                 r,
                 "plugvisor_reload_broken_connections_total",
                 "Connections that were closed or reset while a reload window was open, as the kernel saw them",
+                &["listener", "protocol"],
+            ),
+            upgrade_broken_connections_total: counter(
+                r,
+                "plugvisor_upgrade_broken_connections_total",
+                "Connections plugvisor closed, or that were reset, while this process took over from the plugvisor it replaced, until that one was gone (kernel-observed; a client's own hang-up is not counted)",
                 &["listener", "protocol"],
             ),
             crash_broken_connections_total: counter(

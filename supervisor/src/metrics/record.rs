@@ -30,6 +30,8 @@ pub struct ListenerSeries {
     pub broken: IntCounter,
     /// `plugvisor_crash_broken_connections_total{listener,protocol}`.
     pub broken_in_crash: IntCounter,
+    /// `plugvisor_upgrade_broken_connections_total{listener,protocol}`.
+    pub broken_in_upgrade: IntCounter,
     /// `plugvisor_tcp_resets_total{listener,direction="sent"}`.
     pub resets_sent: IntCounter,
     /// `plugvisor_tcp_resets_total{listener,direction="received"}`.
@@ -313,6 +315,9 @@ impl Metrics {
                 .with_label_values(&[name, protocol.as_str()]),
             broken_in_crash: self
                 .crash_broken_connections_total
+                .with_label_values(&[name, protocol.as_str()]),
+            broken_in_upgrade: self
+                .upgrade_broken_connections_total
                 .with_label_values(&[name, protocol.as_str()]),
             resets_sent: self.tcp_resets_total.with_label_values(&[name, "sent"]),
             resets_received: self.tcp_resets_total.with_label_values(&[name, "received"]),

@@ -299,6 +299,8 @@ fn attach(ebpf: &mut Ebpf, probe: Probe) -> Result<(), ProbeError> {
             &[
                 (programs::RELOAD_BEGIN, markers::RELOAD_BEGIN),
                 (programs::RELOAD_END, markers::RELOAD_END),
+                (programs::UPGRADE_BEGIN, markers::UPGRADE_BEGIN),
+                (programs::UPGRADE_END, markers::UPGRADE_END),
             ],
         ),
         Probe::TcpResets => {

@@ -31,6 +31,7 @@ use crate::markers::PluginNames;
 struct Seen {
     broken: u64,
     broken_in_crash: u64,
+    broken_in_upgrade: u64,
     resets_sent: u64,
     resets_received: u64,
     retransmits: u64,
@@ -187,6 +188,7 @@ fn refresh_listener(
             acc.goaway += c.goaway;
             acc.rst_stream += c.rst_stream;
             acc.broken_in_crash += c.broken_in_crash;
+            acc.broken_in_upgrade += c.broken_in_upgrade;
             acc
         });
     let name = l.name.as_str();
@@ -198,6 +200,11 @@ fn refresh_listener(
         &series.broken_in_crash,
         &mut seen.broken_in_crash,
         sum.broken_in_crash,
+    );
+    advance(
+        &series.broken_in_upgrade,
+        &mut seen.broken_in_upgrade,
+        sum.broken_in_upgrade,
     );
     advance(&series.resets_sent, &mut seen.resets_sent, sum.resets_sent);
     advance(
