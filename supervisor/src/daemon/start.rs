@@ -272,6 +272,9 @@ fn ready(
     metrics: &Arc<Metrics>,
 ) -> Result<(String, Option<mpsc::Receiver<crate::handover::Channel>>), DaemonError> {
     tracing::info!(pid = std::process::id(), "plugvisor ready");
+    // Every outcome present from the first scrape, so a rate over them is
+    // 0 rather than absent.
+    metrics.upgrades_at_zero();
     let status = format!(
         "serving {} listener(s); metrics on {}",
         config.listeners.len(),

@@ -634,7 +634,6 @@ pub(super) fn succeed(
     metrics: std::sync::Arc<Metrics>,
     old_drains_within: Duration,
 ) {
-    metrics.upgrades_at_zero();
     for name in adopt.keys() {
         metrics.handed_over_at_zero(name);
     }
