@@ -629,3 +629,23 @@ fn a_kill_9_of_the_old_process_mid_hand_over_leaves_the_new_one_serving() {
     assert_state_consistent(&d.state_dir);
     assert_eq!(d.stop(), Some(0));
 }
+
+#[test]
+fn upgrades_back_to_back_each_answer_before_the_old_process_exits() {
+    // Nothing to drain and no probes to detach: the old process exits
+    // right after the hand-over, and its answer to `upgrade` must still be
+    // written first (it once was lost: the command saw EOF).
+    become_subreaper();
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        ..Default::default()
+    });
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    for round in 0..5 {
+        let (code, answer) = d.upgrade(None, OLD_EXITS_WITHIN);
+        assert_eq!(code, 0, "round {round}: {answer:#}");
+        assert_eq!(answer["result"]["connections_moved"]["echo-tcp"], 1);
+        assert!(echo_version(&client.call("still").unwrap()).is_some());
+    }
+    assert_eq!(d.stop(), Some(0));
+}

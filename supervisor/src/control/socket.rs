@@ -72,12 +72,29 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
-/// Serves admin requests, turning them into [`Command`]s.
-pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+/// How long a stopping admin socket waits for the requests it took to be
+/// answered: an upgrade's own answer is written after the hand-over, by
+/// the process that is about to exit.
+pub const ANSWER_BEFORE_EXIT: Duration = Duration::from_secs(5);
+
+/// Serves admin requests, turning them into [`Command`]s, until `stop`
+/// flips; then waits (at most [`ANSWER_BEFORE_EXIT`]) for every request
+/// already taken to be answered.
+pub async fn serve(
+    listener: UnixListener,
+    commands: mpsc::Sender<Command>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
+    let mut handlers = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -85,7 +102,7 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
             .peer_cred()
             .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let commands = commands.clone();
-        tokio::spawn(async move {
+        handlers.spawn(async move {
             if !allowed {
                 let uid = stream.peer_cred().map(|c| c.uid()).ok();
                 tracing::warn!(
@@ -117,6 +134,13 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
             handle(stream, commands).await;
         });
     }
+    // Stop taking requests (the listener closes here, or lives on in the
+    // process that took it over), and answer those taken.
+    drop(listener);
+    let _ = tokio::time::timeout(ANSWER_BEFORE_EXIT, async {
+        while handlers.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn write_line(stream: &mut UnixStream, resp: &AdminResponse) -> std::io::Result<()> {

@@ -98,6 +98,10 @@ pub enum DaemonError {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (mut daemon, mut sources) = start::start(config).await?;
     daemon.serve(&mut sources).await;
+    // Requests queued for the loop will not be carried out: dropping them
+    // tells their clients so now, not after the drain's bound.
+    sources.commands.close();
+    while sources.commands.try_recv().is_ok() {}
     let parked = daemon.parked;
     daemon.drain().await;
     if parked {
@@ -144,6 +148,8 @@ struct Daemon {
     metrics_stop: Option<tokio::sync::oneshot::Sender<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
     admin_task: tokio::task::JoinHandle<()>,
+    // Stops the admin socket taking requests; those taken are still answered.
+    admin_stop: watch::Sender<bool>,
     // What the service manager is told while serving.
     ready_status: String,
     // Recent plugin host crashes, and where a delayed restart is sent.
@@ -162,7 +168,7 @@ impl Daemon {
             self.notifier.stopping("draining");
             let _ = self.shutdown.send(true);
         }
-        self.admin_task.abort();
+        let _ = self.admin_stop.send(true);
         let exit_bound = self.config.shutdown.drain_timeout + EXIT_TIMEOUT;
         // The duplicates kept to offer an upgrade go first: once a
         // listener's task drops its socket, a connect must be refused at
@@ -188,6 +194,9 @@ impl Daemon {
             let _ = stop.send(());
         }
         let _ = self.metrics_task.await;
+        // The answers to requests taken before the stop (an upgrade's own,
+        // after a hand-over) are written before the process exits.
+        let _ = self.admin_task.await;
         if !self.handed_over {
             // After an upgrade the path is the new process's socket.
             let _ = std::fs::remove_file(&self.config.admin.socket);

@@ -85,7 +85,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     let (metrics_stop, metrics_task, metrics_socket) =
         serve_metrics(&config, &metrics, inherited.metrics)?;
 
-    let (admin_task, admin_socket) = serve_admin(&config, inherited.admin, &commands)?;
+    let (admin_task, admin_socket, admin_stop) = serve_admin(&config, inherited.admin, &commands)?;
 
     let (watch_tx, watch_rx) = mpsc::unbounded_channel();
     let packages_watcher =
@@ -135,6 +135,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         metrics_stop: Some(metrics_stop),
         metrics_task,
         admin_task,
+        admin_stop,
         ready_status,
         crashes: super::crashes::Crashes::default(),
         restarts,
@@ -238,13 +239,13 @@ fn load_trust(config: &Config) -> Result<TrustPolicy, DaemonError> {
 }
 
 /// The admin socket (inherited from the process this one replaces, if it
-/// is at the configured path) served, and a duplicate to offer on an
-/// upgrade.
+/// is at the configured path) served, a duplicate to offer on an upgrade,
+/// and what stops it.
 fn serve_admin(
     config: &Config,
     inherited: Option<OwnedFd>,
     commands: &mpsc::Sender<Command>,
-) -> Result<(tokio::task::JoinHandle<()>, OwnedFd), DaemonError> {
+) -> Result<(tokio::task::JoinHandle<()>, OwnedFd, watch::Sender<bool>), DaemonError> {
     let listener = match inherited.and_then(|fd| upgrade::admin_socket(fd, &config.admin.socket)) {
         Some(l) => l,
         None => socket::bind(&config.admin.socket)?,
@@ -256,7 +257,9 @@ fn serve_admin(
             source,
         })
     })?;
-    Ok((tokio::spawn(socket::serve(listener, commands.clone())), dup))
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(socket::serve(listener, commands.clone(), stopped));
+    Ok((task, dup, stop))
 }
 
 /// Says "ready" — to the service manager, and to the process this one

@@ -340,7 +340,7 @@ impl Daemon {
     /// the gRPC drain. Returns the connections moved, per listener.
     async fn hand_over(&mut self, channel: Channel) -> BTreeMap<String, u64> {
         // The new process answers the admin socket and /metrics from now on.
-        self.admin_task.abort();
+        let _ = self.admin_stop.send(true);
         if let Some(stop) = self.metrics_stop.take() {
             let _ = stop.send(());
         }
