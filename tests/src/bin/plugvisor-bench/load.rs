@@ -122,6 +122,11 @@ impl Report {
         self.all().map(|c| c.retryable_ends).sum()
     }
 
+    /// Failed connects of the raw TCP clients alone (a refused connect).
+    pub fn tcp_connect_errors(&self) -> u64 {
+        self.tcp.iter().map(|c| c.connect_errors).sum()
+    }
+
     /// Failed requests on the raw TCP clients alone.
     pub fn tcp_failed(&self) -> u64 {
         self.tcp.iter().map(|c| c.failed).sum()

@@ -288,13 +288,14 @@ fn summary_upgrade(md: &mut String, r: &Results) {
     let gaps = Dist::of(&u.tcp_gap_per_upgrade());
     let _ = writeln!(
         md,
-        "| {} daemon upgrades (`plugvisor upgrade`) under the same load | 0 refused, 0 failed TCP; longest TCP gap ≤ 5 ms p99 | {} refused, {} failed TCP of {}, {} raw TCP connections moved, gRPC: {} streams ended retryable, {} failed; longest TCP gap p50 {:.1} ms, max {:.1} ms | naive restart ×{}: {} refused connects, longest gap {:.0} ms | longest TCP gap {:.3}× naive | {} |",
+        "| {} daemon upgrades (`plugvisor upgrade`) under the same load | 0 refused, 0 failed TCP; longest TCP gap ≤ 5 ms p99 | {} refused TCP connects, {} failed TCP of {}, {} raw TCP connections moved, gRPC: {} streams ended retryable, {} re-opens failed, {} failed; longest TCP gap per upgrade p50 {:.1} ms, max {:.1} ms | naive restart ×{}: {} refused connects, longest gap {:.0} ms | longest TCP gap {:.3}× naive | {} |",
         u.count,
-        u.load.connect_errors(),
+        u.load.tcp_connect_errors(),
         u.load.tcp_failed(),
         u.load.tcp.iter().map(|c| c.ok + c.failed).sum::<u64>(),
         u.moved,
         u.load.retryable_ends(),
+        u.load.connect_errors() - u.load.tcp_connect_errors(),
         u.load.failed() - u.load.tcp_failed(),
         gaps.p50,
         gaps.max,
@@ -304,7 +305,7 @@ fn summary_upgrade(md: &mut String, r: &Results) {
         u.load.tcp_max_gap().as_secs_f64() / n.load.max_gap().as_secs_f64(),
         verdict(
             u.failures.is_empty()
-                && u.load.connect_errors() == 0
+                && u.load.tcp_connect_errors() == 0
                 && u.load.tcp_failed() == 0
                 && gaps.max <= 5.0
         )
@@ -726,14 +727,15 @@ fn upgrades(md: &mut String, r: &Results, quick: bool) {
     let u = &r.upgrade;
     let _ = writeln!(
         md,
-        "| plugvisor upgrade (new process takes sockets and raw TCP connections) | {} | {} | {:.0} | {} ({} TCP; {} gRPC streams ended `UNAVAILABLE`, retried) | {} | {:.1} (TCP) | — | — | — | — |",
+        "| plugvisor upgrade (new process takes sockets and raw TCP connections) | {} | {} | {:.0} | {} ({} TCP; {} gRPC streams ended `UNAVAILABLE`, retried) | {} TCP ({} gRPC stream re-opens failed) | {:.1} (TCP) | — | — | — | — |",
         u.count,
         u.load.ok(),
         u.load.rate(),
         u.load.failed(),
         u.load.tcp_failed(),
         u.load.retryable_ends(),
-        u.load.connect_errors(),
+        u.load.tcp_connect_errors(),
+        u.load.connect_errors() - u.load.tcp_connect_errors(),
         u.load.tcp_max_gap().as_secs_f64() * 1e3
     );
     let dt = Dist::of(&n.downtime);
@@ -758,7 +760,7 @@ fn upgrades(md: &mut String, r: &Results, quick: bool) {
     let gaps = Dist::of(&u.tcp_gap_per_upgrade());
     let _ = writeln!(
         md,
-        "\nplugvisor upgrade ({} times, to the same binary, `drain_timeout` 2 s; [`UPGRADE.md`](UPGRADE.md)):          {} raw TCP connections moved in all; the new process ready p50 {:.0} ms, max {:.0} ms after the          command started (config check, start, probes off, versions loaded); the command returned p50 {:.2} s          (it waits for the old process to exit, gRPC drain included); longest raw TCP gap overlapping an          upgrade p50 {:.1} ms, max {:.1} ms (gaps count only when ≥ {} ms over the pacing). {}",
+        "\nplugvisor upgrade ({} times, to the same binary, `drain_timeout` 2 s; [`UPGRADE.md`](UPGRADE.md)): {} raw TCP connections moved in all; the new process ready p50 {:.0} ms, max {:.0} ms after the command started (config check, start, probes off, versions loaded); the command returned p50 {:.2} s (it waits for the old process to exit, gRPC drain included); longest raw TCP gap overlapping an upgrade p50 {:.1} ms, max {:.1} ms (gaps count only when ≥ {} ms over the pacing). {}",
         u.count,
         u.moved,
         ready.p50,
