@@ -155,15 +155,7 @@ impl Daemon {
             .interrupt_trials();
         let (channel, new_pid) = match self.start_successor(&binary, &args).await {
             Ok(started) => started,
-            Err(e) => {
-                self.reloader
-                    .lock()
-                    .expect("reloader lock")
-                    .resume_trials_after_failed_upgrade();
-                self.notifier.ready(&self.ready_status);
-                self.metrics.upgrade(UpgradeOutcome::Failed);
-                return Err(e);
-            }
+            Err(e) => return Err(self.serve_on(e)),
         };
         let ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
@@ -233,15 +225,7 @@ impl Daemon {
         };
         let (channel, new_pid) = match ready {
             Ok(r) => r,
-            Err(e) => {
-                self.reloader
-                    .lock()
-                    .expect("reloader lock")
-                    .resume_trials_after_failed_upgrade();
-                self.notifier.ready(&self.ready_status);
-                self.metrics.upgrade(UpgradeOutcome::Failed);
-                return Err(e);
-            }
+            Err(e) => return Err(self.serve_on(e)),
         };
         let ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let connections_moved = self.hand_over(channel).await;
@@ -259,6 +243,19 @@ impl Daemon {
             connections_moved,
             ready_ms,
         })
+    }
+
+    /// After a new process failed to take over: this one serves on, its
+    /// trials go on (journalled as resumed), the service manager hears
+    /// READY=1 again and the failure is counted. Returns `e`.
+    fn serve_on(&mut self, e: UpgradeError) -> UpgradeError {
+        self.reloader
+            .lock()
+            .expect("reloader lock")
+            .resume_trials_after_failed_upgrade();
+        self.notifier.ready(&self.ready_status);
+        self.metrics.upgrade(UpgradeOutcome::Failed);
+        e
     }
 
     /// Starts `binary`, offers it the listening sockets and waits for it
