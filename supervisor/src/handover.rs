@@ -15,11 +15,18 @@
 //! process finds its end through [`UPGRADE_FD_ENV`]. One conversation:
 //!
 //! 1. old → new: [`Message::Offer`] with every listening socket (TCP
-//!    listeners by name, the metrics endpoint, the admin socket);
+//!    listeners by name, the metrics endpoint, the admin socket) and, on a
+//!    binary upgrade, a second channel into each plugin host;
 //! 2. new → old: [`Message::Ready`] once it serves (or it exits, or the old
 //!    one gives up after its timeout and serves on);
 //! 3. old → new: one [`Message::Connection`] per raw TCP connection, as each
 //!    reaches a frame boundary, then [`Message::Done`].
+//!
+//! A plugin host's control channel is a channel of the same kind: the
+//! daemon sends it [`Message::Adopt`] with a new call stream and a new
+//! control channel, the host answers [`Message::Adopted`] once it serves
+//! that stream too, and the daemon offers both to its successor. Two
+//! daemons never write one stream: each has its own into the host.
 //!
 //! Blocking calls: each side runs them on a thread of its own.
 use std::io;
@@ -52,11 +59,21 @@ pub enum Message {
         pid: u32,
         /// One per descriptor.
         sockets: Vec<Offered>,
+        /// Plugin hosts the new process may adopt, as the host module
+        /// describes them; three descriptors each (a call stream, a
+        /// control channel, a pidfd), after the sockets'. Absent from an
+        /// offer of a binary that adopts none.
+        #[serde(default)]
+        hosts: Vec<serde_json::Value>,
     },
     /// The new process serves.
     Ready {
         /// Its pid.
         pid: u32,
+        /// The old process's pids of the plugin hosts it adopted: the old
+        /// process leaves those running when it exits.
+        #[serde(default)]
+        adopted: Vec<u32>,
     },
     /// A raw TCP connection (the message's one descriptor), at a frame
     /// boundary; the message's payload is what was read from it and not
@@ -69,6 +86,16 @@ pub enum Message {
     Done {
         /// How many.
         connections: u64,
+    },
+    /// Daemon → plugin host, on the host's control channel: serve calls on
+    /// the message's first descriptor as well, and take its second as a
+    /// control channel of its own (what a successor daemon will hold).
+    Adopt,
+    /// Plugin host → daemon: it serves the stream an [`Message::Adopt`]
+    /// gave it.
+    Adopted {
+        /// The host's pid.
+        pid: u32,
     },
 }
 
@@ -181,6 +208,17 @@ impl Channel {
         Ok(Some(Channel::new(fd)))
     }
 
+    /// A channel on a `SOCK_SEQPACKET` socket this process holds (one it
+    /// was passed, or inherited).
+    pub fn from_fd(fd: OwnedFd) -> Channel {
+        Channel::new(fd)
+    }
+
+    /// The channel's socket, to pass on (and close here).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     fn new(fd: OwnedFd) -> Channel {
         Channel {
             fd,
@@ -192,6 +230,11 @@ impl Channel {
     /// [`set_cloexec`]).
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// The channel's socket, to pass it on to another process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
     }
 
     /// Sends one message with `payload` after it and `fds` attached.
@@ -605,9 +648,23 @@ mod tests {
     #[test]
     fn boundaries_hold_and_a_closed_end_is_told() {
         let (a, mut b) = Channel::pair().unwrap();
-        a.send(&Message::Ready { pid: 7 }, &[], &[]).unwrap();
+        a.send(
+            &Message::Ready {
+                pid: 7,
+                adopted: vec![],
+            },
+            &[],
+            &[],
+        )
+        .unwrap();
         a.send(&Message::Done { connections: 3 }, &[], &[]).unwrap();
-        assert_eq!(b.recv(None).unwrap().message, Message::Ready { pid: 7 });
+        assert_eq!(
+            b.recv(None).unwrap().message,
+            Message::Ready {
+                pid: 7,
+                adopted: vec![]
+            }
+        );
         let done = b.recv(None).unwrap();
         assert_eq!(done.message, Message::Done { connections: 3 });
         assert!(done.payload.is_empty() && done.fds.is_empty());
@@ -629,10 +686,22 @@ mod tests {
         assert_eq!(mode, 0o600);
         let client = Channel::connect(&path).unwrap().expect("someone waits");
         let mut served = waiting.accept().unwrap();
-        client.send(&Message::Ready { pid: 1 }, &[], &[]).unwrap();
+        client
+            .send(
+                &Message::Ready {
+                    pid: 1,
+                    adopted: vec![],
+                },
+                &[],
+                &[],
+            )
+            .unwrap();
         assert_eq!(
             served.recv(None).unwrap().message,
-            Message::Ready { pid: 1 }
+            Message::Ready {
+                pid: 1,
+                adopted: vec![]
+            }
         );
         // Closed: the path is stale, and nobody is found there.
         drop(waiting);

@@ -530,6 +530,39 @@ pub fn plugin_hosts_of(parent: u32) -> Vec<u32> {
     out
 }
 
+/// A process's parent and state letter (from `/proc/PID/stat`).
+pub fn parent_and_state(pid: u32) -> Option<(u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// The pids of the live plugin hosts (not zombies) running objects from
+/// the store under `state_dir`, whoever their parent is: a host adopted
+/// across an upgrade is no longer the daemon's child.
+pub fn plugin_hosts_of_store(state_dir: &Path) -> Vec<u32> {
+    let prefix = state_dir.as_os_str().as_encoded_bytes();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mut args = cmdline.split(|b| *b == 0);
+        let is_host = args.clone().any(|a| a == b"plugin-host");
+        if is_host
+            && args.any(|a| a.starts_with(prefix))
+            && parent_and_state(pid).is_some_and(|(_, s)| s != 'Z' && s != 'X')
+        {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 /// Polls `cond` every 20 ms until it holds; panics at `deadline`.
 pub fn wait_until(deadline: Instant, what: &str, mut cond: impl FnMut() -> bool) {
     loop {

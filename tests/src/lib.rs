@@ -53,7 +53,10 @@ pub use clients::{
     GRPC_SERVICE, LineClient, echo_version, grpc_channel, grpc_health, http_get, http_get_status,
     url_encode,
 };
-pub use daemon::{Daemon, become_subreaper, journal, plugin_hosts_of, wait_until};
+pub use daemon::{
+    Daemon, become_subreaper, journal, parent_and_state, plugin_hosts_of, plugin_hosts_of_store,
+    wait_until,
+};
 pub use host::{binary, failpoints_binary, free_port, library, require_root, target_dir, tool};
 pub use metrics::Metrics;
 pub use options::{DaemonOptions, ListenerSpec, Protocol, TrustOptions, without_ebpf_capabilities};

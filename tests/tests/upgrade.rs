@@ -19,7 +19,8 @@ use plugvisor_tests::pb::plugin_client::PluginClient;
 use plugvisor_tests::state_check::assert_state_consistent;
 use plugvisor_tests::{
     Daemon, DaemonOptions, LineClient, ListenerSpec, become_subreaper, binary,
-    build_plugin_version, echo_version, grpc_channel, require_root, wait_until,
+    build_plugin_version, echo_version, grpc_channel, parent_and_state, plugin_hosts_of_store,
+    require_root, wait_until,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -617,13 +618,17 @@ fn a_kill_9_of_the_old_process_mid_hand_over_leaves_the_new_one_serving() {
                     .contains("upgrade over: the old process is gone")
             },
         );
-        let broken = d.metrics().get(
-            "plugvisor_upgrade_broken_connections_total",
-            &[("listener", "echo-tcp"), ("protocol", "tcp")],
-        );
-        assert!(
-            broken >= Some(1.0),
-            "the kernel's count of connections broken across the upgrade: {broken:?}"
+        // The kernel's counters are final once the window closed; the
+        // observer reads them into /metrics on its own tick.
+        wait_until(
+            deadline(),
+            "the kernel counts the connection the kill broke",
+            || {
+                d.metrics().get(
+                    "plugvisor_upgrade_broken_connections_total",
+                    &[("listener", "echo-tcp"), ("protocol", "tcp")],
+                ) >= Some(1.0)
+            },
         );
     }
     assert_state_consistent(&d.state_dir);
@@ -647,5 +652,140 @@ fn upgrades_back_to_back_each_answer_before_the_old_process_exits() {
         assert_eq!(answer["result"]["connections_moved"]["echo-tcp"], 1);
         assert!(echo_version(&client.call("still").unwrap()).is_some());
     }
+    assert_eq!(d.stop(), Some(0));
+}
+
+fn host_restarts(d: &Daemon) -> u64 {
+    d.metrics()
+        .matching(
+            "plugvisor_plugin_host_restarts_total",
+            &[("plugin", "echo")],
+        )
+        .map(|(_, v)| v as u64)
+        .sum()
+}
+
+/// With `isolation = "process"`, the new process adopts the old one's
+/// plugin host — the same process serves on, `init` does not run again —
+/// across upgrade after upgrade, under live clients; the host outlives the
+/// daemon that started it, and the adopter still sees it die (a pidfd: it
+/// is not its child) and starts a new one.
+#[test]
+fn plugin_hosts_are_adopted_across_upgrades_not_started_again() {
+    if !require_root("the kernel's count across host adoption") {
+        return;
+    }
+    become_subreaper();
+    let mut d = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        drain_timeout: Some("5s"),
+        extra_config: "[plugin.echo]\nisolation = \"process\"\n".into(),
+        ..Default::default()
+    });
+    let tcp = d.addr("echo-tcp");
+    let hosts = plugin_hosts_of_store(&d.state_dir);
+    assert_eq!(hosts.len(), 1, "one host for echo: {hosts:?}");
+    let live = Live::start(&LiveOptions {
+        tcp: vec![tcp; TCP_CLIENTS],
+        grpc: Vec::new(),
+        pause: Duration::from_millis(2),
+    });
+    let mut client = LineClient::connect(tcp).unwrap();
+    for round in 0..3 {
+        let old = d.pid();
+        let (code, answer) = d.upgrade(None, OLD_EXITS_WITHIN);
+        assert_eq!(code, 0, "round {round}: {answer:#}");
+        assert_eq!(answer["result"]["hosts"], 1, "{answer:#}");
+        assert_eq!(answer["result"]["hosts_adopted"], 1, "{answer:#}");
+        // The daemon that started the host is gone; the host is not.
+        assert_eq!(
+            plugin_hosts_of_store(&d.state_dir),
+            hosts,
+            "round {round}: the same host process serves"
+        );
+        let (parent, _) = parent_and_state(hosts[0]).unwrap();
+        assert_ne!(
+            parent, old,
+            "the old daemon exited: the host was re-parented"
+        );
+        assert!(echo_version(&client.call(&format!("round{round}")).unwrap()).is_some());
+        assert!(
+            d.log_text().matches("plugin host adopted").count() > round,
+            "round {round}: the new process says it adopted the host"
+        );
+    }
+    let traffic = live.stop();
+    assert!(traffic.frames > 0);
+    assert!(
+        traffic.errors.is_empty(),
+        "live TCP clients: {:?}",
+        traffic.errors
+    );
+    assert_eq!(host_restarts(&d), 0, "no host was restarted");
+    let m = d.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_upgrade_broken_connections_total",
+            &[("listener", "echo-tcp"), ("protocol", "tcp")]
+        ),
+        Some(0.0)
+    );
+
+    // The adopted host dies: the daemon that adopted it sees that without
+    // being its parent, and a new host serves.
+    // SAFETY: kill(2) on the host this test found.
+    unsafe { libc::kill(hosts[0] as i32, libc::SIGKILL) };
+    wait_until(deadline(), "the adopter restarts the host", || {
+        host_restarts(&d) >= 1
+    });
+    wait_until(deadline(), "a new host serves", || {
+        let now = plugin_hosts_of_store(&d.state_dir);
+        now.len() == 1 && now != hosts
+    });
+    let mut fresh = LineClient::connect(tcp).unwrap();
+    assert!(echo_version(&fresh.call("after").unwrap()).is_some());
+    d.assert_running();
+    assert_eq!(d.stop(), Some(0));
+    wait_until(deadline(), "no host outlives the daemon", || {
+        plugin_hosts_of_store(&d.state_dir).is_empty()
+    });
+}
+
+/// A new process whose config holds the plugin to other limits does not
+/// adopt the old host (it would run under the old limits): it starts its
+/// own, and the old host ends with the old daemon.
+#[test]
+fn a_host_under_other_limits_is_started_anew_and_the_old_one_ends() {
+    become_subreaper();
+    let mut d = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        drain_timeout: Some("5s"),
+        extra_config: "[plugin.echo]\nisolation = \"process\"\nmemory_max = \"256MiB\"\n".into(),
+        ..Default::default()
+    });
+    let mut client = LineClient::connect(d.addr("echo-tcp")).unwrap();
+    let before = plugin_hosts_of_store(&d.state_dir);
+    assert_eq!(before.len(), 1);
+    let config = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        config.replace("memory_max = \"256MiB\"", "memory_max = \"384MiB\""),
+    )
+    .unwrap();
+    let (code, answer) = d.upgrade(None, OLD_EXITS_WITHIN);
+    assert_eq!(code, 0, "{answer:#}");
+    assert_eq!(answer["result"]["hosts"], 1, "{answer:#}");
+    assert_eq!(answer["result"]["hosts_adopted"], 0, "{answer:#}");
+    assert!(echo_version(&client.call("moved").unwrap()).is_some());
+    wait_until(deadline(), "the old host ends with the old daemon", || {
+        let now = plugin_hosts_of_store(&d.state_dir);
+        now.len() == 1 && now != before
+    });
+    assert!(
+        d.log_text()
+            .contains("not adopting the old daemon's plugin host"),
+        "the new process says why it did not adopt"
+    );
+    assert_eq!(host_restarts(&d), 0);
     assert_eq!(d.stop(), Some(0));
 }

@@ -45,6 +45,9 @@ pub struct Args {
 /// the store.
 const OBJECT_FD: i32 = 4;
 
+/// The fd of the host's control channel (see [`crate::host::child`]).
+const CONTROL_FD: i32 = 5;
+
 /// Runs the host until the daemon lets go of it.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let spec = HostSpec {
@@ -66,8 +69,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     // SAFETY: fd 3 is ours (see above) and nothing else owns it.
     let stream = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
+    // SAFETY: F_GETFD only reads flags. fd 5, when open, is the control
+    // channel the daemon set up; nothing else in this process owns it.
+    let control = (unsafe { libc::fcntl(CONTROL_FD, libc::F_GETFD) } >= 0).then(|| {
+        // SAFETY: see above.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(CONTROL_FD) };
+        let _ = crate::handover::set_cloexec(CONTROL_FD, true);
+        crate::handover::Channel::from_fd(fd)
+    });
     let object = PathBuf::from(format!("/proc/self/fd/{OBJECT_FD}"));
-    child::serve(&spec, &object, args.uid.zip(args.gid), stream)
+    child::serve(&spec, &object, args.uid.zip(args.gid), stream, control)
         .with_context(|| format!("plugin host of {} {}", spec.plugin, spec.version))?;
     Ok(ExitCode::SUCCESS)
 }

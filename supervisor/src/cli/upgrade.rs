@@ -40,7 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|(l, n)| format!("{l}={n}"))
         .collect();
     println!(
-        "upgraded: pid {} -> {} ({}), ready in {} ms; raw TCP connections moved: {}",
+        "upgraded: pid {} -> {} ({}), ready in {} ms; raw TCP connections moved: {}; plugin hosts adopted: {} of {}",
         r.old_pid,
         r.new_pid,
         r.binary,
@@ -49,7 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "none".to_owned()
         } else {
             moved.join(" ")
-        }
+        },
+        r.hosts_adopted,
+        r.hosts,
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -77,6 +77,13 @@ pub struct UpgradeReport {
     /// Milliseconds from the start of the upgrade to the new process's
     /// "ready".
     pub ready_ms: u64,
+    /// Plugin hosts the new process adopted (running on, `init` not run
+    /// again), of those this one had.
+    #[serde(default)]
+    pub hosts_adopted: usize,
+    /// Plugin hosts this one had.
+    #[serde(default)]
+    pub hosts: usize,
 }
 
 /// `plugvisor versions PLUGIN`: what the store and the slot know.

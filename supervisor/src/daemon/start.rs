@@ -58,12 +58,10 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     reloader.set_init_timeout(config.reload.init_timeout);
     // Before the first load: a host that dies from then on is news.
     let host_exits = isolate(&mut reloader, &config);
-    boot(&mut reloader, &config);
-    let reloader = Arc::new(Mutex::new(reloader));
     // Created before the first scan: a deferred package schedules its
     // second look through it.
     let (commands, commands_rx) = mpsc::channel::<Command>(64);
-    rescan(&reloader, None, false, &commands).await;
+    let (reloader, adopted) = first_loads(reloader, &config, inherited.hosts, &commands).await;
 
     let mut actions = Actions::default();
     actions.fallbacks = config.fallbacks();
@@ -110,8 +108,8 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         _packages_watcher: packages_watcher,
     };
 
-    let (ready_status, successors) =
-        ready(&config, &notifier, inherited.predecessor, adopt, &metrics)?;
+    let predecessor = inherited.predecessor.map(|(c, pid)| (c, pid, adopted));
+    let (ready_status, successors) = ready(&config, &notifier, predecessor, adopt, &metrics)?;
     sources.successors = successors;
     let daemon = Daemon {
         config,
@@ -270,7 +268,7 @@ fn serve_admin(
 fn ready(
     config: &Config,
     notifier: &Notifier,
-    predecessor: Option<(crate::handover::Channel, u32)>,
+    predecessor: Option<(crate::handover::Channel, u32, Vec<u32>)>,
     adopt: BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
     metrics: &Arc<Metrics>,
 ) -> Result<(String, Option<mpsc::Receiver<crate::handover::Channel>>), DaemonError> {
@@ -284,10 +282,10 @@ fn ready(
         config.metrics.listen
     );
     match predecessor {
-        Some((channel, old_pid)) => {
+        Some(predecessor) => {
             notifier.ready_replacing(&status);
             let bound = config.shutdown.drain_timeout + super::EXIT_TIMEOUT;
-            upgrade::succeed(channel, old_pid, adopt, metrics.clone(), bound);
+            upgrade::succeed(predecessor, adopt, metrics.clone(), bound);
         }
         None => notifier.ready(&status),
     }
@@ -496,6 +494,27 @@ fn seed_echo(config: &Config) {
             tracing::warn!(error = %e, "could not seed the bundled echo plugin; the echo listeners answer errors until a package arrives");
         }
     }
+}
+
+/// The first loads: every plugin from the store (adopting the plugin
+/// hosts the process this one replaces offered, where they fit), then a
+/// scan of `plugins_dir`. Returns the reloader, shared from here on, and
+/// the old process's pids of the hosts adopted.
+async fn first_loads(
+    mut reloader: Reloader,
+    config: &Config,
+    hosts: Vec<crate::host::parent::Handed>,
+    commands: &mpsc::Sender<Command>,
+) -> (Arc<Mutex<Reloader>>, Vec<u32>) {
+    reloader.offer_hosts(hosts);
+    boot(&mut reloader, config);
+    let reloader = Arc::new(Mutex::new(reloader));
+    rescan(&reloader, None, false, commands).await;
+    let adopted = reloader
+        .lock()
+        .expect("reloader lock")
+        .let_go_of_unadopted();
+    (reloader, adopted)
 }
 
 /// Every configured plugin up on the version its refs call active, after

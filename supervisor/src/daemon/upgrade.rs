@@ -24,13 +24,16 @@
 //!    fails saying why.
 //!
 //! While an upgrade waits for the new process the old event loop waits
-//! with it (events queue); the old process's plugin hosts are not adopted
-//! (the new process starts its own and runs `init` again).
+//! with it (events queue). Plugin hosts are offered too: each is asked for
+//! a second call stream ([`crate::host::parent::Host::second_stream`]),
+//! which the new process adopts when it loads the same version under the
+//! same limits — the host serves on and `init` does not run again.
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -38,9 +41,13 @@ use tokio::sync::mpsc;
 use super::{Daemon, DaemonError, EXIT_TIMEOUT};
 use crate::config::{Config, Protocol};
 use crate::control::UpgradeReport;
-use crate::handover::{Channel, HandoverError, Message, Offered, UPGRADE_FD_ENV, set_cloexec};
+use crate::handover::{
+    Channel, HandoverError, MAX_FDS, Message, Offered, UPGRADE_FD_ENV, set_cloexec,
+};
+use crate::host::parent::{Handed, HandedAbout};
 use crate::listeners::handoff::{Adopted, Moving};
 use crate::metrics::{Metrics, UpgradeOutcome};
+use crate::slot::Installed;
 
 /// How long the new binary's `run --check` may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -153,14 +160,25 @@ impl Daemon {
             .lock()
             .expect("reloader lock")
             .interrupt_trials();
-        let (channel, new_pid) = match self.start_successor(&binary, &args).await {
+        let (hosts, handed) = self.hosts_for_successor().await;
+        let (channel, new_pid, adopted) = match self.start_successor(&binary, &args, handed).await {
             Ok(started) => started,
             Err(e) => return Err(self.serve_on(e)),
         };
+        // Theirs now: this process leaves them running when it exits.
+        let mut hosts_adopted = 0;
+        for i in &hosts {
+            if let Some(h) = i.loaded.host().filter(|h| adopted.contains(&h.pid())) {
+                h.handed_over();
+                hosts_adopted += 1;
+            }
+        }
         let ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
             new_pid,
             ready_ms,
+            hosts_adopted,
+            hosts = hosts.len(),
             "upgrade: the new process serves; handing over"
         );
         let connections_moved = self.hand_over(channel).await;
@@ -177,7 +195,55 @@ impl Daemon {
             binary: binary.display().to_string(),
             connections_moved,
             ready_ms,
+            hosts_adopted,
+            hosts: hosts.len(),
         })
+    }
+
+    /// A second stream into every plugin host this process runs (the
+    /// versions its slots have mapped), for the new process to adopt;
+    /// as many as one message's descriptors allow beside the sockets.
+    async fn hosts_for_successor(&self) -> (Vec<Arc<Installed>>, Vec<Handed>) {
+        let room = (MAX_FDS - self.offer().1.len()) / 3;
+        let installed: Vec<Arc<Installed>> = {
+            let reloader = self.reloader.lock().expect("reloader lock");
+            reloader
+                .slots()
+                .values()
+                .flat_map(|s| s.mapped())
+                .filter(|i| i.loaded.host().is_some_and(|h| h.exit().is_none()))
+                .collect()
+        };
+        if installed.len() > room {
+            tracing::warn!(
+                hosts = installed.len(),
+                room,
+                "upgrade: more plugin hosts than one hand-over message carries; the new process starts the rest anew"
+            );
+        }
+        tokio::task::spawn_blocking(move || {
+            let mut offered = Vec::new();
+            let mut handed = Vec::new();
+            for i in installed.into_iter().take(room) {
+                let host = i.loaded.host().expect("only hosts were taken");
+                match host.second_stream() {
+                    Ok(h) => {
+                        handed.push(h);
+                        offered.push(i);
+                    }
+                    Err(e) => tracing::warn!(
+                        plugin = %host.spec().plugin,
+                        version = %host.spec().version,
+                        pid = host.pid(),
+                        error = %e,
+                        "upgrade: this plugin host cannot be handed over; the new process starts its own"
+                    ),
+                }
+            }
+            (offered, handed)
+        })
+        .await
+        .expect("asking hosts for a second stream does not panic")
     }
 
     /// A new process connected to `[upgrade] socket` (a new pod beside
@@ -198,11 +264,14 @@ impl Daemon {
             .expect("reloader lock")
             .interrupt_trials();
         let (sockets, fds) = self.offer();
+        // No hosts: a new pod's process cannot adopt the old pod's, which
+        // end with the old pod's container.
         let offered = channel
             .send(
                 &Message::Offer {
                     pid: std::process::id(),
                     sockets,
+                    hosts: Vec::new(),
                 },
                 &[],
                 &fds,
@@ -223,7 +292,7 @@ impl Daemon {
                 }),
             Err(e) => Err(e),
         };
-        let (channel, new_pid) = match ready {
+        let (channel, new_pid, _) = match ready {
             Ok(r) => r,
             Err(e) => return Err(self.serve_on(e)),
         };
@@ -242,6 +311,8 @@ impl Daemon {
             binary: socket.display().to_string(),
             connections_moved,
             ready_ms,
+            hosts_adopted: 0,
+            hosts: 0,
         })
     }
 
@@ -258,13 +329,14 @@ impl Daemon {
         e
     }
 
-    /// Starts `binary`, offers it the listening sockets and waits for it
-    /// to say it serves.
+    /// Starts `binary`, offers it the listening sockets and the `hosts`
+    /// and waits for it to say it serves (and which hosts it adopted).
     async fn start_successor(
         &self,
         binary: &Path,
         args: &[OsString],
-    ) -> Result<(Channel, u32), UpgradeError> {
+        hosts: Vec<Handed>,
+    ) -> Result<(Channel, u32, Vec<u32>), UpgradeError> {
         let channel_err = |source| UpgradeError::Channel {
             binary: binary.to_owned(),
             source,
@@ -290,15 +362,25 @@ impl Daemon {
         drop(theirs);
         let pid = child.id();
         tracing::info!(pid, "upgrade: new process started");
-        let (sockets, fds) = self.offer();
+        let (sockets, mut fds) = self.offer();
+        let mut about = Vec::with_capacity(hosts.len());
+        for h in &hosts {
+            about.push(serde_json::to_value(&h.about).expect("plain struct"));
+            fds.extend([h.calls.as_fd(), h.control.as_fd(), h.pidfd.as_fd()]);
+        }
         let offered = ours.send(
             &Message::Offer {
                 pid: std::process::id(),
                 sockets,
+                hosts: about,
             },
             &[],
             &fds,
         );
+        drop(fds);
+        // The new process has its own copies now (or none, if the send
+        // failed): the hosts' new streams must not stay open here.
+        drop(hosts);
         if let Err(e) = offered {
             kill(&mut child);
             return Err(channel_err(e));
@@ -426,12 +508,12 @@ fn tail(output: &[u8]) -> String {
 fn wait_ready(
     mut channel: Channel,
     mut child: Option<&mut std::process::Child>,
-) -> Result<(Channel, u32), String> {
+) -> Result<(Channel, u32, Vec<u32>), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         match channel.recv(Some(LIVENESS_POLL)) {
             Ok(r) => match r.message {
-                Message::Ready { pid } => return Ok((channel, pid)),
+                Message::Ready { pid, adopted } => return Ok((channel, pid, adopted)),
                 other => return Err(format!("said {other:?} before it was ready")),
             },
             Err(HandoverError::Timeout(_)) => {}
@@ -515,6 +597,8 @@ pub(super) struct Inheritance {
     pub(super) admin: Option<OwnedFd>,
     /// The channel to the process this one replaces, and its pid.
     pub(super) predecessor: Option<(Channel, u32)>,
+    /// Its plugin hosts, to adopt.
+    pub(super) hosts: Vec<Handed>,
 }
 
 /// Takes what this process inherited. An upgrade's channel comes first; with
@@ -560,20 +644,27 @@ fn take_offer(mut channel: Channel, inherited: &mut Inheritance) -> Result<(), D
     let offer = channel
         .recv(Some(OFFER_TIMEOUT))
         .map_err(DaemonError::Upgrade)?;
-    let Message::Offer { pid, sockets } = offer.message else {
+    let Message::Offer {
+        pid,
+        sockets,
+        hosts,
+    } = offer.message
+    else {
         return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
             "expected the offer of sockets, got {:?}",
             offer.message
         ))));
     };
-    if sockets.len() != offer.fds.len() {
+    if sockets.len() + 3 * hosts.len() != offer.fds.len() {
         return Err(DaemonError::Upgrade(HandoverError::Protocol(format!(
-            "{} sockets offered with {} descriptors",
+            "{} sockets and {} plugin hosts offered with {} descriptors",
             sockets.len(),
+            hosts.len(),
             offer.fds.len()
         ))));
     }
-    for (socket, fd) in sockets.into_iter().zip(offer.fds) {
+    let mut fds = offer.fds.into_iter();
+    for (socket, fd) in sockets.into_iter().zip(fds.by_ref()) {
         match socket {
             Offered::Listener { name } => {
                 inherited.listeners.insert(name, fd);
@@ -582,9 +673,28 @@ fn take_offer(mut channel: Channel, inherited: &mut Inheritance) -> Result<(), D
             Offered::Admin => inherited.admin = Some(fd),
         }
     }
+    for about in hosts {
+        let (Some(calls), Some(control), Some(pidfd)) = (fds.next(), fds.next(), fds.next()) else {
+            break;
+        };
+        match serde_json::from_value::<HandedAbout>(about) {
+            Ok(about) => inherited.hosts.push(Handed {
+                about,
+                calls,
+                control,
+                pidfd,
+            }),
+            // Its descriptors close here: the host serves the old process
+            // alone, and this one starts its own.
+            Err(e) => {
+                tracing::warn!(error = %e, "an offered plugin host is described in a way this binary does not read; not adopted");
+            }
+        }
+    }
     tracing::info!(
         from_pid = pid,
         listeners = inherited.listeners.len(),
+        hosts = inherited.hosts.len(),
         "taking over from the running plugvisor"
     );
     inherited.predecessor = Some((channel, pid));
@@ -625,8 +735,7 @@ pub(super) fn wait_for_successors(path: &Path) -> Result<mpsc::Receiver<Channel>
 /// the raw TCP connections it sends, each on its listener's channel
 /// (`adopt`), on a thread of its own until `Done`.
 pub(super) fn succeed(
-    mut channel: Channel,
-    old_pid: u32,
+    (mut channel, old_pid, adopted_hosts): (Channel, u32, Vec<u32>),
     adopt: BTreeMap<String, mpsc::UnboundedSender<Adopted>>,
     metrics: std::sync::Arc<Metrics>,
     old_drains_within: Duration,
@@ -641,6 +750,7 @@ pub(super) fn succeed(
     if let Err(e) = channel.send(
         &Message::Ready {
             pid: std::process::id(),
+            adopted: adopted_hosts,
         },
         &[],
         &[],

@@ -3,7 +3,8 @@
 //!
 //! The host is the plugvisor binary itself (`plugvisor plugin-host`, a
 //! hidden verb), so a host is exactly as old as the daemon that spawned it
-//! and speaks its [`wire`](super::wire) format. It loads through the same
+//! and speaks its [`wire`](super::wire) format ([`wire::VERSION`]: a
+//! daemon of another binary adopts it only if that matches). It loads through the same
 //! [`loader`] as the in-process mode — the same ELF, ABI and identity
 //! checks, the same `init` — but here a crash, an `abort()` or an OOM kill
 //! takes only this process, and the daemon sees the end of the stream.
@@ -20,6 +21,11 @@
 //! own answer, one whole message at a time under a lock. The host's first
 //! thread runs no plugin code: it waits for the stream to end, so a host
 //! exits when the daemon lets go of it (or dies) even with a call stuck.
+//!
+//! A daemon being replaced (`plugvisor upgrade`) asks the host, on its
+//! control channel, to serve a second stream, which the new daemon adopts;
+//! each stream is served as above, and the host exits when the last one
+//! ends — the old daemon's going costs it nothing.
 
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
@@ -29,7 +35,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::HostSpec;
-use super::wire::{self, Kind, Message};
+use super::wire::{self, Kind};
+use crate::handover::{Channel, HandoverError, Message};
 use crate::loader::{self, HandleError, InitBound, LoadError, LoadedVersion};
 
 /// Threads kept free (reading, or waiting to read) once a burst is over.
@@ -49,13 +56,15 @@ const INIT_UNBOUNDED: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Gives up the daemon's privileges (to `run_as`, see
 /// [`privileges`](super::privileges)), loads `spec` from `object` (the
 /// library as this process has it open, `/proc/self/fd/4`) and serves it
-/// over `stream` until the daemon closes it. Returns when the host should
-/// exit; `Err` only when the stream itself failed.
+/// over `stream` — and over every further stream a daemon hands it on
+/// `control` (see [`adopt`]) — until every one of them is closed. Returns
+/// when the host should exit; `Err` only when the last stream failed.
 pub fn serve(
     spec: &HostSpec,
     object: &Path,
     run_as: Option<(u32, u32)>,
     stream: UnixStream,
+    control: Option<Channel>,
 ) -> io::Result<()> {
     let out = Arc::new(Mutex::new(stream.try_clone()?));
     let dropped = match super::privileges::drop_to(run_as) {
@@ -95,29 +104,29 @@ pub fn serve(
             return Ok(());
         }
     };
-    let calls = Arc::new(Calls {
-        reader: Mutex::new(Some(io::BufReader::with_capacity(64 << 10, stream))),
-        free: AtomicUsize::new(0),
+    let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
         loaded: loaded.clone(),
-        out,
     });
-    calls.start_thread();
-    // This thread runs no plugin code: the host ends when the stream does,
-    // even with a call stuck in the plugin.
-    let state = calls.state();
-    let mut state = calls
+    Calls::open(&shared, stream, out);
+    if let Some(control) = control {
+        adopt(&shared, control);
+    }
+    // This thread runs no plugin code: the host ends when the last stream
+    // does, even with a call stuck in the plugin.
+    let state = shared.state();
+    let mut state = shared
         .changed
-        .wait_while(state, |s| s.ended.is_none())
+        .wait_while(state, |s| s.streams > 0)
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(Err(e)) = state.ended.take() {
+    if let Some(e) = state.failed.take() {
         return Err(e);
     }
     // The free threads see the end too and leave at once; one still in a
     // call would have its instance freed under it, so a host with a call
     // running past this just exits, without `shutdown`.
-    let (state, _) = calls
+    let (state, _) = shared
         .changed
         .wait_timeout_while(state, LAST_CALLS, |s| s.threads > 0)
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -125,14 +134,68 @@ pub fn serve(
     drop(state);
     if idle {
         // Idle: the plugin gets its `shutdown`, as in-process.
-        drop(calls);
+        drop(shared);
         drop(Arc::try_unwrap(loaded).ok());
     }
     Ok(())
 }
 
+/// Listens on a control channel, on a thread of its own, until the daemon
+/// that holds its other end closes it. Each [`Message::Adopt`] brings a
+/// call stream, served from then on beside the others, and the control
+/// channel for whoever will hold that stream: how a daemon's successor
+/// takes the host over while the old daemon still sends calls on its own
+/// stream (two daemons never write one stream).
+fn adopt(shared: &Arc<Shared>, mut control: Channel) {
+    let shared = shared.clone();
+    let started = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            loop {
+                let received = match control.recv(None) {
+                    Ok(r) => r,
+                    Err(HandoverError::Closed) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "plugin host: control channel failed; no more adoptions through it");
+                        return;
+                    }
+                };
+                let Message::Adopt = received.message else {
+                    tracing::warn!(message = ?received.message, "plugin host: unexpected control message; ignored");
+                    continue;
+                };
+                let mut fds = received.fds.into_iter();
+                let (Some(calls), Some(next)) = (fds.next(), fds.next()) else {
+                    tracing::warn!("plugin host: an adoption without its two descriptors; ignored");
+                    continue;
+                };
+                let stream = UnixStream::from(calls);
+                let out = match stream.try_clone() {
+                    Ok(o) => Arc::new(Mutex::new(o)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "plugin host: cannot serve an adopted stream");
+                        continue;
+                    }
+                };
+                Calls::open(&shared, stream, out);
+                adopt(&shared, Channel::from_fd(next));
+                let answer = Message::Adopted {
+                    pid: std::process::id(),
+                };
+                if control.send(&answer, &[], &[]).is_err() {
+                    // The daemon that asked is gone; the stream it made is
+                    // its successor's, or ends with it.
+                    return;
+                }
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "plugin host: cannot start its control thread; it cannot be adopted");
+    }
+}
+
 /// Runs one call and writes its answer.
-fn answer(loaded: &LoadedVersion, out: &Mutex<UnixStream>, m: &Message) {
+fn answer(loaded: &LoadedVersion, out: &Mutex<UnixStream>, m: &wire::Message) {
     let (kind, payload): (Kind, Vec<u8>) = match m.kind {
         Kind::Handle => match loaded.handle(&m.payload) {
             Ok(bytes) => (Kind::Answer, bytes),
@@ -181,30 +244,66 @@ fn send(out: &Mutex<UnixStream>, id: u64, kind: Kind, payload: &[u8]) -> io::Res
 /// What the host's first thread waits on.
 #[derive(Default)]
 struct State {
-    /// Call threads alive.
+    /// Call threads alive, over every stream.
     threads: usize,
-    /// Set when the stream ends: `Ok` cleanly (the daemon let go of this
-    /// version, or died), `Err` with the error that ended it.
-    ended: Option<io::Result<()>>,
+    /// Streams still open.
+    streams: usize,
+    /// The error that ended the stream that ended last, if one did.
+    failed: Option<io::Error>,
 }
 
-/// The threads that read and run calls (see the module docs).
+/// What every stream's calls share.
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    loaded: Arc<LoadedVersion>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The threads that read and run one stream's calls (see the module docs).
 struct Calls {
     /// The stream while it is open; `None` once it has ended.
     reader: Mutex<Option<io::BufReader<UnixStream>>>,
     // Threads not running plugin code (reading, or waiting to read).
     free: AtomicUsize,
-    state: Mutex<State>,
-    changed: Condvar,
-    loaded: Arc<LoadedVersion>,
+    shared: Arc<Shared>,
     out: Arc<Mutex<UnixStream>>,
 }
 
 impl Calls {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Serves `stream` (answers on `out`, a clone of it) from now on.
+    fn open(shared: &Arc<Shared>, stream: UnixStream, out: Arc<Mutex<UnixStream>>) {
+        shared.state().streams += 1;
+        let calls = Arc::new(Calls {
+            reader: Mutex::new(Some(io::BufReader::with_capacity(64 << 10, stream))),
+            free: AtomicUsize::new(0),
+            shared: shared.clone(),
+            out,
+        });
+        if !calls.start_thread() {
+            // Not one thread to read it: the stream is as good as closed.
+            calls.end(Ok(()));
+        }
+    }
+
+    /// The stream ended (cleanly, or with an error): counted once.
+    fn end(&self, how: io::Result<()>) {
+        let mut state = self.shared.state();
+        state.streams -= 1;
+        if let Err(e) = how {
+            state.failed = Some(e);
+        } else if state.streams == 0 {
+            state.failed = None;
+        }
+        drop(state);
+        self.shared.changed.notify_all();
     }
 
     /// Starts one more call thread, counted free; `false` if the system
@@ -212,18 +311,18 @@ impl Calls {
     /// busy now is done.
     fn start_thread(self: &Arc<Self>) -> bool {
         self.free.fetch_add(1, Ordering::AcqRel);
-        self.state().threads += 1;
+        self.shared.state().threads += 1;
         let calls = self.clone();
         let started = std::thread::Builder::new()
             .name("call".into())
             .spawn(move || {
                 calls.work();
-                calls.state().threads -= 1;
-                calls.changed.notify_all();
+                calls.shared.state().threads -= 1;
+                calls.shared.changed.notify_all();
             });
         if started.is_err() {
             self.free.fetch_sub(1, Ordering::AcqRel);
-            self.state().threads -= 1;
+            self.shared.state().threads -= 1;
             tracing::warn!("cannot start another call thread; calls queue");
             return false;
         }
@@ -246,8 +345,7 @@ impl Calls {
                     Ok(Some(m)) => m,
                     end => {
                         *r = None;
-                        self.state().ended = Some(end.map(|_| ()));
-                        self.changed.notify_all();
+                        self.end(end.map(|_| ()));
                         return;
                     }
                 }
@@ -259,7 +357,7 @@ impl Calls {
                 // hangs cannot keep the next ones from being read.
                 self.start_thread();
             }
-            answer(&self.loaded, &self.out, &message);
+            answer(&self.shared.loaded, &self.out, &message);
             if self.free.fetch_add(1, Ordering::AcqRel) >= SPARE_THREADS {
                 // Enough threads free already: this one ends.
                 self.free.fetch_sub(1, Ordering::AcqRel);

@@ -171,7 +171,7 @@ pub enum CgroupRoot {
 }
 
 /// The v1 controllers one mount carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct V1Set(u8);
 
 impl V1Set {
@@ -360,7 +360,7 @@ fn mkdir_fresh(d: &Path) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("creating cgroup {}: {e}", d.display())))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Kind {
     V1,
     V2,
@@ -453,6 +453,40 @@ impl HostCgroup {
             Kind::V1 => Mechanism::Cgroup1,
             Kind::V2 => Mechanism::Cgroup2,
         }
+    }
+}
+
+/// Where a host's cgroup is, as an upgrade's offer carries it: the daemon
+/// that adopts the host reads its usage there and removes it once the
+/// host is gone.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CgroupPlace {
+    kind: Kind,
+    dirs: Vec<(V1Set, PathBuf)>,
+}
+
+impl HostCgroup {
+    /// Where it is.
+    pub fn place(&self) -> CgroupPlace {
+        CgroupPlace {
+            kind: self.kind,
+            dirs: self.dirs.clone(),
+        }
+    }
+
+    /// The cgroup at `place`, made by the daemon this one replaced: this
+    /// one removes it once its host is gone.
+    pub fn adopt(place: CgroupPlace) -> HostCgroup {
+        HostCgroup {
+            kind: place.kind,
+            dirs: place.dirs,
+        }
+    }
+
+    /// Lets go of the cgroup without removing it: its host lives on,
+    /// adopted by another daemon, which removes it when the host is gone.
+    pub fn hand_over(self) {
+        std::mem::forget(self);
     }
 }
 

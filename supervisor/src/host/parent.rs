@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -28,10 +28,11 @@ use tokio::io::AsyncReadExt as _;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use super::limits::{HostCgroup, Limits, Resources, Usage};
+use super::limits::{CgroupPlace, HostCgroup, Limits, Resources, Usage};
 use super::privileges::{Dropped, RunAs};
 use super::wire::{self, Kind};
 use super::{Cause, Exit, HostSpec};
+use crate::handover::{Channel, Message};
 use crate::loader::{HandleError, LoadError, LoadTimings, StuckCalls};
 
 /// How long a host that lost its channel, or was told to stop, may take to
@@ -41,6 +42,10 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long a write to a host may wait for room in the socket buffer: a
 /// host that reads nothing for this long is frozen, and is killed.
 const WRITE_STALL: Duration = Duration::from_secs(2);
+
+/// How long a host may take to answer an [`Message::Adopt`]: it starts a
+/// thread and answers, nothing more.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// After a call's timeout, how much longer it may stay stuck before its
 /// host counts as hung and is killed: as long again as the timeout itself.
@@ -119,6 +124,15 @@ struct Conn {
     // The exit, for a spawner still waiting for `Ready`.
     reaped: OnceLock<Exit>,
     reaped_tx: Mutex<Option<std::sync::mpsc::SyncSender<Exit>>>,
+    // Where a successor daemon's stream is asked for (see `second_stream`).
+    control: Mutex<Option<Channel>>,
+    // What it was started with, as a successor compares it to its own.
+    confinement: String,
+    // Set for a host adopted from the daemon this one replaced: not our
+    // child, so it is watched and signalled through its pidfd.
+    pidfd: Option<Arc<OwnedFd>>,
+    // Set once a successor daemon serves with this host: it is theirs now.
+    handed: AtomicBool,
 }
 
 /// A version running in a host process.
@@ -144,6 +158,111 @@ pub struct Confinement {
     /// The user it becomes before it opens the library (`None`: it keeps
     /// the daemon's user — only for a daemon that is not root).
     pub run_as: Option<RunAs>,
+}
+
+/// A host process just started: the daemon's ends of its channels.
+struct Started {
+    calls: StdStream,
+    control: Channel,
+    child: tokio::process::Child,
+    cgroup: Option<HostCgroup>,
+}
+
+/// What a successor compares before it adopts a host: the same limits and
+/// user, spelled the same by both binaries (a binary that spells them
+/// otherwise starts a host of its own — the safe way to differ).
+fn fingerprint(confinement: &Confinement) -> String {
+    format!("{confinement:?}")
+}
+
+/// A host as a daemon being replaced describes it to its successor (in
+/// the hand-over's offer, as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HandedAbout {
+    /// What it runs.
+    pub plugin: String,
+    /// The version.
+    pub version: semver::Version,
+    /// The manifest's ABI.
+    pub abi: u32,
+    /// The object's sha256.
+    pub sha256: String,
+    /// The object in the store.
+    pub object: PathBuf,
+    /// Its pid, as the old daemon sees it.
+    pub pid: u32,
+    /// The [`wire::VERSION`] it speaks.
+    pub wire: u32,
+    /// Its limits and user (see `fingerprint`).
+    pub confinement: String,
+    /// Its cgroup, if it has one.
+    pub cgroup: Option<CgroupPlace>,
+}
+
+/// A host a successor may adopt: its description, a call stream of its
+/// own into the host, the control channel for the next hand-over, and a
+/// pidfd to watch and signal it by (it is not the successor's child).
+#[derive(Debug)]
+pub struct Handed {
+    /// What it is.
+    pub about: HandedAbout,
+    /// The successor's call stream.
+    pub calls: OwnedFd,
+    /// The successor's control channel.
+    pub control: OwnedFd,
+    /// The host's pidfd.
+    pub pidfd: OwnedFd,
+}
+
+impl Handed {
+    /// Whether a daemon that would start `spec` confined by `confinement`
+    /// can adopt this host instead, and if not, why.
+    pub fn fits(&self, spec: &HostSpec, confinement: &Confinement) -> Result<(), String> {
+        let a = &self.about;
+        if a.wire != wire::VERSION {
+            return Err(format!(
+                "it speaks host wire format {}, this binary {}",
+                a.wire,
+                wire::VERSION
+            ));
+        }
+        if (a.plugin.as_str(), &a.version, a.sha256.as_str())
+            != (spec.plugin.as_str(), &spec.version, spec.sha256.as_str())
+        {
+            return Err(format!("it runs {} {} ({})", a.plugin, a.version, a.sha256));
+        }
+        if a.confinement != fingerprint(confinement) {
+            return Err("the config now holds it to other limits, or another user".into());
+        }
+        Ok(())
+    }
+}
+
+/// The pid a pidfd refers to in this process's pid namespace (`None`: it
+/// has exited, or lives in a namespace this one cannot see).
+fn pidfd_pid(fd: &OwnedFd) -> Option<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    let pid: i64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    u32::try_from(pid).ok().filter(|p| *p > 0)
+}
+
+/// Opens a pidfd for `pid`, which must be this process's unreaped child
+/// (so the number cannot have been reused).
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    Ok(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(i32::try_from(fd).expect("an fd"))
+    })
 }
 
 /// Starts hosts: which program to run, on which runtime their I/O lives,
@@ -196,15 +315,15 @@ impl Spawner {
         Spawner::new(PathBuf::from("/proc/self/exe"), runtime, exits, resources)
     }
 
-    /// The host's command line: `channel` becomes its fd 3 and `object`
-    /// (the library, opened here) its fd 4; it joins `join` (its cgroup's
-    /// `cgroup.procs` files) before `exec`, or takes `rlimit_as`.
+    /// The host's command line: `channel` becomes its fd 3, `object` (the
+    /// library, opened here) its fd 4 and `control` its fd 5; it joins
+    /// `join` (its cgroup's `cgroup.procs` files) before `exec`, or takes
+    /// `rlimit_as`.
     fn command(
         &self,
         spec: &HostSpec,
         confinement: &Confinement,
-        channel: i32,
-        object: i32,
+        [channel, object, control]: [i32; 3],
         join: Vec<std::ffi::CString>,
         rlimit_as: Option<u64>,
     ) -> std::process::Command {
@@ -231,15 +350,18 @@ impl Spawner {
         // buffer they use was made before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                // Both fds were duplicated above 9 by the parent, so
-                // neither is clobbered by the other's dup2; dup2 leaves the
-                // new fd without close-on-exec.
-                if libc::dup2(channel, 3) < 0 || libc::dup2(object, 4) < 0 {
+                // The fds were duplicated above 9 by the parent, so none
+                // is clobbered by another's dup2; dup2 leaves the new fd
+                // without close-on-exec.
+                if libc::dup2(channel, 3) < 0
+                    || libc::dup2(object, 4) < 0
+                    || libc::dup2(control, 5) < 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 // Nothing else of the daemon's crosses: not its listening
                 // sockets, not the admin socket, not inherited systemd fds.
-                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+                libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);
                 // Its own process group: a Ctrl-C meant for the daemon
                 // must not kill the hosts first and look like crashes.
                 libc::setpgid(0, 0);
@@ -289,19 +411,22 @@ impl Spawner {
         );
     }
 
-    /// Starts the host process: its channel, its library's fd, its
-    /// cgroup (or rlimit). Returns the daemon's end of the channel.
+    /// Starts the host process: its channel, its control channel, its
+    /// library's fd, its cgroup (or rlimit). Returns the daemon's ends of
+    /// both channels.
     fn start_process(
         &self,
         spec: &HostSpec,
         confinement: &Confinement,
-    ) -> Result<(StdStream, tokio::process::Child, Option<HostCgroup>), LoadError> {
+    ) -> Result<Started, LoadError> {
         let failed = |message: String| LoadError::HostFailed {
             plugin: spec.plugin.clone(),
             version: spec.version.to_string(),
             message,
         };
         let (ours, theirs) = StdStream::pair().map_err(|e| failed(format!("socketpair: {e}")))?;
+        let (control, their_control) =
+            Channel::pair().map_err(|e| failed(format!("control channel: {e}")))?;
         let object = std::fs::File::open(&spec.object)
             .map_err(|e| failed(format!("opening {}: {e}", spec.object.display())))?;
         let high = |fd: i32| {
@@ -316,9 +441,13 @@ impl Spawner {
         };
         // The originals close here: a copy of the host's end kept open in
         // the daemon would hide the host's death (no end of stream).
-        let (theirs, object) = {
-            let (t, o) = (theirs, object);
-            (high(t.as_raw_fd())?, high(o.as_raw_fd())?)
+        let (theirs, object, their_control) = {
+            let (t, o, c) = (theirs, object, their_control);
+            (
+                high(t.as_raw_fd())?,
+                high(o.as_raw_fd())?,
+                high(c.raw_fd())?,
+            )
         };
         let cgroup = self
             .resources
@@ -336,8 +465,11 @@ impl Spawner {
         let cmd = self.command(
             spec,
             confinement,
-            theirs.as_raw_fd(),
-            object.as_raw_fd(),
+            [
+                theirs.as_raw_fd(),
+                object.as_raw_fd(),
+                their_control.as_raw_fd(),
+            ],
             join,
             rlimit_as,
         );
@@ -345,8 +477,13 @@ impl Spawner {
         let child = tokio::process::Command::from(cmd)
             .spawn()
             .map_err(|e| failed(format!("cannot start {}: {e}", self.program.display())))?;
-        drop((theirs, object));
-        Ok((ours, child, cgroup))
+        drop((theirs, object, their_control));
+        Ok(Started {
+            calls: ours,
+            control,
+            child,
+            cgroup,
+        })
     }
 
     /// Spawns a host for `spec` and waits until its `init` returned, at
@@ -363,24 +500,24 @@ impl Spawner {
             version: spec.version.to_string(),
             message,
         };
-        let (mut ours, mut child, cgroup) = self.start_process(spec, confinement)?;
+        let Started {
+            calls: mut ours,
+            control,
+            mut child,
+            cgroup,
+        } = self.start_process(spec, confinement)?;
         let pid = child.id().unwrap_or(0);
         let (reaped_tx, reaped_rx) = std::sync::mpsc::sync_channel(1);
-        let conn = Arc::new(Conn {
-            spec: spec.clone(),
+        let conn = Arc::new(Conn::new(
+            spec.clone(),
             pid,
-            writer: Mutex::new(None),
-            pending: Mutex::new(Pending::default()),
-            next_id: AtomicU64::new(1),
-            killed: AtomicU8::new(KILLED_NONE),
-            serving: AtomicBool::new(false),
-            retired: AtomicBool::new(false),
-            stuck_gauge: stuck,
-            exits: self.exits.clone(),
-            cgroup: Mutex::new(cgroup),
-            reaped: OnceLock::new(),
-            reaped_tx: Mutex::new(Some(reaped_tx)),
-        });
+            self.exits.clone(),
+            stuck,
+            cgroup,
+            (control, fingerprint(confinement)),
+            None,
+        ));
+        *conn.reaped_tx.lock().expect("host lock") = Some(reaped_tx);
         let reaper = conn.clone();
         self.runtime.spawn(async move {
             let status = child.wait().await.ok();
@@ -453,9 +590,110 @@ impl Spawner {
         self.runtime.spawn(async move { reader.read(read).await });
         Ok((Host { conn }, timings))
     }
+
+    /// Takes over a host the daemon this one replaces ran (see
+    /// [`Host::second_stream`]) instead of starting one: no new process, no
+    /// second `init`. The caller checked it [`fits`](Handed::fits).
+    pub fn adopt(&self, handed: Handed, stuck: Arc<StuckCalls>) -> Result<Host, LoadError> {
+        let Handed {
+            about,
+            calls,
+            control,
+            pidfd,
+        } = handed;
+        let failed = |message: String| LoadError::HostFailed {
+            plugin: about.plugin.clone(),
+            version: about.version.to_string(),
+            message: format!("adopting its running host (pid {}): {message}", about.pid),
+        };
+        // The number as this process sees it: the old daemon's may differ
+        // (another pid namespace), and an exited host has none.
+        let pid = pidfd_pid(&pidfd).ok_or_else(|| failed("it has exited".into()))?;
+        let spec = HostSpec {
+            plugin: about.plugin.clone(),
+            version: about.version.clone(),
+            abi: about.abi,
+            sha256: about.sha256.clone(),
+            object: about.object.clone(),
+        };
+        let pidfd = Arc::new(pidfd);
+        let conn = Arc::new(Conn::new(
+            spec,
+            pid,
+            self.exits.clone(),
+            stuck,
+            about.cgroup.map(HostCgroup::adopt),
+            (Channel::from_fd(control), about.confinement),
+            Some(pidfd.clone()),
+        ));
+        // It has served all along.
+        conn.serving.store(true, Ordering::Release);
+        let _rt = self.runtime.enter();
+        // A pidfd polls readable once its process has exited.
+        // SAFETY: the registration holds one of the pidfd's `Arc`s, so the
+        // fd stays open for as long as it is registered.
+        let exited = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| failed(format!("watching its pidfd: {e}")))?;
+        let stream = StdStream::from(calls);
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(stream))
+            .map_err(|e| failed(e.to_string()))?;
+        let (read, write) = stream.into_split();
+        *conn.writer.lock().expect("host lock") = Some(write);
+        let reaper = conn.clone();
+        self.runtime.spawn(async move {
+            let _ = exited.readable().await;
+            // Not our child: its exit status is its parent's to read.
+            reaper.reaped(None);
+        });
+        crate::markers::plugvisor_host_serving(conn.pid);
+        let reader = conn.clone();
+        self.runtime.spawn(async move { reader.read(read).await });
+        tracing::info!(
+            plugin = %conn.spec.plugin,
+            version = %conn.spec.version,
+            pid = conn.pid,
+            "plugin host adopted from the daemon this one replaces: no new process, no second init"
+        );
+        Ok(Host { conn })
+    }
 }
 
 impl Conn {
+    /// A host's connection, not serving yet (`pidfd`: an adopted host's).
+    fn new(
+        spec: HostSpec,
+        pid: u32,
+        exits: mpsc::UnboundedSender<Exit>,
+        stuck_gauge: Arc<StuckCalls>,
+        cgroup: Option<HostCgroup>,
+        (control, confinement): (Channel, String),
+        pidfd: Option<Arc<OwnedFd>>,
+    ) -> Conn {
+        Conn {
+            spec,
+            pid,
+            writer: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
+            next_id: AtomicU64::new(1),
+            killed: AtomicU8::new(KILLED_NONE),
+            serving: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            stuck_gauge,
+            exits,
+            cgroup: Mutex::new(cgroup),
+            reaped: OnceLock::new(),
+            reaped_tx: Mutex::new(None),
+            control: Mutex::new(Some(control)),
+            confinement,
+            pidfd,
+            handed: AtomicBool::new(false),
+        }
+    }
+
     /// Delivers the host's answers until its stream ends.
     async fn read(self: Arc<Self>, read: OwnedReadHalf) {
         let mut r = tokio::io::BufReader::with_capacity(64 << 10, read);
@@ -493,7 +731,8 @@ impl Conn {
             tracing::warn!(plugin = %self.spec.plugin, version = %self.spec.version, pid = self.pid, error = %ended, "reading from the plugin host failed; it is stopped");
         }
         // The stream ends when the host exits; one that closed its end
-        // and lives on is of no use, and is made to exit.
+        // and lives on is of no use, and is made to exit (unless it is a
+        // successor's now: `kill` leaves those alone).
         tokio::time::sleep(EXIT_GRACE).await;
         if self.reaped.get().is_none() {
             self.kill(KILLED_NONE);
@@ -503,12 +742,40 @@ impl Conn {
     /// The reaper saw the host exit: every call still waiting is lost.
     fn reaped(&self, status: Option<std::process::ExitStatus>) {
         let cgroup = self.cgroup.lock().expect("host lock").take();
+        if self.handed.load(Ordering::Acquire) {
+            // A successor adopted it: its death, and its cgroup, are the
+            // successor's to handle. Calls of ours still on it are lost.
+            if let Some(cg) = cgroup {
+                cg.hand_over();
+            }
+            let exit = Exit {
+                plugin: self.spec.plugin.clone(),
+                version: self.spec.version.clone(),
+                sha256: self.spec.sha256.clone(),
+                pid: self.pid,
+                cause: status.map_or(Cause::Unknown, Cause::from_status),
+                at: Instant::now(),
+            };
+            let _ = self.reaped.set(exit.clone());
+            let calls = {
+                let mut p = self.pending.lock().expect("host lock");
+                p.closed = true;
+                p.exit = Some(exit.clone());
+                std::mem::take(&mut p.calls)
+            };
+            for (_, w) in calls {
+                w.send(Reply::Lost(exit.clone()));
+            }
+            return;
+        }
         let cause = match self.killed.load(Ordering::Acquire) {
             KILLED_HANG => Cause::Hang,
             KILLED_INIT => Cause::InitTimeout,
             _ => match status.map_or(Cause::Unknown, Cause::from_status) {
-                // The kernel's own count says whether the OOM killer did it.
-                Cause::Signal(libc::SIGKILL)
+                // The kernel's own count says whether the OOM killer did it
+                // (the only word on an adopted host, whose status is not
+                // ours to read).
+                Cause::Signal(libc::SIGKILL) | Cause::Unknown
                     if cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0) =>
                 {
                     Cause::Oom
@@ -566,13 +833,28 @@ impl Conn {
     }
 
     fn kill(&self, why: u8) {
-        if self.reaped.get().is_some() || self.pid == 0 {
+        if self.reaped.get().is_some() || self.pid == 0 || self.handed.load(Ordering::Acquire) {
             return;
         }
         if why != KILLED_NONE {
             let _ =
                 self.killed
                     .compare_exchange(KILLED_NONE, why, Ordering::AcqRel, Ordering::Acquire);
+        }
+        if let Some(pidfd) = &self.pidfd {
+            // Adopted: the pid may be reused once its parent reaps it; the
+            // pidfd names this process and no other.
+            // SAFETY: plain syscall on a pidfd we hold.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0u32,
+                )
+            };
+            return;
         }
         // Not reaped yet, so the pid is still this host's (a zombie at worst).
         // SAFETY: plain syscall.
@@ -801,10 +1083,90 @@ impl Host {
     pub fn kill(&self) {
         self.conn.kill(KILLED_NONE);
     }
+
+    /// Asks the host for a second call stream and control channel, for
+    /// the daemon that replaces this one: the host serves both streams
+    /// from then on, and lives until both have closed. Blocks the caller
+    /// (at most [`ADOPT_TIMEOUT`]). Until [`Host::handed_over`] this daemon
+    /// still owns the host; if the successor never starts, its stream
+    /// simply closes.
+    pub fn second_stream(&self) -> Result<Handed, String> {
+        if self.conn.reaped.get().is_some() {
+            return Err("it has exited".into());
+        }
+        let pidfd = match &self.conn.pidfd {
+            Some(fd) => crate::handover::duplicate(std::os::fd::AsFd::as_fd(&**fd)),
+            // Our unreaped child: the pid is still its own.
+            None => pidfd_open(self.conn.pid),
+        }
+        .map_err(|e| format!("pidfd: {e}"))?;
+        let (calls, theirs) = StdStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        let (control, their_control) = Channel::pair().map_err(|e| e.to_string())?;
+        let mut guard = self.conn.control.lock().expect("host lock");
+        let Some(channel) = guard.as_mut() else {
+            return Err("its control channel is closed".into());
+        };
+        let asked = channel.send(
+            &Message::Adopt,
+            &[],
+            &[std::os::fd::AsFd::as_fd(&theirs), their_control.as_fd()],
+        );
+        drop((theirs, their_control));
+        let answer = asked.and_then(|()| channel.recv(Some(ADOPT_TIMEOUT)));
+        match answer {
+            Ok(r) if matches!(r.message, Message::Adopted { .. }) => {}
+            Ok(r) => return Err(format!("it answered {:?}", r.message)),
+            Err(e) => {
+                // A control channel that failed once is not trusted again.
+                *guard = None;
+                return Err(e.to_string());
+            }
+        }
+        drop(guard);
+        let cgroup = self
+            .conn
+            .cgroup
+            .lock()
+            .expect("host lock")
+            .as_ref()
+            .map(HostCgroup::place);
+        Ok(Handed {
+            about: HandedAbout {
+                plugin: self.conn.spec.plugin.clone(),
+                version: self.conn.spec.version.clone(),
+                abi: self.conn.spec.abi,
+                sha256: self.conn.spec.sha256.clone(),
+                object: self.conn.spec.object.clone(),
+                pid: self.conn.pid,
+                wire: wire::VERSION,
+                confinement: self.conn.confinement.clone(),
+                cgroup,
+            },
+            calls: calls.into(),
+            control: control.into_fd(),
+            pidfd,
+        })
+    }
+
+    /// The successor serves with this host (it adopted it, or closed the
+    /// stream it was given and the host ends with ours): from now on this
+    /// daemon neither kills it, nor reports its death, nor removes its
+    /// cgroup. Calls still in flight on our stream are answered as before.
+    pub fn handed_over(&self) {
+        self.conn.handed.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
+        if self.conn.handed.load(Ordering::Acquire) {
+            // A successor's now: closing our stream leaves it serving theirs.
+            drop(self.conn.writer.lock().expect("host lock").take());
+            if let Some(cg) = self.conn.cgroup.lock().expect("host lock").take() {
+                cg.hand_over();
+            }
+            return;
+        }
         // Last reference gone: no call can be in flight. Closing our end
         // tells the host to run `shutdown` and exit; one that does not is
         // killed.

@@ -17,6 +17,11 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
+/// This format's version. A daemon adopts a running host (on an upgrade)
+/// only if the host speaks the same; it starts a new one otherwise. Raise
+/// it with any change to the header, the kinds or the payloads.
+pub const VERSION: u32 = 1;
+
 /// Header bytes before every payload.
 pub const HEADER: usize = 13;
 

@@ -14,8 +14,8 @@ use super::{AttemptOutcome, ReloadError, ReloadOptions, ReloadReport, Reloader, 
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies as deps;
 use crate::failpoints::{CrashPoint, crash_point};
-use crate::host::parent::Confinement;
-use crate::host::{HostSpec, Isolation, Loaded, Mechanism, privileges};
+use crate::host::parent::{Confinement, Handed};
+use crate::host::{Host, HostSpec, Isolation, Loaded, Mechanism, Spawner, privileges};
 use crate::loader::{self, LoadError};
 use crate::markers::ReloadWindow;
 use crate::metrics::{Phase, ReloadOutcome};
@@ -83,24 +83,31 @@ impl Reloader {
     ) -> Result<(Loaded, loader::LoadTimings), LoadError> {
         let slot = self.slot(plugin);
         self.publish_isolation(plugin);
+        let handed = self
+            .adoptable
+            .remove(&(plugin.to_owned(), sha256.to_owned()));
         let result = match (self.isolation_of(plugin), &self.spawner) {
             (Isolation::Process, Some(spawner)) => self
                 .confinement(plugin, version)
                 .and_then(|confinement| {
-                    spawner.spawn(
-                        &HostSpec {
-                            plugin: plugin.to_owned(),
-                            version: version.clone(),
-                            abi,
-                            sha256: sha256.to_owned(),
-                            object: object.to_owned(),
-                        },
-                        &confinement,
-                        self.init_timeout,
-                        slot.handle_stuck(),
-                    )
+                    let spec = HostSpec {
+                        plugin: plugin.to_owned(),
+                        version: version.clone(),
+                        abi,
+                        sha256: sha256.to_owned(),
+                        object: object.to_owned(),
+                    };
+                    if let Some(adopted) = adopt(spawner, handed, &spec, &confinement, &slot) {
+                        return Ok(adopted);
+                    }
+                    spawner
+                        .spawn(&spec, &confinement, self.init_timeout, slot.handle_stuck())
+                        .map(|(h, t)| (h, t, None))
                 })
-                .map(|(h, t)| (Loaded::Process(h), t)),
+                .map(|(h, t, adopted_from)| {
+                    self.adopted.extend(adopted_from);
+                    (Loaded::Process(h), t)
+                }),
             _ => loader::load(
                 plugin,
                 version,
@@ -728,5 +735,31 @@ impl Reloader {
         report.outcome = outcome.into();
         report.message = Some(e.to_string());
         report
+    }
+}
+
+/// Adopts `handed` — a host the daemon this one replaces ran — for `spec`,
+/// if it runs that very version under the same limits; `None` (after
+/// saying why) when a new host must be started instead. Returns the host,
+/// zero load and init times (neither ran), and the old daemon's pid of it.
+fn adopt(
+    spawner: &Spawner,
+    handed: Option<Handed>,
+    spec: &HostSpec,
+    confinement: &Confinement,
+    slot: &Slot,
+) -> Option<(Host, loader::LoadTimings, Option<u32>)> {
+    let handed = handed?;
+    let old_pid = handed.about.pid;
+    if let Err(why) = handed.fits(spec, confinement) {
+        tracing::info!(plugin = %spec.plugin, version = %spec.version, pid = old_pid, "not adopting the old daemon's plugin host ({why}): starting a new one");
+        return None;
+    }
+    match spawner.adopt(handed, slot.handle_stuck()) {
+        Ok(host) => Some((host, loader::LoadTimings::default(), Some(old_pid))),
+        Err(e) => {
+            tracing::warn!(error = %e, "starting a new plugin host instead");
+            None
+        }
     }
 }

@@ -43,6 +43,7 @@ pub use self::outcome::{
 };
 use crate::catalog::{self, CatalogError, Package};
 use crate::dependencies::{self as deps, Conflict, ConflictKind};
+use crate::host::parent::Handed;
 use crate::host::{Hosting, Isolation, Spawner};
 use crate::markers::{PluginNames, ReloadWindow};
 use crate::metrics::Metrics;
@@ -83,6 +84,11 @@ pub struct Reloader {
     spawner: Option<Spawner>,
     // Plugins whose `isolation` was published as a metric.
     isolation_published: BTreeSet<String>,
+    // Hosts the daemon this one replaces offered, by (plugin, sha256),
+    // until the start-up loads adopt them or `let_go_of_unadopted`.
+    adoptable: HashMap<(String, String), Handed>,
+    // The old daemon's pids of the hosts adopted.
+    adopted: Vec<u32>,
 }
 
 impl Reloader {
@@ -113,7 +119,34 @@ impl Reloader {
             isolation: HashMap::new(),
             spawner: None,
             isolation_published: BTreeSet::new(),
+            adoptable: HashMap::new(),
+            adopted: Vec::new(),
         }
+    }
+
+    /// Hosts the daemon this one replaces offered: a start-up load of the
+    /// same version under the same limits adopts one instead of starting
+    /// a new host (and running `init` again).
+    pub fn offer_hosts(&mut self, hosts: Vec<Handed>) {
+        for h in hosts {
+            let key = (h.about.plugin.clone(), h.about.sha256.clone());
+            self.adoptable.insert(key, h);
+        }
+    }
+
+    /// Closes the streams of offered hosts no load adopted (each goes on
+    /// serving the old daemon until it exits, then ends) and returns the
+    /// old daemon's pids of those adopted, which it must leave running.
+    pub fn let_go_of_unadopted(&mut self) -> Vec<u32> {
+        for ((plugin, _), h) in self.adoptable.drain() {
+            tracing::info!(
+                plugin,
+                version = %h.about.version,
+                pid = h.about.pid,
+                "the old daemon's plugin host is not adopted: this daemon does not run that version now"
+            );
+        }
+        std::mem::take(&mut self.adopted)
     }
 
     /// Runs the versions of each plugin `isolation` names as `process` in
