@@ -74,6 +74,9 @@ pub struct Config {
     /// Upgrades of plugvisor itself between processes that share only a
     /// socket path (a new pod beside the old one).
     pub upgrade: UpgradeConfig,
+    /// Following a TUF repository of plugin releases (`[sync]`; absent:
+    /// packages reach `plugins_dir` by other means).
+    pub sync: Option<SyncConfig>,
     /// Listeners owned by plugvisor.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -107,6 +110,7 @@ impl Default for Config {
             reload: ReloadConfig::default(),
             shutdown: ShutdownConfig::default(),
             upgrade: UpgradeConfig::default(),
+            sync: None,
             listeners: Vec::new(),
             fallback: std::collections::BTreeMap::new(),
             plugins: std::collections::BTreeMap::new(),
@@ -308,6 +312,30 @@ pub struct ShutdownConfig {
     pub drain_timeout: Duration,
 }
 
+impl SyncConfig {
+    fn check(&self) -> Result<(), String> {
+        for (key, url) in [
+            ("metadata_url", &self.metadata_url),
+            ("targets_url", &self.targets_url),
+        ] {
+            let u = reqwest::Url::parse(url).map_err(|e| format!("{key} {url:?}: {e}"))?;
+            if !matches!(u.scheme(), "http" | "https" | "file") {
+                return Err(format!("{key} {url:?}: http, https or file"));
+            }
+        }
+        if self.interval.is_zero() {
+            return Err("interval must be more than 0".into());
+        }
+        if self.seed.is_some_and(|s| s >= ROLLOUT_SEEDS) {
+            return Err(format!("seed must be below {ROLLOUT_SEEDS}"));
+        }
+        if self.node.as_deref().is_some_and(str::is_empty) {
+            return Err("node: a name, or leave it out (the host name)".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
@@ -328,6 +356,61 @@ pub struct UpgradeConfig {
     /// update with `maxSurge: 1`), the path on a shared hostPath. Unset:
     /// only `plugvisor upgrade` and `SIGUSR2` upgrade.
     pub socket: Option<PathBuf>,
+}
+
+/// Rollout seeds are in `[0, ROLLOUT_SEEDS)` (Bottlerocket's 2048).
+pub const ROLLOUT_SEEDS: u32 = 2048;
+
+/// `[sync]`: the TUF repository this node follows (`docs/FLEET.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Where the repository's metadata is (`root.json`, `timestamp.json`…).
+    pub metadata_url: String,
+    /// Where its targets (the packages' files) are.
+    pub targets_url: String,
+    /// The trusted `root.json`, shipped out of band: the one thing the node
+    /// must trust before it has ever synced.
+    pub root: PathBuf,
+    /// How often the repository is polled; each wait is this, ±10 %.
+    #[serde(default = "default_sync_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// This node's name (default: the host name).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// This node's labels, which releases select nodes by.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// This node's rollout seed in `[0, 2048)` (default: derived from the
+    /// node name, so it is stable and spread evenly).
+    #[serde(default)]
+    pub seed: Option<u32>,
+    /// Unable to sync for longer than this: the node stops taking releases
+    /// (state `expired`) and keeps serving what it has.
+    #[serde(default = "default_max_offline", deserialize_with = "duration")]
+    pub max_offline: Duration,
+    /// The largest package file the node downloads (the TUF-pinned length
+    /// is checked first; this bounds what a compromised targets role could
+    /// make a node fetch).
+    #[serde(default = "default_max_package", deserialize_with = "size")]
+    pub max_package_size: u64,
+}
+
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_max_offline() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+fn default_max_package() -> u64 {
+    256 << 20
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::host::limits::parse_size(&s).map_err(serde::de::Error::custom)
 }
 
 /// Wire protocol of a listener.
@@ -448,6 +531,9 @@ impl Config {
                     "[plugin.{plugin}] user: a user name, or leave it out"
                 )));
             }
+        }
+        if let Some(sync) = &self.sync {
+            sync.check().map_err(|e| invalid(format!("[sync] {e}")))?;
         }
         if self.reload.init_timeout.is_zero() {
             return Err(invalid(

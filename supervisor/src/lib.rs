@@ -117,6 +117,7 @@ pub mod control;
 pub mod daemon;
 pub mod dependencies;
 pub mod failpoints;
+pub mod fleet;
 pub mod fswatch;
 pub mod handover;
 pub mod host;

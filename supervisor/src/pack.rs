@@ -110,7 +110,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 /// Writes `bytes` to `target` the atomic way: a temp file beside it with
 /// mode 0644, fsynced, renamed over `target`.
-fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), PackError> {
+pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), PackError> {
     let name = target
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
@@ -136,7 +136,8 @@ fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), PackError> {
     result
 }
 
-fn sync_dir(dir: &Path) -> Result<(), PackError> {
+/// Makes the renames in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), PackError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("syncing directory", dir))

@@ -35,6 +35,7 @@ mod clients;
 mod daemon;
 mod host;
 mod metrics;
+mod nginx;
 mod options;
 mod packages;
 mod prometheus;
@@ -59,6 +60,7 @@ pub use daemon::{
 };
 pub use host::{binary, failpoints_binary, free_port, library, require_root, target_dir, tool};
 pub use metrics::Metrics;
+pub use nginx::Nginx;
 pub use options::{DaemonOptions, ListenerSpec, Protocol, TrustOptions, without_ebpf_capabilities};
 pub use packages::{PackageTweaks, drop_package, install_package, sha256_file, sign_manifest};
 pub use prometheus::Prometheus;

@@ -36,6 +36,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "setpriv"),
     ("procps", "ps, pgrep, kill"),
     ("curl", "curl"),
+    (
+        "nginx-light",
+        "nginx, the HTTP server of the TUF repository in the sync tests",
+    ),
     ("stress-ng", "stress-ng, for cargo xtask test --stress"),
     // cargo xtask vm-test (docs/VM-TESTS.md):
     ("qemu-system-x86", "qemu-system-x86_64"),

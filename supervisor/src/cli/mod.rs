@@ -21,6 +21,7 @@ mod keygen;
 mod pack;
 mod plugin_host;
 mod reload;
+mod repo;
 mod rollback;
 mod run;
 mod status;
@@ -85,6 +86,8 @@ enum Cmd {
     /// Check the package in DIR as the daemon would (offline); exit 0 if it
     /// would be accepted.
     Verify(verify::Args),
+    /// The fleet's TUF repository (offline): init, add, publish, rollback.
+    Repo(repo::Args),
     /// List the crash points `FAILPOINTS` can arm (failpoints build only).
     #[cfg(feature = "failpoints")]
     Failpoints,
@@ -123,6 +126,7 @@ pub fn main() -> ExitCode {
         Cmd::Keygen(a) => keygen::run(a),
         Cmd::Pack(a) => pack::run(a),
         Cmd::Verify(a) => verify::run(&a),
+        Cmd::Repo(a) => repo::run(a),
         Cmd::PluginHost(a) => plugin_host::run(a),
         #[cfg(feature = "failpoints")]
         Cmd::Failpoints => Ok(failpoints::run()),

@@ -101,5 +101,36 @@ fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
             println!("{:<20} {:<10} {}", c.plugin, c.kind, c.message);
         }
     }
+    if let Some(sync) = &s.sync {
+        print_sync(sync);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fleet sync's part of `status`.
+fn print_sync(sync: &crate::fleet::sync::SyncStatus) {
+    println!(
+        "\nfleet sync: node {} (seed {}), last verified {}{}",
+        sync.node,
+        sync.seed,
+        sync.last_success
+            .map_or_else(|| "never".to_owned(), |t| format!("at {t} (Unix s)")),
+        sync.last_error
+            .as_ref()
+            .map_or_else(String::new, |e| format!("; last error: {e}"))
+    );
+    println!(
+        "{:<20} {:<9} {:<12} {:<12} WHY",
+        "PLUGIN", "STATE", "DESIRED", "ACTIVE"
+    );
+    for (plugin, p) in &sync.plugins {
+        println!(
+            "{:<20} {:<9} {:<12} {:<12} {}",
+            plugin,
+            p.state.as_str(),
+            p.desired.as_deref().unwrap_or("-"),
+            p.active.as_deref().unwrap_or("-"),
+            p.reason.as_deref().unwrap_or("")
+        );
+    }
 }

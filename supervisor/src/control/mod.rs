@@ -180,6 +180,9 @@ pub struct Status {
     /// Dependency conflicts that stand now (empty when all is resolved).
     #[serde(default)]
     pub conflicts: Vec<ConflictStatus>,
+    /// The fleet sync, when `[sync]` is on.
+    #[serde(default)]
+    pub sync: Option<crate::fleet::sync::SyncStatus>,
 }
 
 fn yes() -> bool {

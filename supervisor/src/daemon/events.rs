@@ -217,6 +217,7 @@ impl Daemon {
                     &self.metrics,
                     &self.actions,
                     &self.engine,
+                    self.sync.as_ref(),
                 ));
             }
             Command::Rollback { plugin, to, reply } => {

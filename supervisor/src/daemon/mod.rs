@@ -92,6 +92,9 @@ pub enum DaemonError {
     /// Taking over from the plugvisor this process replaces failed.
     #[error("taking over from the running plugvisor: {0}")]
     Upgrade(crate::handover::HandoverError),
+    /// The fleet sync could not start.
+    #[error("{0}")]
+    Sync(String),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -155,6 +158,8 @@ struct Daemon {
     // Recent plugin host crashes, and where a delayed restart is sent.
     crashes: crashes::Crashes,
     restarts: mpsc::UnboundedSender<(String, u32)>,
+    // The fleet sync (`[sync]`), once started.
+    sync: Option<crate::fleet::sync::SyncHandle>,
 }
 
 impl Daemon {

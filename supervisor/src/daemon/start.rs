@@ -111,6 +111,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     let predecessor = inherited.predecessor.map(|(c, pid)| (c, pid, adopted));
     let (ready_status, successors) = ready(&config, &notifier, predecessor, adopt, &metrics)?;
     sources.successors = successors;
+    let sync = start_sync(&config, &metrics, &reloader)?;
     let daemon = Daemon {
         config,
         notifier,
@@ -137,8 +138,35 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         ready_status,
         crashes: super::crashes::Crashes::default(),
         restarts,
+        sync,
     };
     Ok((daemon, sources))
+}
+
+/// Follows the fleet's TUF repository (`[sync]`), from once this process
+/// serves: a first poll never holds up the start.
+fn start_sync(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    reloader: &Arc<Mutex<Reloader>>,
+) -> Result<Option<crate::fleet::sync::SyncHandle>, DaemonError> {
+    let Some(sync) = &config.sync else {
+        return Ok(None);
+    };
+    crate::fleet::sync::start(
+        sync.clone(),
+        &config.plugins_dir,
+        &config.state_dir,
+        metrics.clone(),
+        reloader.clone(),
+    )
+    .map(Some)
+    .map_err(|e| {
+        DaemonError::Sync(format!(
+            "starting the fleet sync under {}: {e}",
+            config.state_dir.display()
+        ))
+    })
 }
 
 /// Runs the plugins `[plugin.NAME] isolation` names in plugin hosts of

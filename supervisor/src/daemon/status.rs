@@ -43,6 +43,7 @@ pub(super) fn status(
     metrics: &Metrics,
     actions: &Actions,
     engine: &Engine,
+    sync: Option<&crate::fleet::sync::SyncHandle>,
 ) -> Status {
     let r = reloader.lock().expect("reloader lock");
     let mut plugins: Vec<PluginStatus> = r
@@ -102,5 +103,6 @@ pub(super) fn status(
         rules: engine.status(),
         rules_config_valid: metrics.rules_config_valid.get() == 1,
         conflicts,
+        sync: sync.map(crate::fleet::sync::SyncHandle::status),
     }
 }

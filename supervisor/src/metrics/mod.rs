@@ -245,6 +245,16 @@ pub struct Metrics {
     /// `plugvisor_connections_handed_over_total{listener}`: raw TCP
     /// connections this process took over from the one it replaced.
     pub connections_handed_over_total: IntCounterVec,
+    /// `plugvisor_sync_state{plugin,state}`: 1 for each plugin's current
+    /// fleet sync state, 0 for the others.
+    pub sync_state: IntGaugeVec,
+    /// `plugvisor_sync_last_success_timestamp_seconds` (no labels).
+    pub sync_last_success_timestamp_seconds: GaugeVec,
+    /// `plugvisor_sync_download_bytes_total` (no labels): metadata and
+    /// targets fetched from the repository.
+    pub sync_download_bytes_total: IntCounterVec,
+    /// `plugvisor_sync_errors_total{stage}`.
+    pub sync_errors_total: IntCounterVec,
     /// `plugvisor_degradations_total{plugin,reason}`.
     pub degradations_total: IntCounterVec,
     /// `plugvisor_degraded{plugin}`: 1 while degraded.
@@ -507,6 +517,30 @@ impl Metrics {
                 "plugvisor_connections_handed_over_total",
                 "Raw TCP connections this process took over, open, from the plugvisor it replaced",
                 &["listener"],
+            ),
+            sync_state: gauge(
+                r,
+                "plugvisor_sync_state",
+                "Fleet sync state per plugin: 1 for the current one of synced, pending, stale, blocked, expired",
+                &["plugin", "state"],
+            ),
+            sync_last_success_timestamp_seconds: float_gauge(
+                r,
+                "plugvisor_sync_last_success_timestamp_seconds",
+                "When the TUF repository was last read and verified (Unix seconds; absent until it has been)",
+                &[],
+            ),
+            sync_download_bytes_total: counter(
+                r,
+                "plugvisor_sync_download_bytes_total",
+                "Bytes fetched from the TUF repository: metadata and package files",
+                &[],
+            ),
+            sync_errors_total: counter(
+                r,
+                "plugvisor_sync_errors_total",
+                "Fleet sync failures by stage: timestamp, snapshot, targets, download, verify, commit",
+                &["stage"],
             ),
             degradations_total: counter(
                 r,

@@ -136,6 +136,44 @@ impl Metrics {
             .set(1);
     }
 
+    /// Sets `plugin`'s fleet sync state (`plugvisor_sync_state`): 1 for
+    /// `state`, 0 for every other of `states`.
+    pub fn sync_state(&self, plugin: &str, state: &str, states: &[&str]) {
+        for s in states {
+            self.sync_state
+                .with_label_values(&[plugin, s])
+                .set(i64::from(*s == state));
+        }
+    }
+
+    /// Every sync error stage at 0, so a rate over them is 0, not absent.
+    pub fn sync_at_zero(&self, stages: &[&str]) {
+        for s in stages {
+            self.sync_errors_total.with_label_values(&[s]);
+        }
+        self.sync_download_bytes_total
+            .with_label_values::<&str>(&[]);
+    }
+
+    /// A sync failure at `stage`.
+    pub fn sync_error(&self, stage: &str) {
+        self.sync_errors_total.with_label_values(&[stage]).inc();
+    }
+
+    /// Bytes fetched from the repository.
+    pub fn sync_downloaded(&self, bytes: u64) {
+        self.sync_download_bytes_total
+            .with_label_values::<&str>(&[])
+            .inc_by(bytes);
+    }
+
+    /// The repository was read and verified at `unix_seconds`.
+    pub fn sync_succeeded(&self, unix_seconds: f64) {
+        self.sync_last_success_timestamp_seconds
+            .with_label_values::<&str>(&[])
+            .set(unix_seconds);
+    }
+
     /// Every upgrade outcome at 0, so a rate over them exists from the
     /// first scrape.
     pub fn upgrades_at_zero(&self) {

@@ -381,7 +381,8 @@ impl Reloader {
         };
         let mut downgrade_from = None;
         if let Some(highest) = refs.downgrade_below(&package.manifest.version) {
-            if options.allow_downgrade_to.as_ref() != Some(&package.manifest.version) {
+            let signed = self.fleet_downgrades.get(plugin) == Some(&package.manifest.version);
+            if options.allow_downgrade_to.as_ref() != Some(&package.manifest.version) && !signed {
                 self.blocked.remove(plugin);
                 let e = ReloadError::Downgrade {
                     plugin: plugin.to_owned(),

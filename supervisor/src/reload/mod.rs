@@ -89,6 +89,9 @@ pub struct Reloader {
     adoptable: HashMap<(String, String), Handed>,
     // The old daemon's pids of the hosts adopted.
     adopted: Vec<u32>,
+    // Downgrades the fleet's signed metadata asks for (a published
+    // rollback), by plugin: accepted as an operator's explicit one is.
+    fleet_downgrades: HashMap<String, semver::Version>,
 }
 
 impl Reloader {
@@ -121,6 +124,22 @@ impl Reloader {
             isolation_published: BTreeSet::new(),
             adoptable: HashMap::new(),
             adopted: Vec::new(),
+            fleet_downgrades: HashMap::new(),
+        }
+    }
+
+    /// The fleet's repository, verified, asks `plugin` back to `version`
+    /// (a published rollback): a package of that version in `plugins_dir`
+    /// is accepted though it is below the highest version ever activated,
+    /// as `plugvisor rollback` would have it. `None` withdraws it.
+    pub fn allow_fleet_downgrade(&mut self, plugin: &str, version: Option<semver::Version>) {
+        match version {
+            Some(v) => {
+                self.fleet_downgrades.insert(plugin.to_owned(), v);
+            }
+            None => {
+                self.fleet_downgrades.remove(plugin);
+            }
         }
     }
 

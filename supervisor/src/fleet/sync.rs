@@ -1,0 +1,915 @@
+//! `[sync]`: this node follows the fleet's TUF repository.
+//!
+//! Each round:
+//! 1. **timestamp first.** `timestamp.json` is fetched alone; if it is the
+//!    very document already verified last time (and not expired), nothing
+//!    in the repository changed and the round ends there (a no-op poll
+//!    costs one small GET). Nothing is trusted from that fetch: it equals
+//!    what tough verified.
+//! 2. **The `tough` client** loads timestamp → snapshot → targets (and any
+//!    new root) against the trusted root, with its datastore under
+//!    `state_dir/sync/tuf`: a mirror serving older metadata (rollback), or
+//!    metadata past its expiry (freeze), is refused there, across
+//!    restarts too.
+//! 3. **Which release**: every target whose `custom.plugvisor` describes a
+//!    release ([`release`]); per plugin, the one [`release::desired`] names
+//!    for this node now.
+//! 4. **Download** each file of it not cached yet into `state_dir/sync/cache`:
+//!    to a `.part` file, resumed with an HTTP range after an interruption,
+//!    bounded by the TUF-pinned length (and `max_package_size`), checked
+//!    against the pinned sha256, then renamed to its hash. A file that
+//!    does not match is deleted and counted (`verify`), never committed.
+//! 5. **Commit** into `plugins_dir/PLUGIN/` as an operator would: library,
+//!    then signature, then the manifest, each fsynced and renamed into
+//!    place. Everything downstream — signature and checksum checks, the
+//!    trial, the rules, rollback — is the same as for any package. A
+//!    published rollback (the desired version below the active one) is
+//!    allowed through as an explicit downgrade
+//!    ([`Reloader::allow_fleet_downgrade`]).
+//!
+//! Failures back off (5 s doubling, at most the poll interval), so a 404
+//! or a 5xx never turns into a tight loop; the node serves on throughout.
+//!
+//! States per plugin (`plugvisor_sync_state`, `plugvisor status`):
+//! `synced`, `pending` (the repository unreachable, or a release on its
+//! way), `stale` (the repository asks for a version below the active one:
+//! followed, alerted), `blocked` (the desired version was refused or
+//! rolled back here; the reason is kept), `expired` (no verified metadata
+//! for longer than `max_offline`: no new releases, serving on).
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use super::release::{self, CUSTOM_KEY, Node, Release};
+use crate::catalog::MANIFEST_FILE;
+use crate::config::SyncConfig;
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::store::JournalEvent;
+use crate::trust::SIGNATURE_FILE;
+
+/// The first wait after a failure; it doubles up to the poll interval.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long a single HTTP request may take (a stalled server is a failed
+/// round, retried later, not a round that never ends).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The states, as exported.
+pub const STATES: [&str; 5] = ["synced", "pending", "stale", "blocked", "expired"];
+
+/// The error stages, as exported.
+pub const STAGES: [&str; 6] = [
+    "timestamp",
+    "snapshot",
+    "targets",
+    "download",
+    "verify",
+    "commit",
+];
+
+/// A plugin's sync state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// The desired version is active.
+    Synced,
+    /// The repository cannot be read, or the desired version is on its way.
+    Pending,
+    /// The desired version is below the active one (a published rollback,
+    /// being followed).
+    Stale,
+    /// The desired version was refused or rolled back on this node.
+    Blocked,
+    /// No verified metadata for longer than `max_offline`.
+    Expired,
+}
+
+impl State {
+    /// The exported spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Synced => "synced",
+            State::Pending => "pending",
+            State::Stale => "stale",
+            State::Blocked => "blocked",
+            State::Expired => "expired",
+        }
+    }
+}
+
+/// One plugin's sync, as `plugvisor status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginSync {
+    /// Its state.
+    pub state: State,
+    /// The version the repository wants here.
+    pub desired: Option<String>,
+    /// The version active here.
+    pub active: Option<String>,
+    /// Since when (Unix seconds) it has been in this state.
+    pub since: u64,
+    /// Why it is blocked or pending, when it is.
+    pub reason: Option<String>,
+}
+
+/// The node's sync, as `plugvisor status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// This node's name.
+    pub node: String,
+    /// Its rollout seed.
+    pub seed: u32,
+    /// When the repository was last read and verified (Unix seconds).
+    pub last_success: Option<u64>,
+    /// The last round's error, if it failed.
+    pub last_error: Option<String>,
+    /// Per plugin the repository has a release for (for this node).
+    pub plugins: BTreeMap<String, PluginSync>,
+}
+
+/// Why a round failed, and at which stage.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Fetching or verifying metadata failed.
+    #[error("reading the TUF repository at {url} ({stage}): {message}")]
+    Metadata {
+        /// `timestamp`, `snapshot` or `targets`.
+        stage: &'static str,
+        /// The metadata URL.
+        url: String,
+        /// tough's words.
+        message: String,
+    },
+    /// Downloading a package file failed (it resumes next round).
+    #[error("downloading {target} of {plugin} {version} from {url}: {message}")]
+    Download {
+        /// The plugin.
+        plugin: String,
+        /// The release.
+        version: String,
+        /// The target name.
+        target: String,
+        /// Its URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A downloaded file is not the one the metadata pins.
+    #[error("{target} of {plugin} {version}: {message}; deleted, not committed")]
+    Verify {
+        /// The plugin.
+        plugin: String,
+        /// The release.
+        version: String,
+        /// The target name.
+        target: String,
+        /// What did not match.
+        message: String,
+    },
+    /// Writing the package into `plugins_dir` failed.
+    #[error("committing {plugin} {version} into {dir}: {message}")]
+    Commit {
+        /// The plugin.
+        plugin: String,
+        /// The release.
+        version: String,
+        /// The package directory.
+        dir: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl SyncError {
+    fn stage(&self) -> &'static str {
+        match self {
+            SyncError::Metadata { stage, .. } => stage,
+            SyncError::Download { .. } => "download",
+            SyncError::Verify { .. } => "verify",
+            SyncError::Commit { .. } => "commit",
+        }
+    }
+}
+
+/// A running sync: its status, for `plugvisor status`.
+#[derive(Debug, Clone)]
+pub struct SyncHandle {
+    status: Arc<Mutex<SyncStatus>>,
+}
+
+impl SyncHandle {
+    /// What the sync knows now.
+    pub fn status(&self) -> SyncStatus {
+        self.status.lock().expect("sync status lock").clone()
+    }
+}
+
+/// A release's file, as the verified targets metadata pins it.
+#[derive(Debug, Clone)]
+struct Pinned {
+    target: String,
+    length: u64,
+    sha256: String,
+}
+
+/// A release this node should run, with its files pinned.
+#[derive(Debug, Clone)]
+struct Wanted {
+    release: Release,
+    manifest: Pinned,
+    library: Pinned,
+    signature: Option<Pinned>,
+}
+
+/// The sync of one node.
+struct Syncer {
+    config: SyncConfig,
+    node: Node,
+    plugins_dir: PathBuf,
+    dir: PathBuf,
+    http: reqwest::Client,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Mutex<Reloader>>,
+    status: Arc<Mutex<SyncStatus>>,
+    // The verified metadata's wanted releases, kept for rounds that find
+    // nothing new (and for the state while the repository is away).
+    wanted: BTreeMap<String, Wanted>,
+    // When each plugin's release was committed here (Unix ms), to tell a
+    // refusal of it from one of an older package.
+    committed_at: BTreeMap<String, u64>,
+    last_success: Option<SystemTime>,
+    started: SystemTime,
+}
+
+/// The node's name: `[sync] node`, else the host name.
+pub fn node_name(config: &SyncConfig) -> String {
+    config.node.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned())
+    })
+}
+
+/// Starts following the repository `config` names, on the current tokio
+/// runtime. Packages go into `plugins_dir`; the sync's own files (the TUF
+/// datastore, the download cache) under `state_dir/sync`.
+pub fn start(
+    config: SyncConfig,
+    plugins_dir: &Path,
+    state_dir: &Path,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Mutex<Reloader>>,
+) -> std::io::Result<SyncHandle> {
+    let dir = state_dir.join("sync");
+    std::fs::create_dir_all(dir.join("tuf"))?;
+    std::fs::create_dir_all(dir.join("cache"))?;
+    let name = node_name(&config);
+    let node = Node {
+        seed: config.seed.unwrap_or_else(|| Node::seed_of(&name)),
+        name,
+        labels: config.labels.clone(),
+    };
+    // reqwest is built without a TLS provider of its own (as tough builds
+    // it): the process installs one, the first caller wins.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(std::io::Error::other)?;
+    let status = Arc::new(Mutex::new(SyncStatus {
+        node: node.name.clone(),
+        seed: node.seed,
+        ..SyncStatus::default()
+    }));
+    metrics.sync_at_zero(&STAGES);
+    tracing::info!(node = %node.name, seed = node.seed, labels = ?node.labels, metadata = %config.metadata_url, "fleet sync: following the TUF repository");
+    let mut syncer = Syncer {
+        config,
+        node,
+        plugins_dir: plugins_dir.to_owned(),
+        dir,
+        http,
+        metrics,
+        reloader,
+        status: status.clone(),
+        wanted: BTreeMap::new(),
+        committed_at: BTreeMap::new(),
+        last_success: None,
+        started: SystemTime::now(),
+    };
+    tokio::spawn(async move { syncer.run().await });
+    Ok(SyncHandle { status })
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// `d` ± 10 %, so a fleet started together does not poll together.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    let r = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0 ..= 1
+    d.mul_f64(0.9 + 0.2 * r)
+}
+
+impl Syncer {
+    async fn run(&mut self) {
+        let mut failures = 0u32;
+        loop {
+            let wait = match self.round().await {
+                Ok(()) => {
+                    failures = 0;
+                    self.config.interval
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    self.metrics.sync_error(e.stage());
+                    tracing::warn!(error = %e, stage = e.stage(), failures, "fleet sync: round failed; serving on from the local store");
+                    self.status.lock().expect("sync status lock").last_error = Some(e.to_string());
+                    FIRST_BACKOFF
+                        .saturating_mul(2u32.saturating_pow(failures - 1))
+                        .min(self.config.interval)
+                }
+            };
+            self.publish_states();
+            tokio::time::sleep(jitter(wait)).await;
+        }
+    }
+
+    /// One poll: metadata, then each wanted release fetched and committed.
+    async fn round(&mut self) -> Result<(), SyncError> {
+        if self.metadata_changed().await? {
+            self.load_metadata().await?;
+        }
+        let now = SystemTime::now();
+        self.last_success = Some(now);
+        self.metrics.sync_succeeded(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        {
+            let mut st = self.status.lock().expect("sync status lock");
+            st.last_success = Some(unix(now));
+            st.last_error = None;
+        }
+        let wanted: Vec<Wanted> = self.wanted.values().cloned().collect();
+        for w in wanted {
+            self.bring(&w).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `timestamp.json` differs from the one verified last (or
+    /// there is none yet). A failed fetch is the timestamp stage's error.
+    async fn metadata_changed(&self) -> Result<bool, SyncError> {
+        let stored = self.dir.join("tuf").join("timestamp.json");
+        let Ok(known) = std::fs::read(&stored) else {
+            return Ok(true);
+        };
+        if self.wanted.is_empty() || expired(&known) {
+            // A fresh start reads the releases once anyway; metadata past
+            // its expiry goes to tough, which refuses it (freeze).
+            return Ok(true);
+        }
+        let url = format!(
+            "{}/timestamp.json",
+            self.config.metadata_url.trim_end_matches('/')
+        );
+        let failed = |message: String| SyncError::Metadata {
+            stage: "timestamp",
+            url: url.clone(),
+            message,
+        };
+        if url.starts_with("file:") {
+            return Ok(true);
+        }
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| failed(e.to_string()))?;
+        // tough bounds timestamp.json to 1 MiB; so does this.
+        let body = read_bounded(resp, 1 << 20).await.map_err(failed)?;
+        self.metrics.sync_downloaded(body.len() as u64);
+        // tough keeps what it verified re-serialised: compare as JSON.
+        let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+        Ok(json(&body).is_none() || json(&body) != json(&known))
+    }
+
+    /// Loads and verifies the repository with `tough`, and keeps the
+    /// releases wanted here.
+    async fn load_metadata(&mut self) -> Result<(), SyncError> {
+        let url = self.config.metadata_url.clone();
+        let failed = |stage: &'static str, message: String| SyncError::Metadata {
+            stage,
+            url: url.clone(),
+            message,
+        };
+        let root = std::fs::read(&self.config.root).map_err(|e| {
+            failed(
+                "timestamp",
+                format!("the trusted root {}: {e}", self.config.root.display()),
+            )
+        })?;
+        let parse = |u: &str| reqwest::Url::parse(&format!("{}/", u.trim_end_matches('/')));
+        let metadata_url =
+            parse(&self.config.metadata_url).map_err(|e| failed("timestamp", e.to_string()))?;
+        let targets_url =
+            parse(&self.config.targets_url).map_err(|e| failed("targets", e.to_string()))?;
+        let repo = tough::RepositoryLoader::new(&root, metadata_url, targets_url)
+            .datastore(self.dir.join("tuf"))
+            .transport(Counting {
+                inner: tough::DefaultTransport::new(),
+                metrics: self.metrics.clone(),
+            })
+            .load()
+            .await
+            .map_err(|e| {
+                let message = e.to_string();
+                failed(stage_of(&message), message)
+            })?;
+        let mut releases: Vec<(Release, Pinned)> = Vec::new();
+        let mut files: BTreeMap<String, Pinned> = BTreeMap::new();
+        for (name, target) in repo.all_targets() {
+            let pinned = Pinned {
+                target: name.raw().to_owned(),
+                length: target.length,
+                sha256: hex::encode(&target.hashes.sha256),
+            };
+            if let Some(custom) = target.custom.get(CUSTOM_KEY) {
+                match serde_json::from_value::<Release>(custom.clone()) {
+                    Ok(r) if r.check().is_ok() && r.files.manifest == pinned.target => {
+                        releases.push((r, pinned.clone()));
+                    }
+                    Ok(r) => {
+                        tracing::warn!(target = %pinned.target, plugin = %r.plugin, "fleet sync: a release whose files are not where its manifest target is; ignored");
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %pinned.target, error = %e, "fleet sync: unreadable release metadata; ignored");
+                    }
+                }
+            }
+            files.insert(pinned.target.clone(), pinned);
+        }
+        let now = jiff::Timestamp::now();
+        let plugins: std::collections::BTreeSet<&str> =
+            releases.iter().map(|(r, _)| r.plugin.as_str()).collect();
+        let mut wanted = BTreeMap::new();
+        for plugin in plugins {
+            let Some(r) =
+                release::desired(releases.iter().map(|(r, _)| r), plugin, &self.node, now)
+            else {
+                continue;
+            };
+            let manifest = releases
+                .iter()
+                .find(|(x, _)| x == r)
+                .map(|(_, p)| p.clone())
+                .expect("desired is one of them");
+            let Some(library) = files.get(&r.files.library).cloned() else {
+                tracing::warn!(plugin, version = %r.version, "fleet sync: the release's library is not a target; skipped");
+                continue;
+            };
+            let signature = r.files.signature.as_ref().map(|s| files.get(s).cloned());
+            if signature.as_ref().is_some_and(Option::is_none) {
+                tracing::warn!(plugin, version = %r.version, "fleet sync: the release's signature is not a target; skipped");
+                continue;
+            }
+            let signature = signature.flatten();
+            wanted.insert(
+                plugin.to_owned(),
+                Wanted {
+                    release: r.clone(),
+                    manifest,
+                    library,
+                    signature,
+                },
+            );
+        }
+        tracing::info!(
+            targets_version = repo.targets().signed.version.get(),
+            releases = releases.len(),
+            for_this_node = wanted.len(),
+            "fleet sync: repository verified"
+        );
+        self.wanted = wanted;
+        Ok(())
+    }
+
+    /// Makes `w` the package in `plugins_dir` (unless it is already, or a
+    /// refusal here blocks it).
+    async fn bring(&mut self, w: &Wanted) -> Result<(), SyncError> {
+        let plugin = &w.release.plugin;
+        let package = self.plugins_dir.join(plugin);
+        let current = std::fs::read(package.join(MANIFEST_FILE)).ok();
+        let manifest_path = self.cached(&w.manifest.sha256);
+        if current.is_some()
+            && manifest_path.exists()
+            && std::fs::read(&manifest_path).ok() == current
+        {
+            return Ok(()); // Committed already.
+        }
+        let active = self.active_version(plugin);
+        if let Some(a) = &active {
+            if *a > w.release.version {
+                tracing::warn!(plugin, active = %a, desired = %w.release.version, "fleet sync: the repository asks for an older version (a published rollback); following it");
+            }
+        }
+        let mut files = vec![&w.library];
+        files.extend(&w.signature);
+        files.push(&w.manifest);
+        for f in files {
+            self.fetch(w, f).await?;
+        }
+        self.commit(w, &package, active.as_ref())
+    }
+
+    fn cached(&self, sha256: &str) -> PathBuf {
+        self.dir.join("cache").join(sha256)
+    }
+
+    /// Brings one pinned file into the cache: resumed, bounded, checked.
+    async fn fetch(&self, w: &Wanted, f: &Pinned) -> Result<(), SyncError> {
+        let done = self.cached(&f.sha256);
+        if done.exists() {
+            return Ok(());
+        }
+        let plugin = w.release.plugin.clone();
+        let version = w.release.version.to_string();
+        let verify = |message: String| SyncError::Verify {
+            plugin: plugin.clone(),
+            version: version.clone(),
+            target: f.target.clone(),
+            message,
+        };
+        if f.length > self.config.max_package_size {
+            return Err(verify(format!(
+                "its pinned length {} is past [sync] max_package_size {}",
+                f.length, self.config.max_package_size
+            )));
+        }
+        // Consistent snapshots, as tough writes and reads them: a target
+        // is served as `<sha256>.<name>`.
+        let url = format!(
+            "{}/{}.{}",
+            self.config.targets_url.trim_end_matches('/'),
+            f.sha256,
+            f.target
+        );
+        let part = done.with_extension("part");
+        let download = |message: String| SyncError::Download {
+            plugin: plugin.clone(),
+            version: version.clone(),
+            target: f.target.clone(),
+            url: url.clone(),
+            message,
+        };
+        let have = std::fs::metadata(&part).map_or(0, |m| m.len());
+        if have > f.length {
+            let _ = std::fs::remove_file(&part);
+            return Err(verify(format!(
+                "a partial download of {have} bytes is past its pinned length {}",
+                f.length
+            )));
+        }
+        if have < f.length {
+            let mut req = self.http.get(&url);
+            if have > 0 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+            }
+            let resp = req
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|e| download(e.to_string()))?;
+            // 206: the rest; 200: the server ignored the range, start over.
+            let resumed = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(resumed)
+                .write(true)
+                .truncate(!resumed)
+                .open(&part)
+                .map_err(|e| download(format!("opening {}: {e}", part.display())))?;
+            let mut written = if resumed { have } else { 0 };
+            if have > 0 {
+                tracing::info!(target = %f.target, from = have, resumed, "fleet sync: resuming a download");
+            }
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| download(e.to_string()))?;
+                written += chunk.len() as u64;
+                self.metrics.sync_downloaded(chunk.len() as u64);
+                if written > f.length {
+                    drop(out);
+                    let _ = std::fs::remove_file(&part);
+                    return Err(verify(format!(
+                        "the server sent more than its pinned length {}",
+                        f.length
+                    )));
+                }
+                out.write_all(&chunk)
+                    .map_err(|e| download(format!("writing {}: {e}", part.display())))?;
+            }
+            out.sync_all()
+                .map_err(|e| download(format!("syncing {}: {e}", part.display())))?;
+            if written < f.length {
+                return Err(download(format!(
+                    "the transfer ended at {written} of {} bytes; it resumes next round",
+                    f.length
+                )));
+            }
+        }
+        let sha = crate::store::sha256_file(&part).map_err(|e| download(e.to_string()))?;
+        if sha != f.sha256 {
+            let _ = std::fs::remove_file(&part);
+            return Err(verify(format!(
+                "sha256 {sha}, the metadata pins {}",
+                f.sha256
+            )));
+        }
+        std::fs::rename(&part, &done)
+            .map_err(|e| download(format!("renaming {}: {e}", part.display())))?;
+        Ok(())
+    }
+
+    /// Writes the cached release into `package` — library, signature,
+    /// manifest last — as `plugvisor pack` would.
+    fn commit(
+        &mut self,
+        w: &Wanted,
+        package: &Path,
+        active: Option<&Version>,
+    ) -> Result<(), SyncError> {
+        let plugin = w.release.plugin.clone();
+        let failed = |message: String| SyncError::Commit {
+            plugin: plugin.clone(),
+            version: w.release.version.to_string(),
+            dir: package.to_owned(),
+            message,
+        };
+        let read = |p: &Pinned| {
+            std::fs::read(self.cached(&p.sha256))
+                .map_err(|e| failed(format!("reading the cached {}: {e}", p.target)))
+        };
+        let manifest = read(&w.manifest)?;
+        let library = read(&w.library)?;
+        let signature = w.signature.as_ref().map(read).transpose()?;
+        if !package.exists() {
+            std::fs::create_dir_all(package).map_err(|e| failed(e.to_string()))?;
+            std::fs::set_permissions(package, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        let lib_name = w
+            .release
+            .files
+            .library
+            .rsplit('/')
+            .next()
+            .unwrap_or(&w.release.files.library);
+        let write = |name: &str, bytes: &[u8]| {
+            crate::pack::write_atomic(&package.join(name), bytes).map_err(|e| failed(e.to_string()))
+        };
+        write(lib_name, &library)?;
+        match &signature {
+            Some(s) => write(SIGNATURE_FILE, s)?,
+            None => match std::fs::remove_file(package.join(SIGNATURE_FILE)) {
+                // A signature of an older manifest would fail the new one.
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(failed(e.to_string())),
+            },
+        }
+        let downgrade = active.is_some_and(|a| *a > w.release.version);
+        self.reloader
+            .lock()
+            .expect("reloader lock")
+            .allow_fleet_downgrade(&plugin, downgrade.then(|| w.release.version.clone()));
+        write(MANIFEST_FILE, &manifest)?;
+        crate::pack::sync_dir(package).map_err(|e| failed(e.to_string()))?;
+        self.committed_at
+            .insert(plugin.clone(), crate::store::now_ms());
+        tracing::info!(plugin, version = %w.release.version, downgrade, dir = %package.display(), "fleet sync: release committed into plugins_dir");
+        Ok(())
+    }
+
+    fn active_version(&self, plugin: &str) -> Option<Version> {
+        let r = self.reloader.lock().expect("reloader lock");
+        r.slots()
+            .get(plugin)
+            .and_then(|s| s.active())
+            .map(|i| i.loaded.version().clone())
+    }
+
+    /// Why the desired version is not active here, from the journal: a
+    /// refusal, a failed load or a rollback of it since it was committed.
+    fn refusal(&self, plugin: &str, version: &Version) -> Option<String> {
+        let since = self.committed_at.get(plugin).copied().unwrap_or(0);
+        let v = version.to_string();
+        let journal = self
+            .reloader
+            .lock()
+            .expect("reloader lock")
+            .store()
+            .read_journal()
+            .ok()?;
+        journal
+            .iter()
+            .rev()
+            .filter(|e| e.plugin == plugin && e.ts_ms >= since)
+            .find(|e| match e.event {
+                JournalEvent::Rejected | JournalEvent::Failed | JournalEvent::CrashInLoad => {
+                    e.version.as_deref() == Some(&v)
+                }
+                JournalEvent::Rollback => e.from_version.as_deref() == Some(&v),
+                _ => false,
+            })
+            .map(|e| {
+                format!(
+                    "{} here: {}",
+                    e.event.as_str(),
+                    e.reason.as_deref().unwrap_or("no reason recorded")
+                )
+            })
+    }
+
+    /// Each plugin's state, into the status and the metric.
+    fn publish_states(&self) {
+        let now = SystemTime::now();
+        let since_success = self
+            .last_success
+            .unwrap_or(self.started)
+            .elapsed()
+            .unwrap_or_default();
+        let offline = self.last_success.is_none() || since_success > self.config.interval * 2;
+        let expired = since_success > self.config.max_offline;
+        let mut st = self.status.lock().expect("sync status lock");
+        let mut plugins = BTreeMap::new();
+        for (plugin, w) in &self.wanted {
+            let active = self.active_version(plugin);
+            let (state, reason) = if expired {
+                (
+                    State::Expired,
+                    Some(format!(
+                        "no verified metadata for {}s (max_offline)",
+                        since_success.as_secs()
+                    )),
+                )
+            } else if active.as_ref() == Some(&w.release.version) {
+                (State::Synced, None)
+            } else if let Some(why) = self.refusal(plugin, &w.release.version) {
+                (State::Blocked, Some(why))
+            } else if active.as_ref().is_some_and(|a| *a > w.release.version) {
+                (
+                    State::Stale,
+                    Some("the repository asks for an older version".into()),
+                )
+            } else if offline {
+                (State::Pending, st.last_error.clone())
+            } else {
+                (State::Pending, Some("on its way".into()))
+            };
+            let since = st
+                .plugins
+                .get(plugin)
+                .filter(|p| p.state == state)
+                .map_or(unix(now), |p| p.since);
+            self.metrics.sync_state(plugin, state.as_str(), &STATES);
+            plugins.insert(
+                plugin.clone(),
+                PluginSync {
+                    state,
+                    desired: Some(w.release.version.to_string()),
+                    active: active.map(|v| v.to_string()),
+                    since,
+                    reason,
+                },
+            );
+        }
+        st.plugins = plugins;
+    }
+}
+
+/// Whether a verified `timestamp.json` has expired (unreadable: treated as
+/// expired, so tough looks at it again).
+fn expired(timestamp: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(timestamp)
+        .ok()
+        .and_then(|v| {
+            v["signed"]["expires"]
+                .as_str()?
+                .parse::<jiff::Timestamp>()
+                .ok()
+        })
+        .is_none_or(|t| t <= jiff::Timestamp::now())
+}
+
+/// Reads at most `max` bytes of a response's body.
+async fn read_bounded(resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if body.len() + chunk.len() > max {
+            return Err(format!("more than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The stage a `tough` error belongs to, by the role it names.
+fn stage_of(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("targets") {
+        "targets"
+    } else if m.contains("snapshot") {
+        "snapshot"
+    } else {
+        "timestamp"
+    }
+}
+
+/// tough's own transport, with every byte it fetches counted in
+/// `plugvisor_sync_download_bytes_total`.
+#[derive(Clone)]
+struct Counting {
+    inner: tough::DefaultTransport,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Counting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counting").finish_non_exhaustive()
+    }
+}
+
+impl tough::Transport for Counting {
+    // What `#[async_trait]` would write: the trait is declared with it.
+    fn fetch<'life0, 'async_trait>(
+        &'life0 self,
+        url: reqwest::Url,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tough::TransportStream, tough::TransportError>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let stream = self.inner.fetch(url).await?;
+            let metrics = self.metrics.clone();
+            let counted = stream.inspect(move |chunk| {
+                if let Ok(bytes) = chunk {
+                    metrics.sync_downloaded(bytes.len() as u64);
+                }
+            });
+            Ok(Box::pin(counted) as tough::TransportStream)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_staged_and_backoff_is_bounded() {
+        assert_eq!(
+            stage_of("Failed to load snapshot.json: expired"),
+            "snapshot"
+        );
+        assert_eq!(
+            stage_of("targets.json version 3 is older than 4"),
+            "targets"
+        );
+        assert_eq!(stage_of("connection refused"), "timestamp");
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(100));
+            assert!(
+                j >= Duration::from_secs(90) && j <= Duration::from_secs(110),
+                "{j:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The fleet, as its operator sees it: releases published with `plugvisor
+//! repo` to a TUF repository that Debian's nginx serves on loopback, and
+//! daemons with `[sync]` — several nodes with their own names, labels and
+//! seeds — that follow it. Each node converges to what the rollout says and
+//! nothing else; live clients see no error while sync installs a release;
+//! a download cut by the server resumes and nothing half-written is
+//! committed; a published rollback is followed; the attacks TUF exists for
+//! are refused while the node serves on.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use plugvisor_tests::live::{Live, LiveOptions};
+use plugvisor_tests::{
+    Daemon, DaemonOptions, LineClient, ListenerSpec, Nginx, build_echo_version, echo_version, pack,
+    plugvisor, wait_until,
+};
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(30)
+}
+
+/// A repository on disk, made and signed with `plugvisor repo`.
+struct Repo {
+    dir: tempfile::TempDir,
+}
+
+impl Repo {
+    fn init() -> Repo {
+        let r = Repo {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        Repo::run(&["init", r.path().to_str().unwrap()]);
+        r
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    /// The root a node is given out of band.
+    fn root(&self) -> PathBuf {
+        self.path().join("metadata").join("1.root.json")
+    }
+
+    fn run(args: &[&str]) -> String {
+        let mut all = vec!["repo"];
+        all.extend_from_slice(args);
+        let os: Vec<&std::ffi::OsStr> = all.iter().map(std::ffi::OsStr::new).collect();
+        plugvisor(&os).ok().stdout
+    }
+
+    /// Packs echo `version` and adds it as a release (`extra`: its
+    /// selector and waves).
+    fn add(&self, version: &str, extra: &[&str]) {
+        let pkg = self.dir.path().join(format!("pkg-{version}"));
+        std::fs::create_dir_all(&pkg).unwrap();
+        let lib = build_echo_version(version);
+        pack(&pkg, &lib, None, &[]).assert_ok();
+        let repo = self.path();
+        let mut args = vec!["add", repo.to_str().unwrap(), pkg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Repo::run(&args);
+    }
+
+    fn publish(&self, extra: &[&str]) {
+        let repo = self.path();
+        let mut args = vec!["publish", repo.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Repo::run(&args);
+    }
+
+    fn rollback(&self, version: &str) {
+        let repo = self.path();
+        Repo::run(&["rollback", repo.to_str().unwrap(), "echo", "--to", version]);
+    }
+}
+
+/// A node following `server`'s repository, polling every 300 ms.
+fn node(server: &Nginx, repo: &Repo, name: &str, seed: u32, labels: &str) -> Daemon {
+    Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        extra_config: format!(
+            "[sync]\nmetadata_url = \"{}\"\ntargets_url = \"{}\"\nroot = \"{}\"\ninterval = \"300ms\"\nnode = \"{name}\"\nseed = {seed}\nlabels = {{ {labels} }}\n",
+            server.url("metadata"),
+            server.url("targets"),
+            repo.root().display()
+        ),
+        ..Default::default()
+    })
+}
+
+/// What `plugvisor status` says of echo's sync: (state, desired, active).
+fn synced(d: &Daemon) -> Option<(String, String, String)> {
+    let s = d.status();
+    let p = &s["sync"]["plugins"]["echo"];
+    Some((
+        p["state"].as_str()?.to_owned(),
+        p["desired"].as_str()?.to_owned(),
+        p["active"].as_str().unwrap_or("-").to_owned(),
+    ))
+}
+
+fn serves(d: &Daemon) -> String {
+    let answer = LineClient::connect(d.addr("echo-tcp"))
+        .unwrap()
+        .call("which")
+        .unwrap();
+    echo_version(&answer).unwrap_or_default().to_owned()
+}
+
+fn await_version(d: &Daemon, version: &str, what: &str) {
+    wait_until(deadline(), what, || {
+        synced(d).is_some_and(|(state, desired, active)| {
+            state == "synced" && desired == version && active == version
+        }) && serves(d) == version
+    });
+}
+
+fn errors(d: &Daemon, stage: &str) -> u64 {
+    d.metrics()
+        .get("plugvisor_sync_errors_total", &[("stage", stage)])
+        .unwrap_or(0.0) as u64
+}
+
+#[test]
+fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback() {
+    let repo = Repo::init();
+    // 2.0.0 for site plant-3, seeds below 100 now, the rest next century.
+    repo.add(
+        "2.0.0",
+        &[
+            "--label",
+            "site=plant-3",
+            "--wave",
+            "100@2000-01-01T00:00:00Z",
+            "--wave",
+            "2048@2099-01-01T00:00:00Z",
+        ],
+    );
+    repo.publish(&[]);
+    let server = Nginx::start(&repo.path(), None);
+    let early = node(&server, &repo, "edge-early", 10, "site = \"plant-3\"");
+    let late = node(&server, &repo, "edge-late", 1500, "site = \"plant-3\"");
+    let other = node(&server, &repo, "edge-other", 10, "site = \"plant-9\"");
+    let live = Live::start(&LiveOptions {
+        tcp: vec![early.addr("echo-tcp"); 4],
+        grpc: Vec::new(),
+        pause: Duration::from_millis(2),
+    });
+    await_version(&early, "2.0.0", "the first wave takes 2.0.0");
+    // The others verified the same metadata, and it is not for them (yet).
+    for d in [&late, &other] {
+        wait_until(deadline(), "the other nodes read the repository", || {
+            d.status()["sync"]["last_success"].as_u64().is_some()
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(serves(d), "1.0.0");
+        assert!(synced(d).is_none(), "{}", d.status()["sync"]);
+    }
+
+    // 2.1.0 for every node, at once.
+    repo.add("2.1.0", &[]);
+    repo.publish(&[]);
+    for d in [&early, &late, &other] {
+        await_version(d, "2.1.0", "every node takes 2.1.0");
+    }
+
+    // The operator's signed downgrade: 2.0.0 again, for site plant-3 —
+    // where its selector points; plant-9 stays on 2.1.0.
+    repo.rollback("2.0.0");
+    for d in [&early, &late] {
+        await_version(d, "2.0.0", "plant-3 follows the published rollback");
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(serves(&other), "2.1.0");
+
+    let traffic = live.stop();
+    assert!(traffic.frames > 0);
+    assert!(
+        traffic.errors.is_empty(),
+        "live clients while sync installed three releases: {:?}",
+        traffic.errors
+    );
+    // A poll that finds nothing new fetches timestamp.json alone.
+    let before = server.requests().len();
+    std::thread::sleep(Duration::from_secs(2));
+    let quiet: Vec<String> = server.requests()[before..].to_vec();
+    assert!(!quiet.is_empty(), "the nodes poll");
+    assert!(
+        quiet
+            .iter()
+            .all(|r| r.starts_with("GET /metadata/timestamp.json 200")),
+        "no-op polls: {quiet:#?}"
+    );
+    for d in [&early, &late, &other] {
+        for stage in [
+            "timestamp",
+            "snapshot",
+            "targets",
+            "download",
+            "verify",
+            "commit",
+        ] {
+            assert_eq!(errors(d, stage), 0, "{stage}");
+        }
+    }
+}
+
+#[test]
+fn a_download_cut_by_the_server_resumes_and_nothing_half_written_is_committed() {
+    let repo = Repo::init();
+    repo.add("2.0.0", &[]);
+    repo.publish(&[]);
+    // ~400 KB at 64 KB/s: the download takes seconds.
+    let mut server = Nginx::start(&repo.path(), Some("64k"));
+    let d = node(&server, &repo, "edge-0", 0, "");
+    let cache = d.state_dir.join("sync").join("cache");
+    let part_bytes = || -> u64 {
+        std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    wait_until(deadline(), "a download is under way", || {
+        part_bytes() > 64 << 10
+    });
+    server.stop();
+    // Longer than the poll: the node says pending and serves on.
+    wait_until(deadline(), "the node says pending", || {
+        synced(&d).is_some_and(|(state, _, _)| state == "pending")
+            && d.status()["sync"]["last_error"].is_string()
+    });
+    assert_eq!(serves(&d), "1.0.0");
+    let manifest = std::fs::read_to_string(d.plugins_dir.join("echo/plugin.toml")).unwrap();
+    assert!(
+        manifest.contains("version = \"1.0.0\""),
+        "nothing of 2.0.0 committed: {manifest}"
+    );
+    assert!(errors(&d, "download") + errors(&d, "timestamp") >= 1);
+    // The download failed; what it had stays, to be resumed.
+    let cut_at = part_bytes();
+    assert!(cut_at > 0);
+    server.restart();
+    await_version(
+        &d,
+        "2.0.0",
+        "the node finishes the download and takes 2.0.0",
+    );
+    let ranged: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("bytes="))
+        .collect();
+    assert!(
+        ranged
+            .iter()
+            .any(|r| r.contains(" 206 ") && r.ends_with(&format!("bytes={cut_at}-"))),
+        "the download resumed where it was cut ({cut_at} bytes): {ranged:#?}"
+    );
+    assert_eq!(part_bytes(), 0, "no partial file left");
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn metadata_errors(d: &Daemon) -> u64 {
+    errors(d, "timestamp") + errors(d, "snapshot") + errors(d, "targets")
+}
+
+/// Copies `from` over `to` (a directory tree).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
+    let repo = Repo::init();
+    repo.add("2.0.0", &[]);
+    repo.publish(&[]);
+    let old_metadata = tempfile::tempdir().unwrap();
+    copy_tree(&repo.path().join("metadata"), old_metadata.path());
+    let server = Nginx::start(&repo.path(), None);
+    let mut d = node(&server, &repo, "edge-0", 0, "");
+    await_version(&d, "2.0.0", "the node takes 2.0.0");
+
+    // Rollback: after a newer publication, a mirror serves the old metadata.
+    repo.publish(&[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let served = repo.path().join("metadata");
+    let newer = tempfile::tempdir().unwrap();
+    copy_tree(&served, newer.path());
+    std::fs::remove_dir_all(&served).unwrap();
+    copy_tree(old_metadata.path(), &served);
+    let before = metadata_errors(&d);
+    wait_until(deadline(), "old metadata is refused", || {
+        metadata_errors(&d) > before
+    });
+    assert_eq!(serves(&d), "2.0.0");
+    std::fs::remove_dir_all(&served).unwrap();
+    copy_tree(newer.path(), &served);
+
+    // Mix-and-match: the library of a new release swapped on the server
+    // for other bytes of the same length: refused at verify, nothing
+    // committed.
+    repo.add("2.1.0", &[]);
+    repo.publish(&[]);
+    let lib = files_under(&repo.path().join("targets"))
+        .into_iter()
+        .find(|p| {
+            let p = p.to_string_lossy();
+            p.contains("2.1.0") && p.ends_with(".so")
+        })
+        .expect("the library target of 2.1.0");
+    let len = std::fs::metadata(&lib).unwrap().len() as usize;
+    std::fs::write(&lib, vec![0x7f; len]).unwrap();
+    wait_until(deadline(), "the swapped library is refused", || {
+        errors(&d, "verify") >= 1
+    });
+    assert_eq!(serves(&d), "2.0.0");
+    assert!(
+        !std::fs::read_to_string(d.plugins_dir.join("echo/plugin.toml"))
+            .unwrap()
+            .contains("2.1.0")
+    );
+
+    // An endless download: the same target grown past its pinned length.
+    std::fs::write(&lib, vec![0x7f; len * 4]).unwrap();
+    let verify_before = errors(&d, "verify");
+    wait_until(deadline(), "the oversized target is cut off", || {
+        errors(&d, "verify") > verify_before
+    });
+    assert_eq!(serves(&d), "2.0.0");
+    assert!(
+        d.log_text().contains("more than its pinned length"),
+        "the log says why"
+    );
+
+    // Freeze: metadata that expires, and is not refreshed.
+    repo.publish(&["--timestamp-expires", "2s"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let before = metadata_errors(&d);
+    wait_until(deadline(), "expired metadata is refused", || {
+        metadata_errors(&d) > before
+    });
+    assert_eq!(serves(&d), "2.0.0");
+    d.assert_running();
+}
