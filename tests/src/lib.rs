@@ -33,6 +33,7 @@ mod builds;
 mod cli;
 mod clients;
 mod daemon;
+mod fleet;
 mod host;
 mod metrics;
 mod nginx;
@@ -58,6 +59,7 @@ pub use daemon::{
     Daemon, become_subreaper, journal, parent_and_state, plugin_hosts_of, plugin_hosts_of_store,
     wait_until,
 };
+pub use fleet::FleetRepo;
 pub use host::{binary, failpoints_binary, free_port, library, require_root, target_dir, tool};
 pub use metrics::Metrics;
 pub use nginx::Nginx;

@@ -48,6 +48,13 @@ const PENDING_FAMILIES: &[(&str, &str)] = &[
     ("plugvisor_rule_state", "thresholds rules engine"),
     ("plugvisor_rules_config_valid", "thresholds rules engine"),
     ("plugvisor_health_check_up", "health checks"),
+    // Exported by nodes with [sync] only; tests/tests/sync.rs drives them.
+    ("plugvisor_sync_state", "fleet sync"),
+    (
+        "plugvisor_sync_last_success_timestamp_seconds",
+        "fleet sync",
+    ),
+    ("plugvisor_sync_errors_total", "fleet sync"),
 ];
 
 /// What each alert must do after the scenario below. `Fires`: its
@@ -72,6 +79,12 @@ const ALERTS: &[(&str, Expect)] = &[
     ("PlugvisorDependencyConflict", Expect::Quiet),
     ("PlugvisorThresholdsInvalid", Expect::Quiet),
     ("PlugvisorHealthCheckFailing", Expect::Quiet),
+    // No [sync] in this scenario.
+    ("PlugvisorSyncBlocked", Expect::Quiet),
+    ("PlugvisorSyncStale", Expect::Quiet),
+    ("PlugvisorSyncExpired", Expect::Quiet),
+    ("PlugvisorSyncFailing", Expect::Quiet),
+    ("PlugvisorSyncTargetMismatch", Expect::Quiet),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

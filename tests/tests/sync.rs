@@ -11,80 +11,18 @@ use std::time::{Duration, Instant};
 
 use plugvisor_tests::live::{Live, LiveOptions};
 use plugvisor_tests::{
-    Daemon, DaemonOptions, LineClient, ListenerSpec, Nginx, build_echo_version, echo_version, pack,
-    plugvisor, wait_until,
+    Daemon, DaemonOptions, FleetRepo, LineClient, ListenerSpec, Nginx, echo_version, wait_until,
 };
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(30)
 }
 
-/// A repository on disk, made and signed with `plugvisor repo`.
-struct Repo {
-    dir: tempfile::TempDir,
-}
-
-impl Repo {
-    fn init() -> Repo {
-        let r = Repo {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        Repo::run(&["init", r.path().to_str().unwrap()]);
-        r
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("repo")
-    }
-
-    /// The root a node is given out of band.
-    fn root(&self) -> PathBuf {
-        self.path().join("metadata").join("1.root.json")
-    }
-
-    fn run(args: &[&str]) -> String {
-        let mut all = vec!["repo"];
-        all.extend_from_slice(args);
-        let os: Vec<&std::ffi::OsStr> = all.iter().map(std::ffi::OsStr::new).collect();
-        plugvisor(&os).ok().stdout
-    }
-
-    /// Packs echo `version` and adds it as a release (`extra`: its
-    /// selector and waves).
-    fn add(&self, version: &str, extra: &[&str]) {
-        let pkg = self.dir.path().join(format!("pkg-{version}"));
-        std::fs::create_dir_all(&pkg).unwrap();
-        let lib = build_echo_version(version);
-        pack(&pkg, &lib, None, &[]).assert_ok();
-        let repo = self.path();
-        let mut args = vec!["add", repo.to_str().unwrap(), pkg.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        Repo::run(&args);
-    }
-
-    fn publish(&self, extra: &[&str]) {
-        let repo = self.path();
-        let mut args = vec!["publish", repo.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        Repo::run(&args);
-    }
-
-    fn rollback(&self, version: &str) {
-        let repo = self.path();
-        Repo::run(&["rollback", repo.to_str().unwrap(), "echo", "--to", version]);
-    }
-}
-
 /// A node following `server`'s repository, polling every 300 ms.
-fn node(server: &Nginx, repo: &Repo, name: &str, seed: u32, labels: &str) -> Daemon {
+fn node(server: &Nginx, repo: &FleetRepo, name: &str, seed: u32, labels: &str) -> Daemon {
     Daemon::start(DaemonOptions {
         listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
-        extra_config: format!(
-            "[sync]\nmetadata_url = \"{}\"\ntargets_url = \"{}\"\nroot = \"{}\"\ninterval = \"300ms\"\nnode = \"{name}\"\nseed = {seed}\nlabels = {{ {labels} }}\n",
-            server.url("metadata"),
-            server.url("targets"),
-            repo.root().display()
-        ),
+        extra_config: repo.sync_config(server, name, seed, labels, "300ms"),
         ..Default::default()
     })
 }
@@ -124,7 +62,7 @@ fn errors(d: &Daemon, stage: &str) -> u64 {
 
 #[test]
 fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback() {
-    let repo = Repo::init();
+    let repo = FleetRepo::init();
     // 2.0.0 for site plant-3, seeds below 100 now, the rest next century.
     repo.add(
         "2.0.0",
@@ -208,7 +146,7 @@ fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback()
 
 #[test]
 fn a_download_cut_by_the_server_resumes_and_nothing_half_written_is_committed() {
-    let repo = Repo::init();
+    let repo = FleetRepo::init();
     repo.add("2.0.0", &[]);
     repo.publish(&[]);
     // ~400 KB at 64 KB/s: the download takes seconds.
@@ -296,7 +234,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
-    let repo = Repo::init();
+    let repo = FleetRepo::init();
     repo.add("2.0.0", &[]);
     repo.publish(&[]);
     let old_metadata = tempfile::tempdir().unwrap();
@@ -366,4 +304,40 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
     });
     assert_eq!(serves(&d), "2.0.0");
     d.assert_running();
+}
+
+#[test]
+fn a_node_without_a_readable_root_refuses_to_start_and_says_which_file() {
+    let mut d = Daemon::start(DaemonOptions {
+        probes: "off",
+        ..Default::default()
+    });
+    assert_eq!(d.stop(), Some(0));
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    let not_root = d.dir.path().join("targets.json");
+    std::fs::write(&not_root, r#"{"signed": {"_type": "targets"}}"#).unwrap();
+    for (root, says) in [
+        (d.dir.path().join("missing.json"), "No such file"),
+        (not_root, "not a TUF root.json"),
+    ] {
+        std::fs::write(
+            &d.config,
+            format!(
+                "{good}\n[sync]\nmetadata_url = \"http://127.0.0.1:9/metadata\"\ntargets_url = \"http://127.0.0.1:9/targets\"\nroot = \"{}\"\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(plugvisor_tests::binary())
+            .args(["run", "--config"])
+            .arg(&d.config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&root.display().to_string()) && err.contains(says),
+            "{err}"
+        );
+    }
 }

@@ -21,6 +21,11 @@ pub struct Args {
 /// Runs `plugvisor run`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let config = load_config(args.config.as_ref())?;
+    if let Some(sync) = &config.sync {
+        // Before anything binds (and in the check an upgrade runs first):
+        // a node that cannot trust the fleet's root would fail every poll.
+        crate::fleet::sync::check_root(&sync.root).map_err(anyhow::Error::msg)?;
+    }
     if args.check {
         if let Some(t) = &config.thresholds {
             // The file may be provisioned apart from the config (a

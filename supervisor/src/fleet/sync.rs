@@ -260,6 +260,23 @@ pub fn node_name(config: &SyncConfig) -> String {
     })
 }
 
+/// Checks that `root` is a TUF root the node can start from: readable, a
+/// signed document of `_type` root. (Its signatures are tough's to check,
+/// at the first poll.)
+pub fn check_root(root: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(root).map_err(|e| format!("[sync] root {}: {e}", root.display()))?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("[sync] root {}: not JSON: {e}", root.display()))?;
+    if doc["signed"]["_type"] != "root" {
+        return Err(format!(
+            "[sync] root {}: not a TUF root.json (signed._type is {}); give it DIR/metadata/1.root.json of `plugvisor repo init`",
+            root.display(),
+            doc["signed"]["_type"]
+        ));
+    }
+    Ok(())
+}
+
 /// Starts following the repository `config` names, on the current tokio
 /// runtime. Packages go into `plugins_dir`; the sync's own files (the TUF
 /// datastore, the download cache) under `state_dir/sync`.

@@ -34,6 +34,7 @@
 //! summarises a sample.
 mod breach;
 mod charts;
+mod fleet;
 mod gopeer;
 mod inprocess;
 mod isolation;
@@ -100,6 +101,7 @@ struct Results {
     breach_1s: Vec<f64>,
     breach_250: Vec<f64>,
     isolation: isolation::Isolation,
+    fleet: fleet::Fleet,
 }
 
 fn loadavg() -> String {
@@ -139,6 +141,7 @@ fn main() {
     let breach_1s = breach::breach_to_rollback("1s", trials);
     let breach_250 = breach::breach_to_rollback("250ms", trials);
     let isolation = isolation::isolation(q);
+    let fleet = fleet::fleet(q);
     let r = Results {
         quick: q,
         overhead,
@@ -153,6 +156,7 @@ fn main() {
         breach_1s,
         breach_250,
         isolation,
+        fleet,
     };
     let plots = args
         .plots

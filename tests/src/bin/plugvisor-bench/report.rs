@@ -62,6 +62,7 @@ pub fn render(r: &Results, meta: &Meta) -> String {
     probe_cost_section(&mut md, &r.costs);
     breach(&mut md, r);
     crate::isolation::render(&mut md, &r.isolation);
+    crate::fleet::render(&mut md, &r.fleet);
     floors(&mut md, r);
     md
 }

@@ -1,0 +1,91 @@
+//! A fleet repository made and signed with `plugvisor repo`, as an
+//! operator would (the sync tests and the bench publish through it), and
+//! the `[sync]` table of a node that follows it.
+use std::path::PathBuf;
+
+use crate::{Nginx, build_echo_version, pack, plugvisor};
+
+/// A TUF repository on disk (in a temporary directory).
+pub struct FleetRepo {
+    dir: tempfile::TempDir,
+}
+
+impl FleetRepo {
+    /// `plugvisor repo init`.
+    pub fn init() -> FleetRepo {
+        let r = FleetRepo {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        FleetRepo::run(&["init", r.path().to_str().unwrap()]);
+        r
+    }
+
+    /// The repository directory (`metadata/`, `targets/` are served).
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    /// The root a node is given out of band.
+    pub fn root(&self) -> PathBuf {
+        self.path().join("metadata").join("1.root.json")
+    }
+
+    /// `plugvisor repo ARGS`, which must succeed; its output.
+    pub fn run(args: &[&str]) -> String {
+        let mut all = vec!["repo"];
+        all.extend_from_slice(args);
+        let os: Vec<&std::ffi::OsStr> = all.iter().map(std::ffi::OsStr::new).collect();
+        plugvisor(&os).ok().stdout
+    }
+
+    /// Packs echo `version` and adds it as a release (`extra`: its node
+    /// selector and waves). Returns the package's size in bytes.
+    pub fn add(&self, version: &str, extra: &[&str]) -> u64 {
+        let pkg = self.dir.path().join(format!("pkg-{version}"));
+        std::fs::create_dir_all(&pkg).unwrap();
+        let lib = build_echo_version(version);
+        pack(&pkg, &lib, None, &[]).assert_ok();
+        let repo = self.path();
+        let mut args = vec!["add", repo.to_str().unwrap(), pkg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        FleetRepo::run(&args);
+        std::fs::read_dir(&pkg)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// `plugvisor repo publish` (`extra`: expiry flags).
+    pub fn publish(&self, extra: &[&str]) {
+        let repo = self.path();
+        let mut args = vec!["publish", repo.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        FleetRepo::run(&args);
+    }
+
+    /// `plugvisor repo rollback echo --to VERSION`.
+    pub fn rollback(&self, version: &str) {
+        let repo = self.path();
+        FleetRepo::run(&["rollback", repo.to_str().unwrap(), "echo", "--to", version]);
+    }
+
+    /// The `[sync]` table of node `name` following this repository on
+    /// `server`, polling every `interval`.
+    pub fn sync_config(
+        &self,
+        server: &Nginx,
+        name: &str,
+        seed: u32,
+        labels: &str,
+        interval: &str,
+    ) -> String {
+        format!(
+            "[sync]\nmetadata_url = \"{}\"\ntargets_url = \"{}\"\nroot = \"{}\"\ninterval = \"{interval}\"\nnode = \"{name}\"\nseed = {seed}\nlabels = {{ {labels} }}\n",
+            server.url("metadata"),
+            server.url("targets"),
+            self.root().display()
+        )
+    }
+}
