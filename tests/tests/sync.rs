@@ -341,3 +341,92 @@ fn a_node_without_a_readable_root_refuses_to_start_and_says_which_file() {
         );
     }
 }
+
+#[test]
+fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason() {
+    let repo = FleetRepo::init();
+    repo.add("2.0.0", &[]);
+    repo.publish(&[]);
+    let mut server = Nginx::start(&repo.path(), None);
+    let mut d = node(&server, &repo, "edge-0", 0, "");
+    await_version(&d, "2.0.0", "the node takes 2.0.0");
+
+    // Restarted while the repository is away: it serves 2.0.0 from its
+    // store, knows what was wanted, and says pending with the reason.
+    assert_eq!(d.stop(), Some(0));
+    server.stop();
+    d.restart();
+    assert_eq!(serves(&d), "2.0.0");
+    wait_until(
+        deadline(),
+        "pending after a restart without the repository",
+        || {
+            synced(&d).is_some_and(|(state, desired, active)| {
+                state == "pending" && desired == "2.0.0" && active == "2.0.0"
+            }) && d.status()["sync"]["plugins"]["echo"]["reason"].is_string()
+        },
+    );
+    // The repository is back: synced, and nothing fetched again but
+    // metadata (the package is committed and cached).
+    server.restart();
+    let from = server.requests().len();
+    await_version(&d, "2.0.0", "synced again");
+    assert!(
+        server.requests()[from..]
+            .iter()
+            .all(|r| r.contains("/metadata/")),
+        "{:#?}",
+        &server.requests()[from..]
+    );
+
+    // A node that requires signatures refuses the fleet's unsigned release:
+    // blocked, with the daemon's own reason; 1.0.0 (signed) serves on.
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = plugvisor_tests::keygen(keys.path());
+    let strict = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        extra_config: repo.sync_config(&server, "edge-strict", 0, "", "300ms"),
+        trust: plugvisor_tests::TrustOptions {
+            public_keys: vec![public],
+            require_signature: true,
+            sign_with: Some(secret),
+        },
+        ..Default::default()
+    });
+    wait_until(deadline(), "the unsigned release is blocked", || {
+        synced(&strict).is_some_and(|(state, desired, active)| {
+            state == "blocked" && desired == "2.0.0" && active == "1.0.0"
+        })
+    });
+    let reason = strict.status()["sync"]["plugins"]["echo"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("rejected") && reason.contains("signature"),
+        "{reason}"
+    );
+    assert_eq!(serves(&strict), "1.0.0");
+    let m = strict.metrics();
+    assert_eq!(
+        m.get(
+            "plugvisor_sync_state",
+            &[("plugin", "echo"), ("state", "blocked")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "plugvisor_sync_state",
+            &[("plugin", "echo"), ("state", "synced")]
+        ),
+        Some(0.0)
+    );
+    // Restarted, it is still blocked: nothing wanted has changed.
+    let mut strict = strict;
+    assert_eq!(strict.stop(), Some(0));
+    strict.restart();
+    wait_until(deadline(), "still blocked after a restart", || {
+        synced(&strict).is_some_and(|(state, _, _)| state == "blocked")
+    });
+}

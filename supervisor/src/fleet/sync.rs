@@ -310,6 +310,7 @@ pub fn start(
     }));
     metrics.sync_at_zero(&STAGES);
     tracing::info!(node = %node.name, seed = node.seed, labels = ?node.labels, metadata = %config.metadata_url, "fleet sync: following the TUF repository");
+    let wanted = wanted_from_datastore(&dir.join("tuf"), &node);
     let mut syncer = Syncer {
         config,
         node,
@@ -319,7 +320,7 @@ pub fn start(
         metrics,
         reloader,
         status: status.clone(),
-        wanted: BTreeMap::new(),
+        wanted,
         committed_at: BTreeMap::new(),
         last_success: None,
         started: SystemTime::now(),
@@ -345,17 +346,31 @@ fn jitter(d: Duration) -> Duration {
 impl Syncer {
     async fn run(&mut self) {
         let mut failures = 0u32;
+        let mut last_error: Option<String> = None;
         loop {
             let wait = match self.round().await {
                 Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            after = failures,
+                            "fleet sync: the repository is read again"
+                        );
+                    }
                     failures = 0;
+                    last_error = None;
                     self.config.interval
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     self.metrics.sync_error(e.stage());
-                    tracing::warn!(error = %e, stage = e.stage(), failures, "fleet sync: round failed; serving on from the local store");
-                    self.status.lock().expect("sync status lock").last_error = Some(e.to_string());
+                    // A new error, and the 1st, 2nd, 4th, 8th… failure in
+                    // a row: an outage is said, not repeated every poll.
+                    let text = e.to_string();
+                    if failures.is_power_of_two() || last_error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(error = %e, stage = e.stage(), failures, "fleet sync: round failed; serving on from the local store");
+                    }
+                    last_error = Some(text.clone());
+                    self.status.lock().expect("sync status lock").last_error = Some(text);
                     FIRST_BACKOFF
                         .saturating_mul(2u32.saturating_pow(failures - 1))
                         .min(self.config.interval)
@@ -461,67 +476,14 @@ impl Syncer {
                 let message = e.to_string();
                 failed(stage_of(&message), message)
             })?;
-        let mut releases: Vec<(Release, Pinned)> = Vec::new();
-        let mut files: BTreeMap<String, Pinned> = BTreeMap::new();
-        for (name, target) in repo.all_targets() {
-            let pinned = Pinned {
-                target: name.raw().to_owned(),
-                length: target.length,
-                sha256: hex::encode(&target.hashes.sha256),
-            };
-            if let Some(custom) = target.custom.get(CUSTOM_KEY) {
-                match serde_json::from_value::<Release>(custom.clone()) {
-                    Ok(r) if r.check().is_ok() && r.files.manifest == pinned.target => {
-                        releases.push((r, pinned.clone()));
-                    }
-                    Ok(r) => {
-                        tracing::warn!(target = %pinned.target, plugin = %r.plugin, "fleet sync: a release whose files are not where its manifest target is; ignored");
-                    }
-                    Err(e) => {
-                        tracing::warn!(target = %pinned.target, error = %e, "fleet sync: unreadable release metadata; ignored");
-                    }
-                }
-            }
-            files.insert(pinned.target.clone(), pinned);
-        }
-        let now = jiff::Timestamp::now();
-        let plugins: std::collections::BTreeSet<&str> =
-            releases.iter().map(|(r, _)| r.plugin.as_str()).collect();
-        let mut wanted = BTreeMap::new();
-        for plugin in plugins {
-            let Some(r) =
-                release::desired(releases.iter().map(|(r, _)| r), plugin, &self.node, now)
-            else {
-                continue;
-            };
-            let manifest = releases
-                .iter()
-                .find(|(x, _)| x == r)
-                .map(|(_, p)| p.clone())
-                .expect("desired is one of them");
-            let Some(library) = files.get(&r.files.library).cloned() else {
-                tracing::warn!(plugin, version = %r.version, "fleet sync: the release's library is not a target; skipped");
-                continue;
-            };
-            let signature = r.files.signature.as_ref().map(|s| files.get(s).cloned());
-            if signature.as_ref().is_some_and(Option::is_none) {
-                tracing::warn!(plugin, version = %r.version, "fleet sync: the release's signature is not a target; skipped");
-                continue;
-            }
-            let signature = signature.flatten();
-            wanted.insert(
-                plugin.to_owned(),
-                Wanted {
-                    release: r.clone(),
-                    manifest,
-                    library,
-                    signature,
-                },
-            );
-        }
+        let (wanted, releases) = wanted_of(
+            repo.all_targets()
+                .map(|(name, target)| (name.raw().to_owned(), target)),
+            &self.node,
+        );
         tracing::info!(
             targets_version = repo.targets().signed.version.get(),
-            releases = releases.len(),
+            releases,
             for_this_node = wanted.len(),
             "fleet sync: repository verified"
         );
@@ -788,17 +750,19 @@ impl Syncer {
                         since_success.as_secs()
                     )),
                 )
-            } else if active.as_ref() == Some(&w.release.version) {
-                (State::Synced, None)
             } else if let Some(why) = self.refusal(plugin, &w.release.version) {
                 (State::Blocked, Some(why))
+            } else if offline {
+                // What the repository wants now is not known: the last
+                // verified wish is shown, with why it cannot be read.
+                (State::Pending, st.last_error.clone())
+            } else if active.as_ref() == Some(&w.release.version) {
+                (State::Synced, None)
             } else if active.as_ref().is_some_and(|a| *a > w.release.version) {
                 (
                     State::Stale,
                     Some("the repository asks for an older version".into()),
                 )
-            } else if offline {
-                (State::Pending, st.last_error.clone())
             } else {
                 (State::Pending, Some("on its way".into()))
             };
@@ -820,6 +784,97 @@ impl Syncer {
             );
         }
         st.plugins = plugins;
+    }
+}
+
+/// The releases listed in `targets` (name, target) and, per plugin, the
+/// one wanted on `node` now, with its files pinned. Returns (wanted, how
+/// many releases were listed).
+fn wanted_of<'a>(
+    targets: impl Iterator<Item = (String, &'a tough::schema::Target)>,
+    node: &Node,
+) -> (BTreeMap<String, Wanted>, usize) {
+    let mut releases: Vec<(Release, Pinned)> = Vec::new();
+    let mut files: BTreeMap<String, Pinned> = BTreeMap::new();
+    for (name, target) in targets {
+        let pinned = Pinned {
+            target: name,
+            length: target.length,
+            sha256: hex::encode(&target.hashes.sha256),
+        };
+        if let Some(custom) = target.custom.get(CUSTOM_KEY) {
+            match serde_json::from_value::<Release>(custom.clone()) {
+                Ok(r) if r.check().is_ok() && r.files.manifest == pinned.target => {
+                    releases.push((r, pinned.clone()));
+                }
+                Ok(r) => {
+                    tracing::warn!(target = %pinned.target, plugin = %r.plugin, "fleet sync: a release whose files are not where its manifest target is; ignored");
+                }
+                Err(e) => {
+                    tracing::warn!(target = %pinned.target, error = %e, "fleet sync: unreadable release metadata; ignored");
+                }
+            }
+        }
+        files.insert(pinned.target.clone(), pinned);
+    }
+    let now = jiff::Timestamp::now();
+    let plugins: std::collections::BTreeSet<&str> =
+        releases.iter().map(|(r, _)| r.plugin.as_str()).collect();
+    let mut wanted = BTreeMap::new();
+    for plugin in plugins {
+        let Some(r) = release::desired(releases.iter().map(|(r, _)| r), plugin, node, now) else {
+            continue;
+        };
+        let manifest = releases
+            .iter()
+            .find(|(x, _)| x == r)
+            .map(|(_, p)| p.clone())
+            .expect("desired is one of them");
+        let Some(library) = files.get(&r.files.library).cloned() else {
+            tracing::warn!(plugin, version = %r.version, "fleet sync: the release's library is not a target; skipped");
+            continue;
+        };
+        let signature = r.files.signature.as_ref().map(|s| files.get(s).cloned());
+        if signature.as_ref().is_some_and(Option::is_none) {
+            tracing::warn!(plugin, version = %r.version, "fleet sync: the release's signature is not a target; skipped");
+            continue;
+        }
+        let signature = signature.flatten();
+        wanted.insert(
+            plugin.to_owned(),
+            Wanted {
+                release: r.clone(),
+                manifest,
+                library,
+                signature,
+            },
+        );
+    }
+    (wanted, releases.len())
+}
+
+/// The releases wanted here by the targets metadata tough verified last
+/// (its datastore), to say each plugin's state from the start, even while
+/// the repository cannot be reached.
+fn wanted_from_datastore(tuf: &Path, node: &Node) -> BTreeMap<String, Wanted> {
+    let Ok(bytes) = std::fs::read(tuf.join("targets.json")) else {
+        return BTreeMap::new();
+    };
+    match serde_json::from_slice::<tough::schema::Signed<tough::schema::Targets>>(&bytes) {
+        Ok(t) => {
+            wanted_of(
+                t.signed
+                    .targets
+                    .iter()
+                    .map(|(name, target)| (name.raw().to_owned(), target)),
+                node,
+            )
+            .0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fleet sync: the last verified targets metadata is unreadable; states wait for the first poll");
+            BTreeMap::new()
+        }
     }
 }
 
