@@ -149,6 +149,50 @@ fn systemd_unit_verifies_and_its_config_is_valid() {
     );
 }
 
+/// `[sync]` names a root the operator provides (a ConfigMap of their
+/// repository's): the config is checked with a real one in its place, and —
+/// the control — refused, naming the file, while it is not there. Returns
+/// the root's path.
+fn checks_with_the_fleets_root(config: &str) -> String {
+    let root = config
+        .split("[sync]")
+        .nth(1)
+        .map(|section| toml_string(section, "root"))
+        .expect("the ConfigMap's config has a [sync] root");
+    let (ok, out) = check_config(config);
+    assert!(
+        !ok && out.contains(&root),
+        "a missing root must be refused: {out}"
+    );
+    let fleet = plugvisor_tests::FleetRepo::init();
+    let (ok, out) = check_config(&config.replace(&root, fleet.root().to_str().unwrap()));
+    assert!(ok, "the ConfigMap's plugvisor.toml: {out}");
+    root
+}
+
+/// The root's directory is mounted from ConfigMap `plugvisor-fleet-root`.
+fn root_from_the_operators_configmap(root: &str, pod: &Value) {
+    let container = &pod["containers"][0];
+    let root_dir = Path::new(root).parent().unwrap().to_str().unwrap();
+    let root_volume = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == root_dir)
+        .unwrap_or_else(|| panic!("[sync] root {root}: nothing mounted at {root_dir}"))["name"]
+        .clone();
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == root_volume)
+        .unwrap();
+    assert_eq!(
+        volume["configMap"]["name"], "plugvisor-fleet-root",
+        "the fleet's root comes from the operator's ConfigMap: {volume}"
+    );
+}
+
 /// A new pod starts beside the old one and finds it through a socket on
 /// the node (`[upgrade] socket` on a hostPath).
 fn upgrades_surge_and_find_the_old_pod(
@@ -267,8 +311,7 @@ fn kubernetes_daemonset_mounts_and_scrapes_what_its_config_names() {
     let cm = kind("ConfigMap");
     let ds = kind("DaemonSet");
     let config = cm["data"]["plugvisor.toml"].as_str().unwrap();
-    let (ok, out) = check_config(config);
-    assert!(ok, "the ConfigMap's plugvisor.toml: {out}");
+    let root = checks_with_the_fleets_root(config);
     assert!(
         cm["data"]["thresholds.toml"].is_string(),
         "the ConfigMap carries the thresholds file"
@@ -333,6 +376,7 @@ fn kubernetes_daemonset_mounts_and_scrapes_what_its_config_names() {
     );
     assert_eq!(pod["hostNetwork"], true);
     upgrades_surge_and_find_the_old_pod(config, ds, &host_path);
+    root_from_the_operators_configmap(&root, pod);
     let caps = &container["securityContext"]["capabilities"]["add"];
     for cap in ["BPF", "PERFMON"] {
         assert!(
