@@ -618,6 +618,45 @@ fn overview() -> Value {
         ),
     );
 
+    b.row("Fleet sync ([sync], docs/FLEET.md)");
+    b.add(
+        12,
+        8,
+        table(
+            "Sync state",
+            "Each plugin's fleet sync state on each node: synced, pending (repository unreachable, or a release on its way), stale (a published rollback being followed), blocked (the release was refused or rolled back here), expired (no verified metadata past max_offline).",
+            q(
+                format!("max by (instance, plugin, state) (plugvisor_sync_state{{{plug}}}) == 1"),
+                "",
+            ),
+        ),
+    );
+    b.add(
+        6,
+        8,
+        timeseries(
+            "Since the repository was last verified",
+            "Seconds since each node last read and verified the fleet's TUF repository.",
+            "s",
+            &[q(
+                format!("time() - max by (instance) (plugvisor_sync_last_success_timestamp_seconds{{{SEL}}})"),
+                "{{instance}}",
+            )],
+        ),
+    );
+    b.add(
+        6,
+        8,
+        bars(
+            "Sync errors",
+            "Fleet sync failures by stage: timestamp, snapshot, targets (metadata), download, verify (a file not the one signed), commit.",
+            &[q(
+                format!("sum by (instance, stage) (increase(plugvisor_sync_errors_total{{{SEL}}}[$__interval])) > 0"),
+                "{{instance}} {{stage}}",
+            )],
+        ),
+    );
+
     dashboard(
         "plugvisor-overview",
         "plugvisor / Overview",
