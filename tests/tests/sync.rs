@@ -430,3 +430,118 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
         synced(&strict).is_some_and(|(state, _, _)| state == "blocked")
     });
 }
+
+/// What a dashboard or alert query becomes in a test's Prometheus (the
+/// Grafana variables filled in as `tests/tests/prometheus.rs` does).
+fn runnable(expr: &str) -> String {
+    let out = expr
+        .replace("$__rate_interval", "60s")
+        .replace("$__interval", "60s")
+        .replace("$job", "plugvisor")
+        .replace("$instance", ".*")
+        .replace("$plugin", ".*");
+    assert!(!out.contains('$'), "a Grafana variable: {expr}");
+    out
+}
+
+/// The overview dashboard's sync row and the sync alerts, against a real
+/// Prometheus scraping real nodes (the general dashboard test runs no
+/// `[sync]`): every sync panel returns data, and the alerts for a blocked
+/// release and a swapped target see them.
+#[test]
+fn the_sync_panels_and_alerts_hold_against_a_real_prometheus() {
+    let repo = FleetRepo::init();
+    repo.add("2.0.0", &[]);
+    repo.publish(&[]);
+    let server = Nginx::start(&repo.path(), None);
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = plugvisor_tests::keygen(keys.path());
+    let strict = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        extra_config: repo.sync_config(&server, "edge-strict", 0, "", "300ms"),
+        trust: plugvisor_tests::TrustOptions {
+            public_keys: vec![public],
+            require_signature: true,
+            sign_with: Some(secret),
+        },
+        ..Default::default()
+    });
+    let d = node(&server, &repo, "edge-0", 0, "");
+    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    wait_until(deadline(), "the strict node is blocked", || {
+        synced(&strict).is_some_and(|(state, _, _)| state == "blocked")
+    });
+    let scrape = |x: &Daemon| std::net::SocketAddr::from(([127, 0, 0, 1], x.metrics_port));
+    let alerts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/alerts.yml");
+    let mut prom = plugvisor_tests::Prometheus::start(&[scrape(&d), scrape(&strict)], &[alerts]);
+    wait_until(
+        deadline(),
+        "Prometheus scrapes both nodes' sync state",
+        || {
+            prom.assert_running();
+            prom.query("count(count by (instance) (plugvisor_sync_state))")
+                .is_ok_and(|r| r.first().is_some_and(|v| v["value"][1] == "2"))
+        },
+    );
+
+    // The refused release, as the alert's expression sees it.
+    let blocked = prom
+        .query(r#"plugvisor_sync_state{state="blocked"} == 1"#)
+        .unwrap();
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    // A swapped target: verify errors on both nodes.
+    repo.add("2.1.0", &[]);
+    repo.publish(&[]);
+    let lib = files_under(&repo.path().join("targets"))
+        .into_iter()
+        .find(|p| {
+            let p = p.to_string_lossy();
+            p.contains("2.1.0") && p.ends_with(".so")
+        })
+        .unwrap();
+    let len = std::fs::metadata(&lib).unwrap().len() as usize;
+    for p in files_under(&repo.path().join("targets")) {
+        if std::fs::metadata(&p).unwrap().len() as usize == len
+            && p.to_string_lossy().contains("2.1.0")
+        {
+            std::fs::write(&p, vec![0u8; len]).unwrap();
+        }
+    }
+    wait_until(deadline(), "the swapped target is refused", || {
+        errors(&d, "verify") >= 1
+    });
+
+    let board: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/plugvisor-overview.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for p in board["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            if !expr.contains("plugvisor_sync_") {
+                continue;
+            }
+            // Rates need two scrapes of a rise: the errors go on, so the
+            // data comes within a few.
+            wait_until(
+                deadline(),
+                &format!("panel {} returns data: {expr}", p["title"]),
+                || !prom.query(&runnable(expr)).unwrap().is_empty(),
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "the sync row's three panels");
+    wait_until(deadline(), "PlugvisorSyncTargetMismatch fires", || {
+        let rules = prom.api("/api/v1/rules").unwrap();
+        rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "PlugvisorSyncTargetMismatch" && r["state"] == "firing")
+    });
+}
