@@ -21,7 +21,10 @@ fn deadline() -> Instant {
 /// A node following `server`'s repository, polling every 300 ms.
 fn node(server: &Nginx, repo: &FleetRepo, name: &str, seed: u32, labels: &str) -> Daemon {
     Daemon::start(DaemonOptions {
-        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        listeners: vec![
+            ListenerSpec::tcp("echo-tcp", "echo"),
+            ListenerSpec::grpc("echo-grpc", "echo"),
+        ],
         extra_config: repo.sync_config(server, name, seed, labels, "300ms"),
         ..Default::default()
     })
@@ -82,7 +85,7 @@ fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback()
     let other = node(&server, &repo, "edge-other", 10, "site = \"plant-9\"");
     let live = Live::start(&LiveOptions {
         tcp: vec![early.addr("echo-tcp"); 4],
-        grpc: Vec::new(),
+        grpc: vec![early.addr("echo-grpc"); 2],
         pause: Duration::from_millis(2),
     });
     await_version(&early, "2.0.0", "the first wave takes 2.0.0");
@@ -116,7 +119,7 @@ fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback()
     assert!(traffic.frames > 0);
     assert!(
         traffic.errors.is_empty(),
-        "live clients while sync installed three releases: {:?}",
+        "live TCP clients and gRPC streams while sync installed three releases: {:?}",
         traffic.errors
     );
     // A poll that finds nothing new fetches timestamp.json alone.
@@ -544,4 +547,37 @@ fn the_sync_panels_and_alerts_hold_against_a_real_prometheus() {
             .iter()
             .any(|r| r["name"] == "PlugvisorSyncTargetMismatch" && r["state"] == "firing")
     });
+}
+
+#[test]
+fn a_node_offline_past_max_offline_is_expired_across_a_restart_and_serves_on() {
+    let repo = FleetRepo::init();
+    repo.add("2.0.0", &[]);
+    repo.publish(&[]);
+    let mut server = Nginx::start(&repo.path(), None);
+    let mut d = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        extra_config: repo.sync_config(&server, "edge-0", 0, "", "300ms")
+            + "max_offline = \"2s\"\n",
+        ..Default::default()
+    });
+    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    server.stop();
+    let expired = |d: &Daemon| synced(d).is_some_and(|(state, _, _)| state == "expired");
+    wait_until(deadline(), "expired past max_offline", || expired(&d));
+    assert_eq!(
+        d.metrics().get(
+            "plugvisor_sync_state",
+            &[("plugin", "echo"), ("state", "expired")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(serves(&d), "2.0.0");
+    // The age of the last verified metadata survives the process.
+    assert_eq!(d.stop(), Some(0));
+    d.restart();
+    wait_until(deadline(), "still expired after a restart", || expired(&d));
+    assert_eq!(serves(&d), "2.0.0");
+    server.restart();
+    await_version(&d, "2.0.0", "synced once the repository is back");
 }

@@ -58,6 +58,10 @@ use crate::trust::SIGNATURE_FILE;
 /// The first wait after a failure; it doubles up to the poll interval.
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Under `state_dir/sync`: when the repository was last verified (Unix
+/// seconds).
+const LAST_SUCCESS: &str = "last-success";
+
 /// How long a single HTTP request may take (a stalled server is a failed
 /// round, retried later, not a round that never ends).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -311,6 +315,14 @@ pub fn start(
     metrics.sync_at_zero(&STAGES);
     tracing::info!(node = %node.name, seed = node.seed, labels = ?node.labels, metadata = %config.metadata_url, "fleet sync: following the TUF repository");
     let wanted = wanted_from_datastore(&dir.join("tuf"), &node);
+    let last_success = std::fs::read_to_string(dir.join(LAST_SUCCESS))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+    if let Some(t) = last_success {
+        metrics.sync_succeeded(unix(t) as f64);
+        status.lock().expect("sync status lock").last_success = Some(unix(t));
+    }
     let mut syncer = Syncer {
         config,
         node,
@@ -322,7 +334,7 @@ pub fn start(
         status: status.clone(),
         wanted,
         committed_at: BTreeMap::new(),
-        last_success: None,
+        last_success,
         started: SystemTime::now(),
     };
     tokio::spawn(async move { syncer.run().await });
@@ -388,6 +400,11 @@ impl Syncer {
         }
         let now = SystemTime::now();
         self.last_success = Some(now);
+        // Kept across restarts: how long a node has been without verified
+        // metadata (`expired`) does not start again with the process.
+        if let Err(e) = std::fs::write(self.dir.join(LAST_SUCCESS), unix(now).to_string()) {
+            tracing::warn!(error = %e, "fleet sync: could not record the last success");
+        }
         self.metrics.sync_succeeded(
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
