@@ -86,7 +86,8 @@ enum Cmd {
     /// Check the package in DIR as the daemon would (offline); exit 0 if it
     /// would be accepted.
     Verify(verify::Args),
-    /// The fleet's TUF repository (offline): init, add, publish, rollback.
+    /// The fleet's TUF repository (offline): init, add, publish, rollback,
+    /// rotate-root.
     Repo(repo::Args),
     /// List the crash points `FAILPOINTS` can arm (failpoints build only).
     #[cfg(feature = "failpoints")]

@@ -1,4 +1,4 @@
-//! `plugvisor repo init | add | publish | rollback DIR …`: the fleet's TUF
+//! `plugvisor repo init | add | publish | rollback | rotate-root DIR …`: the fleet's TUF
 //! repository, made and signed offline (`fleet::repo`); `DIR/metadata` and
 //! `DIR/targets` are what a web server serves.
 use std::collections::BTreeMap;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::fleet::release::{NodeSelector, Release, Wave};
-use crate::fleet::repo::{self, Expiry, Published};
+use crate::fleet::repo::{self, Expiry, Published, RootSigned};
 
 /// Create, stage, publish and roll back releases in a TUF repository
 /// (offline).
@@ -31,6 +31,15 @@ enum Verb {
     Publish(PublishArgs),
     /// Publish PLUGIN's release VERSION again as its newest, without waves.
     Rollback(RollbackArgs),
+    /// Replace every key: new keys in NEWKEYDIR, root N+1 listing them signed
+    /// by the old and the new root key, and new metadata signed with them.
+    /// Nodes keep their 1.root.json; publish with --keys NEWKEYDIR afterwards.
+    RotateRoot(RotateRootArgs),
+    /// Write root N+1 listing the keys of NEWKEYDIR, signed by exactly the
+    /// --sign-with key files (a root nodes take needs the current root key
+    /// and the new one: `rotate-root` does that). Publishes nothing.
+    #[command(hide = true)]
+    SignRoot(SignRootArgs),
 }
 
 /// Where the repository and its keys are.
@@ -129,6 +138,36 @@ struct RollbackArgs {
     expiry: ExpiryArgs,
 }
 
+#[derive(Debug, clap::Args)]
+struct RotateRootArgs {
+    #[command(flatten)]
+    repo: RepoDir,
+    /// Where the new keys go (made unless all four are there already).
+    #[arg(long, value_name = "NEWKEYDIR")]
+    new_keys: PathBuf,
+    /// How long the new root stays valid.
+    #[arg(long, default_value = "365d", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    root_expires: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct SignRootArgs {
+    /// The repository directory.
+    dir: PathBuf,
+    /// The keys the new root lists (made unless all four are there already).
+    #[arg(long, value_name = "NEWKEYDIR")]
+    new_keys: PathBuf,
+    /// A root key file to sign the new root with (repeatable, at least one).
+    #[arg(long = "sign-with", value_name = "KEYFILE", required = true)]
+    sign_with: Vec<PathBuf>,
+    /// How long the new root stays valid.
+    #[arg(long, default_value = "365d", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    root_expires: Duration,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Runs `plugvisor repo`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.verb {
@@ -151,7 +190,63 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             print_published(&published, a.repo.json)
         }
+        Verb::RotateRoot(a) => rotate_root(&a),
+        Verb::SignRoot(a) => {
+            let signed = repo::sign_root(&a.dir, &a.new_keys, &a.sign_with, a.root_expires)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&signed)?);
+            } else {
+                describe_root(&signed);
+                if !signed.accepted {
+                    eprintln!(
+                        "warning: {} is not signed by the root key {} lists and its own: nodes will refuse it",
+                        signed.root.display(),
+                        signed.previous.display()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn rotate_root(a: &RotateRootArgs) -> anyhow::Result<ExitCode> {
+    let rotated = repo::rotate_root(&a.repo.dir, &a.repo.keys(), &a.new_keys, a.root_expires)?;
+    if a.repo.json {
+        println!("{}", serde_json::to_string_pretty(&rotated)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    describe_root(&rotated.root);
+    println!(
+        "  nodes keep {}: they walk to root v{} on their next poll",
+        a.repo.dir.join("metadata").join(repo::FIRST_ROOT).display(),
+        rotated.root.version
+    );
+    println!(
+        "  publish with --keys {} from now on; move {} and the old key directory offline",
+        a.new_keys.display(),
+        a.new_keys.join("root.pem").display()
+    );
+    print_published(&rotated.published, false)
+}
+
+fn describe_root(r: &RootSigned) {
+    let made = if r.reused_keys {
+        "used"
+    } else {
+        "made (mode 0600)"
+    };
+    println!("keys {made} in {}:", r.keys.display());
+    for (role, id) in &r.key_ids {
+        println!("  {role:<9} {id}");
+    }
+    println!(
+        "root:    {} (v{}, expires {}), signed by {}",
+        r.root.display(),
+        r.version,
+        r.root_expires,
+        r.signed_by.join(", ")
+    );
 }
 
 fn init(a: &InitArgs) -> anyhow::Result<ExitCode> {

@@ -5,8 +5,9 @@
 //! # The repository directory
 //!
 //! ```text
-//! DIR/metadata/      served at metadata_url: 1.root.json (and root.json, the
-//!                    same bytes), N.targets.json, N.snapshot.json, timestamp.json
+//! DIR/metadata/      served at metadata_url: 1.root.json, 2.root.json … (and
+//!                    root.json, the latest's bytes), N.targets.json,
+//!                    N.snapshot.json, timestamp.json
 //! DIR/targets/       served at targets_url: the target files
 //! DIR/store/P/V/     the package files `add` copied (not served)
 //! DIR/releases.json  every release added, staged or published (not served)
@@ -40,8 +41,19 @@
 //! expiry dates: what a periodic job does so nodes never see metadata
 //! expire.
 //!
-//! Only the targets, snapshot and timestamp keys sign a publish; the root
-//! key is needed by [`init`] only and belongs offline afterwards.
+//! Only the targets, snapshot and timestamp keys the latest root lists sign
+//! a publish; the root key is needed by [`init`] and [`rotate_root`] only
+//! and belongs offline otherwise.
+//!
+//! # Root rotation
+//!
+//! [`rotate_root`] replaces every key (TUF 1.0 §5.3.4): root N+1 lists new
+//! keys and carries the signature of root N's root key and its own, so a
+//! node that was given `1.root.json` walks `2.root.json`, `3.root.json` …
+//! to it; then targets, snapshot and timestamp are published with the new
+//! keys. [`sign_root`] is the step beneath, signing with exactly the keys
+//! given — with the new root key alone, it is the forged root an attacker
+//! without the old root key can make, which nodes (and [`publish`]) refuse.
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -55,6 +67,7 @@ use serde::{Deserialize, Serialize};
 use tough::editor::RepositoryEditor;
 use tough::editor::signed::{PathExists, SignedRepository, SignedRole};
 use tough::key_source::KeySource;
+use tough::schema::decoded::{Decoded, Hex};
 use tough::schema::{KeyHolder, RoleKeys, RoleType, Root, Signed};
 use tough::sign::Sign;
 use tough::{ExpirationEnforcement, Repository, RepositoryLoader, TargetName};
@@ -77,6 +90,9 @@ pub const DEFAULT_KEYS_DIR: &str = "keys";
 /// The root a node is given out of band: the first one, from which a
 /// client walks every later `N.root.json`.
 pub const FIRST_ROOT: &str = "1.root.json";
+/// The latest root under its unversioned name (the same bytes as the
+/// newest `N.root.json`).
+pub const ROOT_FILE: &str = "root.json";
 
 /// The TUF specification version the metadata follows (tough's).
 const SPEC_VERSION: &str = "1.0.0";
@@ -156,7 +172,7 @@ pub enum RepoError {
     },
     /// A key file is not the key the root lists for its role.
     #[error(
-        "the {role} key {path} is not the one {root} lists for {role}; use the key directory this repository was made with"
+        "the {role} key {path} is not the one {root} lists for {role}; use the key directory of that root (after `plugvisor repo rotate-root`, its --new-keys)"
     )]
     KeyNotInRoot {
         /// The role.
@@ -164,6 +180,22 @@ pub enum RepoError {
         /// The key file.
         path: PathBuf,
         /// The root read.
+        root: PathBuf,
+    },
+    /// A root that a client trusting the one before would refuse.
+    #[error(
+        "{root} is not signed by the root key {previous} lists and by its own: nodes refuse it and everything published under it; remove it and copy {previous} over root.json"
+    )]
+    BrokenRootChain {
+        /// The root refused.
+        root: PathBuf,
+        /// The root before it.
+        previous: PathBuf,
+    },
+    /// `sign_root` without a key to sign with.
+    #[error("no key given to sign the root after {root} with")]
+    NoRootSigners {
+        /// The latest root.
         root: PathBuf,
     },
     /// The package could not be read or is not valid.
@@ -367,6 +399,41 @@ pub struct Published {
     pub releases: Vec<Release>,
 }
 
+/// What [`sign_root`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootSigned {
+    /// The new root, `DIR/metadata/N+1.root.json` (`root.json` is the same
+    /// bytes).
+    pub root: PathBuf,
+    /// Its version, N+1.
+    pub version: u64,
+    /// The root it follows, `N.root.json`.
+    pub previous: PathBuf,
+    /// The key directory it lists.
+    pub keys: PathBuf,
+    /// Whether the keys were there already (and used) rather than made.
+    pub reused_keys: bool,
+    /// Each role's key id, as the new root lists it.
+    pub key_ids: BTreeMap<String, String>,
+    /// The key ids that signed it.
+    pub signed_by: Vec<String>,
+    /// When the new root expires.
+    pub root_expires: jiff::Timestamp,
+    /// Whether a client that trusts root N takes it (TUF 1.0 §5.3.4): it
+    /// carries the signature of a threshold of root N's root keys and of
+    /// its own. `false` is a root no node will follow.
+    pub accepted: bool,
+}
+
+/// What [`rotate_root`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rotated {
+    /// The new root.
+    pub root: RootSigned,
+    /// The targets, snapshot and timestamp signed with the new keys.
+    pub published: Published,
+}
+
 /// A release in `releases.json`: its record and where [`add`] put its files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -471,10 +538,7 @@ pub fn init(dir: &Path, keys: &Path, root_expires: Duration) -> Result<InitRepor
         std::fs::create_dir_all(&d).map_err(io("creating", &d))?;
     }
     let reused_keys = ensure_keys(keys)?;
-    let root_keys = KEY_FILES
-        .iter()
-        .map(|(role, file)| read_key(role_name(*role), &keys.join(file)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let root_keys = read_role_keys(keys)?;
     let root_expires = expires_at(jiff::Timestamp::now(), root_expires, "root")?;
     let key_ids = run_async(dir, || write_root(&metadata, &root_keys, root_expires))?;
     let releases_path = dir.join(RELEASES_FILE);
@@ -669,6 +733,103 @@ pub fn rollback(
     publish(dir, keys, expiry)
 }
 
+/// Rotates every key of the repository (TUF 1.0 §5.3.4): makes four new
+/// keys in `new_keys` (or uses the four there), writes root N+1 listing
+/// them — signed by the root key in `old_keys`, which must be the one the
+/// latest root N lists, and by the new root key, as a client that trusts N
+/// requires — then publishes targets, snapshot and timestamp signed with
+/// the new keys. Later publishes take `new_keys`. Nodes keep their
+/// `1.root.json`: tough walks from it to the latest root.
+pub fn rotate_root(
+    dir: &Path,
+    old_keys: &Path,
+    new_keys: &Path,
+    root_expires: Duration,
+) -> Result<Rotated, RepoError> {
+    let metadata = dir.join(METADATA_DIR);
+    let (root_path, root) = latest_root(dir, &metadata)?;
+    let (_, root_file) = KEY_FILES[0];
+    let old_root_key = old_keys.join(root_file);
+    check_keys(
+        &root_path,
+        &root,
+        &[(RoleType::Root, read_key("root", &old_root_key)?)],
+    )?;
+    let signed = sign_root(
+        dir,
+        new_keys,
+        &[old_root_key, new_keys.join(root_file)],
+        root_expires,
+    )?;
+    if !signed.accepted {
+        return Err(RepoError::Verify {
+            path: signed.root,
+            message: format!(
+                "a client trusting {} would not take it",
+                root_path.display()
+            ),
+        });
+    }
+    let published = publish(dir, new_keys, &Expiry::default())?;
+    Ok(Rotated {
+        root: signed,
+        published,
+    })
+}
+
+/// Writes root N+1 (N: the latest root in `DIR/metadata`) listing the four
+/// keys of `new_keys` (made there unless all four are), valid for
+/// `root_expires`, signed by exactly the key files `signers` — whether or
+/// not that makes a root clients take: [`RootSigned::accepted`] says. As
+/// `N+1.root.json`, then `root.json`. [`rotate_root`] signs with the old
+/// and the new root key; signing with the new one only is what an attacker
+/// without the old root key can do, and nodes refuse it.
+pub fn sign_root(
+    dir: &Path,
+    new_keys: &Path,
+    signers: &[PathBuf],
+    root_expires: Duration,
+) -> Result<RootSigned, RepoError> {
+    let metadata = dir.join(METADATA_DIR);
+    let (previous_path, previous) = latest_root(dir, &metadata)?;
+    if signers.is_empty() {
+        return Err(RepoError::NoRootSigners {
+            root: previous_path,
+        });
+    }
+    let reused_keys = ensure_keys(new_keys)?;
+    let keys = read_role_keys(new_keys)?;
+    let signers = signers
+        .iter()
+        .map(|p| read_key("root", p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let version = previous.signed.version.saturating_add(1);
+    let expires = expires_at(jiff::Timestamp::now(), root_expires, "root")?;
+    let (root, key_ids) = build_root(&keys, version, expires)?;
+    let signed = run_async(dir, || sign_root_with(root, &signers))?;
+    let new = signed.signed();
+    let accepted = previous.signed.verify_role(new).is_ok() && new.signed.verify_role(new).is_ok();
+    let path = metadata.join(format!("{version}.root.json"));
+    write_file(&path, signed.buffer(), 0o644)?;
+    write_file(&metadata.join(ROOT_FILE), signed.buffer(), 0o644)?;
+    sync_dir(&metadata)?;
+    Ok(RootSigned {
+        root: path,
+        version: version.get(),
+        previous: previous_path,
+        keys: new_keys.to_owned(),
+        reused_keys,
+        key_ids,
+        signed_by: new
+            .signatures
+            .iter()
+            .map(|s| hex::encode(&s.keyid))
+            .collect(),
+        root_expires: expires,
+        accepted,
+    })
+}
+
 // ---- keys ----
 
 fn role_name(role: RoleType) -> &'static str {
@@ -801,10 +962,31 @@ async fn write_root(
     keys: &[KeyFile],
     expires: jiff::Timestamp,
 ) -> Result<BTreeMap<String, String>, RepoError> {
+    let (root, ids) = build_root(keys, NonZeroU64::MIN, expires)?;
+    let root_key = keys
+        .iter()
+        .zip(KEY_FILES)
+        .find(|(_, (role, _))| *role == RoleType::Root)
+        .map(|(k, _)| k)
+        .expect("the root key is read");
+    let signed = sign_root_with(root, std::slice::from_ref(root_key)).await?;
+    write_file(&metadata.join(FIRST_ROOT), signed.buffer(), 0o644)?;
+    write_file(&metadata.join(ROOT_FILE), signed.buffer(), 0o644)?;
+    Ok(ids)
+}
+
+/// The root of version `version` listing `keys` (in [`KEY_FILES`] order),
+/// one per role with threshold 1, consistent snapshots on; and each role's
+/// key id.
+fn build_root(
+    keys: &[KeyFile],
+    version: NonZeroU64,
+    expires: jiff::Timestamp,
+) -> Result<(Root, BTreeMap<String, String>), RepoError> {
     let mut root = Root {
         spec_version: SPEC_VERSION.to_owned(),
         consistent_snapshot: true,
-        version: NonZeroU64::MIN,
+        version,
         expires,
         keys: HashMap::new(),
         roles: HashMap::new(),
@@ -812,11 +994,7 @@ async fn write_root(
     };
     let mut ids = BTreeMap::new();
     for (key, (role, _)) in keys.iter().zip(KEY_FILES) {
-        let id = key.public.key_id().map_err(|e| RepoError::Key {
-            role: key.role,
-            path: key.path.clone(),
-            message: format!("computing its key id: {e}"),
-        })?;
+        let id = key_id(key)?;
         ids.insert(role_name(role).to_owned(), hex::encode(&id));
         root.keys.insert(id.clone(), key.public.clone());
         root.roles.insert(
@@ -828,33 +1006,64 @@ async fn write_root(
             },
         );
     }
-    let root_key = keys
-        .iter()
-        .zip(KEY_FILES)
-        .find(|(_, (role, _))| *role == RoleType::Root)
-        .map(|(k, _)| k)
-        .expect("the root key is read");
+    Ok((root, ids))
+}
+
+fn key_id(key: &KeyFile) -> Result<Decoded<Hex>, RepoError> {
+    key.public.key_id().map_err(|e| RepoError::Key {
+        role: key.role,
+        path: key.path.clone(),
+        message: format!("computing its key id: {e}"),
+    })
+}
+
+/// Signs `root` with exactly `signers` (each once), whether or not the
+/// root lists them: tough's editor signs a role only with keys listed for
+/// it, so the keys are listed for root in a copy that only says who signs.
+async fn sign_root_with(root: Root, signers: &[KeyFile]) -> Result<SignedRole<Root>, RepoError> {
+    let first = signers.first().expect("a root has a signer");
+    let mut holder = root.clone();
+    let mut ids = Vec::new();
+    for k in signers {
+        let id = key_id(k)?;
+        holder.keys.insert(id.clone(), k.public.clone());
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    holder.roles.insert(
+        RoleType::Root,
+        RoleKeys {
+            keyids: ids.clone(),
+            threshold: NonZeroU64::MIN,
+            _extra: HashMap::new(),
+        },
+    );
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    let signed = SignedRole::new(
-        root.clone(),
-        &KeyHolder::Root(root),
-        &sources([root_key]),
-        &rng,
-    )
-    .await
-    .map_err(tuf("signing the root with", &root_key.path))?;
-    // tough checks no threshold for a root (a rotated one is signed by
-    // two roots); this one must carry the root key's signature.
-    if signed.signed().signatures.is_empty() {
-        return Err(RepoError::KeyNotInRoot {
-            role: "root",
-            path: root_key.path.clone(),
-            root: metadata.join(FIRST_ROOT),
+    let signed = SignedRole::new(root, &KeyHolder::Root(holder), &sources(signers), &rng)
+        .await
+        .map_err(tuf("signing the root with", &first.path))?;
+    // tough checks no threshold for a root (a rotated one is signed by two
+    // roots' keys): every signer must have signed.
+    if signed.signed().signatures.len() != ids.len() {
+        return Err(RepoError::Verify {
+            path: first.path.clone(),
+            message: format!(
+                "the root carries {} signatures, {} keys were to sign it",
+                signed.signed().signatures.len(),
+                ids.len()
+            ),
         });
     }
-    write_file(&metadata.join(FIRST_ROOT), signed.buffer(), 0o644)?;
-    write_file(&metadata.join("root.json"), signed.buffer(), 0o644)?;
-    Ok(ids)
+    Ok(signed)
+}
+
+/// The four keys of `keys`, in [`KEY_FILES`] order.
+fn read_role_keys(keys: &Path) -> Result<Vec<KeyFile>, RepoError> {
+    KEY_FILES
+        .iter()
+        .map(|(role, file)| read_key(role_name(*role), &keys.join(file)))
+        .collect()
 }
 
 /// The newest `N.root.json` in `metadata`.
@@ -873,26 +1082,108 @@ fn latest_root(dir: &Path, metadata: &Path) -> Result<(PathBuf, Signed<Root>), R
             dir: dir.to_owned(),
             missing: metadata.join(FIRST_ROOT),
         })?;
-    let bytes = std::fs::read(&newest).map_err(io("reading", &newest))?;
-    let root = serde_json::from_slice(&bytes).map_err(|e| RepoError::Verify {
-        path: newest.clone(),
-        message: format!("not a signed root: {e}"),
-    })?;
+    let root = read_root(&newest)?;
     Ok((newest, root))
+}
+
+fn read_root(path: &Path) -> Result<Signed<Root>, RepoError> {
+    let bytes = std::fs::read(path).map_err(io("reading", path))?;
+    serde_json::from_slice(&bytes).map_err(|e| RepoError::Verify {
+        path: path.to_owned(),
+        message: format!("not a signed root: {e}"),
+    })
+}
+
+/// Refuses to publish under a root no node reaches: each `N.root.json`
+/// from 2 to `latest` must carry the signature of the root key of the one
+/// before and of its own, and say its version, as a client checks when it
+/// walks them (TUF 1.0 §5.3.4, 5.3.5).
+fn check_root_chain(metadata: &Path, latest: u64) -> Result<(), RepoError> {
+    let mut previous_path = metadata.join(FIRST_ROOT);
+    let mut previous = read_root(&previous_path)?;
+    for version in 2..=latest {
+        let path = metadata.join(format!("{version}.root.json"));
+        let root = read_root(&path)?;
+        let chained = root.signed.version.get() == version
+            && previous.signed.verify_role(&root).is_ok()
+            && root.signed.verify_role(&root).is_ok();
+        if !chained {
+            return Err(RepoError::BrokenRootChain {
+                root: path,
+                previous: previous_path,
+            });
+        }
+        (previous_path, previous) = (path, root);
+    }
+    Ok(())
 }
 
 /// Loads the repository as a node would, from `1.root.json` on. Expired
 /// metadata is accepted: refreshing it is what a publish is for.
 async fn load(dir: &Path) -> Result<Repository, RepoError> {
+    load_as_of(dir, None).await
+}
+
+/// [`load`], as a node did while `N.root.json` was the latest root
+/// (`roots_up_to`: N; later roots are not fetched).
+async fn load_as_of(dir: &Path, roots_up_to: Option<u64>) -> Result<Repository, RepoError> {
     let metadata = dir.join(METADATA_DIR);
     let first_root = metadata.join(FIRST_ROOT);
     let root = std::fs::read(&first_root).map_err(io("reading", &first_root))?;
     let (metadata_url, targets_url) = file_urls(dir)?;
-    RepositoryLoader::new(&root, metadata_url, targets_url)
-        .expiration_enforcement(ExpirationEnforcement::Unsafe)
+    let mut loader = RepositoryLoader::new(&root, metadata_url, targets_url)
+        .expiration_enforcement(ExpirationEnforcement::Unsafe);
+    if let Some(n) = roots_up_to {
+        loader = loader.transport(RootsUpTo(n));
+    }
+    loader
         .load()
         .await
         .map_err(tuf("loading the repository in", &metadata))
+}
+
+/// What was published last, verified: as a node loads it now — or, right
+/// after a new root (the publish of [`rotate_root`], or one after it was
+/// interrupted), as a node loaded it under the newest earlier root whose
+/// keys signed it.
+async fn load_previous(dir: &Path, latest_root: u64) -> Result<Repository, RepoError> {
+    let now = load(dir).await;
+    if now.is_ok() {
+        return now;
+    }
+    for n in (1..latest_root).rev() {
+        if let Ok(repo) = load_as_of(dir, Some(n)).await {
+            return Ok(repo);
+        }
+    }
+    now
+}
+
+/// The local filesystem without the roots after version N: the repository
+/// as it was while N was the latest.
+#[derive(Debug, Clone, Copy)]
+struct RootsUpTo(u64);
+
+#[tough::async_trait]
+impl tough::Transport for RootsUpTo {
+    async fn fetch(
+        &self,
+        url: reqwest::Url,
+    ) -> Result<tough::TransportStream, tough::TransportError> {
+        let later = url
+            .path_segments()
+            .and_then(Iterator::last)
+            .and_then(|name| name.strip_suffix(".root.json"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|v| v > self.0);
+        if later {
+            return Err(tough::TransportError::new(
+                tough::TransportErrorKind::FileNotFound,
+                url,
+            ));
+        }
+        tough::FilesystemTransport.fetch(url).await
+    }
 }
 
 /// A target to place: its name, the stored file, its sha256.
@@ -908,10 +1199,11 @@ async fn publish_async(
 ) -> Result<Published, RepoError> {
     let metadata = dir.join(METADATA_DIR);
     let (root_path, root) = latest_root(dir, &metadata)?;
+    check_root_chain(&metadata, root.signed.version.get())?;
     check_keys(&root_path, &root, keys)?;
     // The first publish (from `init`) has nothing to load.
     let previous = if metadata.join("timestamp.json").exists() {
-        Some(load(dir).await?)
+        Some(load_previous(dir, root.signed.version.get()).await?)
     } else {
         None
     };
@@ -1284,69 +1576,21 @@ where
 
 // ---- PEM ----
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// RFC 7468 text: base64 in lines of 64 characters between the labels.
+/// RFC 7468 text (the `pem` crate tough itself uses).
 fn pem_encode(label: &str, der: &[u8]) -> String {
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(BASE64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    out
+    pem::encode_config(
+        &pem::Pem::new(label, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
-/// The DER inside the one `label` block of `text`.
+/// The DER inside `text`, which must be one `label` block.
 fn pem_decode(label: &str, text: &str) -> Result<Vec<u8>, String> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text
-        .find(&begin)
-        .ok_or_else(|| format!("no {begin:?} line"))?
-        + begin.len();
-    let stop = text[start..]
-        .find(&end)
-        .ok_or_else(|| format!("no {end:?} line"))?
-        + start;
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text[start..stop]
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace())
-    {
-        if c == b'=' {
-            break;
-        }
-        let v = BASE64
-            .iter()
-            .position(|b| *b == c)
-            .ok_or_else(|| format!("{:?} is not base64", c as char))?;
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
+    let p = pem::parse(text).map_err(|e| e.to_string())?;
+    if p.tag() != label {
+        return Err(format!("a {:?} block, not {label:?}", p.tag()));
     }
-    Ok(out)
+    Ok(p.into_contents())
 }
 
 #[cfg(test)]
@@ -1392,6 +1636,11 @@ mod tests {
     }
 
     fn loaded(dir: &Path) -> Loaded {
+        try_loaded(dir).unwrap()
+    }
+
+    /// [`loaded`], with tough's error.
+    fn try_loaded(dir: &Path) -> Result<Loaded, Box<tough::error::Error>> {
         let datastore = tempfile::tempdir().unwrap();
         let root = std::fs::read(dir.join(METADATA_DIR).join(FIRST_ROOT)).unwrap();
         let (m, t) = file_urls(dir).unwrap();
@@ -1405,11 +1654,11 @@ mod tests {
                     .datastore(datastore.path())
                     .load(),
             )
-            .unwrap();
-        Loaded {
+            .map_err(Box::new)?;
+        Ok(Loaded {
             repo,
             _datastore: datastore,
-        }
+        })
     }
 
     fn releases_of(repo: &Repository) -> Vec<Release> {
@@ -1643,5 +1892,137 @@ mod tests {
         init(&t.path().join("d"), &other, Duration::from_secs(3600)).unwrap();
         let err = publish(&t.path().join("a"), &other, &Expiry::default()).unwrap_err();
         assert!(matches!(err, RepoError::KeyNotInRoot { .. }), "{err}");
+    }
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    #[test]
+    fn a_rotated_root_is_followed_from_the_first_and_signs_with_the_new_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, keys, _, r1) = one_release_published(t.path());
+        let new_keys = t.path().join("new-keys");
+
+        // The old root key must be the one the root lists.
+        let other = t.path().join("other-keys");
+        ensure_keys(&other).unwrap();
+        let err = rotate_root(&dir, &other, &new_keys, YEAR).unwrap_err();
+        assert!(matches!(err, RepoError::KeyNotInRoot { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&other.join("root.pem").display().to_string()),
+            "{err}"
+        );
+        assert!(!dir.join("metadata/2.root.json").exists());
+
+        let rotated = rotate_root(&dir, &keys, &new_keys, YEAR).unwrap();
+        let root = &rotated.root;
+        assert!(!root.reused_keys && root.accepted);
+        assert_eq!(root.version, 2);
+        assert_eq!(root.root, dir.join("metadata/2.root.json"));
+        assert_eq!(root.previous, dir.join("metadata/1.root.json"));
+        assert_eq!(
+            std::fs::read(dir.join("metadata/root.json")).unwrap(),
+            std::fs::read(&root.root).unwrap()
+        );
+        let old_ids = read_role_keys(&keys)
+            .unwrap()
+            .iter()
+            .map(|k| hex::encode(key_id(k).unwrap()))
+            .collect::<Vec<_>>();
+        let new_ids = read_role_keys(&new_keys)
+            .unwrap()
+            .iter()
+            .map(|k| hex::encode(key_id(k).unwrap()))
+            .collect::<Vec<_>>();
+        assert!(
+            old_ids.iter().all(|id| !new_ids.contains(id)),
+            "all new keys"
+        );
+        assert_eq!(root.key_ids["targets"], new_ids[1]);
+        let mut signed_by = root.signed_by.clone();
+        signed_by.sort();
+        let mut both = vec![old_ids[0].clone(), new_ids[0].clone()];
+        both.sort();
+        assert_eq!(signed_by, both, "the old and the new root key");
+        assert_eq!(rotated.published.targets_version, 3);
+
+        // A node that trusts 1.root.json only walks to 2, and takes
+        // metadata the new keys signed.
+        let repo = loaded(&dir);
+        assert_eq!(repo.root().signed.version.get(), 2);
+        assert_eq!(repo.targets().signed.version.get(), 3);
+        let signers = |sigs: &[tough::schema::Signature]| {
+            sigs.iter()
+                .map(|s| hex::encode(&s.keyid))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            signers(&repo.targets().signatures),
+            vec![new_ids[1].clone()]
+        );
+        assert_eq!(
+            signers(&repo.snapshot().signatures),
+            vec![new_ids[2].clone()]
+        );
+        assert_eq!(
+            signers(&repo.timestamp().signatures),
+            vec![new_ids[3].clone()]
+        );
+        assert_eq!(releases_of(&repo), vec![r1]);
+
+        // The old keys publish no more, and say which root refuses them.
+        let err = publish(&dir, &keys, &Expiry::default()).unwrap_err();
+        assert!(matches!(err, RepoError::KeyNotInRoot { .. }), "{err}");
+        assert!(err.to_string().contains("2.root.json"), "{err}");
+        let two = package(t.path(), "echo", "1.1.0", false);
+        let r2 = add(&dir, &two, NodeSelector::default(), Vec::new()).unwrap();
+        let p = publish(&dir, &new_keys, &Expiry::default()).unwrap();
+        assert_eq!(p.targets_version, 4);
+        assert_eq!(releases_of(&loaded(&dir)).len(), 2);
+
+        // And again, 2 -> 3, the keys of 2 signing out: still followed
+        // from 1.root.json.
+        let third = t.path().join("third-keys");
+        let rotated = rotate_root(&dir, &new_keys, &third, YEAR).unwrap();
+        assert_eq!(rotated.root.version, 3);
+        let repo = loaded(&dir);
+        assert_eq!(repo.root().signed.version.get(), 3);
+        assert!(releases_of(&repo).contains(&r2));
+
+        // The same keys again: the root re-signed, with a new expiry.
+        let resigned = rotate_root(&dir, &third, &third, YEAR).unwrap();
+        assert!(resigned.root.reused_keys && resigned.root.accepted);
+        assert_eq!(resigned.root.signed_by.len(), 1);
+        assert_eq!(loaded(&dir).root().signed.version.get(), 4);
+    }
+
+    #[test]
+    fn a_root_not_signed_by_the_current_root_key_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, _, _, _) = one_release_published(t.path());
+        let attacker = t.path().join("attacker-keys");
+        let err = sign_root(&dir, &attacker, &[], YEAR).unwrap_err();
+        assert!(matches!(err, RepoError::NoRootSigners { .. }), "{err}");
+        let forged = sign_root(&dir, &attacker, &[attacker.join("root.pem")], YEAR).unwrap();
+        assert_eq!(forged.version, 2);
+        assert!(!forged.accepted);
+        assert_eq!(forged.signed_by.len(), 1);
+        // The operator's own tooling refuses to publish under it…
+        let err = publish(&dir, &attacker, &Expiry::default()).unwrap_err();
+        assert!(matches!(err, RepoError::BrokenRootChain { .. }), "{err}");
+        assert!(err.to_string().contains("2.root.json"), "{err}");
+        // …and a node refuses it, naming the root.
+        let err = try_loaded(&dir).err().expect("a forged root 2 is refused");
+        let message = err.to_string();
+        assert!(
+            matches!(
+                *err,
+                tough::error::Error::VerifyMetadata {
+                    role: RoleType::Root,
+                    ..
+                }
+            ),
+            "{message}"
+        );
+        assert!(message.contains("root"), "{message}");
     }
 }
