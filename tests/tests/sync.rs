@@ -298,6 +298,31 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
         "the log says why"
     );
 
+    // A node's own bound on a package, whatever the metadata pins.
+    let small = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        extra_config: repo.sync_config(&server, "edge-small", 0, "", "300ms")
+            + "max_package_size = \"1KiB\"\n",
+        ..Default::default()
+    });
+    wait_until(
+        deadline(),
+        "a package past max_package_size is refused",
+        || errors(&small, "verify") >= 1,
+    );
+    assert!(
+        small.log_text().contains("max_package_size"),
+        "the log says why"
+    );
+    assert_eq!(serves(&small), "1.0.0");
+    assert!(
+        std::fs::read_dir(small.state_dir.join("sync").join("cache"))
+            .unwrap()
+            .flatten()
+            .all(|e| std::fs::metadata(e.path()).unwrap().len() <= 1024),
+        "nothing past the bound was downloaded"
+    );
+
     // Freeze: metadata that expires, and is not refreshed.
     repo.publish(&["--timestamp-expires", "2s"]);
     std::thread::sleep(Duration::from_secs(3));

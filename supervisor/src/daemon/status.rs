@@ -45,6 +45,8 @@ pub(super) fn status(
     engine: &Engine,
     sync: Option<&crate::fleet::sync::SyncHandle>,
 ) -> Status {
+    // Before the reloader's lock: the sync takes the two one at a time.
+    let sync = sync.map(crate::fleet::sync::SyncHandle::status);
     let r = reloader.lock().expect("reloader lock");
     let mut plugins: Vec<PluginStatus> = r
         .slots()
@@ -103,6 +105,6 @@ pub(super) fn status(
         rules: engine.status(),
         rules_config_valid: metrics.rules_config_valid.get() == 1,
         conflicts,
-        sync: sync.map(crate::fleet::sync::SyncHandle::status),
+        sync,
     }
 }

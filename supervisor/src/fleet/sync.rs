@@ -419,7 +419,38 @@ impl Syncer {
         for w in wanted {
             self.bring(&w).await?;
         }
+        self.prune_cache();
         Ok(())
+    }
+
+    /// Deletes cached files (and partial downloads) no wanted release
+    /// names: the cache holds what the node is meant to run, not every
+    /// release it ever took (those are in the store).
+    fn prune_cache(&self) {
+        let keep: std::collections::BTreeSet<&str> = self
+            .wanted
+            .values()
+            .flat_map(|w| {
+                [Some(&w.manifest), Some(&w.library), w.signature.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.sha256.as_str())
+            })
+            .collect();
+        for e in std::fs::read_dir(self.dir.join("cache"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let sha = name.strip_suffix(".part").unwrap_or(&name);
+            if !keep.contains(sha) {
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    tracing::warn!(file = %e.path().display(), error = %err, "fleet sync: could not prune the cache");
+                }
+            }
+        }
     }
 
     /// Whether `timestamp.json` differs from the one verified last (or
@@ -755,8 +786,16 @@ impl Syncer {
             .unwrap_or_default();
         let offline = self.last_success.is_none() || since_success > self.config.interval * 2;
         let expired = since_success > self.config.max_offline;
-        let mut st = self.status.lock().expect("sync status lock");
-        let mut plugins = BTreeMap::new();
+        let last_error = self
+            .status
+            .lock()
+            .expect("sync status lock")
+            .last_error
+            .clone();
+        // Everything that needs the reloader first, and the status lock
+        // only after: `plugvisor status` takes them the other way round
+        // (holding both at once here deadlocked the two).
+        let mut states = Vec::with_capacity(self.wanted.len());
         for (plugin, w) in &self.wanted {
             let active = self.active_version(plugin);
             let (state, reason) = if expired {
@@ -772,7 +811,7 @@ impl Syncer {
             } else if offline {
                 // What the repository wants now is not known: the last
                 // verified wish is shown, with why it cannot be read.
-                (State::Pending, st.last_error.clone())
+                (State::Pending, last_error.clone())
             } else if active.as_ref() == Some(&w.release.version) {
                 (State::Synced, None)
             } else if active.as_ref().is_some_and(|a| *a > w.release.version) {
@@ -783,17 +822,28 @@ impl Syncer {
             } else {
                 (State::Pending, Some("on its way".into()))
             };
+            self.metrics.sync_state(plugin, state.as_str(), &STATES);
+            states.push((
+                plugin.clone(),
+                w.release.version.to_string(),
+                active,
+                state,
+                reason,
+            ));
+        }
+        let mut st = self.status.lock().expect("sync status lock");
+        let mut plugins = BTreeMap::new();
+        for (plugin, desired, active, state, reason) in states {
             let since = st
                 .plugins
-                .get(plugin)
+                .get(&plugin)
                 .filter(|p| p.state == state)
                 .map_or(unix(now), |p| p.since);
-            self.metrics.sync_state(plugin, state.as_str(), &STATES);
             plugins.insert(
-                plugin.clone(),
+                plugin,
                 PluginSync {
                     state,
-                    desired: Some(w.release.version.to_string()),
+                    desired: Some(desired),
                     active: active.map(|v| v.to_string()),
                     since,
                     reason,
