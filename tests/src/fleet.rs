@@ -2,8 +2,11 @@
 //! operator would (the sync tests and the bench publish through it), and
 //! the `[sync]` table of a node that follows it.
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use crate::{Nginx, build_echo_version, pack, plugvisor};
+use crate::{
+    Daemon, LineClient, Nginx, build_echo_version, echo_version, pack, plugvisor, wait_until,
+};
 
 /// A TUF repository on disk (in a temporary directory).
 pub struct FleetRepo {
@@ -88,4 +91,47 @@ impl FleetRepo {
             self.root().display()
         )
     }
+}
+
+/// What `plugvisor status` says of echo's fleet sync on `d`: (state,
+/// desired, active).
+pub fn echo_sync(d: &Daemon) -> Option<(String, String, String)> {
+    let s = d.status();
+    let p = &s["sync"]["plugins"]["echo"];
+    Some((
+        p["state"].as_str()?.to_owned(),
+        p["desired"].as_str()?.to_owned(),
+        p["active"].as_str().unwrap_or("-").to_owned(),
+    ))
+}
+
+/// The echo version answering on `d`'s `echo-tcp` listener.
+pub fn echo_serving(d: &Daemon) -> String {
+    let answer = LineClient::connect(d.addr("echo-tcp"))
+        .unwrap()
+        .call("which")
+        .unwrap();
+    echo_version(&answer).unwrap_or_default().to_owned()
+}
+
+/// Waits (30 s at most) until `d` says echo is synced on `version` and
+/// that version answers.
+pub fn await_synced(d: &Daemon, version: &str, what: &str) {
+    wait_until(Instant::now() + Duration::from_secs(30), what, || {
+        echo_sync(d).is_some_and(|(state, desired, active)| {
+            state == "synced" && desired == version && active == version
+        }) && echo_serving(d) == version
+    });
+}
+
+/// `plugvisor_sync_errors_total{stage}` on `d`.
+pub fn sync_errors(d: &Daemon, stage: &str) -> u64 {
+    d.metrics()
+        .get("plugvisor_sync_errors_total", &[("stage", stage)])
+        .unwrap_or(0.0) as u64
+}
+
+/// Sync errors at the metadata stages (timestamp, snapshot, targets).
+pub fn metadata_errors(d: &Daemon) -> u64 {
+    sync_errors(d, "timestamp") + sync_errors(d, "snapshot") + sync_errors(d, "targets")
 }

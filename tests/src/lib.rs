@@ -59,7 +59,7 @@ pub use daemon::{
     Daemon, become_subreaper, journal, parent_and_state, plugin_hosts_of, plugin_hosts_of_store,
     wait_until,
 };
-pub use fleet::FleetRepo;
+pub use fleet::{FleetRepo, await_synced, echo_serving, echo_sync, metadata_errors, sync_errors};
 pub use host::{binary, failpoints_binary, free_port, library, require_root, target_dir, tool};
 pub use metrics::Metrics;
 pub use nginx::Nginx;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use plugvisor_tests::live::{Live, LiveOptions};
 use plugvisor_tests::{
-    Daemon, DaemonOptions, FleetRepo, LineClient, ListenerSpec, Nginx, echo_version, wait_until,
+    Daemon, DaemonOptions, FleetRepo, ListenerSpec, Nginx, await_synced, echo_serving, echo_sync,
+    metadata_errors, sync_errors, wait_until,
 };
 
 fn deadline() -> Instant {
@@ -28,39 +29,6 @@ fn node(server: &Nginx, repo: &FleetRepo, name: &str, seed: u32, labels: &str) -
         extra_config: repo.sync_config(server, name, seed, labels, "300ms"),
         ..Default::default()
     })
-}
-
-/// What `plugvisor status` says of echo's sync: (state, desired, active).
-fn synced(d: &Daemon) -> Option<(String, String, String)> {
-    let s = d.status();
-    let p = &s["sync"]["plugins"]["echo"];
-    Some((
-        p["state"].as_str()?.to_owned(),
-        p["desired"].as_str()?.to_owned(),
-        p["active"].as_str().unwrap_or("-").to_owned(),
-    ))
-}
-
-fn serves(d: &Daemon) -> String {
-    let answer = LineClient::connect(d.addr("echo-tcp"))
-        .unwrap()
-        .call("which")
-        .unwrap();
-    echo_version(&answer).unwrap_or_default().to_owned()
-}
-
-fn await_version(d: &Daemon, version: &str, what: &str) {
-    wait_until(deadline(), what, || {
-        synced(d).is_some_and(|(state, desired, active)| {
-            state == "synced" && desired == version && active == version
-        }) && serves(d) == version
-    });
-}
-
-fn errors(d: &Daemon, stage: &str) -> u64 {
-    d.metrics()
-        .get("plugvisor_sync_errors_total", &[("stage", stage)])
-        .unwrap_or(0.0) as u64
 }
 
 #[test]
@@ -88,32 +56,32 @@ fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback()
         grpc: vec![early.addr("echo-grpc"); 2],
         pause: Duration::from_millis(2),
     });
-    await_version(&early, "2.0.0", "the first wave takes 2.0.0");
+    await_synced(&early, "2.0.0", "the first wave takes 2.0.0");
     // The others verified the same metadata, and it is not for them (yet).
     for d in [&late, &other] {
         wait_until(deadline(), "the other nodes read the repository", || {
             d.status()["sync"]["last_success"].as_u64().is_some()
         });
         std::thread::sleep(Duration::from_millis(700));
-        assert_eq!(serves(d), "1.0.0");
-        assert!(synced(d).is_none(), "{}", d.status()["sync"]);
+        assert_eq!(echo_serving(d), "1.0.0");
+        assert!(echo_sync(d).is_none(), "{}", d.status()["sync"]);
     }
 
     // 2.1.0 for every node, at once.
     repo.add("2.1.0", &[]);
     repo.publish(&[]);
     for d in [&early, &late, &other] {
-        await_version(d, "2.1.0", "every node takes 2.1.0");
+        await_synced(d, "2.1.0", "every node takes 2.1.0");
     }
 
     // The operator's signed downgrade: 2.0.0 again, for site plant-3 —
     // where its selector points; plant-9 stays on 2.1.0.
     repo.rollback("2.0.0");
     for d in [&early, &late] {
-        await_version(d, "2.0.0", "plant-3 follows the published rollback");
+        await_synced(d, "2.0.0", "plant-3 follows the published rollback");
     }
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(serves(&other), "2.1.0");
+    assert_eq!(echo_serving(&other), "2.1.0");
 
     let traffic = live.stop();
     assert!(traffic.frames > 0);
@@ -142,7 +110,7 @@ fn every_node_converges_to_what_the_rollout_says_and_follows_a_signed_rollback()
             "verify",
             "commit",
         ] {
-            assert_eq!(errors(d, stage), 0, "{stage}");
+            assert_eq!(sync_errors(d, stage), 0, "{stage}");
         }
     }
 }
@@ -172,21 +140,21 @@ fn a_download_cut_by_the_server_resumes_and_nothing_half_written_is_committed() 
     server.stop();
     // Longer than the poll: the node says pending and serves on.
     wait_until(deadline(), "the node says pending", || {
-        synced(&d).is_some_and(|(state, _, _)| state == "pending")
+        echo_sync(&d).is_some_and(|(state, _, _)| state == "pending")
             && d.status()["sync"]["last_error"].is_string()
     });
-    assert_eq!(serves(&d), "1.0.0");
+    assert_eq!(echo_serving(&d), "1.0.0");
     let manifest = std::fs::read_to_string(d.plugins_dir.join("echo/plugin.toml")).unwrap();
     assert!(
         manifest.contains("version = \"1.0.0\""),
         "nothing of 2.0.0 committed: {manifest}"
     );
-    assert!(errors(&d, "download") + errors(&d, "timestamp") >= 1);
+    assert!(sync_errors(&d, "download") + sync_errors(&d, "timestamp") >= 1);
     // The download failed; what it had stays, to be resumed.
     let cut_at = part_bytes();
     assert!(cut_at > 0);
     server.restart();
-    await_version(
+    await_synced(
         &d,
         "2.0.0",
         "the node finishes the download and takes 2.0.0",
@@ -218,10 +186,6 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn metadata_errors(d: &Daemon) -> u64 {
-    errors(d, "timestamp") + errors(d, "snapshot") + errors(d, "targets")
-}
-
 /// Copies `from` over `to` (a directory tree).
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -244,7 +208,7 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
     copy_tree(&repo.path().join("metadata"), old_metadata.path());
     let server = Nginx::start(&repo.path(), None);
     let mut d = node(&server, &repo, "edge-0", 0, "");
-    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    await_synced(&d, "2.0.0", "the node takes 2.0.0");
 
     // Rollback: after a newer publication, a mirror serves the old metadata.
     repo.publish(&[]);
@@ -258,7 +222,7 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
     wait_until(deadline(), "old metadata is refused", || {
         metadata_errors(&d) > before
     });
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     std::fs::remove_dir_all(&served).unwrap();
     copy_tree(newer.path(), &served);
 
@@ -277,9 +241,9 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
     let len = std::fs::metadata(&lib).unwrap().len() as usize;
     std::fs::write(&lib, vec![0x7f; len]).unwrap();
     wait_until(deadline(), "the swapped library is refused", || {
-        errors(&d, "verify") >= 1
+        sync_errors(&d, "verify") >= 1
     });
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     assert!(
         !std::fs::read_to_string(d.plugins_dir.join("echo/plugin.toml"))
             .unwrap()
@@ -288,11 +252,11 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
 
     // An endless download: the same target grown past its pinned length.
     std::fs::write(&lib, vec![0x7f; len * 4]).unwrap();
-    let verify_before = errors(&d, "verify");
+    let verify_before = sync_errors(&d, "verify");
     wait_until(deadline(), "the oversized target is cut off", || {
-        errors(&d, "verify") > verify_before
+        sync_errors(&d, "verify") > verify_before
     });
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     assert!(
         d.log_text().contains("more than its pinned length"),
         "the log says why"
@@ -308,13 +272,13 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
     wait_until(
         deadline(),
         "a package past max_package_size is refused",
-        || errors(&small, "verify") >= 1,
+        || sync_errors(&small, "verify") >= 1,
     );
     assert!(
         small.log_text().contains("max_package_size"),
         "the log says why"
     );
-    assert_eq!(serves(&small), "1.0.0");
+    assert_eq!(echo_serving(&small), "1.0.0");
     assert!(
         std::fs::read_dir(small.state_dir.join("sync").join("cache"))
             .unwrap()
@@ -330,7 +294,7 @@ fn the_attacks_tuf_exists_for_are_refused_and_the_node_serves_on() {
     wait_until(deadline(), "expired metadata is refused", || {
         metadata_errors(&d) > before
     });
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     d.assert_running();
 }
 
@@ -377,19 +341,19 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
     repo.publish(&[]);
     let mut server = Nginx::start(&repo.path(), None);
     let mut d = node(&server, &repo, "edge-0", 0, "");
-    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    await_synced(&d, "2.0.0", "the node takes 2.0.0");
 
     // Restarted while the repository is away: it serves 2.0.0 from its
     // store, knows what was wanted, and says pending with the reason.
     assert_eq!(d.stop(), Some(0));
     server.stop();
     d.restart();
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     wait_until(
         deadline(),
         "pending after a restart without the repository",
         || {
-            synced(&d).is_some_and(|(state, desired, active)| {
+            echo_sync(&d).is_some_and(|(state, desired, active)| {
                 state == "pending" && desired == "2.0.0" && active == "2.0.0"
             }) && d.status()["sync"]["plugins"]["echo"]["reason"].is_string()
         },
@@ -398,7 +362,7 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
     // metadata (the package is committed and cached).
     server.restart();
     let from = server.requests().len();
-    await_version(&d, "2.0.0", "synced again");
+    await_synced(&d, "2.0.0", "synced again");
     assert!(
         server.requests()[from..]
             .iter()
@@ -422,7 +386,7 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
         ..Default::default()
     });
     wait_until(deadline(), "the unsigned release is blocked", || {
-        synced(&strict).is_some_and(|(state, desired, active)| {
+        echo_sync(&strict).is_some_and(|(state, desired, active)| {
             state == "blocked" && desired == "2.0.0" && active == "1.0.0"
         })
     });
@@ -434,7 +398,7 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
         reason.contains("rejected") && reason.contains("signature"),
         "{reason}"
     );
-    assert_eq!(serves(&strict), "1.0.0");
+    assert_eq!(echo_serving(&strict), "1.0.0");
     let m = strict.metrics();
     assert_eq!(
         m.get(
@@ -455,7 +419,7 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
     assert_eq!(strict.stop(), Some(0));
     strict.restart();
     wait_until(deadline(), "still blocked after a restart", || {
-        synced(&strict).is_some_and(|(state, _, _)| state == "blocked")
+        echo_sync(&strict).is_some_and(|(state, _, _)| state == "blocked")
     });
 }
 
@@ -495,9 +459,9 @@ fn the_sync_panels_and_alerts_hold_against_a_real_prometheus() {
         ..Default::default()
     });
     let d = node(&server, &repo, "edge-0", 0, "");
-    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    await_synced(&d, "2.0.0", "the node takes 2.0.0");
     wait_until(deadline(), "the strict node is blocked", || {
-        synced(&strict).is_some_and(|(state, _, _)| state == "blocked")
+        echo_sync(&strict).is_some_and(|(state, _, _)| state == "blocked")
     });
     let scrape = |x: &Daemon| std::net::SocketAddr::from(([127, 0, 0, 1], x.metrics_port));
     let alerts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/alerts.yml");
@@ -536,7 +500,7 @@ fn the_sync_panels_and_alerts_hold_against_a_real_prometheus() {
         }
     }
     wait_until(deadline(), "the swapped target is refused", || {
-        errors(&d, "verify") >= 1
+        sync_errors(&d, "verify") >= 1
     });
 
     let board: serde_json::Value = serde_json::from_str(
@@ -586,9 +550,9 @@ fn a_node_offline_past_max_offline_is_expired_across_a_restart_and_serves_on() {
             + "max_offline = \"2s\"\n",
         ..Default::default()
     });
-    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    await_synced(&d, "2.0.0", "the node takes 2.0.0");
     server.stop();
-    let expired = |d: &Daemon| synced(d).is_some_and(|(state, _, _)| state == "expired");
+    let expired = |d: &Daemon| echo_sync(d).is_some_and(|(state, _, _)| state == "expired");
     wait_until(deadline(), "expired past max_offline", || expired(&d));
     assert_eq!(
         d.metrics().get(
@@ -597,12 +561,12 @@ fn a_node_offline_past_max_offline_is_expired_across_a_restart_and_serves_on() {
         ),
         Some(1.0)
     );
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     // The age of the last verified metadata survives the process.
     assert_eq!(d.stop(), Some(0));
     d.restart();
     wait_until(deadline(), "still expired after a restart", || expired(&d));
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     server.restart();
-    await_version(&d, "2.0.0", "synced once the repository is back");
+    await_synced(&d, "2.0.0", "synced once the repository is back");
 }

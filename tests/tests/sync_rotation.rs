@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use plugvisor_tests::{
-    Daemon, DaemonOptions, FleetRepo, LineClient, ListenerSpec, Nginx, echo_version, wait_until,
+    Daemon, DaemonOptions, FleetRepo, ListenerSpec, Nginx, await_synced, echo_serving, echo_sync,
+    metadata_errors, sync_errors, wait_until,
 };
 
 const STAGES: [&str; 6] = [
@@ -31,43 +32,6 @@ fn node(server: &Nginx, repo: &FleetRepo, name: &str) -> Daemon {
         extra_config: repo.sync_config(server, name, 0, "", "300ms"),
         ..Default::default()
     })
-}
-
-/// What `plugvisor status` says of echo's sync: (state, desired, active).
-fn synced(d: &Daemon) -> Option<(String, String, String)> {
-    let s = d.status();
-    let p = &s["sync"]["plugins"]["echo"];
-    Some((
-        p["state"].as_str()?.to_owned(),
-        p["desired"].as_str()?.to_owned(),
-        p["active"].as_str().unwrap_or("-").to_owned(),
-    ))
-}
-
-fn serves(d: &Daemon) -> String {
-    let answer = LineClient::connect(d.addr("echo-tcp"))
-        .unwrap()
-        .call("which")
-        .unwrap();
-    echo_version(&answer).unwrap_or_default().to_owned()
-}
-
-fn await_version(d: &Daemon, version: &str, what: &str) {
-    wait_until(deadline(), what, || {
-        synced(d).is_some_and(|(state, desired, active)| {
-            state == "synced" && desired == version && active == version
-        }) && serves(d) == version
-    });
-}
-
-fn errors(d: &Daemon, stage: &str) -> u64 {
-    d.metrics()
-        .get("plugvisor_sync_errors_total", &[("stage", stage)])
-        .unwrap_or(0.0) as u64
-}
-
-fn metadata_errors(d: &Daemon) -> u64 {
-    errors(d, "timestamp") + errors(d, "snapshot") + errors(d, "targets")
 }
 
 /// The targets versions the node's log says it verified.
@@ -102,7 +66,7 @@ fn a_node_follows_a_root_rotation_from_its_first_root_and_takes_what_the_new_key
     repo.publish(&[]);
     let server = Nginx::start(&repo.path(), None);
     let d = node(&server, &repo, "edge-0");
-    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    await_synced(&d, "2.0.0", "the node takes 2.0.0");
 
     // Every key replaced: root 2 signed by the old and the new root key,
     // then targets, snapshot and timestamp v3 signed with the new keys.
@@ -125,7 +89,7 @@ fn a_node_follows_a_root_rotation_from_its_first_root_and_takes_what_the_new_key
         "the node verifies the rotated repository",
         || verified_targets_versions(&d).contains(&3),
     );
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
 
     // The old keys publish no more; the new ones do, and the node, which
     // still trusts only 1.root.json, takes it.
@@ -138,10 +102,10 @@ fn a_node_follows_a_root_rotation_from_its_first_root_and_takes_what_the_new_key
     assert!(old.stderr.contains("2.root.json"), "{}", old.stderr);
     repo.add("2.1.0", &[]);
     repo.publish(&["--keys", new_keys.to_str().unwrap()]);
-    await_version(&d, "2.1.0", "the node takes 2.1.0, signed by the new keys");
+    await_synced(&d, "2.1.0", "the node takes 2.1.0, signed by the new keys");
     assert!(verified_targets_versions(&d).contains(&4));
     for stage in STAGES {
-        assert_eq!(errors(&d, stage), 0, "{stage}");
+        assert_eq!(sync_errors(&d, stage), 0, "{stage}");
     }
     // It fetched the new root by its versioned name, as TUF says.
     assert!(
@@ -161,7 +125,7 @@ fn a_root_2_signed_without_the_old_root_key_is_refused_and_the_node_serves_on() 
     repo.publish(&[]);
     let server = Nginx::start(&repo.path(), None);
     let mut d = node(&server, &repo, "edge-0");
-    await_version(&d, "2.0.0", "the node takes 2.0.0");
+    await_synced(&d, "2.0.0", "the node takes 2.0.0");
 
     // The attacker, without the repository's root key, builds a whole
     // repository of their own keys: root 2 signed only by their root key
@@ -197,10 +161,10 @@ fn a_root_2_signed_without_the_old_root_key_is_refused_and_the_node_serves_on() 
     // Still refused on later polls, and nothing of it taken.
     std::thread::sleep(Duration::from_secs(1));
     assert!(metadata_errors(&d) > before + 1);
-    assert_eq!(serves(&d), "2.0.0");
+    assert_eq!(echo_serving(&d), "2.0.0");
     // Desired is still what the trusted metadata said (the state may say
     // pending: the repository cannot be read).
-    let (_, desired, active) = synced(&d).unwrap();
+    let (_, desired, active) = echo_sync(&d).unwrap();
     assert_eq!((desired.as_str(), active.as_str()), ("2.0.0", "2.0.0"));
     let error = d.status()["sync"]["last_error"]
         .as_str()
@@ -213,7 +177,7 @@ fn a_root_2_signed_without_the_old_root_key_is_refused_and_the_node_serves_on() 
             .contains("2.1.0")
     );
     for stage in ["download", "verify", "commit"] {
-        assert_eq!(errors(&d, stage), 0, "{stage}");
+        assert_eq!(sync_errors(&d, stage), 0, "{stage}");
     }
     d.assert_running();
 }
