@@ -373,18 +373,7 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
 
     // A node that requires signatures refuses the fleet's unsigned release:
     // blocked, with the daemon's own reason; 1.0.0 (signed) serves on.
-    let keys = tempfile::tempdir().unwrap();
-    let (secret, public) = plugvisor_tests::keygen(keys.path());
-    let strict = Daemon::start(DaemonOptions {
-        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
-        extra_config: repo.sync_config(&server, "edge-strict", 0, "", "300ms"),
-        trust: plugvisor_tests::TrustOptions {
-            public_keys: vec![public],
-            require_signature: true,
-            sign_with: Some(secret),
-        },
-        ..Default::default()
-    });
+    let (strict, _keys) = strict_node(&server, &repo);
     wait_until(deadline(), "the unsigned release is blocked", || {
         echo_sync(&strict).is_some_and(|(state, desired, active)| {
             state == "blocked" && desired == "2.0.0" && active == "1.0.0"
@@ -423,6 +412,25 @@ fn states_survive_restarts_and_a_release_refused_here_is_blocked_with_the_reason
     });
 }
 
+/// A node that requires package signatures (its echo 1.0.0 signed with
+/// the returned keys' secret): the fleet's unsigned releases are refused
+/// there.
+fn strict_node(server: &Nginx, repo: &FleetRepo) -> (Daemon, tempfile::TempDir) {
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = plugvisor_tests::keygen(keys.path());
+    let strict = Daemon::start(DaemonOptions {
+        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
+        extra_config: repo.sync_config(server, "edge-strict", 0, "", "300ms"),
+        trust: plugvisor_tests::TrustOptions {
+            public_keys: vec![public],
+            require_signature: true,
+            sign_with: Some(secret),
+        },
+        ..Default::default()
+    });
+    (strict, keys)
+}
+
 /// What a dashboard or alert query becomes in a test's Prometheus (the
 /// Grafana variables filled in as `tests/tests/prometheus.rs` does).
 fn runnable(expr: &str) -> String {
@@ -446,18 +454,7 @@ fn the_sync_panels_and_alerts_hold_against_a_real_prometheus() {
     repo.add("2.0.0", &[]);
     repo.publish(&[]);
     let server = Nginx::start(&repo.path(), None);
-    let keys = tempfile::tempdir().unwrap();
-    let (secret, public) = plugvisor_tests::keygen(keys.path());
-    let strict = Daemon::start(DaemonOptions {
-        listeners: vec![ListenerSpec::tcp("echo-tcp", "echo")],
-        extra_config: repo.sync_config(&server, "edge-strict", 0, "", "300ms"),
-        trust: plugvisor_tests::TrustOptions {
-            public_keys: vec![public],
-            require_signature: true,
-            sign_with: Some(secret),
-        },
-        ..Default::default()
-    });
+    let (strict, _keys) = strict_node(&server, &repo);
     let d = node(&server, &repo, "edge-0", 0, "");
     await_synced(&d, "2.0.0", "the node takes 2.0.0");
     wait_until(deadline(), "the strict node is blocked", || {
