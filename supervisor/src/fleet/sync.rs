@@ -52,7 +52,7 @@ use crate::catalog::MANIFEST_FILE;
 use crate::config::SyncConfig;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
-use crate::store::JournalEvent;
+use crate::store::{JournalEntry, JournalEvent};
 use crate::trust::SIGNATURE_FILE;
 
 /// The first wait after a failure; it doubles up to the poll interval.
@@ -746,16 +746,9 @@ impl Syncer {
 
     /// Why the desired version is not active here, from the journal: a
     /// refusal, a failed load or a rollback of it since it was committed.
-    fn refusal(&self, plugin: &str, version: &Version) -> Option<String> {
+    fn refusal(&self, journal: &[JournalEntry], plugin: &str, version: &Version) -> Option<String> {
         let since = self.committed_at.get(plugin).copied().unwrap_or(0);
         let v = version.to_string();
-        let journal = self
-            .reloader
-            .lock()
-            .expect("reloader lock")
-            .store()
-            .read_journal()
-            .ok()?;
         journal
             .iter()
             .rev()
@@ -792,6 +785,17 @@ impl Syncer {
             .expect("sync status lock")
             .last_error
             .clone();
+        // Read once for every plugin's refusal, not once per plugin.
+        let journal = if self.wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.reloader
+                .lock()
+                .expect("reloader lock")
+                .store()
+                .read_journal()
+                .unwrap_or_default()
+        };
         // Everything that needs the reloader first, and the status lock
         // only after: `plugvisor status` takes them the other way round
         // (holding both at once here deadlocked the two).
@@ -806,7 +810,7 @@ impl Syncer {
                         since_success.as_secs()
                     )),
                 )
-            } else if let Some(why) = self.refusal(plugin, &w.release.version) {
+            } else if let Some(why) = self.refusal(&journal, plugin, &w.release.version) {
                 (State::Blocked, Some(why))
             } else if offline {
                 // What the repository wants now is not known: the last
