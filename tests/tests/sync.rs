@@ -567,3 +567,63 @@ fn a_node_offline_past_max_offline_is_expired_across_a_restart_and_serves_on() {
     server.restart();
     await_synced(&d, "2.0.0", "synced once the repository is back");
 }
+
+#[test]
+fn a_published_rollback_is_stale_until_followed_even_across_a_restart() {
+    let repo = FleetRepo::init();
+    repo.add("2.0.0", &[]);
+    repo.publish(&[]);
+    // ~400 KB at 48 KB/s: each release takes seconds to arrive, long
+    // enough to restart the node in the middle of one.
+    let server = Nginx::start(&repo.path(), Some("48k"));
+    let mut d = node(&server, &repo, "edge-0", 0, "");
+    let slow = Instant::now() + Duration::from_secs(60);
+    let synced_on = |d: &Daemon, v: &str| {
+        echo_sync(d).is_some_and(|(state, desired, active)| {
+            state == "synced" && desired == v && active == v
+        })
+    };
+    wait_until(slow, "the node takes 2.0.0", || synced_on(&d, "2.0.0"));
+    repo.add("2.1.0", &[]);
+    repo.publish(&[]);
+    wait_until(slow, "the node takes 2.1.0", || synced_on(&d, "2.1.0"));
+
+    // The signed downgrade: 2.0.0 (no longer cached: the cache holds what
+    // is wanted) comes slowly; meanwhile the node says stale, and why.
+    repo.rollback("2.0.0");
+    let stale = |d: &Daemon| {
+        echo_sync(d).is_some_and(|(state, desired, active)| {
+            state == "stale" && desired == "2.0.0" && active == "2.1.0"
+        })
+    };
+    wait_until(deadline(), "stale while the rollback downloads", || stale(&d));
+    assert_eq!(
+        d.metrics().get(
+            "plugvisor_sync_state",
+            &[("plugin", "echo"), ("state", "stale")]
+        ),
+        Some(1.0)
+    );
+    let reason = d.status()["sync"]["plugins"]["echo"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("older version"), "{reason}");
+    assert_eq!(echo_serving(&d), "2.1.0");
+
+    // Restarted mid-download: it knows what is wanted from its datastore,
+    // is stale again, serves 2.1.0 meanwhile, and then follows.
+    assert_eq!(d.stop(), Some(0));
+    d.restart();
+    assert_eq!(echo_serving(&d), "2.1.0");
+    wait_until(deadline(), "stale after the restart", || stale(&d));
+    wait_until(slow, "the rollback is followed", || synced_on(&d, "2.0.0"));
+    assert_eq!(echo_serving(&d), "2.0.0");
+    assert_eq!(
+        d.metrics().get(
+            "plugvisor_sync_state",
+            &[("plugin", "echo"), ("state", "stale")]
+        ),
+        Some(0.0)
+    );
+}

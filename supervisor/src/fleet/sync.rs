@@ -415,6 +415,10 @@ impl Syncer {
             st.last_success = Some(unix(now));
             st.last_error = None;
         }
+        // Said before the downloads: a slow release on its way (or a
+        // rollback being followed) shows as what it is, not as the state
+        // of the previous round.
+        self.publish_states();
         let wanted: Vec<Wanted> = self.wanted.values().cloned().collect();
         for w in wanted {
             self.bring(&w).await?;
