@@ -1,8 +1,9 @@
 //! Two build steps:
 //!
-//! 1. The gRPC contract (`proto/plugvisor/v1/plugin.proto`) is compiled with
-//!    protox, a protobuf compiler written in Rust, so building needs no
-//!    system `protoc`. tonic-build generates the server from the resulting
+//! 1. The gRPC contract (`proto/plugvisor/v1/plugin.proto`) and the MQTT
+//!    report's messages (`proto/plugvisor/report/v1/report.proto`) are
+//!    compiled with protox, a protobuf compiler written in Rust, so building
+//!    needs no system `protoc`. tonic-build generates the server from the resulting
 //!    descriptor set, and the encoded set is left in `OUT_DIR` for server
 //!    reflection (`listeners/grpc.rs`).
 //! 2. The eBPF programs (`ebpf-probes/ebpf`) are built with the nightly
@@ -97,5 +98,13 @@ fn compile_protos(manifest_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
     tonic_build::configure()
         .build_client(false)
         .compile_fds(fds)
-        .context("generating the plugvisor.v1 server")
+        .context("generating the plugvisor.v1 server")?;
+    // What a node reports over MQTT: messages only, no service.
+    let report = protox::compile(["plugvisor/report/v1/report.proto"], [&include])
+        .context("compiling proto/plugvisor/report/v1/report.proto")?;
+    tonic_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(report)
+        .context("generating the plugvisor.report.v1 messages")
 }

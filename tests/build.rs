@@ -1,5 +1,6 @@
 //! Generates the `plugvisor.v1` gRPC client from the daemon's own contract,
-//! `supervisor/proto/plugvisor/v1/plugin.proto`, with protox (no system
+//! `supervisor/proto/plugvisor/v1/plugin.proto` (and the MQTT report's
+//! messages, `plugvisor/report/v1/report.proto`), with protox (no system
 //! `protoc`), so the black-box tests speak exactly what the daemon serves
 //! without linking the daemon's library.
 use std::path::Path;
@@ -11,5 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(false)
         .compile_fds(fds)?;
+    // The messages a node reports over MQTT, for the tests' subscriber.
+    let report = protox::compile(["plugvisor/report/v1/report.proto"], [&include])?;
+    tonic_build::configure()
+        .build_server(false)
+        .build_client(false)
+        .compile_fds(report)?;
     Ok(())
 }

@@ -14,7 +14,19 @@ use crate::host::{Hosting, Isolation};
 use crate::name::valid_name;
 
 mod health_check;
+mod report;
 pub use health_check::{HealthCheckConfig, HealthCheckKind, HealthTarget, HttpTarget};
+pub use report::{BrokerAddr, MqttConfig, MqttCredentials, ReportConfig, check_prefix};
+
+/// The host name: a node's default name (`[sync] node`, `[report.mqtt]
+/// client_id`), or `localhost` when there is none.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
 
 /// The embedded default configuration (relative paths resolve against the
 /// working directory).
@@ -77,6 +89,8 @@ pub struct Config {
     /// Following a TUF repository of plugin releases (`[sync]`; absent:
     /// packages reach `plugins_dir` by other means).
     pub sync: Option<SyncConfig>,
+    /// What the node pushes to its coordinator (`[report.mqtt]`).
+    pub report: ReportConfig,
     /// Listeners owned by plugvisor.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -111,6 +125,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             upgrade: UpgradeConfig::default(),
             sync: None,
+            report: ReportConfig::default(),
             listeners: Vec::new(),
             fallback: std::collections::BTreeMap::new(),
             plugins: std::collections::BTreeMap::new(),
@@ -534,6 +549,10 @@ impl Config {
         }
         if let Some(sync) = &self.sync {
             sync.check().map_err(|e| invalid(format!("[sync] {e}")))?;
+        }
+        if let Some(mqtt) = &self.report.mqtt {
+            mqtt.check()
+                .map_err(|e| invalid(format!("[report.mqtt] {e}")))?;
         }
         if self.reload.init_timeout.is_zero() {
             return Err(invalid(

@@ -129,6 +129,7 @@ pub mod name;
 pub mod pack;
 pub mod probes;
 pub mod reload;
+pub mod report;
 pub mod rules;
 pub mod seed;
 pub mod signals;

@@ -160,6 +160,10 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The journal under `state_dir`: one JSON line per entry, appended and
+/// fsynced (the MQTT reporter follows it by offset).
+pub const JOURNAL_FILE: &str = "journal.jsonl";
+
 /// Most history entries kept in a refs file.
 const MAX_HISTORY: usize = 16;
 
@@ -199,6 +203,9 @@ pub enum JournalEvent {
     HostCrashed,
     /// A new host took over from one that died.
     HostRestarted,
+    /// The fleet sync state of a plugin changed (`[sync]`); the reason
+    /// says to what and why.
+    Sync,
 }
 
 impl JournalEvent {
@@ -220,6 +227,7 @@ impl JournalEvent {
             JournalEvent::Collected => "collected",
             JournalEvent::HostCrashed => "host-crashed",
             JournalEvent::HostRestarted => "host-restarted",
+            JournalEvent::Sync => "sync",
         }
     }
 }
@@ -286,6 +294,8 @@ pub struct Store {
     manifests: PathBuf,
     journal: PathBuf,
     loading: PathBuf,
+    // Told after each journal append (the reporter, with `[report.mqtt]`).
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl Store {
@@ -296,8 +306,9 @@ impl Store {
             objects: state_dir.join("objects"),
             refs: state_dir.join("refs"),
             manifests: state_dir.join("manifests"),
-            journal: state_dir.join("journal.jsonl"),
+            journal: state_dir.join(JOURNAL_FILE),
             loading: state_dir.join("loading"),
+            wake: None,
         };
         for dir in [
             &store.root,
@@ -328,8 +339,9 @@ impl Store {
             objects: state_dir.join("objects"),
             refs: state_dir.join("refs"),
             manifests: state_dir.join("manifests"),
-            journal: state_dir.join("journal.jsonl"),
+            journal: state_dir.join(JOURNAL_FILE),
             loading: state_dir.join("loading"),
+            wake: None,
         })
     }
 
@@ -614,8 +626,16 @@ impl Store {
         if appended.is_err() {
             // Best effort: truncating frees blocks, so it works on a full disk.
             let _ = f.set_len(whole).and_then(|()| f.sync_data());
+        } else if let Some(w) = &self.wake {
+            w.notify_one();
         }
         appended
+    }
+
+    /// Has `wake` told after each journal append, so that a follower of
+    /// the journal need not poll it.
+    pub fn wake_on_journal(&mut self, wake: std::sync::Arc<tokio::sync::Notify>) {
+        self.wake = Some(wake);
     }
 
     /// Every journal entry, oldest first (a torn last line is skipped).

@@ -55,6 +55,11 @@ const PENDING_FAMILIES: &[(&str, &str)] = &[
         "fleet sync",
     ),
     ("plugvisor_sync_errors_total", "fleet sync"),
+    // Exported by nodes with [report.mqtt] only; tests/tests/report.rs
+    // drives them.
+    ("plugvisor_report_connected", "MQTT report"),
+    ("plugvisor_report_events_total", "MQTT report"),
+    ("plugvisor_report_outbox_events", "MQTT report"),
 ];
 
 /// What each alert must do after the scenario below. `Fires`: its

@@ -40,6 +40,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "nginx-light",
         "nginx, the HTTP server of the TUF repository in the sync tests",
     ),
+    (
+        "mosquitto",
+        "mosquitto, the MQTT broker of the report tests (and mosquitto_passwd)",
+    ),
+    (
+        "mosquitto-clients",
+        "mosquitto_sub, to watch a node's reports by hand",
+    ),
     ("stress-ng", "stress-ng, for cargo xtask test --stress"),
     // cargo xtask vm-test (docs/VM-TESTS.md):
     ("qemu-system-x86", "qemu-system-x86_64"),

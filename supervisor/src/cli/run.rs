@@ -26,6 +26,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         // a node that cannot trust the fleet's root would fail every poll.
         crate::fleet::sync::check_root(&sync.root).map_err(anyhow::Error::msg)?;
     }
+    if let Some(mqtt) = &config.report.mqtt {
+        // The CA, client certificate and key, as the link will read them.
+        crate::report::check(mqtt)?;
+    }
     if args.check {
         if let Some(t) = &config.thresholds {
             // The file may be provisioned apart from the config (a

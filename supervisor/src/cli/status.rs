@@ -104,7 +104,34 @@ fn print_status(resp: &AdminResponse, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(sync) = &s.sync {
         print_sync(sync);
     }
+    if let Some(report) = &s.report {
+        print_report(report);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The MQTT link's part of `status`.
+fn print_report(r: &crate::report::ReportStatus) {
+    println!(
+        "\nreport: {} as {} (topics {}/…): {} since {} (Unix s), birth {}",
+        r.broker,
+        r.client_id,
+        r.topic_prefix,
+        if r.connected { "connected" } else { "down" },
+        r.since,
+        r.birth
+    );
+    println!(
+        "  outbox {} events; published {}, dropped {} since start; last publish {}{}",
+        r.outbox_events,
+        r.published,
+        r.dropped,
+        r.last_publish
+            .map_or_else(|| "never".to_owned(), |t| format!("at {t} (Unix s)")),
+        r.last_error
+            .as_ref()
+            .map_or_else(String::new, |e| format!("; last error: {e}"))
+    );
 }
 
 /// The fleet sync's part of `status`.

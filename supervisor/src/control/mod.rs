@@ -183,6 +183,9 @@ pub struct Status {
     /// The fleet sync, when `[sync]` is on.
     #[serde(default)]
     pub sync: Option<crate::fleet::sync::SyncStatus>,
+    /// The MQTT link to the coordinator, when `[report.mqtt]` is on.
+    #[serde(default)]
+    pub report: Option<crate::report::ReportStatus>,
 }
 
 fn yes() -> bool {

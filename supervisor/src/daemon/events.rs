@@ -124,6 +124,7 @@ impl Daemon {
                 }
                 event => self.apply(event).await,
             }
+            self.report_states();
             if self.handed_over {
                 // A new process serves; what is left here is the drain.
                 return;
@@ -192,6 +193,23 @@ impl Daemon {
         }
     }
 
+    /// The plugins' states to the reporter, which publishes those that
+    /// changed (`[report.mqtt]`).
+    fn report_states(&self) {
+        if let Some(report) = &self.report {
+            let now = status(
+                &self.reloader,
+                &self.config,
+                &self.metrics,
+                &self.actions,
+                &self.engine,
+                self.sync.as_ref(),
+                None,
+            );
+            report.set_states(super::status::report_states(&now));
+        }
+    }
+
     fn reload_thresholds(&mut self) {
         if let Some(path) = &self.config.thresholds {
             load_thresholds(&mut self.engine, path, &self.metrics);
@@ -218,6 +236,7 @@ impl Daemon {
                     &self.actions,
                     &self.engine,
                     self.sync.as_ref(),
+                    self.report.as_ref(),
                 ));
             }
             Command::Rollback { plugin, to, reply } => {

@@ -95,6 +95,9 @@ pub enum DaemonError {
     /// The fleet sync could not start.
     #[error("{0}")]
     Sync(String),
+    /// Reporting (`[report.mqtt]`) could not start.
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -160,6 +163,8 @@ struct Daemon {
     restarts: mpsc::UnboundedSender<(String, u32)>,
     // The fleet sync (`[sync]`), once started.
     sync: Option<crate::fleet::sync::SyncHandle>,
+    // The MQTT reporter (`[report.mqtt]`), once started.
+    report: Option<crate::report::ReportHandle>,
 }
 
 impl Daemon {
@@ -168,7 +173,14 @@ impl Daemon {
     /// upgrade only the drain is left: the new process has the sockets,
     /// the connections that could move and the trials, and tells the
     /// service manager itself.
-    async fn drain(self) {
+    async fn drain(mut self) {
+        if self.handed_over {
+            // The new process reports from now on (it waits for this one
+            // to let go); this node did not go down, so no death.
+            if let Some(r) = self.report.take() {
+                r.stop(false).await;
+            }
+        }
         if !self.handed_over {
             self.notifier.stopping("draining");
             let _ = self.shutdown.send(true);
@@ -194,6 +206,10 @@ impl Daemon {
                 .lock()
                 .expect("reloader lock")
                 .interrupt_trials();
+        }
+        if let Some(r) = self.report.take() {
+            // After the trials' last journal entries, so they are sent.
+            r.stop(true).await;
         }
         if let Some(stop) = self.metrics_stop {
             let _ = stop.send(());

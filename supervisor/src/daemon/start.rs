@@ -42,7 +42,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     if config.is_embedded_default() {
         seed_echo(&config);
     }
-    let store = open_store(&config)?;
+    let (store, report) = open_store(&config, &metrics)?;
     let (bound, watched) = bind(&config, inherited.listeners)?;
     let plugin_names = Arc::new(RwLock::new(config.plugins()));
     let probes = probes::start(&config.probes, &watched, &plugin_names, &metrics)?;
@@ -139,8 +139,26 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
         crashes: super::crashes::Crashes::default(),
         restarts,
         sync,
+        report,
     };
     Ok((daemon, sources))
+}
+
+/// Reports to the coordinator (`[report.mqtt]`): started before the first
+/// loads so that their journal entries are news, and woken by each
+/// journal append.
+fn start_report(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    store: &mut Store,
+) -> Result<Option<crate::report::ReportHandle>, DaemonError> {
+    let Some(mqtt) = &config.report.mqtt else {
+        return Ok(None);
+    };
+    let node = config.sync.as_ref().map(crate::fleet::sync::node_name);
+    let handle = crate::report::start(mqtt, node.as_deref(), &config.state_dir, metrics.clone())?;
+    store.wake_on_journal(handle.journal_wake());
+    Ok(Some(handle))
 }
 
 /// Follows the fleet's TUF repository (`[sync]`), from once this process
@@ -352,15 +370,20 @@ fn adoption(
     (senders, receivers)
 }
 
-/// The store, and a word if it cannot take writes.
-fn open_store(config: &Config) -> Result<Store, DaemonError> {
-    let store = Store::open(&config.state_dir)?;
+/// The store, and a word if it cannot take writes; with `[report.mqtt]`,
+/// the reporter that follows its journal.
+fn open_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Store, Option<crate::report::ReportHandle>), DaemonError> {
+    let mut store = Store::open(&config.state_dir)?;
+    let report = start_report(config, metrics, &mut store)?;
     if let Err(e) = store.check_writable() {
         // Serve on from what the store holds; say once why nothing new is
         // recorded (each refused write also says so as it happens).
         tracing::error!(state_dir = %config.state_dir.display(), "state_dir is not writable ({e}): serving the versions the store holds; reloads are refused and rollbacks and trial results go unrecorded until it is writable again");
     }
-    Ok(store)
+    Ok((store, report))
 }
 
 /// Every listener bound (or inherited), and what the probes watch of each.

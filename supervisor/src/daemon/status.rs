@@ -44,6 +44,7 @@ pub(super) fn status(
     actions: &Actions,
     engine: &Engine,
     sync: Option<&crate::fleet::sync::SyncHandle>,
+    report: Option<&crate::report::ReportHandle>,
 ) -> Status {
     // Before the reloader's lock: the sync takes the two one at a time.
     let sync = sync.map(crate::fleet::sync::SyncHandle::status);
@@ -106,5 +107,40 @@ pub(super) fn status(
         rules_config_valid: metrics.rules_config_valid.get() == 1,
         conflicts,
         sync,
+        report: report.map(crate::report::ReportHandle::status),
     }
+}
+
+/// Each plugin's state as the coordinator is told it (`[report.mqtt]`),
+/// from the same parts as `plugvisor status`.
+pub(super) fn report_states(status: &Status) -> Vec<crate::report::pb::PluginState> {
+    status
+        .plugins
+        .iter()
+        .map(|p| {
+            let sync = status.sync.as_ref().and_then(|s| s.plugins.get(&p.plugin));
+            crate::report::pb::PluginState {
+                plugin: p.plugin.clone(),
+                version: p.active.clone().unwrap_or_default(),
+                state: p.state.clone(),
+                known_good: p.known_good.clone().unwrap_or_default(),
+                sync_state: sync
+                    .map(|s| s.state.as_str().to_owned())
+                    .unwrap_or_default(),
+                sync_desired: sync.and_then(|s| s.desired.clone()).unwrap_or_default(),
+                conflicts: status
+                    .conflicts
+                    .iter()
+                    .filter(|c| c.plugin == p.plugin)
+                    .map(|c| crate::report::pb::Conflict {
+                        kind: c.kind.clone(),
+                        message: c.message.clone(),
+                    })
+                    .collect(),
+                degraded: p.degraded.clone().unwrap_or_default(),
+                disabled: p.disabled,
+                ..Default::default()
+            }
+        })
+        .collect()
 }

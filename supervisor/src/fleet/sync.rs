@@ -66,6 +66,10 @@ const LAST_SUCCESS: &str = "last-success";
 /// round, retried later, not a round that never ends).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One plugin's state as a round found it: plugin, desired version,
+/// active version, state, why.
+type StateRow = (String, String, Option<Version>, State, Option<String>);
+
 /// The states, as exported.
 pub const STATES: [&str; 5] = ["synced", "pending", "stale", "blocked", "expired"];
 
@@ -255,13 +259,7 @@ struct Syncer {
 
 /// The node's name: `[sync] node`, else the host name.
 pub fn node_name(config: &SyncConfig) -> String {
-    config.node.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".to_owned())
-    })
+    config.node.clone().unwrap_or_else(crate::config::host_name)
 }
 
 /// Checks that `root` is a TUF root the node can start from: readable, a
@@ -773,6 +771,45 @@ impl Syncer {
             })
     }
 
+    /// A `sync` journal entry for each plugin whose state (or desired
+    /// version) is not the one the journal last said: the coordinator
+    /// learns of it as an event, once, across restarts too.
+    fn journal_changes(&self, journal: &[JournalEntry], states: &[StateRow]) {
+        let news: Vec<JournalEntry> = states
+            .iter()
+            .filter(|(plugin, desired, _, state, _)| {
+                let said = journal
+                    .iter()
+                    .rev()
+                    .find(|e| e.event == JournalEvent::Sync && &e.plugin == plugin);
+                !said.is_some_and(|e| {
+                    e.version.as_deref() == Some(desired.as_str())
+                        && e.reason.as_deref().and_then(|r| r.split(':').next())
+                            == Some(state.as_str())
+                })
+            })
+            .map(|(plugin, desired, active, state, reason)| {
+                let mut e = JournalEntry::now(plugin, JournalEvent::Sync);
+                e.version = Some(desired.clone());
+                e.from_version = active.as_ref().map(ToString::to_string);
+                e.reason = Some(match reason {
+                    Some(why) => format!("{}: {why}", state.as_str()),
+                    None => state.as_str().to_owned(),
+                });
+                e
+            })
+            .collect();
+        if news.is_empty() {
+            return;
+        }
+        let r = self.reloader.lock().expect("reloader lock");
+        for e in &news {
+            if let Err(err) = r.store().journal(e) {
+                tracing::warn!(plugin = %e.plugin, error = %err, "fleet sync: could not journal a state change");
+            }
+        }
+    }
+
     /// Each plugin's state, into the status and the metric.
     fn publish_states(&self) {
         let now = SystemTime::now();
@@ -839,6 +876,7 @@ impl Syncer {
                 reason,
             ));
         }
+        self.journal_changes(&journal, &states);
         let mut st = self.status.lock().expect("sync status lock");
         let mut plugins = BTreeMap::new();
         for (plugin, desired, active, state, reason) in states {

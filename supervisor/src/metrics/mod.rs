@@ -255,6 +255,15 @@ pub struct Metrics {
     pub sync_download_bytes_total: IntCounterVec,
     /// `plugvisor_sync_errors_total{stage}`.
     pub sync_errors_total: IntCounterVec,
+    /// `plugvisor_report_connected` (no labels): 1 while the MQTT link
+    /// stands.
+    pub report_connected: IntGaugeVec,
+    /// `plugvisor_report_events_total{outcome}`: published, dropped.
+    pub report_events_total: IntCounterVec,
+    /// `plugvisor_report_outbox_events` (no labels).
+    pub report_outbox_events: IntGaugeVec,
+    /// `plugvisor_report_last_publish_timestamp_seconds` (no labels).
+    pub report_last_publish_timestamp_seconds: GaugeVec,
     /// `plugvisor_degradations_total{plugin,reason}`.
     pub degradations_total: IntCounterVec,
     /// `plugvisor_degraded{plugin}`: 1 while degraded.
@@ -541,6 +550,30 @@ impl Metrics {
                 "plugvisor_sync_errors_total",
                 "Fleet sync failures by stage: timestamp, snapshot, targets, download, verify, commit",
                 &["stage"],
+            ),
+            report_connected: gauge(
+                r,
+                "plugvisor_report_connected",
+                "1 while the MQTT link to the coordinator's broker stands ([report.mqtt])",
+                &[],
+            ),
+            report_events_total: counter(
+                r,
+                "plugvisor_report_events_total",
+                "Events reported over MQTT by outcome: published (acknowledged by the broker), dropped (the outbox's bound)",
+                &["outcome"],
+            ),
+            report_outbox_events: gauge(
+                r,
+                "plugvisor_report_outbox_events",
+                "Events in the on-disk outbox, waiting for the broker's PUBACK",
+                &[],
+            ),
+            report_last_publish_timestamp_seconds: float_gauge(
+                r,
+                "plugvisor_report_last_publish_timestamp_seconds",
+                "When the broker last acknowledged an event (Unix seconds; absent until it has)",
+                &[],
             ),
             degradations_total: counter(
                 r,

@@ -174,6 +174,38 @@ impl Metrics {
             .set(unix_seconds);
     }
 
+    /// Whether the MQTT link stands (`plugvisor_report_connected`); the
+    /// first call also puts each event outcome at 0.
+    pub fn report_connected(&self, up: bool) {
+        self.report_connected
+            .with_label_values::<&str>(&[])
+            .set(i64::from(up));
+        for o in ["published", "dropped"] {
+            self.report_events_total.with_label_values(&[o]);
+        }
+    }
+
+    /// `n` events reported with `outcome` (published, dropped).
+    pub fn report_events(&self, outcome: &str, n: u64) {
+        self.report_events_total
+            .with_label_values(&[outcome])
+            .inc_by(n);
+    }
+
+    /// Events waiting in the outbox.
+    pub fn report_outbox(&self, events: usize) {
+        self.report_outbox_events
+            .with_label_values::<&str>(&[])
+            .set(i64::try_from(events).unwrap_or(i64::MAX));
+    }
+
+    /// The broker acknowledged an event at `unix_seconds`.
+    pub fn report_last_publish(&self, unix_seconds: u64) {
+        self.report_last_publish_timestamp_seconds
+            .with_label_values::<&str>(&[])
+            .set(unix_seconds as f64);
+    }
+
     /// Every upgrade outcome at 0, so a rate over them exists from the
     /// first scrape.
     pub fn upgrades_at_zero(&self) {
