@@ -596,7 +596,9 @@ fn a_published_rollback_is_stale_until_followed_even_across_a_restart() {
             state == "stale" && desired == "2.0.0" && active == "2.1.0"
         })
     };
-    wait_until(deadline(), "stale while the rollback downloads", || stale(&d));
+    wait_until(deadline(), "stale while the rollback downloads", || {
+        stale(&d)
+    });
     assert_eq!(
         d.metrics().get(
             "plugvisor_sync_state",
