@@ -90,6 +90,9 @@ const ALERTS: &[(&str, Expect)] = &[
     ("PlugvisorSyncExpired", Expect::Quiet),
     ("PlugvisorSyncFailing", Expect::Quiet),
     ("PlugvisorSyncTargetMismatch", Expect::Quiet),
+    // No [report.mqtt] in this scenario.
+    ("PlugvisorReportDown", Expect::Quiet),
+    ("PlugvisorReportDropping", Expect::Quiet),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

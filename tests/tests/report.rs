@@ -423,3 +423,128 @@ fn a_broker_that_refuses_the_credentials_is_a_clear_error_and_serving_goes_on() 
         check.stderr
     );
 }
+
+#[test]
+fn an_upgrade_hands_reporting_over_without_a_death_or_a_lost_event() {
+    let broker = Mosquitto::start(None);
+    let sub = Subscriber::start(&broker, "coordinator", "plugvisor/edge-7/#");
+    let mut d = reporting(&broker, "edge-7", "");
+    wait_until(deadline(), "the birth", || sub.last_node().is_some());
+    let first = sub.last_node().unwrap();
+    assert_eq!(d.cli(&["disable", "echo"]).0, 0);
+    let (code, answer) = d.upgrade(None, Duration::from_secs(20));
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(d.cli(&["enable", "echo"]).0, 0);
+    wait_until(deadline(), "the new process's birth", || {
+        sub.last_node().is_some_and(|n| n.birth > first.birth)
+    });
+    assert_every_entry_arrived(&d, &sub);
+    // The node never went down: no death between the two births (the old
+    // process sent DISCONNECT, so the broker had no Last Will to publish).
+    let statuses: Vec<Status> = sub
+        .messages()
+        .iter()
+        .filter(|m| m.topic.ends_with("/node"))
+        .map(|m| {
+            use prost::Message as _;
+            report_pb::Node::decode(m.payload.as_slice())
+                .unwrap()
+                .status()
+        })
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == Status::Online),
+        "{statuses:?}"
+    );
+}
+
+fn runnable(expr: &str) -> String {
+    let out = expr
+        .replace("$__rate_interval", "60s")
+        .replace("$__interval", "60s")
+        .replace("$job", "plugvisor")
+        .replace("$instance", ".*")
+        .replace("$plugin", ".*");
+    assert!(!out.contains('$'), "a Grafana variable: {expr}");
+    out
+}
+
+/// The overview dashboard's coordinator-link row and the report alerts,
+/// against a real Prometheus scraping a real node whose broker is away
+/// and whose outbox overflows (the general dashboard test runs no
+/// `[report.mqtt]`): every panel returns data, and the alert for dropped
+/// events fires.
+#[test]
+fn the_report_panels_and_alerts_hold_against_a_real_prometheus() {
+    let mut broker = Mosquitto::start(None);
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        extra_config: report_config(&broker, "edge-7", "outbox_max_bytes = 4096\n"),
+        ..Default::default()
+    });
+    wait_until(deadline(), "connected", || {
+        report_status(&d)["connected"] == true
+    });
+    let alerts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/alerts.yml");
+    let scrape = std::net::SocketAddr::from(([127, 0, 0, 1], d.metrics_port));
+    let mut prom = plugvisor_tests::Prometheus::start(&[scrape], &[alerts]);
+    wait_until(deadline(), "Prometheus scrapes the link", || {
+        prom.assert_running();
+        prom.query("plugvisor_report_connected == 1")
+            .is_ok_and(|r| !r.is_empty())
+    });
+    // Events published, then the broker away and the outbox overflowing.
+    assert_eq!(d.cli(&["disable", "echo"]).0, 0);
+    assert_eq!(d.cli(&["enable", "echo"]).0, 0);
+    wait_until(deadline(), "published", || {
+        report_status(&d)["published"].as_u64() >= Some(2)
+    });
+    broker.stop();
+    for _ in 0..60 {
+        assert_eq!(d.cli(&["disable", "echo"]).0, 0);
+        assert_eq!(d.cli(&["enable", "echo"]).0, 0);
+    }
+    wait_until(deadline(), "events dropped", || {
+        report_status(&d)["dropped"].as_u64() > Some(0)
+    });
+    let board: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../dashboards/plugvisor-overview.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for p in board["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            if !expr.contains("plugvisor_report_") {
+                continue;
+            }
+            wait_until(
+                deadline(),
+                &format!("panel {} returns data: {expr}", p["title"]),
+                || !prom.query(&runnable(expr)).unwrap().is_empty(),
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "the coordinator-link row's three panels");
+    // The link down, as PlugvisorReportDown's expression sees it (its 15 m
+    // `for` is promtool's to test).
+    wait_until(deadline(), "the link reads down", || {
+        !prom
+            .query("plugvisor_report_connected == 0")
+            .unwrap()
+            .is_empty()
+    });
+    wait_until(deadline(), "PlugvisorReportDropping fires", || {
+        let rules = prom.api("/api/v1/rules").unwrap();
+        rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "PlugvisorReportDropping" && r["state"] == "firing")
+    });
+}

@@ -657,6 +657,46 @@ fn overview() -> Value {
         ),
     );
 
+    b.row("Coordinator link ([report.mqtt], docs/REPORTING.md)");
+    b.add(
+        8,
+        8,
+        timeseries(
+            "MQTT link up",
+            "1 while the node's link to the coordinator's broker stands; 0 while it is down or refused (plugvisor status says why).",
+            "short",
+            &[q(
+                format!("min by (instance) (plugvisor_report_connected{{{SEL}}})"),
+                "{{instance}}",
+            )],
+        ),
+    );
+    b.add(
+        8,
+        8,
+        timeseries(
+            "Events waiting in the outbox",
+            "Events on disk waiting for the broker's PUBACK: 0 on a healthy link, growing while the broker is away, sent in order when it is back.",
+            "short",
+            &[q(
+                format!("max by (instance) (plugvisor_report_outbox_events{{{SEL}}})"),
+                "{{instance}}",
+            )],
+        ),
+    );
+    b.add(
+        8,
+        8,
+        bars(
+            "Events reported",
+            "Events acknowledged by the broker (published), and events the outbox's bound dropped (a gap the coordinator sees).",
+            &[q(
+                format!("sum by (instance, outcome) (increase(plugvisor_report_events_total{{{SEL}}}[$__interval])) > 0"),
+                "{{instance}} {{outcome}}",
+            )],
+        ),
+    );
+
     dashboard(
         "plugvisor-overview",
         "plugvisor / Overview",
