@@ -169,6 +169,8 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// Whether the broker sent it as a retained message (on subscribe).
     pub retain: bool,
+    /// When the subscriber got it.
+    pub received: std::time::SystemTime,
 }
 
 /// A QoS 1 subscriber with a persistent session (what it misses while
@@ -223,6 +225,7 @@ impl Subscriber {
                                     topic: p.topic.clone(),
                                     payload: p.payload.to_vec(),
                                     retain: p.retain,
+                                    received: std::time::SystemTime::now(),
                                 });
                             }
                             Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,

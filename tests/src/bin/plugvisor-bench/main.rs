@@ -45,6 +45,7 @@ mod plot;
 mod probecost;
 mod reload;
 mod report;
+mod reporting;
 mod soak;
 mod stats;
 mod upgrade;
@@ -102,6 +103,7 @@ struct Results {
     breach_250: Vec<f64>,
     isolation: isolation::Isolation,
     fleet: fleet::Fleet,
+    reporting: reporting::Reporting,
 }
 
 fn loadavg() -> String {
@@ -142,6 +144,7 @@ fn main() {
     let breach_250 = breach::breach_to_rollback("250ms", trials);
     let isolation = isolation::isolation(q);
     let fleet = fleet::fleet(q);
+    let reporting = reporting::reporting(q);
     let r = Results {
         quick: q,
         overhead,
@@ -157,6 +160,7 @@ fn main() {
         breach_250,
         isolation,
         fleet,
+        reporting,
     };
     let plots = args
         .plots

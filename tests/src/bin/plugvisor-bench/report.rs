@@ -63,6 +63,7 @@ pub fn render(r: &Results, meta: &Meta) -> String {
     breach(&mut md, r);
     crate::isolation::render(&mut md, &r.isolation);
     crate::fleet::render(&mut md, &r.fleet);
+    crate::reporting::render(&mut md, &r.reporting);
     floors(&mut md, r);
     md
 }
