@@ -225,7 +225,7 @@ impl Reporter {
         let Some(_lock) = self.lock(&mut stop).await else {
             return;
         };
-        let mut outbox = match self.open_outbox() {
+        let mut outbox = match tokio::task::block_in_place(|| self.open_outbox()) {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "report: cannot keep an outbox; nothing is reported (serving is not affected)");
@@ -247,7 +247,11 @@ impl Reporter {
                     return;
                 }
                 Some(ev) = events.recv() => {
-                    self.on_link(ev, &mut outbox, &mut sent, &mut failures);
+                    // Disk work (an acknowledgement can compact the
+                    // outbox) off the async workers: they carry requests.
+                    tokio::task::block_in_place(|| {
+                        self.on_link(ev, &mut outbox, &mut sent, &mut failures);
+                    });
                     false
                 }
                 () = self.wake.notified() => true,
@@ -255,7 +259,8 @@ impl Reporter {
                 Ok(()) = states.changed() => false,
             };
             if journal {
-                self.take_journal(&mut outbox);
+                // An fsync per event: off the async workers too.
+                tokio::task::block_in_place(|| self.take_journal(&mut outbox));
             }
             self.send(&link, &outbox, &mut sent, &states.borrow());
         }

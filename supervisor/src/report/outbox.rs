@@ -7,11 +7,18 @@
 //!   sequence u64 | journal_end u64 | payload` (little-endian; the CRC
 //!   covers what follows it). A torn tail — a `kill -9` mid-append — fails
 //!   its length or CRC and is cut off at the next open.
-//! - `cursor` (JSON, replaced by rename): the next sequence number, how
-//!   far into the journal events have been taken, and the sequence up to
-//!   which every event is acknowledged or dropped. Written before the
-//!   outbox is compacted, so what the cursor says and what the outbox holds
-//!   never both forget an event.
+//! - `cursor` (JSON, replaced by rename, fsynced): the next sequence
+//!   number, how far into the journal events have been taken, and the
+//!   sequence up to which every event is acknowledged or dropped. Written
+//!   before the outbox is compacted and when the bound drops events, so
+//!   what the cursor says and what the outbox holds never both forget an
+//!   event, and a sequence number is never handed out twice.
+//! - `acked` (the highest sequence acknowledged, replaced by rename, not
+//!   fsynced): a hint that spares a restart from sending again what the
+//!   broker already has. Lost or torn in a crash, it costs duplicates
+//!   (QoS 1 allows them, consumers drop them by sequence), never an event;
+//!   and it keeps an acknowledgement from costing fsyncs, so the outbox's
+//!   one fsync per event is all reporting adds to the disk.
 //!
 //! The bound (`outbox_max_bytes`) counts the events not yet acknowledged;
 //! past it the oldest are dropped and counted. Sequence numbers never go
@@ -27,6 +34,9 @@ use super::ReportError;
 
 const OUTBOX: &str = "outbox";
 const CURSOR: &str = "cursor";
+const ACKED: &str = "acked";
+/// The outbox file is compacted once it is this large (and mostly done).
+const COMPACT_AT: u64 = 64 << 10;
 /// `len`, `crc32`, `sequence`, `journal_end`.
 const HEADER: usize = 4 + 4 + 8 + 8;
 /// A record larger than this is not one the daemon wrote.
@@ -123,6 +133,12 @@ impl Outbox {
             fresh: fresh && records.is_empty(),
         };
         outbox.cursor.next_sequence = outbox.cursor.next_sequence.max(1);
+        if let Some(hint) = std::fs::read_to_string(dir.join(ACKED))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+        {
+            outbox.cursor.done_through = outbox.cursor.done_through.max(hint);
+        }
         for r in records {
             outbox.cursor.next_sequence = outbox.cursor.next_sequence.max(r.sequence + 1);
             outbox.cursor.journal_offset = outbox.cursor.journal_offset.max(r.journal_end);
@@ -226,7 +242,18 @@ impl Outbox {
             self.pending_bytes -= front.size();
             self.pending.pop_front();
         }
+        self.write_acked();
         self.compact()
+    }
+
+    /// The acknowledged hint, without an fsync (see the module doc).
+    fn write_acked(&self) {
+        let tmp = self.dir.join(format!("{ACKED}.tmp"));
+        let written = std::fs::write(&tmp, self.cursor.done_through.to_string())
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join(ACKED)));
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "report outbox: cannot record the acknowledged hint");
+        }
     }
 
     /// Drops the oldest events past the bound; how many.
@@ -252,7 +279,7 @@ impl Outbox {
     /// Rewrites the file without what is done when that is most of it.
     fn compact(&mut self) -> Result<(), ReportError> {
         let live = self.pending_bytes;
-        if self.file_len == 0 || (live > 0 && self.file_len < (2 * live).max(64 << 10)) {
+        if self.file_len < COMPACT_AT.max(2 * live) {
             return Ok(());
         }
         // The cursor first: once the file forgets a record, the cursor
@@ -380,21 +407,45 @@ mod tests {
         let (mut o, dropped) = Outbox::open(t.path(), 1 << 20).unwrap();
         assert_eq!(dropped, 0);
         assert!(!o.fresh());
-        // 1 is not acknowledged on disk until compaction; replaying it is
-        // allowed (at least once) — but 2 and 3 must be there.
-        assert!(sequences(&o).ends_with(&[2, 3]));
+        assert_eq!(sequences(&o), [2, 3]);
         assert_eq!(o.journal_offset(), 30);
-        o.ack(1).unwrap();
         o.ack(2).unwrap();
         o.ack(3).unwrap();
         assert!(o.is_empty());
         drop(o);
-        // Everything acknowledged: the file is empty, the cursor remembers.
-        assert_eq!(std::fs::metadata(t.path().join(OUTBOX)).unwrap().len(), 0);
-        let (mut o, _) = Outbox::open(t.path(), 1 << 20).unwrap();
+        let (o, _) = Outbox::open(t.path(), 1 << 20).unwrap();
         assert!(o.is_empty());
-        assert_eq!(o.journal_offset(), 30);
+        assert_eq!(o.next_sequence(), 4);
+        drop(o);
+        // The acknowledged hint lost (a crash before it reached the disk):
+        // the events come again — duplicates, never a loss or a reused
+        // number.
+        std::fs::remove_file(t.path().join(ACKED)).unwrap();
+        let (mut o, _) = Outbox::open(t.path(), 1 << 20).unwrap();
+        assert_eq!(sequences(&o), [1, 2, 3]);
         assert_eq!(push(&mut o, 40), 4);
+    }
+
+    #[test]
+    fn a_large_done_outbox_is_compacted_and_the_cursor_remembers() {
+        let t = tempfile::tempdir().unwrap();
+        let (mut o, _) = Outbox::open(t.path(), 1 << 20).unwrap();
+        let big = vec![7u8; 1024];
+        let mut last = 0;
+        for end in 1..=80 {
+            last = o.push(end * 100, |_| big.clone()).unwrap().0;
+            o.ack(last).unwrap();
+        }
+        let len = std::fs::metadata(t.path().join(OUTBOX)).unwrap().len();
+        assert!(len < COMPACT_AT, "compacted: {len} bytes");
+        // Nothing left to say about the acknowledged ones, even without the
+        // hint: the durable cursor was written before the file was cut.
+        drop(o);
+        std::fs::remove_file(t.path().join(ACKED)).unwrap();
+        let (o, _) = Outbox::open(t.path(), 1 << 20).unwrap();
+        assert!(o.pending().all(|r| r.sequence > 60), "{:?}", sequences(&o));
+        assert_eq!(o.next_sequence(), last + 1);
+        assert_eq!(o.journal_offset(), 8000);
     }
 
     #[test]
