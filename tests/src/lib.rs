@@ -66,7 +66,7 @@ pub use daemon::{
 pub use fleet::{FleetRepo, await_synced, echo_serving, echo_sync, metadata_errors, sync_errors};
 pub use host::{binary, failpoints_binary, free_port, library, require_root, target_dir, tool};
 pub use metrics::Metrics;
-pub use mqtt::{Message, Mosquitto, Subscriber};
+pub use mqtt::{Message, Mosquitto, Subscriber, TestPki};
 pub use nginx::Nginx;
 pub use options::{DaemonOptions, ListenerSpec, Protocol, TrustOptions, without_ebpf_capabilities};
 pub use packages::{PackageTweaks, drop_package, install_package, sha256_file, sign_manifest};

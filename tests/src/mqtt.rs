@@ -3,6 +3,7 @@
 //! messages outlive a restart), and a subscriber — rumqttc, the client a
 //! coordinator written in Rust would use — that records every message.
 use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,9 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
     port: u16,
     credentials: Option<(String, String)>,
+    // A second listener speaking TLS (with client certificates), and the
+    // PKI it uses.
+    tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
     child: Option<Child>,
 }
 
@@ -29,11 +33,41 @@ impl Mosquitto {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            tls: None,
             child: None,
         };
         m.prepare();
         m.spawn();
         m
+    }
+
+    /// A broker with a plain listener (for the test's subscriber) and a TLS
+    /// one whose certificate `pki`'s CA signed, and which wants a client
+    /// certificate from that CA too.
+    pub fn start_tls(pki: &TestPki) -> Mosquitto {
+        let mut m = Mosquitto {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            credentials: None,
+            tls: Some((
+                free_port(),
+                pki.ca(),
+                pki.file("server.pem"),
+                pki.file("server.key"),
+            )),
+            child: None,
+        };
+        m.prepare();
+        m.spawn();
+        m
+    }
+
+    /// `mqtts://127.0.0.1:PORT` of the TLS listener.
+    pub fn tls_url(&self) -> String {
+        format!(
+            "mqtts://127.0.0.1:{}",
+            self.tls.as_ref().expect("a TLS broker").0
+        )
     }
 
     /// `mqtt://127.0.0.1:PORT`.
@@ -113,8 +147,29 @@ impl Mosquitto {
             }
             None => "allow_anonymous true\n".to_owned(),
         };
+        let tls = match &self.tls {
+            Some((port, ca, cert, key)) => {
+                // Its copies, readable by the user it drops to.
+                let copy = |from: &PathBuf, name: &str| {
+                    let to = d.join(name);
+                    std::fs::copy(from, &to).unwrap();
+                    if root {
+                        let (uid, gid) = mosquitto_user();
+                        std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
+                    }
+                    to.display().to_string()
+                };
+                format!(
+                    "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                    copy(ca, "ca.pem"),
+                    copy(cert, "server.pem"),
+                    copy(key, "server.key")
+                )
+            }
+            None => String::new(),
+        };
         let conf = format!(
-            "listener {port} 127.0.0.1\n{auth}persistence true\npersistence_location {data}/\nlog_dest file {log}\nlog_type all\n",
+            "{auth}persistence true\npersistence_location {data}/\nlog_dest file {log}\nlog_type all\nlistener {port} 127.0.0.1\n{tls}",
             port = self.port,
             data = data.display(),
             log = log.display(),
@@ -148,6 +203,102 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A test PKI made with openssl: a CA, a server certificate for
+/// 127.0.0.1 and a client certificate, all P-256, valid two days.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Makes one.
+    pub fn new() -> TestPki {
+        let pki = TestPki {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(pki.dir.path())
+                .output()
+                .expect("openssl (apt package openssl)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend_from_slice(&ec);
+        ca.extend_from_slice(&[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=plugvisor test CA",
+        ]);
+        openssl(&ca);
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(pki.file(&format!("{name}.ext")), ext).unwrap();
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let pem = format!("{name}.pem");
+            let extfile = format!("{name}.ext");
+            let subj = format!("/CN=plugvisor test {name}");
+            let mut req = vec!["req"];
+            req.extend_from_slice(&ec);
+            req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(&req);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        pki
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca(&self) -> PathBuf {
+        self.file("ca.pem")
+    }
+
+    /// A file of it: `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
     }
 }
 

@@ -548,3 +548,46 @@ fn the_report_panels_and_alerts_hold_against_a_real_prometheus() {
             .any(|r| r["name"] == "PlugvisorReportDropping" && r["state"] == "firing")
     });
 }
+
+#[test]
+fn over_tls_with_a_client_certificate_the_node_reports_and_a_stranger_ca_is_refused() {
+    let pki = plugvisor_tests::TestPki::new();
+    let broker = Mosquitto::start_tls(&pki);
+    let sub = Subscriber::start(&broker, "coordinator", "plugvisor/edge-7/#");
+    let tls = |ca: &std::path::Path| {
+        format!(
+            "[report.mqtt]\nbroker = \"{}\"\nclient_id = \"edge-7\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            broker.tls_url(),
+            ca.display(),
+            pki.file("client.pem").display(),
+            pki.file("client.key").display()
+        )
+    };
+    let d = Daemon::start(DaemonOptions {
+        probes: "off",
+        extra_config: tls(&pki.ca()),
+        ..Default::default()
+    });
+    wait_until(deadline(), "the birth over TLS", || {
+        sub.last_node()
+            .is_some_and(|n| n.status() == Status::Online)
+    });
+    assert_every_entry_arrived(&d, &sub);
+
+    // A node that trusts another CA does not talk to this broker: a clear
+    // error, and it serves on.
+    let stranger = plugvisor_tests::TestPki::new();
+    let wary = Daemon::start(DaemonOptions {
+        probes: "off",
+        extra_config: tls(&stranger.ca()).replace("edge-7", "edge-8"),
+        ..Default::default()
+    });
+    wait_until(deadline(), "the broker's certificate is refused", || {
+        report_status(&wary)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("certificate"))
+    });
+    assert_eq!(report_status(&wary)["connected"], false);
+    let mut c = LineClient::connect(wary.addr("echo-tcp")).unwrap();
+    assert_eq!(c.call("upper x").unwrap(), "[echo 1.0.0] X");
+}
