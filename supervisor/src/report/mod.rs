@@ -515,8 +515,13 @@ impl Reporter {
         let mut failures = 0;
         let flushed = tokio::time::timeout(FLUSH_ON_STOP, async {
             loop {
+                if !link.connected() {
+                    // Nothing to wait for: the outbox keeps them for the
+                    // next start.
+                    return;
+                }
                 self.send(&link, outbox, sent, states);
-                if link.connected() && outbox.is_empty() && link.outstanding() == 0 {
+                if outbox.is_empty() && link.outstanding() == 0 {
                     return;
                 }
                 match events.recv().await {
