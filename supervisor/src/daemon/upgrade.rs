@@ -775,12 +775,47 @@ pub(super) fn succeed(
     }
 }
 
-/// Waits until process `pid` is gone (exited, a zombie, or reaped) or
+/// Waits until process `pid` is gone (every thread exited, or reaped) or
 /// `bound` has passed: the old process drains its gRPC connections after
 /// the hand-over, and exits (or, handed over through `[upgrade] socket`,
 /// idles).
 fn wait_gone(pid: u32, bound: Duration) {
     let deadline = Instant::now() + bound;
+    // A pidfd turns readable once every thread of the process has exited,
+    // and so once every descriptor it held is closed. Its leader alone
+    // shows as a zombie while another thread still holds the sockets: a
+    // connection the kill breaks then closes after the window would (the
+    // kernel's count missed it).
+    // SAFETY: plain syscall; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if fd >= 0 {
+        // SAFETY: a new descriptor nobody else owns.
+        let fd = unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
+                i32::try_from(fd).expect("an fd"),
+            )
+        };
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&raw mut p, 1, ms) };
+            let interrupted =
+                rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+            if !interrupted {
+                return; // gone, or the bound
+            }
+        }
+        return;
+    }
+    if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return; // reaped already
+    }
+    // No pidfd (a kernel before 5.3): the leader's state.
     while Instant::now() < deadline {
         let gone = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
             stat.rsplit(')')
