@@ -70,7 +70,7 @@ pub use mqtt::{Message, Mosquitto, Subscriber, TestPki};
 pub use nginx::Nginx;
 pub use options::{DaemonOptions, ListenerSpec, Protocol, TrustOptions, without_ebpf_capabilities};
 pub use packages::{PackageTweaks, drop_package, install_package, sha256_file, sign_manifest};
-pub use prometheus::Prometheus;
+pub use prometheus::{Prometheus, runnable};
 pub use streams::{ClientReport, follow_tcp};
 
 /// The `plugvisor.v1` client, generated from

@@ -110,3 +110,23 @@ impl Drop for Prometheus {
         reap(self.child.take(), "prometheus", || self.log_text());
     }
 }
+
+/// A Grafana query made runnable: the variables set to "everything" and
+/// the intervals to a window of `window_s` seconds that covers the
+/// scenario.
+pub fn runnable(expr: &str, window_s: u64) -> String {
+    let w = format!("{window_s}s");
+    let out = expr
+        .replace("$__rate_interval", &w)
+        .replace("$__interval", &w)
+        .replace("$__range", &w)
+        .replace("$job", "plugvisor")
+        .replace("$instance", ".*")
+        .replace("$plugin", ".*")
+        .replace("$listener", ".*");
+    assert!(
+        !out.contains('$'),
+        "a Grafana variable this test does not know: {expr}"
+    );
+    out
+}

@@ -26,7 +26,7 @@ use plugvisor_tests::pb::plugin_client::PluginClient;
 use plugvisor_tests::{
     Daemon, DaemonOptions, LineClient, ListenerSpec, PackageTweaks, Prometheus, binary,
     build_echo_version, build_plugin_version, echo_version, grpc_channel, http_get,
-    install_package, require_root, tool, wait_until, without_ebpf_capabilities,
+    install_package, require_root, runnable, tool, wait_until, without_ebpf_capabilities,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -131,25 +131,6 @@ fn families(expr: &str) -> BTreeSet<String> {
                 .to_owned()
         })
         .collect()
-}
-
-/// A Grafana query made runnable: the variables set to "everything" and
-/// the intervals to a window that covers the whole scenario.
-fn runnable(expr: &str, window_s: u64) -> String {
-    let w = format!("{window_s}s");
-    let out = expr
-        .replace("$__rate_interval", &w)
-        .replace("$__interval", &w)
-        .replace("$__range", &w)
-        .replace("$job", "plugvisor")
-        .replace("$instance", ".*")
-        .replace("$plugin", ".*")
-        .replace("$listener", ".*");
-    assert!(
-        !out.contains('$'),
-        "a Grafana variable this test does not know: {expr}"
-    );
-    out
 }
 
 /// One query found in a dashboard.

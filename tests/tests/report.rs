@@ -458,17 +458,6 @@ fn an_upgrade_hands_reporting_over_without_a_death_or_a_lost_event() {
     );
 }
 
-fn runnable(expr: &str) -> String {
-    let out = expr
-        .replace("$__rate_interval", "60s")
-        .replace("$__interval", "60s")
-        .replace("$job", "plugvisor")
-        .replace("$instance", ".*")
-        .replace("$plugin", ".*");
-    assert!(!out.contains('$'), "a Grafana variable: {expr}");
-    out
-}
-
 /// The overview dashboard's coordinator-link row and the report alerts,
 /// against a real Prometheus scraping a real node whose broker is away
 /// and whose outbox overflows (the general dashboard test runs no
@@ -525,7 +514,12 @@ fn the_report_panels_and_alerts_hold_against_a_real_prometheus() {
             wait_until(
                 deadline(),
                 &format!("panel {} returns data: {expr}", p["title"]),
-                || !prom.query(&runnable(expr)).unwrap().is_empty(),
+                || {
+                    !prom
+                        .query(&plugvisor_tests::runnable(expr, 60))
+                        .unwrap()
+                        .is_empty()
+                },
             );
             checked += 1;
         }

@@ -433,17 +433,6 @@ fn strict_node(server: &Nginx, repo: &FleetRepo) -> (Daemon, tempfile::TempDir) 
 
 /// What a dashboard or alert query becomes in a test's Prometheus (the
 /// Grafana variables filled in as `tests/tests/prometheus.rs` does).
-fn runnable(expr: &str) -> String {
-    let out = expr
-        .replace("$__rate_interval", "60s")
-        .replace("$__interval", "60s")
-        .replace("$job", "plugvisor")
-        .replace("$instance", ".*")
-        .replace("$plugin", ".*");
-    assert!(!out.contains('$'), "a Grafana variable: {expr}");
-    out
-}
-
 /// The overview dashboard's sync row and the sync alerts, against a real
 /// Prometheus scraping real nodes (the general dashboard test runs no
 /// `[sync]`): every sync panel returns data, and the alerts for a blocked
@@ -519,7 +508,12 @@ fn the_sync_panels_and_alerts_hold_against_a_real_prometheus() {
             wait_until(
                 deadline(),
                 &format!("panel {} returns data: {expr}", p["title"]),
-                || !prom.query(&runnable(expr)).unwrap().is_empty(),
+                || {
+                    !prom
+                        .query(&plugvisor_tests::runnable(expr, 60))
+                        .unwrap()
+                        .is_empty()
+                },
             );
             checked += 1;
         }

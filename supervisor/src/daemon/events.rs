@@ -197,17 +197,21 @@ impl Daemon {
     /// changed (`[report.mqtt]`).
     fn report_states(&self) {
         if let Some(report) = &self.report {
-            let now = status(
-                &self.reloader,
-                &self.config,
-                &self.metrics,
-                &self.actions,
-                &self.engine,
-                self.sync.as_ref(),
-                None,
-            );
-            report.set_states(super::status::report_states(&now));
+            report.set_states(super::status::report_states(&self.status_now()));
         }
+    }
+
+    /// The whole daemon as `plugvisor status` shows it.
+    fn status_now(&self) -> crate::control::Status {
+        status(
+            &self.reloader,
+            &self.config,
+            &self.metrics,
+            &self.actions,
+            &self.engine,
+            self.sync.as_ref(),
+            self.report.as_ref(),
+        )
     }
 
     fn reload_thresholds(&mut self) {
@@ -229,15 +233,7 @@ impl Daemon {
                 }
             }
             Command::Status { reply } => {
-                let _ = reply.send(status(
-                    &self.reloader,
-                    &self.config,
-                    &self.metrics,
-                    &self.actions,
-                    &self.engine,
-                    self.sync.as_ref(),
-                    self.report.as_ref(),
-                ));
+                let _ = reply.send(self.status_now());
             }
             Command::Rollback { plugin, to, reply } => {
                 let result = match to.as_deref().map(semver::Version::parse).transpose() {

@@ -309,11 +309,7 @@ impl Reporter {
             outbox.set_journal_offset(self.journal_now)?;
         }
         self.dropped(dropped);
-        self.metrics.report_outbox(outbox.len());
-        self.status
-            .lock()
-            .expect("report status lock")
-            .outbox_events = outbox.len() as u64;
+        self.outbox_size(&outbox);
         Ok(outbox)
     }
 
@@ -359,6 +355,11 @@ impl Reporter {
             }
         }
         self.dropped(dropped);
+        self.outbox_size(outbox);
+    }
+
+    /// How many events wait, into the metric and the status.
+    fn outbox_size(&self, outbox: &Outbox) {
         self.metrics.report_outbox(outbox.len());
         self.status
             .lock()
