@@ -10,7 +10,8 @@
 //!   and, on the dispatching thread, the longest interval between two
 //!   consecutive answers that spans a swap against those that do not.
 //! * `metrics` — `Metrics::encode` (what `GET /metrics` serves) with 50
-//!   plugins × 10 listeners populated as a daemon populates them.
+//!   plugins and 10 listeners populated at their worst, with the default
+//!   series and with every detail series.
 //!
 //! Usage: `bench_inprocess ECHO_LIBRARY [--quick]`. Nothing here asserts a
 //! time.
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use plugvisor::host::Loaded;
 use plugvisor::loader::{self, LoadedVersion};
-use plugvisor::metrics::{HistogramSnapshot, Metrics, Phase, ReloadOutcome};
+use plugvisor::metrics::{Detail, HistogramSnapshot, Metrics, Phase, ReloadOutcome};
 use plugvisor::slot::{DispatchError, Slot};
 use plugvisor_sdk::{DESCRIPTOR_SYMBOL, PluginDescriptor, PvBuf};
 use semver::Version;
@@ -346,32 +347,28 @@ fn switch(dir: &Path, lib: &Path, quick: bool) -> serde_json::Value {
     })
 }
 
-/// A registry as a daemon with 50 plugins × 10 listeners each fills it:
-/// per plugin four mapped versions, every reload phase observed, request
-/// counters per version, conflicts, rollbacks, health; per listener the
-/// kernel-observed connection families and the service-gap histograms.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one family after another, as the daemon fills them; splitting would scatter them"
-)]
-fn populated_metrics(plugins: usize, listeners_per_plugin: usize) -> Metrics {
-    let m = Metrics::new();
-    for probe in [
-        "inet_sock_set_state",
-        "tcp_send_reset",
-        "tcp_receive_reset",
-        "tcp_retransmit_skb",
-        "reload_begin",
-        "reload_end",
-        "http2_ingress",
-        "http2_egress",
-    ] {
-        m.probe_up.with_label_values(&[probe]).set(1);
-        for stage in ["load", "attach", "read"] {
-            m.probe_failures_total.with_label_values(&[probe, stage]);
-        }
-        m.probe_events_dropped_total.with_label_values(&[probe]);
-    }
+/// A registry filled as a daemon with `plugins` plugins and `listeners`
+/// listeners fills it at its worst, through the same record functions:
+/// per plugin four mapped versions (requests and host resources each),
+/// every reload phase observed, a kernel reload window, a crash recovered
+/// (daemon and kernel side), every state series at zero, a rollback and
+/// a degradation reason, its fleet sync state, its health check; per
+/// listener the kernel-observed families and both service-gap
+/// histograms, with every bucket non-zero.
+fn populated_metrics(plugins: usize, listeners: usize, detail: Detail) -> Metrics {
+    use plugvisor::config::Protocol;
+    use plugvisor::metrics::PluginCall;
+    let m = Metrics::with_detail(detail);
+    m.probes_at_zero();
+    m.upgrades_at_zero();
+    m.sync_at_zero(&[
+        "timestamp",
+        "snapshot",
+        "targets",
+        "download",
+        "verify",
+        "commit",
+    ]);
     let phases = [
         Phase::Verify,
         Phase::Stage,
@@ -383,109 +380,132 @@ fn populated_metrics(plugins: usize, listeners_per_plugin: usize) -> Metrics {
     ];
     for p in 0..plugins {
         let plugin = format!("plugin-{p:02}");
-        for v in 0..4 {
+        m.plugin_at_zero(&plugin, &["manual", "crash-in-trial", "crash"]);
+        m.host_restarts_at_zero(
+            &plugin,
+            &["segfault", "abort", "oom", "hang", "exit", "signal"],
+        );
+        m.plugin_isolation(&plugin, "process", "cgroup1");
+        for v in 0..4u32 {
             let version = format!("1.{v}.0");
-            let state = if v == 3 { "active" } else { "standby" };
-            m.plugin_info
-                .with_label_values(&[&plugin, &version, state])
-                .set(1);
-            for o in ["ok", "error", "panic"] {
-                m.requests_total
-                    .with_label_values(&[&plugin, &version, o])
-                    .inc_by(1000 * (v + 1));
-            }
+            m.plugin_info(&plugin, &version, if v == 3 { "active" } else { "standby" });
+            let r = m.requests(&plugin, &version);
+            r.ok.inc_by(1000 * u64::from(v + 1));
+            m.plugin_host_levels(&plugin, &version, 4e6, 3);
+            m.plugin_host_cpu(&plugin, &version, 0.5);
         }
         for o in ReloadOutcome::ALL {
-            m.reloads_total
-                .with_label_values(&[&plugin, o.as_str()])
-                .inc();
+            m.reload(&plugin, o);
         }
         for (i, ph) in phases.iter().enumerate() {
-            let h = m
-                .reload_duration_seconds
-                .with_label_values(&[&plugin, ph.as_str()]);
-            for k in 0..20 {
-                h.observe(1e-5 * f64::from(k + 1) * (i + 1) as f64);
-            }
-        }
-        m.kernel_reload_duration_seconds
-            .with_label_values(&[&plugin])
-            .observe(2.4e-4);
-        for kind in ["missing", "version", "cycle", "conflict", "abi"] {
-            m.dependency_conflicts
-                .with_label_values(&[&plugin, kind])
-                .set(0);
-        }
-        for reason in ["manual", "crash-in-trial", "errors"] {
-            m.rollbacks_total.with_label_values(&[&plugin, reason]);
-        }
-        m.degraded.with_label_values(&[&plugin]).set(0);
-        m.degradations_total.with_label_values(&[&plugin, "errors"]);
-        let check = format!("plugin:{plugin}");
-        m.health_check_up
-            .with_label_values(&[&check, &plugin])
-            .set(1);
-        m.health_check_duration_seconds
-            .with_label_values(&[&check, &plugin])
-            .observe(1e-4);
-        m.health_check_failures_total
-            .with_label_values(&[&check, &plugin]);
-        for l in 0..listeners_per_plugin {
-            let listener = format!("{plugin}-l{l}");
-            let protocol = if l % 2 == 0 { "tcp" } else { "grpc" };
-            m.tcp_connections.with_label_values(&[&listener]).set(20);
-            m.reload_broken_connections_total
-                .with_label_values(&[&listener, protocol]);
-            for dir in ["sent", "received"] {
-                m.tcp_resets_total.with_label_values(&[&listener, dir]);
-            }
-            m.tcp_retransmits_total.with_label_values(&[&listener]);
-            if protocol == "grpc" {
-                m.grpc_goaway_total.with_label_values(&[&listener]);
-                m.grpc_stream_resets_total.with_label_values(&[&listener]);
-            }
-            for window in ["reload", "steady"] {
-                // The observer's log2 buckets: 2^10 ns (~1 µs) … 2^35 ns (~34 s).
-                let buckets = (10..=35u32)
-                    .map(|i| ((1u64 << i) as f64 / 1e9, 100 * u64::from(i - 9)))
-                    .collect();
-                m.service_gap_seconds.set(
-                    &[&listener, window],
-                    HistogramSnapshot {
-                        buckets,
-                        sum: 1.5,
-                        count: 2100,
-                    },
+            for k in 0..20u32 {
+                m.reload_phase(
+                    &plugin,
+                    *ph,
+                    Duration::from_secs_f64(1e-5 * f64::from(k + 1) * (i + 1) as f64),
                 );
             }
         }
+        m.kernel_reload(&plugin, Duration::from_micros(240));
+        m.crash_recovery(&plugin).observe(0.02);
+        m.kernel_crash_recovery(&plugin, Duration::from_millis(19));
+        m.rollback(&plugin, "errors");
+        m.degradation_at_zero(&plugin, "errors");
+        m.sync_state(
+            &plugin,
+            "synced",
+            &["synced", "pending", "stale", "blocked", "expired"],
+        );
+        let check = format!("plugin:{plugin}");
+        m.health_up(&check, &plugin, true);
+        m.health(&check, &plugin).duration.observe(1e-4);
+        for call in [PluginCall::Init, PluginCall::Handle] {
+            m.calls(&plugin, call);
+        }
     }
-    m.rule_state.with_label_values(&["errors"]).set(0);
+    for l in 0..listeners {
+        let listener = format!("listener-{l}");
+        let protocol = if l % 2 == 0 {
+            Protocol::Tcp
+        } else {
+            Protocol::Grpc
+        };
+        m.listener(&listener, protocol).connections.set(20);
+        m.handed_over_at_zero(&listener);
+        for window in ["reload", "steady"] {
+            // The observer's log2 buckets: every one from 2^10 ns (~1 µs)
+            // to 2^35 ns (~34 s) in detail, every second one from 2^12 to
+            // 2^34 by default.
+            let (range, step) = if detail.service_gap {
+                (10..=35u32, 1)
+            } else {
+                (12..=34, 2)
+            };
+            let buckets = range
+                .step_by(step)
+                .map(|i| ((1u64 << i) as f64 / 1e9, 100 * u64::from(i - 9)))
+                .collect();
+            m.service_gap_seconds.set(
+                &[&listener, window],
+                HistogramSnapshot {
+                    buckets,
+                    sum: 1.5,
+                    count: 2600,
+                },
+            );
+        }
+    }
+    m.rule_state("errors", 0);
     m
 }
 
+/// Encodes `populated_metrics` of 50 plugins and 10 listeners, default
+/// series and with every detail, alternating.
 fn metrics_encode(quick: bool) -> serde_json::Value {
     let (plugins, listeners) = (50, 10);
-    let m = populated_metrics(plugins, listeners);
-    let text = m.encode();
-    let series = text
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty() && l[0] != b'#')
-        .count();
+    let all = Detail {
+        reload_phases: true,
+        service_gap: true,
+        crash_recovery: true,
+        health_checks: true,
+    };
+    let sets = [
+        (
+            "default",
+            populated_metrics(plugins, listeners, Detail::default()),
+        ),
+        ("detail", populated_metrics(plugins, listeners, all)),
+    ];
     let n = if quick { 20 } else { 500 };
-    let mut us = Vec::with_capacity(n);
+    let mut us = [Vec::with_capacity(n), Vec::with_capacity(n)];
     for _ in 0..n {
-        let t = Instant::now();
-        let out = m.encode();
-        us.push(t.elapsed().as_nanos() as f64 / 1e3);
-        black_box(out);
+        for (i, (_, m)) in sets.iter().enumerate() {
+            let t = Instant::now();
+            let out = m.encode();
+            us[i].push(t.elapsed().as_nanos() as f64 / 1e3);
+            black_box(out);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for ((name, m), us) in sets.iter().zip(us) {
+        let text = m.encode();
+        let series = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty() && l[0] != b'#' && !l.starts_with(b"process_"))
+            .count();
+        out.insert(
+            (*name).to_owned(),
+            json!({
+                "series": series,
+                "bytes": text.len(),
+                "encode_us": summary(us),
+            }),
+        );
     }
     json!({
         "plugins": plugins,
-        "listeners_per_plugin": listeners,
-        "series": series,
-        "bytes": text.len(),
-        "encode_us": summary(us),
+        "listeners": listeners,
+        "sets": out,
     })
 }
 

@@ -204,14 +204,37 @@ impl Config {
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint serving `/metrics`.
     pub listen: SocketAddr,
+    /// Detail series beyond the default set, opt-in because each costs
+    /// every scrape of every node (`docs/MONITORING.md#series-budget`).
+    pub detail: Vec<MetricsDetail>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            detail: Vec::new(),
         }
     }
+}
+
+/// A set of detail series (`[metrics] detail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsDetail {
+    /// Buckets for every reload phase, not only `total`, on a fine
+    /// doubling scale from 10 µs (the default exports the other phases'
+    /// `_sum` and `_count` only).
+    ReloadPhases,
+    /// Every log2 bucket of the kernel's service-gap histograms (26 per
+    /// listener and window instead of 12).
+    ServiceGap,
+    /// Buckets for `plugvisor_crash_recovery_seconds` and
+    /// `plugvisor_kernel_crash_recovery_seconds` (else `_sum`, `_count`).
+    CrashRecovery,
+    /// Buckets for `plugvisor_health_check_duration_seconds` (else
+    /// `_sum`, `_count`).
+    HealthChecks,
 }
 
 /// `[admin]`.
@@ -254,16 +277,26 @@ pub struct ProbesConfig {
     /// a power of two, at least 4096 (one page). An event that finds it
     /// full is counted in `plugvisor_probe_events_dropped_total`.
     pub ring_buffer_bytes: u32,
+    /// Connections the probes follow at once, across every listener: the
+    /// size of the kernel's per-connection maps (LRU hashes). Beyond it
+    /// the least recently active connection's state is evicted, and a
+    /// break of that connection would go uncounted.
+    pub max_connections: u32,
 }
 
 /// Default `[probes] ring_buffer_bytes`: room for about 6500 events.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
+
+/// Default `[probes] max_connections`: six times the ten thousand an edge
+/// gateway is sized for; each entry costs the kernel well under 100 bytes.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 
 impl Default for ProbesConfig {
     fn default() -> Self {
         ProbesConfig {
             mode: ProbeMode::default(),
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -603,6 +636,12 @@ impl Config {
                 "[probes] ring_buffer_bytes = {ring}: a power of two of at least 4096 (one page)"
             )));
         }
+        let max = self.probes.max_connections;
+        if !(1024..=1 << 22).contains(&max) {
+            return Err(invalid(format!(
+                "[probes] max_connections = {max}: between 1024 and 4194304"
+            )));
+        }
         if self.trust.require_signature && self.trust.public_keys.is_empty() {
             return Err(invalid(
                 "[trust] require_signature = true needs at least one key in public_keys".into(),
@@ -726,6 +765,33 @@ plugin = "echo"
         assert_eq!(c.shutdown.drain_timeout, Duration::from_millis(2500));
         let err = Config::parse("[shutdown]\ndrain = \"1s\"\n", Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("drain"), "{err}");
+    }
+
+    #[test]
+    fn metrics_detail_takes_known_sets_and_refuses_others() {
+        let c = Config::parse(
+            "[metrics]\ndetail = [\"reload_phases\", \"service_gap\"]\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics.detail,
+            vec![MetricsDetail::ReloadPhases, MetricsDetail::ServiceGap]
+        );
+        assert!(
+            Config::parse("", Path::new("t"))
+                .unwrap()
+                .metrics
+                .detail
+                .is_empty()
+        );
+        let err = Config::parse("[metrics]\ndetail = [\"everything\"]\n", Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("everything") && err.contains("reload_phases"),
+            "the error names the bad entry and the known ones: {err}"
+        );
     }
 
     #[test]

@@ -43,8 +43,6 @@ const PENDING_FAMILIES: &[(&str, &str)] = &[
         "rollback command and rules engine",
     ),
     ("plugvisor_degradations_total", "degrade actions"),
-    ("plugvisor_degraded", "degrade actions"),
-    ("plugvisor_dependency_conflicts", "dependency resolution"),
     ("plugvisor_rule_state", "thresholds rules engine"),
     ("plugvisor_rules_config_valid", "thresholds rules engine"),
     ("plugvisor_health_check_up", "health checks"),

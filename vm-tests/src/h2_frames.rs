@@ -222,7 +222,7 @@ fn crafted() -> Result<String, String> {
     let metrics = Arc::new(Metrics::new());
     let plugins = Arc::new(RwLock::new(vec!["echo".to_owned()]));
     let (running, errors) = probes::start_reporting(
-        plugvisor::config::DEFAULT_RING_BUFFER_BYTES,
+        &plugvisor::config::ProbesConfig::default(),
         &[WatchedListener {
             name: LISTENER.into(),
             port,
@@ -233,6 +233,7 @@ fn crafted() -> Result<String, String> {
     );
     let up = metrics
         .probe_up
+        .vec()
         .with_label_values(&[Probe::Http2Frames.as_str()])
         .get();
     if up != 1 {

@@ -199,7 +199,7 @@ fn load_all() -> Result<Vec<(Probe, bool, Vec<String>)>, String> {
     let metrics = Arc::new(Metrics::new());
     let plugins = Arc::new(RwLock::new(vec!["echo".to_owned()]));
     let (running, errors) = probes::start_reporting(
-        plugvisor::config::DEFAULT_RING_BUFFER_BYTES,
+        &plugvisor::config::ProbesConfig::default(),
         &[listener],
         &plugins,
         &metrics,
@@ -207,7 +207,12 @@ fn load_all() -> Result<Vec<(Probe, bool, Vec<String>)>, String> {
     let results = Probe::ALL
         .iter()
         .map(|&p| {
-            let up = metrics.probe_up.with_label_values(&[p.as_str()]).get() == 1;
+            let up = metrics
+                .probe_up
+                .vec()
+                .with_label_values(&[p.as_str()])
+                .get()
+                == 1;
             let errs = errors
                 .iter()
                 .filter(|e| e.probe() == p.as_str())

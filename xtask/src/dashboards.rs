@@ -785,8 +785,8 @@ fn latency() -> Value {
         "Like with like: the kernel's window spans load, init and switch.", "s",
         &[q(format!(r#"sum by (plugin) (rate(plugvisor_reload_duration_seconds_sum{{{plug}, phase=~"load|init|switch"}}[$__rate_interval])) / sum by (plugin) (rate(plugvisor_reload_duration_seconds_count{{{plug}, phase="switch"}}[$__rate_interval]))"#), "userspace {{plugin}}"),
           q(format!("sum by (plugin) (rate(plugvisor_kernel_reload_duration_seconds_sum{{{plug}}}[$__rate_interval])) / sum by (plugin) (rate(plugvisor_kernel_reload_duration_seconds_count{{{plug}}}[$__rate_interval]))"), "kernel {{plugin}}")]));
-    b.add(24, 8, timeseries("Userspace p99 by phase", "verify, stage (hash while copying), load (dlopen), init, switch, total.", "s",
-        &[q(format!("histogram_quantile(0.99, sum by (le, phase) (rate(plugvisor_reload_duration_seconds_bucket{{{plug}}}[$__rate_interval])))"), "{{phase}}")]));
+    b.add(24, 8, timeseries("Userspace mean by phase", "verify, stage (hash while copying), load (dlopen), init, switch, publish, total. Only total has buckets by default; [metrics] detail = [\"reload_phases\"] adds them to every phase, for a p99 per phase.", "s",
+        &[q(format!("sum by (phase) (rate(plugvisor_reload_duration_seconds_sum{{{plug}}}[$__rate_interval])) / sum by (phase) (rate(plugvisor_reload_duration_seconds_count{{{plug}}}[$__rate_interval]))"), "{{phase}}")]));
     b.add(12, 8, heatmap("Userspace reload latency (total)", "Reloads per latency bucket.", "s",
         format!(r#"sum by (le) (increase(plugvisor_reload_duration_seconds_bucket{{{plug}, phase="total"}}[$__interval]))"#)));
     b.add(12, 8, heatmap("Kernel reload window", "Reload windows per latency bucket, measured in the kernel.", "s",

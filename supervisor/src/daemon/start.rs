@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::control::{Command, socket};
 use crate::host::{Exit, Isolation, Limits, Mechanism, Resources, Spawner};
 use crate::listeners::handoff::{Adopted, HandOff};
-use crate::metrics::Metrics;
+use crate::metrics::{Detail, Metrics};
 use crate::probes::{self, WatchedListener};
 use crate::reload::Reloader;
 use crate::rules::{self, Engine};
@@ -36,7 +36,7 @@ pub(super) async fn start(config: Config) -> Result<(Daemon, Sources), DaemonErr
     let notifier = Arc::new(notifier());
     // From the start: a slow start-up (probes, first loads) is still alive.
     let watchdog = notifier.spawn_watchdog();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_detail(metrics_detail(&config.metrics)));
     prepare_plugins_dir(&config)?;
     let trust = load_trust(&config)?;
     if config.is_embedded_default() {
@@ -577,4 +577,15 @@ fn boot(reloader: &mut Reloader, config: &Config) {
         reloader.boot_from_store(&plugin);
     }
     reloader.refresh_dependency_conflicts();
+}
+
+/// The detail series `[metrics] detail` opts into.
+fn metrics_detail(c: &crate::config::MetricsConfig) -> Detail {
+    use crate::config::MetricsDetail;
+    Detail {
+        reload_phases: c.detail.contains(&MetricsDetail::ReloadPhases),
+        service_gap: c.detail.contains(&MetricsDetail::ServiceGap),
+        crash_recovery: c.detail.contains(&MetricsDetail::CrashRecovery),
+        health_checks: c.detail.contains(&MetricsDetail::HealthChecks),
+    }
 }

@@ -5,12 +5,17 @@
 //! versions bounded by `keep_loaded`) — never a peer address, port or
 //! connection id.
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto;
 
+mod cached;
 mod record;
+
+use self::cached::Cached;
+pub use self::cached::{Generation, LabelledVec, PhaseHistogramVec, Tracked, TrackedHistogramVec};
 
 pub use self::record::{CallSeries, HealthSeries, ListenerSeries, RequestCounters, set_or_absent};
 
@@ -189,15 +194,15 @@ pub struct Metrics {
     /// The registry `/metrics` encodes (and the rules engine reads).
     pub registry: Registry,
     /// `plugvisor_build_info{version}` = 1.
-    pub build_info: IntGaugeVec,
+    pub build_info: Tracked<IntGaugeVec>,
     /// `plugvisor_plugin_info{plugin,version,state}` = 1.
-    pub plugin_info: IntGaugeVec,
+    pub plugin_info: Tracked<IntGaugeVec>,
     /// `plugvisor_reloads_total{plugin,outcome}`.
-    pub reloads_total: IntCounterVec,
+    pub reloads_total: Tracked<IntCounterVec>,
     /// `plugvisor_reload_duration_seconds{plugin,phase}`.
-    pub reload_duration_seconds: HistogramVec,
+    pub reload_duration_seconds: PhaseHistogramVec,
     /// `plugvisor_kernel_reload_duration_seconds{plugin}`.
-    pub kernel_reload_duration_seconds: HistogramVec,
+    pub kernel_reload_duration_seconds: TrackedHistogramVec,
     /// `plugvisor_kernel_crash_recovery_seconds{plugin}`: a plugin host's
     /// exit to the first answer by its replacement, in the kernel's clock.
     pub kernel_crash_recovery_seconds: HistogramVec,
@@ -205,7 +210,7 @@ pub struct Metrics {
     pub requests_total: IntCounterVec,
     /// `plugvisor_dependency_conflicts{plugin,kind}`: 1 while the conflict
     /// stands, 0 once it is resolved.
-    pub dependency_conflicts: IntGaugeVec,
+    pub dependency_conflicts: Tracked<IntGaugeVec>,
     /// `plugvisor_tcp_connections{listener}` (kernel-observed).
     pub tcp_connections: IntGaugeVec,
     /// `plugvisor_reload_broken_connections_total{listener,protocol}` (kernel-observed).
@@ -219,9 +224,9 @@ pub struct Metrics {
     /// from the one it replaced).
     pub upgrade_broken_connections_total: IntCounterVec,
     /// `plugvisor_probe_up{probe}`.
-    pub probe_up: IntGaugeVec,
+    pub probe_up: Tracked<IntGaugeVec>,
     /// `plugvisor_probe_failures_total{probe,stage}`.
-    pub probe_failures_total: IntCounterVec,
+    pub probe_failures_total: Tracked<IntCounterVec>,
     /// `plugvisor_probe_events_dropped_total{probe}`.
     pub probe_events_dropped_total: IntCounterVec,
     /// `plugvisor_tcp_resets_total{listener,direction}` (kernel-observed).
@@ -235,26 +240,26 @@ pub struct Metrics {
     /// `plugvisor_service_gap_seconds{listener,window}` (kernel log2 histogram).
     pub service_gap_seconds: Arc<KernelHistogramVec>,
     /// `plugvisor_rule_state{rule}`: 0 ok, 1 pending, 2 firing.
-    pub rule_state: IntGaugeVec,
+    pub rule_state: Tracked<IntGaugeVec>,
     /// `plugvisor_rules_config_valid`: 0 while the thresholds file on disk is invalid.
     pub rules_config_valid: prometheus::IntGauge,
     /// `plugvisor_rollbacks_total{plugin,reason}`.
-    pub rollbacks_total: IntCounterVec,
+    pub rollbacks_total: Tracked<IntCounterVec>,
     /// `plugvisor_upgrades_total{outcome}`: upgrades of plugvisor itself.
-    pub upgrades_total: IntCounterVec,
+    pub upgrades_total: Tracked<IntCounterVec>,
     /// `plugvisor_connections_handed_over_total{listener}`: raw TCP
     /// connections this process took over from the one it replaced.
-    pub connections_handed_over_total: IntCounterVec,
+    pub connections_handed_over_total: Tracked<IntCounterVec>,
     /// `plugvisor_sync_state{plugin,state}`: 1 for each plugin's current
     /// fleet sync state, 0 for the others.
-    pub sync_state: IntGaugeVec,
+    pub sync_state: Tracked<IntGaugeVec>,
     /// `plugvisor_sync_last_success_timestamp_seconds` (no labels).
     pub sync_last_success_timestamp_seconds: GaugeVec,
     /// `plugvisor_sync_download_bytes_total` (no labels): metadata and
     /// targets fetched from the repository.
     pub sync_download_bytes_total: IntCounterVec,
     /// `plugvisor_sync_errors_total{stage}`.
-    pub sync_errors_total: IntCounterVec,
+    pub sync_errors_total: Tracked<IntCounterVec>,
     /// `plugvisor_report_connected` (no labels): 1 while the MQTT link
     /// stands.
     pub report_connected: IntGaugeVec,
@@ -265,9 +270,9 @@ pub struct Metrics {
     /// `plugvisor_report_last_publish_timestamp_seconds` (no labels).
     pub report_last_publish_timestamp_seconds: GaugeVec,
     /// `plugvisor_degradations_total{plugin,reason}`.
-    pub degradations_total: IntCounterVec,
+    pub degradations_total: Tracked<IntCounterVec>,
     /// `plugvisor_degraded{plugin}`: 1 while degraded.
-    pub degraded: IntGaugeVec,
+    pub degraded: Tracked<IntGaugeVec>,
     /// `plugvisor_cgroup_memory_current_bytes` (no labels; absent where
     /// the daemon's memory cgroup cannot be read).
     pub cgroup_memory_current_bytes: GaugeVec,
@@ -280,7 +285,7 @@ pub struct Metrics {
     pub state_dir_free_bytes: GaugeVec,
     /// `plugvisor_health_check_up{check,plugin}`: 1 up, 0 down, absent
     /// until the first verdict.
-    pub health_check_up: IntGaugeVec,
+    pub health_check_up: Tracked<IntGaugeVec>,
     /// `plugvisor_health_check_duration_seconds{check,plugin}`.
     pub health_check_duration_seconds: HistogramVec,
     /// `plugvisor_health_check_failures_total{check,plugin}`.
@@ -296,10 +301,10 @@ pub struct Metrics {
     pub plugin_calls_shed_total: IntCounterVec,
     /// `plugvisor_plugin_host_restarts_total{plugin,reason}`: plugin host
     /// processes that died while serving and were replaced, by why.
-    pub plugin_host_restarts_total: IntCounterVec,
+    pub plugin_host_restarts_total: Tracked<IntCounterVec>,
     /// `plugvisor_plugin_isolation{plugin,mode,limits}` = 1: where the
     /// plugin's code runs and what bounds its resources.
-    pub plugin_isolation: IntGaugeVec,
+    pub plugin_isolation: Tracked<IntGaugeVec>,
     /// `plugvisor_crash_recovery_seconds{plugin}`: a host's death to the
     /// first answer by what replaced it.
     pub crash_recovery_seconds: HistogramVec,
@@ -314,6 +319,11 @@ pub struct Metrics {
     /// Run before every gather, so values read from elsewhere (the
     /// kernel's maps) are current at the moment they are read.
     refreshers: Mutex<Vec<Refresher>>,
+    /// Families kept out of `registry`, encoded once per change.
+    cached: Vec<Cached>,
+    detail: Detail,
+    /// The size of the last encoding, so the next one allocates once.
+    last_len: AtomicUsize,
     // Every plugvisor family as declared, series or not (a gather leaves
     // out a labelled family with no series yet).
     families: Vec<Family>,
@@ -332,72 +342,127 @@ pub struct Family {
 struct Declared<'a> {
     registry: &'a Registry,
     families: Mutex<Vec<Family>>,
+    cached: Mutex<Vec<Cached>>,
 }
 
 impl Declared<'_> {
-    fn register(&self, c: Box<dyn Collector>) -> prometheus::Result<()> {
+    fn declare(&self, desc: &[&Desc]) {
         let mut families = self.families.lock().expect("families lock");
-        families.extend(c.desc().iter().map(|d| Family {
+        families.extend(desc.iter().map(|d| Family {
             name: d.fq_name.clone(),
             labels: d.variable_labels.clone(),
         }));
+    }
+
+    fn register(&self, c: Box<dyn Collector>) -> prometheus::Result<()> {
+        self.declare(&c.desc());
         self.registry.register(c)
+    }
+
+    /// A family encoded once per change ([`cached`]), outside the registry.
+    fn register_cached(&self, c: Cached) {
+        self.declare(&c.desc());
+        self.cached.lock().expect("cached lock").push(c);
     }
 }
 
 /// A hook that brings some families up to date before a gather.
 pub type Refresher = Box<dyn Fn() + Send + Sync>;
 
-/// Buckets for reload latencies: 10 µs … ~10 s, doubling.
-fn latency_buckets() -> Vec<f64> {
+/// Default buckets of every latency histogram: 100 µs to 5 s in 11
+/// buckets (14 series with `+Inf`, `_sum`, `_count`), 1-2.5-5 steps where
+/// plugvisor's latencies live — reloads ~1–20 ms, kernel reload windows
+/// ~0.5–1 ms — and wider ones above, where health checks and crash
+/// recoveries time out. A doubling scale from 10 µs was 24 series a
+/// histogram, most of a 50-plugin node's scrape
+/// (`docs/MONITORING.md#series-budget`).
+const LATENCY_BUCKETS: [f64; 11] = [
+    100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1.0, 5.0,
+];
+
+/// Buckets of the reload phases with `[metrics] detail = ["reload_phases"]`:
+/// 10 µs … ~10 s, doubling, so the µs-scale phases (switch, publish,
+/// init) are resolved too.
+fn fine_latency_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(10e-6, 2.0, 21).expect("static bucket spec")
 }
 
+/// Which detail series a registry exports beyond the default set
+/// (`[metrics] detail`; the series budget in `docs/MONITORING.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Detail {
+    /// Buckets for every reload phase on the fine scale, not only `total`.
+    pub reload_phases: bool,
+    /// Every log2 bucket of the kernel's service-gap histograms.
+    pub service_gap: bool,
+    /// Buckets for the crash recoveries, daemon and kernel side (else
+    /// `_sum` and `_count` only).
+    pub crash_recovery: bool,
+    /// Buckets for the health checks' durations (else `_sum` and
+    /// `_count` only).
+    pub health_checks: bool,
+}
+
 impl Metrics {
-    /// Creates and registers every family, plus the process collector.
+    /// Creates and registers every family, plus the process collector,
+    /// with the default set of series.
+    pub fn new() -> Metrics {
+        Metrics::with_detail(Detail::default())
+    }
+
+    /// Like [`Metrics::new`], with the detail series `detail` opts into.
     #[expect(
         clippy::too_many_lines,
         reason = "one declaration per family, in one place, is the point of this module"
     )]
-    pub fn new() -> Metrics {
+    pub fn with_detail(detail: Detail) -> Metrics {
         let registry = Registry::new();
         let declared = Declared {
             registry: &registry,
             families: Mutex::new(Vec::new()),
+            cached: Mutex::new(Vec::new()),
         };
         let r = &declared;
         let m = Metrics {
-            build_info: gauge(
+            build_info: tracked_gauge(
                 r,
                 "plugvisor_build_info",
                 "plugvisor build; value is 1",
                 &["version"],
             ),
-            plugin_info: gauge(
+            plugin_info: tracked_gauge(
                 r,
                 "plugvisor_plugin_info",
                 "Mapped plugin versions and their state; value is 1",
                 &["plugin", "version", "state"],
             ),
-            reloads_total: counter(
+            reloads_total: tracked_counter(
                 r,
                 "plugvisor_reloads_total",
                 "Reload attempts by outcome (success, rejected, failed)",
                 &["plugin", "outcome"],
             ),
-            reload_duration_seconds: histogram(
-                r,
-                "plugvisor_reload_duration_seconds",
-                "Userspace-measured reload latency by phase (verify, stage, load, init, switch, publish, total)",
-                &["plugin", "phase"],
-            ),
-            kernel_reload_duration_seconds: histogram(
-                r,
-                "plugvisor_kernel_reload_duration_seconds",
-                "Reload window length measured in the kernel between the reload-begin and reload-end uprobes",
-                &["plugin"],
-            ),
-            kernel_crash_recovery_seconds: histogram(
+            reload_duration_seconds: {
+                let h = PhaseHistogramVec::new(
+                    "plugvisor_reload_duration_seconds",
+                    "Userspace-measured reload latency by phase (verify, stage, load, init, switch, publish, total); \
+                     buckets for total only unless [metrics] detail has reload_phases",
+                    detail.reload_phases,
+                );
+                r.register_cached(h.cached());
+                h
+            },
+            kernel_reload_duration_seconds: {
+                let h = TrackedHistogramVec::new(
+                    "plugvisor_kernel_reload_duration_seconds",
+                    "Reload window length measured in the kernel between the reload-begin and reload-end uprobes",
+                    &["plugin"],
+                );
+                r.register_cached(h.cached());
+                h
+            },
+            kernel_crash_recovery_seconds: histogram_or_count(
+                detail.crash_recovery,
                 r,
                 "plugvisor_kernel_crash_recovery_seconds",
                 "From a plugin host's exit (sched_process_exit) to the first answer by its replacement (uprobe), in the kernel's clock",
@@ -409,7 +474,7 @@ impl Metrics {
                 "Requests handled, by the plugin version that handled them",
                 &["plugin", "version", "outcome"],
             ),
-            dependency_conflicts: gauge(
+            dependency_conflicts: tracked_gauge(
                 r,
                 "plugvisor_dependency_conflicts",
                 "1 while a plugin has a dependency conflict of this kind (missing, version, cycle, conflict, abi), 0 once resolved",
@@ -439,13 +504,13 @@ impl Metrics {
                 "Connections that plugvisor closed, or that were reset, between a plugin host's death and the first answer by its replacement, as the kernel saw them",
                 &["listener", "protocol"],
             ),
-            probe_up: gauge(
+            probe_up: tracked_gauge(
                 r,
                 "plugvisor_probe_up",
                 "1 while the eBPF probe is loaded and attached",
                 &["probe"],
             ),
-            probe_failures_total: counter(
+            probe_failures_total: tracked_counter(
                 r,
                 "plugvisor_probe_failures_total",
                 "eBPF probe failures by stage (load, attach, read)",
@@ -488,11 +553,13 @@ impl Metrics {
                      being written, by whether a reload window was open (window: reload, steady)",
                     &["listener", "window"],
                 ));
-                r.register(Box::new(KernelHistogramCollector(h.clone())))
-                    .expect("each family registers once");
+                r.register_cached(Cached::new(
+                    Box::new(KernelHistogramCollector(h.clone())),
+                    h.generation.clone(),
+                ));
                 h
             },
-            rule_state: gauge(
+            rule_state: tracked_gauge(
                 r,
                 "plugvisor_rule_state",
                 "State of each thresholds rule: 0 ok, 1 pending, 2 firing",
@@ -509,25 +576,25 @@ impl Metrics {
                 g.set(1);
                 g
             },
-            rollbacks_total: counter(
+            rollbacks_total: tracked_counter(
                 r,
                 "plugvisor_rollbacks_total",
                 "Rollbacks by plugin and reason (the rule's name, manual, or crash-in-trial)",
                 &["plugin", "reason"],
             ),
-            upgrades_total: counter(
+            upgrades_total: tracked_counter(
                 r,
                 "plugvisor_upgrades_total",
                 "Upgrades of plugvisor itself by outcome: success (counted by the new process), check_failed, failed (counted by the old one, which serves on)",
                 &["outcome"],
             ),
-            connections_handed_over_total: counter(
+            connections_handed_over_total: tracked_counter(
                 r,
                 "plugvisor_connections_handed_over_total",
                 "Raw TCP connections this process took over, open, from the plugvisor it replaced",
                 &["listener"],
             ),
-            sync_state: gauge(
+            sync_state: tracked_gauge(
                 r,
                 "plugvisor_sync_state",
                 "Fleet sync state per plugin: 1 for the current one of synced, pending, stale, blocked, expired",
@@ -545,7 +612,7 @@ impl Metrics {
                 "Bytes fetched from the TUF repository: metadata and package files",
                 &[],
             ),
-            sync_errors_total: counter(
+            sync_errors_total: tracked_counter(
                 r,
                 "plugvisor_sync_errors_total",
                 "Fleet sync failures by stage: timestamp, snapshot, targets, download, verify, commit",
@@ -575,13 +642,13 @@ impl Metrics {
                 "When the broker last acknowledged an event (Unix seconds; absent until it has)",
                 &[],
             ),
-            degradations_total: counter(
+            degradations_total: tracked_counter(
                 r,
                 "plugvisor_degradations_total",
                 "Degradations by plugin and reason (the rule's name)",
                 &["plugin", "reason"],
             ),
-            degraded: gauge(
+            degraded: tracked_gauge(
                 r,
                 "plugvisor_degraded",
                 "1 while the plugin is degraded",
@@ -611,13 +678,14 @@ impl Metrics {
                 "Bytes an unprivileged writer can still write on the filesystem holding state_dir (statvfs f_bavail)",
                 &[],
             ),
-            health_check_up: gauge(
+            health_check_up: tracked_gauge(
                 r,
                 "plugvisor_health_check_up",
                 "1 while a health check passes, 0 once it is down (plugin:<name> checks are the plugin's own health hook)",
                 &["check", "plugin"],
             ),
-            health_check_duration_seconds: histogram(
+            health_check_duration_seconds: histogram_or_count(
+                detail.health_checks,
                 r,
                 "plugvisor_health_check_duration_seconds",
                 "Time each health check attempt took, failed ones included",
@@ -647,19 +715,20 @@ impl Metrics {
                 "Calls refused without calling the plugin because too many earlier calls are stuck",
                 &["plugin", "call"],
             ),
-            plugin_host_restarts_total: counter(
+            plugin_host_restarts_total: tracked_counter(
                 r,
                 "plugvisor_plugin_host_restarts_total",
                 "Plugin host processes that died while serving, by reason (segfault, abort, oom, hang, exit, signal)",
                 &["plugin", "reason"],
             ),
-            plugin_isolation: gauge(
+            plugin_isolation: tracked_gauge(
                 r,
                 "plugvisor_plugin_isolation",
                 "1 for where each plugin's code runs (mode: process, in-process) and what bounds its resources (limits: cgroup2, cgroup1, rlimit, none)",
                 &["plugin", "mode", "limits"],
             ),
-            crash_recovery_seconds: histogram(
+            crash_recovery_seconds: histogram_or_count(
+                detail.crash_recovery,
                 r,
                 "plugvisor_crash_recovery_seconds",
                 "From a plugin host's death to the first answer by the version that replaced it",
@@ -684,12 +753,14 @@ impl Metrics {
                 &["plugin", "version"],
             ),
             families: declared.families.into_inner().expect("families lock"),
+            cached: declared.cached.into_inner().expect("cached lock"),
+            detail,
+            last_len: AtomicUsize::new(0),
             registry,
             refreshers: Mutex::new(Vec::new()),
         };
         m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+            .update(&[env!("CARGO_PKG_VERSION")], |g| g.set(1));
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
@@ -698,6 +769,11 @@ impl Metrics {
                 .expect("process collector registers once");
         }
         m
+    }
+
+    /// The detail series this registry exports beyond the default set.
+    pub fn detail(&self) -> Detail {
+        self.detail
     }
 
     /// Every plugvisor family this registry declares, with its label
@@ -712,20 +788,32 @@ impl Metrics {
         self.refreshers.lock().expect("refreshers lock").push(f);
     }
 
-    /// Current values of every family (refreshers run first).
-    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+    fn refresh(&self) {
         for f in self.refreshers.lock().expect("refreshers lock").iter() {
             f();
         }
-        self.registry.gather()
     }
 
-    /// The text exposition of every family.
+    /// Current values of every family (refreshers run first).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.refresh();
+        let mut families = self.registry.gather();
+        families.extend(self.cached.iter().flat_map(Cached::collect));
+        families
+    }
+
+    /// The text exposition of every family: the registry's, encoded now,
+    /// then each cached family's, encoded again only if it changed.
     pub fn encode(&self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(16 * 1024);
+        self.refresh();
+        let mut buf = Vec::with_capacity(self.last_len.load(Ordering::Relaxed) + 4096);
         TextEncoder::new()
-            .encode(&self.gather(), &mut buf)
+            .encode(&self.registry.gather(), &mut buf)
             .expect("encoding into a Vec cannot fail");
+        for c in &self.cached {
+            c.encode_into(&mut buf);
+        }
+        self.last_len.store(buf.len(), Ordering::Relaxed);
         buf
     }
 }
@@ -741,6 +829,35 @@ fn gauge(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     r.register(Box::new(g.clone()))
         .expect("each family registers once");
     g
+}
+
+/// A gauge family that changes only through the record functions,
+/// encoded once per change.
+fn tracked_gauge(
+    r: &Declared<'_>,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Tracked<IntGaugeVec> {
+    let t = Tracked::new(
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition"),
+    );
+    r.register_cached(t.cached());
+    t
+}
+
+/// A counter family of rare events, encoded once per change.
+fn tracked_counter(
+    r: &Declared<'_>,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Tracked<IntCounterVec> {
+    let t = Tracked::new(
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition"),
+    );
+    r.register_cached(t.cached());
+    t
 }
 
 /// A float gauge: `+Inf` (an unlimited cgroup) is a value an integer gauge
@@ -769,7 +886,32 @@ fn counter(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> IntCoun
 
 fn histogram(r: &Declared<'_>, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(latency_buckets()),
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("each family registers once");
+    h
+}
+
+/// A latency histogram with [`LATENCY_BUCKETS`] when `buckets`, else with
+/// `_sum` and `_count` only (a lone `+Inf` bucket): per-plugin families of
+/// events an operator counts and averages (a crash recovery, a health
+/// check) but rarely reads a quantile of, at 3 series a plugin instead of
+/// 14.
+fn histogram_or_count(
+    buckets: bool,
+    r: &Declared<'_>,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> HistogramVec {
+    if buckets {
+        return histogram(r, name, help, labels);
+    }
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(vec![f64::INFINITY]),
         labels,
     )
     .expect("valid metric definition");
@@ -786,10 +928,11 @@ pub struct KernelHistogramVec {
     help: String,
     labels: Vec<String>,
     series: Mutex<BTreeMap<Vec<String>, HistogramSnapshot>>,
+    generation: Generation,
 }
 
 /// One series of a [`KernelHistogramVec`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HistogramSnapshot {
     /// (upper bound in seconds, cumulative count), ascending; `+Inf` implied by `count`.
     pub buckets: Vec<(f64, u64)>,
@@ -814,16 +957,21 @@ impl KernelHistogramVec {
             help: help.to_owned(),
             labels: labels.iter().map(|l| (*l).to_owned()).collect(),
             series: Mutex::new(BTreeMap::new()),
+            generation: Generation::default(),
         }
     }
 
-    /// Replaces the series with label values `values`.
+    /// Replaces the series with label values `values`; the family's text
+    /// is encoded again only if this changed it (an idle listener's
+    /// histograms do not change between scrapes).
     pub fn set(&self, values: &[&str], snapshot: HistogramSnapshot) {
-        let key = values.iter().map(|v| (*v).to_owned()).collect();
-        self.series
-            .lock()
-            .expect("histogram lock")
-            .insert(key, snapshot);
+        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        let mut series = self.series.lock().expect("histogram lock");
+        if series.get(&key) != Some(&snapshot) {
+            series.insert(key, snapshot);
+            drop(series);
+            self.generation.bump();
+        }
     }
 }
 
@@ -967,15 +1115,88 @@ mod tests {
         );
     }
 
+    /// A cached family's text follows every change made through the
+    /// record functions — a value, a new series, a removed one — and a
+    /// histogram's text follows its observations.
+    #[test]
+    fn cached_families_are_encoded_again_after_each_change() {
+        let m = Metrics::new();
+        let text = |m: &Metrics| String::from_utf8(m.encode()).unwrap();
+        m.plugin_at_zero("echo", &["manual"]);
+        let t = text(&m);
+        assert!(t.contains("plugvisor_degraded{plugin=\"echo\"} 0"), "{t}");
+        assert!(
+            t.contains("plugvisor_dependency_conflicts{kind=\"cycle\",plugin=\"echo\"} 0"),
+            "{t}"
+        );
+        m.set_degraded("echo", true);
+        m.reload("echo", ReloadOutcome::Rejected);
+        m.plugin_info("echo", "1.0.0", "active");
+        let t = text(&m);
+        assert!(t.contains("plugvisor_degraded{plugin=\"echo\"} 1"), "{t}");
+        assert!(
+            t.contains("plugvisor_reloads_total{outcome=\"rejected\",plugin=\"echo\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "plugvisor_plugin_info{plugin=\"echo\",state=\"active\",version=\"1.0.0\"} 1"
+            ),
+            "{t}"
+        );
+        m.forget_plugin_info("echo", "1.0.0", "active");
+        assert!(!text(&m).contains("plugvisor_plugin_info{"));
+        m.reload_phase("echo", Phase::Total, std::time::Duration::from_millis(3));
+        m.reload_phase("echo", Phase::Switch, std::time::Duration::from_micros(2));
+        let t = text(&m);
+        assert!(
+            t.contains("plugvisor_reload_duration_seconds_bucket{phase=\"total\",plugin=\"echo\",le=\"0.005\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "plugvisor_reload_duration_seconds_count{phase=\"switch\",plugin=\"echo\"} 1"
+            ),
+            "{t}"
+        );
+        assert!(
+            !t.contains("plugvisor_reload_duration_seconds_bucket{phase=\"switch\",plugin=\"echo\",le=\"0.005\"}"),
+            "by default only the total has buckets: {t}"
+        );
+        m.reload_phase("echo", Phase::Total, std::time::Duration::from_millis(3));
+        assert!(text(&m).contains(
+            "plugvisor_reload_duration_seconds_count{phase=\"total\",plugin=\"echo\"} 2"
+        ));
+        // Each family once, and the rules engine sees the cached ones too.
+        let t = text(&m);
+        assert_eq!(
+            t.matches("# TYPE plugvisor_reload_duration_seconds histogram")
+                .count(),
+            1
+        );
+        assert!(m.gather().iter().any(|f| f.name() == "plugvisor_degraded"));
+    }
+
+    /// With `[metrics] detail = ["reload_phases"]` every phase has buckets.
+    #[test]
+    fn reload_phase_detail_buckets_every_phase() {
+        let m = Metrics::with_detail(Detail {
+            reload_phases: true,
+            ..Detail::default()
+        });
+        m.reload_phase("echo", Phase::Switch, std::time::Duration::from_micros(2));
+        let t = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            t.contains("plugvisor_reload_duration_seconds_bucket{phase=\"switch\",plugin=\"echo\",le=\"0.00002\"} 1"),
+            "{t}"
+        );
+    }
+
     #[test]
     fn families_are_exported_with_contract_names() {
         let m = Metrics::new();
-        m.reloads_total
-            .with_label_values(&["echo", ReloadOutcome::Success.as_str()])
-            .inc();
-        m.probe_up
-            .with_label_values(&["inet_sock_set_state"])
-            .set(1);
+        m.reload("echo", ReloadOutcome::Success);
+        m.probe_up.update(&["inet_sock_set_state"], |g| g.set(1));
         let text = String::from_utf8(m.encode()).unwrap();
         for family in [
             "plugvisor_build_info",

@@ -86,36 +86,39 @@ impl Metrics {
     /// Every reload outcome of `plugin`, and its rollbacks for each of
     /// `rollback_reasons`, at 0: a counter series born at 1 on its first
     /// event is invisible to `increase()`, so an alert on it would miss
-    /// exactly the first one.
+    /// exactly the first one. Its state gauges (`degraded`, each kind of
+    /// `dependency_conflicts`) exist at 0 too, so a healthy node's panel
+    /// says 0 rather than "No data". A series that already exists keeps
+    /// its value.
     pub fn plugin_at_zero(&self, plugin: &str, rollback_reasons: &[&str]) {
         for reason in rollback_reasons {
-            self.rollbacks_total.with_label_values(&[plugin, reason]);
+            self.rollbacks_total.touch(&[plugin, reason]);
         }
         for outcome in ReloadOutcome::ALL {
-            self.reloads_total
-                .with_label_values(&[plugin, outcome.as_str()]);
+            self.reloads_total.touch(&[plugin, outcome.as_str()]);
+        }
+        self.degraded.touch(&[plugin]);
+        for kind in ConflictKind::ALL {
+            self.dependency_conflicts.touch(&[plugin, kind.as_str()]);
         }
     }
 
     /// One reload attempt of `plugin` that came to `outcome`.
     pub fn reload(&self, plugin: &str, outcome: ReloadOutcome) {
         self.reloads_total
-            .with_label_values(&[plugin, outcome.as_str()])
-            .inc();
+            .update(&[plugin, outcome.as_str()], |m| m.inc());
     }
 
     /// How long `phase` of a reload of `plugin` took.
     pub fn reload_phase(&self, plugin: &str, phase: Phase, d: Duration) {
         self.reload_duration_seconds
-            .with_label_values(&[plugin, phase.as_str()])
-            .observe(d.as_secs_f64());
+            .observe(plugin, phase, d.as_secs_f64());
     }
 
     /// Whether `plugin` has a dependency conflict of `kind` now.
     pub fn dependency_conflict(&self, plugin: &str, kind: ConflictKind, standing: bool) {
         self.dependency_conflicts
-            .with_label_values(&[plugin, kind.as_str()])
-            .set(i64::from(standing));
+            .update(&[plugin, kind.as_str()], |m| m.set(i64::from(standing)));
     }
 }
 
@@ -127,13 +130,12 @@ impl Metrics {
         for m in ["process", "in-process"] {
             for l in ["cgroup2", "cgroup1", "rlimit", "none"] {
                 if (m, l) != (mode, limits) {
-                    let _ = self.plugin_isolation.remove_label_values(&[plugin, m, l]);
+                    self.plugin_isolation.remove(&[plugin, m, l]);
                 }
             }
         }
         self.plugin_isolation
-            .with_label_values(&[plugin, mode, limits])
-            .set(1);
+            .update(&[plugin, mode, limits], |m| m.set(1));
     }
 
     /// Sets `plugin`'s fleet sync state (`plugvisor_sync_state`): 1 for
@@ -141,15 +143,14 @@ impl Metrics {
     pub fn sync_state(&self, plugin: &str, state: &str, states: &[&str]) {
         for s in states {
             self.sync_state
-                .with_label_values(&[plugin, s])
-                .set(i64::from(*s == state));
+                .update(&[plugin, s], |m| m.set(i64::from(*s == state)));
         }
     }
 
     /// Every sync error stage at 0, so a rate over them is 0, not absent.
     pub fn sync_at_zero(&self, stages: &[&str]) {
         for s in stages {
-            self.sync_errors_total.with_label_values(&[s]);
+            self.sync_errors_total.touch(&[s]);
         }
         self.sync_download_bytes_total
             .with_label_values::<&str>(&[]);
@@ -157,7 +158,7 @@ impl Metrics {
 
     /// A sync failure at `stage`.
     pub fn sync_error(&self, stage: &str) {
-        self.sync_errors_total.with_label_values(&[stage]).inc();
+        self.sync_errors_total.update(&[stage], |m| m.inc());
     }
 
     /// Bytes fetched from the repository.
@@ -210,43 +211,37 @@ impl Metrics {
     /// first scrape.
     pub fn upgrades_at_zero(&self) {
         for o in UpgradeOutcome::ALL {
-            self.upgrades_total.with_label_values(&[o.as_str()]);
+            self.upgrades_total.touch(&[o.as_str()]);
         }
     }
 
     /// An upgrade of plugvisor itself ended with `outcome`.
     pub fn upgrade(&self, outcome: UpgradeOutcome) {
-        self.upgrades_total
-            .with_label_values(&[outcome.as_str()])
-            .inc();
+        self.upgrades_total.update(&[outcome.as_str()], |m| m.inc());
     }
 
     /// `listener`'s count of connections taken over, at 0.
     pub fn handed_over_at_zero(&self, listener: &str) {
-        self.connections_handed_over_total
-            .with_label_values(&[listener]);
+        self.connections_handed_over_total.touch(&[listener]);
     }
 
     /// A raw TCP connection of `listener` arrived from the replaced process.
     pub fn handed_over(&self, listener: &str) {
         self.connections_handed_over_total
-            .with_label_values(&[listener])
-            .inc();
+            .update(&[listener], |m| m.inc());
     }
 
     /// Every restart reason of `plugin`, at 0 (see [`Metrics::plugin_at_zero`]).
     pub fn host_restarts_at_zero(&self, plugin: &str, reasons: &[&str]) {
         for reason in reasons {
-            self.plugin_host_restarts_total
-                .with_label_values(&[plugin, reason]);
+            self.plugin_host_restarts_total.touch(&[plugin, reason]);
         }
     }
 
     /// A host of `plugin` died while serving, for `reason`.
     pub fn host_restart(&self, plugin: &str, reason: &str) {
         self.plugin_host_restarts_total
-            .with_label_values(&[plugin, reason])
-            .inc();
+            .update(&[plugin, reason], |m| m.inc());
     }
 
     /// The histogram of `plugin`'s crash recoveries (resolved once per
@@ -293,44 +288,40 @@ impl Metrics {
     /// A rollback of `plugin` for `reason` (a rule's name, `manual`,
     /// `crash-in-trial`).
     pub fn rollback(&self, plugin: &str, reason: &str) {
-        self.rollbacks_total
-            .with_label_values(&[plugin, reason])
-            .inc();
+        self.rollbacks_total.update(&[plugin, reason], |m| m.inc());
     }
 
     /// The rollback series of `plugin` for `reason`, at 0.
     pub fn rollback_at_zero(&self, plugin: &str, reason: &str) {
-        self.rollbacks_total.with_label_values(&[plugin, reason]);
+        self.rollbacks_total.touch(&[plugin, reason]);
     }
 
     /// A degradation of `plugin` for `reason`; it is degraded from now.
     pub fn degradation(&self, plugin: &str, reason: &str) {
         self.set_degraded(plugin, true);
         self.degradations_total
-            .with_label_values(&[plugin, reason])
-            .inc();
+            .update(&[plugin, reason], |m| m.inc());
     }
 
     /// The degradation series of `plugin` for `reason`, at 0.
     pub fn degradation_at_zero(&self, plugin: &str, reason: &str) {
-        self.degradations_total.with_label_values(&[plugin, reason]);
+        self.degradations_total.touch(&[plugin, reason]);
     }
 
     /// Whether `plugin` is degraded.
     pub fn set_degraded(&self, plugin: &str, degraded: bool) {
         self.degraded
-            .with_label_values(&[plugin])
-            .set(i64::from(degraded));
+            .update(&[plugin], |m| m.set(i64::from(degraded)));
     }
 
     /// The state of rule `rule`: 0 ok, 1 pending, 2 firing.
     pub fn rule_state(&self, rule: &str, state: i64) {
-        self.rule_state.with_label_values(&[rule]).set(state);
+        self.rule_state.update(&[rule], |m| m.set(state));
     }
 
     /// Drops the state series of a rule the thresholds file no longer has.
     pub fn forget_rule(&self, rule: &str) {
-        let _ = self.rule_state.remove_label_values(&[rule]);
+        self.rule_state.remove(&[rule]);
     }
 }
 
@@ -343,7 +334,7 @@ impl Metrics {
             self.set_probe_up(p, false);
             for stage in ProbeStage::ALL {
                 self.probe_failures_total
-                    .with_label_values(&[p.as_str(), stage.as_str()]);
+                    .touch(&[p.as_str(), stage.as_str()]);
             }
         }
     }
@@ -352,20 +343,18 @@ impl Metrics {
     /// `stage`.
     pub fn probe_failure(&self, probe: &str, stage: ProbeStage) {
         self.probe_failures_total
-            .with_label_values(&[probe, stage.as_str()])
-            .inc();
+            .update(&[probe, stage.as_str()], |m| m.inc());
     }
 
     /// Whether `probe` is loaded and attached.
     pub fn set_probe_up(&self, probe: Probe, up: bool) {
         self.probe_up
-            .with_label_values(&[probe.as_str()])
-            .set(i64::from(up));
+            .update(&[probe.as_str()], |m| m.set(i64::from(up)));
     }
 
     /// Whether `probe` is loaded and attached, as last recorded.
     pub fn probe_is_up(&self, probe: Probe) -> bool {
-        self.probe_up.with_label_values(&[probe.as_str()]).get() == 1
+        self.probe_up.update(&[probe.as_str()], |m| m.get()) == 1
     }
 
     /// `plugvisor_probe_events_dropped_total{probe}`, created at 0.
@@ -400,8 +389,7 @@ impl Metrics {
     /// A reload window of `plugin` the kernel measured.
     pub fn kernel_reload(&self, plugin: &str, d: Duration) {
         self.kernel_reload_duration_seconds
-            .with_label_values(&[plugin])
-            .observe(d.as_secs_f64());
+            .observe(&[plugin], d.as_secs_f64());
     }
 
     /// A plugin host's crash of `plugin`, recovered from, as the kernel timed it.
@@ -440,15 +428,12 @@ impl Metrics {
     /// `plugvisor_plugin_info{plugin,version,state}` = 1.
     pub fn plugin_info(&self, plugin: &str, version: &str, state: &str) {
         self.plugin_info
-            .with_label_values(&[plugin, version, state])
-            .set(1);
+            .update(&[plugin, version, state], |m| m.set(1));
     }
 
     /// Drops a `plugvisor_plugin_info` series that no longer holds.
     pub fn forget_plugin_info(&self, plugin: &str, version: &str, state: &str) {
-        let _ = self
-            .plugin_info
-            .remove_label_values(&[plugin, version, state]);
+        self.plugin_info.remove(&[plugin, version, state]);
     }
 
     /// The series of entry point `call` of `plugin`, at 0 from the start,
@@ -481,8 +466,7 @@ impl Metrics {
     /// first verdict on.
     pub fn health_up(&self, check: &str, plugin: &str, up: bool) {
         self.health_check_up
-            .with_label_values(&[check, plugin])
-            .set(i64::from(up));
+            .update(&[check, plugin], |m| m.set(i64::from(up)));
     }
 }
 

@@ -95,8 +95,7 @@ pub fn start(
         tracing::info!("eBPF probes are off ([probes] mode = \"off\")");
         return Ok(None);
     }
-    let (result, mut errors) =
-        start_reporting(config.ring_buffer_bytes, listeners, plugins, metrics);
+    let (result, mut errors) = start_reporting(config, listeners, plugins, metrics);
     match (mode, result) {
         (ProbeMode::On, _) if !errors.is_empty() => Err(errors.remove(0)),
         (_, Some(p)) if errors.is_empty() => {
@@ -137,14 +136,14 @@ pub fn start(
 /// every failure instead of logging it. `plugvisor-vm-tests` reports these
 /// per probe and per kernel; the daemon goes through [`start`].
 pub fn start_reporting(
-    ring_buffer_bytes: u32,
+    config: &ProbesConfig,
     listeners: &[WatchedListener],
     plugins: &crate::markers::PluginNames,
     metrics: &Arc<Metrics>,
 ) -> (Option<Probes>, Vec<ProbeError>) {
     metrics.probes_at_zero();
     let mut errors = Vec::new();
-    let result = try_start(ring_buffer_bytes, listeners, plugins, metrics, &mut errors);
+    let result = try_start(config, listeners, plugins, metrics, &mut errors);
     for e in &errors {
         metrics.probe_failure(e.probe(), e.stage());
     }
@@ -152,7 +151,7 @@ pub fn start_reporting(
 }
 
 fn try_start(
-    ring_buffer_bytes: u32,
+    config: &ProbesConfig,
     listeners: &[WatchedListener],
     plugins: &crate::markers::PluginNames,
     metrics: &Arc<Metrics>,
@@ -167,7 +166,9 @@ fn try_start(
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
 
     let mut ebpf = match EbpfLoader::new()
-        .map_max_entries(maps::EVENTS, ring_buffer_bytes)
+        .map_max_entries(maps::EVENTS, config.ring_buffer_bytes)
+        .map_max_entries(maps::WATCHED_SOCKS, config.max_connections)
+        .map_max_entries(maps::H2_FLOWS, config.max_connections)
         .load(PROBES_OBJECT)
     {
         Ok(e) => e,

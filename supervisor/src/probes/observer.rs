@@ -39,14 +39,23 @@ struct Seen {
     rst_stream: u64,
 }
 
-/// Exported service-gap buckets: `2^FIRST_GAP_BUCKET` ns (≈1 µs) up to
-/// `2^LAST_GAP_BUCKET` ns (≈34 s); the kernel's finer buckets fold into the
-/// first one and its coarser ones into `+Inf`.
+/// Exported service-gap buckets with `[metrics] detail = ["service_gap"]`:
+/// `2^FIRST_GAP_BUCKET` ns (≈1 µs) up to `2^LAST_GAP_BUCKET` ns (≈34 s),
+/// every log2 step; the kernel's finer buckets fold into the first one and
+/// its coarser ones into `+Inf`.
 const FIRST_GAP_BUCKET: usize = 10;
 const LAST_GAP_BUCKET: usize = 35;
 
-/// Turns the kernel's per-CPU log2 histograms into one cumulative snapshot.
-fn gap_snapshot(per_cpu: impl Iterator<Item = GapHist>) -> HistogramSnapshot {
+/// The default: every second log2 step, `2^12` ns (≈4 µs) to `2^34` ns
+/// (≈17 s), 12 buckets. A request through userspace takes tens of µs,
+/// and factor-4 steps still put each decade of gaps in buckets of its own
+/// for the p99 the stall alert reads; 10 listeners × 2 windows cost 300
+/// series instead of 580.
+const DEFAULT_GAP_BUCKETS: std::ops::RangeInclusive<usize> = 12..=34;
+
+/// Turns the kernel's per-CPU log2 histograms into one cumulative
+/// snapshot, with every bucket (`all`) or the default set.
+fn gap_snapshot(per_cpu: impl Iterator<Item = GapHist>, all: bool) -> HistogramSnapshot {
     let mut sum = GapHist::default();
     for h in per_cpu {
         for (a, b) in sum.buckets.iter_mut().zip(h.buckets) {
@@ -55,11 +64,18 @@ fn gap_snapshot(per_cpu: impl Iterator<Item = GapHist>) -> HistogramSnapshot {
         sum.sum_ns += h.sum_ns;
     }
     let count: u64 = sum.buckets.iter().sum();
+    let exported = |i: usize| {
+        if all {
+            (FIRST_GAP_BUCKET..=LAST_GAP_BUCKET).contains(&i)
+        } else {
+            DEFAULT_GAP_BUCKETS.contains(&i) && (i - DEFAULT_GAP_BUCKETS.start()) % 2 == 0
+        }
+    };
     let mut cumulative = 0;
     let mut buckets = Vec::with_capacity(LAST_GAP_BUCKET - FIRST_GAP_BUCKET + 1);
     for (i, n) in sum.buckets.iter().enumerate().take(LAST_GAP_BUCKET + 1) {
         cumulative += n;
-        if i >= FIRST_GAP_BUCKET {
+        if exported(i) {
             // Kernel bucket i holds gaps shorter than 2^i ns.
             buckets.push(((1u64 << i) as f64 / 1e9, cumulative));
         }
@@ -221,9 +237,10 @@ fn refresh_listener(
     }
     for (w, label) in [(window::STEADY, "steady"), (window::RELOAD, "reload")] {
         match maps.gaps.get(&(i as u32 * 2 + w), 0) {
-            Ok(values) => m
-                .service_gap_seconds
-                .set(&[name, label], gap_snapshot(values.iter().copied())),
+            Ok(values) => m.service_gap_seconds.set(
+                &[name, label],
+                gap_snapshot(values.iter().copied(), m.detail().service_gap),
+            ),
             Err(_) => {
                 m.probe_failure(Probe::ServiceGap.as_str(), ProbeStage::Read);
             }
@@ -331,8 +348,9 @@ mod tests {
         let mut b = GapHist::default();
         b.buckets[20] = 1;
         b.buckets[39] = 1; // beyond the last exported bucket: only in +Inf
-        let s = gap_snapshot([a, b].into_iter());
+        let s = gap_snapshot([a, b].into_iter(), true);
         assert_eq!(s.count, 9);
+        assert_eq!(s.buckets.len(), 26);
         assert_eq!(s.buckets.first().unwrap().1, 2);
         let at_1ms = s
             .buckets
@@ -346,5 +364,27 @@ mod tests {
             "the 2^39 ns gap is only counted in +Inf"
         );
         assert!((s.sum - 0.005).abs() < 1e-12);
+
+        // The default keeps every second bucket, 2^12 … 2^34 ns, with the
+        // same cumulative counts at the bounds it keeps.
+        let d = gap_snapshot([a, b].into_iter(), false);
+        assert_eq!(d.buckets.len(), 12);
+        assert_eq!(d.count, 9);
+        let les: Vec<f64> = d.buckets.iter().map(|(le, _)| *le).collect();
+        assert!((les[0] - 4096e-9).abs() < 1e-15, "{les:?}");
+        assert!(
+            (les[11] - (1u64 << 34) as f64 / 1e9).abs() < 1e-9,
+            "{les:?}"
+        );
+        assert_eq!(d.buckets[0].1, 2);
+        assert_eq!(
+            d.buckets
+                .iter()
+                .find(|(le, _)| (*le - 1_048_576e-9).abs() < 1e-12)
+                .unwrap()
+                .1,
+            8
+        );
+        assert_eq!(d.buckets.last().unwrap().1, 8);
     }
 }

@@ -376,6 +376,7 @@ mod tests {
         assert_eq!(
             metrics
                 .reloads_total
+                .vec()
                 .with_label_values(&["echo", "rejected"])
                 .get(),
             2

@@ -613,7 +613,7 @@ cooldown = "0s"
         assert_eq!(d[0].plugin.as_deref(), Some("echo"));
         assert_eq!(d[0].observed, 3.0);
         assert_eq!(d[0].breach_tick, d[0].tick);
-        assert_eq!(m.rule_state.with_label_values(&["errors"]).get(), 2);
+        assert_eq!(m.rule_state.vec().with_label_values(&["errors"]).get(), 2);
         assert!(e.evaluate().is_empty(), "firing acts once");
     }
 
@@ -646,7 +646,7 @@ level = 2
         g.set(5);
         let d = e.evaluate();
         assert_eq!(d[0].kind, DecisionKind::ClearDegrade);
-        assert_eq!(m.rule_state.with_label_values(&["rss"]).get(), 0);
+        assert_eq!(m.rule_state.vec().with_label_values(&["rss"]).get(), 0);
     }
 
     #[test]
@@ -660,7 +660,7 @@ level = 2
         c.inc_by(5);
         assert!(e.evaluate().is_empty());
         assert_eq!(
-            m.rule_state.with_label_values(&["errors"]).get(),
+            m.rule_state.vec().with_label_values(&["errors"]).get(),
             2,
             "reported as firing"
         );
@@ -697,6 +697,6 @@ level = 2
         e.evaluate();
         c.inc_by(5);
         assert!(e.evaluate().is_empty());
-        assert_eq!(m.rule_state.with_label_values(&["errors"]).get(), 1);
+        assert_eq!(m.rule_state.vec().with_label_values(&["errors"]).get(), 1);
     }
 }
