@@ -291,6 +291,25 @@ pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
 /// gateway is sized for; each entry costs the kernel well under 100 bytes.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 
+impl ProbesConfig {
+    /// What is wrong with the sizes, if anything.
+    fn validate(&self) -> Result<(), String> {
+        let ring = self.ring_buffer_bytes;
+        if ring < 4096 || !ring.is_power_of_two() {
+            return Err(format!(
+                "[probes] ring_buffer_bytes = {ring}: a power of two of at least 4096 (one page)"
+            ));
+        }
+        let max = self.max_connections;
+        if !(1024..=1 << 22).contains(&max) {
+            return Err(format!(
+                "[probes] max_connections = {max}: between 1024 and 4194304"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ProbesConfig {
     fn default() -> Self {
         ProbesConfig {
@@ -630,18 +649,7 @@ impl Config {
             )));
         }
         health_check::validate_all(&self.health_checks).map_err(invalid)?;
-        let ring = self.probes.ring_buffer_bytes;
-        if ring < 4096 || !ring.is_power_of_two() {
-            return Err(invalid(format!(
-                "[probes] ring_buffer_bytes = {ring}: a power of two of at least 4096 (one page)"
-            )));
-        }
-        let max = self.probes.max_connections;
-        if !(1024..=1 << 22).contains(&max) {
-            return Err(invalid(format!(
-                "[probes] max_connections = {max}: between 1024 and 4194304"
-            )));
-        }
+        self.probes.validate().map_err(invalid)?;
         if self.trust.require_signature && self.trust.public_keys.is_empty() {
             return Err(invalid(
                 "[trust] require_signature = true needs at least one key in public_keys".into(),

@@ -31,10 +31,12 @@
 //! * `mqtt.rs` — Debian's mosquitto and a subscriber: the coordinator's
 //!   side of `[report.mqtt]`;
 //! * [`live`] — clients that keep talking while a test does harm;
+//! * `crowd.rs` — thousands of clients held open at once, driven in rounds;
 //! * [`state_check`] — an independent judge of `state_dir`.
 mod builds;
 mod cli;
 mod clients;
+mod crowd;
 mod daemon;
 mod fleet;
 mod host;
@@ -59,6 +61,7 @@ pub use clients::{
     GRPC_SERVICE, LineClient, echo_version, grpc_channel, grpc_health, http_get, http_get_status,
     url_encode,
 };
+pub use crowd::{Crowd, Round, raise_open_files_limit};
 pub use daemon::{
     Daemon, become_subreaper, journal, parent_and_state, plugin_hosts_of, plugin_hosts_of_store,
     wait_until,

@@ -14,6 +14,8 @@ pub struct Nginx {
     root: PathBuf,
     port: u16,
     limit_rate: Option<String>,
+    /// `worker_connections`, and the descriptors the worker may open.
+    connections: usize,
     child: Option<Child>,
 }
 
@@ -27,10 +29,37 @@ impl Nginx {
             root: root.to_owned(),
             port: free_port(),
             limit_rate: limit_rate.map(str::to_owned),
+            connections: 256,
             child: None,
         };
         n.spawn();
         n
+    }
+
+    /// Serves `root` with room for `connections` open at once, each kept
+    /// alive for ten minutes: the peer of the connection sweep in
+    /// `cargo xtask bench`, as an operator would size it.
+    pub fn start_for_connections(root: &Path, connections: usize) -> Nginx {
+        let mut n = Nginx {
+            dir: tempfile::tempdir().unwrap(),
+            root: root.to_owned(),
+            port: free_port(),
+            limit_rate: None,
+            connections,
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The worker's process id (one process: no master).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The base URL of `sub` (`metadata`, `targets`) of the served root.
@@ -85,7 +114,8 @@ master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
-events {{ worker_connections 256; }}
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {connections}; }}
 http {{
     log_format plain '$request_method $uri $status $body_bytes_sent $http_range';
     access_log {d}/access.log plain;
@@ -95,6 +125,8 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     default_type application/octet-stream;
+    keepalive_timeout 600s;
+    keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
         root {root};
@@ -106,6 +138,8 @@ http {{
             d = d.display(),
             port = self.port,
             root = self.root.display(),
+            connections = self.connections,
+            nofile = self.connections * 2 + 64,
         );
         let path = d.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();

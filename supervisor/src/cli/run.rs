@@ -56,6 +56,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     limit_malloc_arenas();
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,5 +89,47 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, and says so.
+///
+/// Every connection is a descriptor, and the usual soft limit of 1024
+/// would refuse the 1 000th client of an edge gateway that holds ten
+/// thousand; the hard limit is what the operator (systemd's
+/// `LimitNOFILE`, the container runtime) allows. tokio polls with epoll,
+/// so descriptors above 1024 are safe here. Plugin hosts inherit it.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not read the open files limit");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::info!(open_files = limit.rlim_cur, "open files limit");
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+        tracing::info!(
+            from = limit.rlim_cur,
+            to = limit.rlim_max,
+            "raised the open files limit to its hard limit (each connection holds one)"
+        );
+    } else {
+        tracing::warn!(
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max,
+            error = %std::io::Error::last_os_error(),
+            "could not raise the open files limit; connections beyond it are refused"
+        );
     }
 }

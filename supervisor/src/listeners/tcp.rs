@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -60,12 +60,13 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
     // never marks the stop seen, so even a connection started after it
     // sees it at once.
     let stop = shutdown.clone();
+    let listener_name: Arc<str> = Arc::from(name.as_str());
     let start = |conns: &mut JoinSet<()>, stream: TcpStream, pending: Vec<u8>| {
         conns.spawn(connection(
             Conn {
                 stream,
                 pending,
-                listener: name.clone(),
+                listener: listener_name.clone(),
             },
             slot.clone(),
             stop.clone(),
@@ -141,15 +142,35 @@ async fn recv_adopted(adopted: &mut Option<mpsc::UnboundedReceiver<Adopted>>) ->
 struct Conn {
     stream: TcpStream,
     pending: Vec<u8>,
-    listener: String,
+    listener: Arc<str>,
 }
+
+/// How much a read takes at most: a busy client's pipelined frames in one
+/// syscall, into a buffer on the stack.
+const READ_CHUNK: usize = 4096;
 
 /// What a connection's wait for its next frame ended with.
 enum Next {
-    Read(std::io::Result<usize>),
+    /// A whole frame, its newline (and a `\r` before it) taken off.
+    Frame(Vec<u8>),
+    /// The client closed in the middle of a line: answer it as a frame,
+    /// then close.
+    Last(Vec<u8>),
+    /// Closed, or an error: nothing more to answer.
+    Closed,
+    /// A line longer than [`MAX_FRAME`].
+    TooLong,
+    /// The listener is stopping.
     Stop,
 }
 
+/// Serves one connection.
+///
+/// An idle connection holds no buffer: `buf` keeps only bytes read and not
+/// yet answered, and is empty, with nothing allocated, between frames. It
+/// waits for readability first and reads through the stack, so ten
+/// thousand idle clients cost their tasks and sockets, not ten thousand
+/// read buffers (`docs/BENCHMARKS.md`, the connection sweep).
 async fn connection(
     conn: Conn,
     slot: Arc<Slot>,
@@ -158,91 +179,132 @@ async fn connection(
     hand_off: HandOff,
 ) {
     let Conn {
-        stream,
+        mut stream,
         pending,
         listener,
     } = conn;
-    let (read, mut write) = stream.into_split();
     // What the replaced process had read comes first, then the socket.
-    let mut reader = BufReader::new(std::io::Cursor::new(pending).chain(read));
-    let mut frame = Vec::with_capacity(256);
-    let mut out = Vec::with_capacity(256);
+    let mut buf = pending;
+    // How much of `buf` is known to hold no newline.
+    let mut scanned = 0;
     loop {
-        frame.clear();
-        let next = {
-            let mut limited = (&mut reader).take(MAX_FRAME as u64);
-            tokio::select! {
-                // A partial read stays in `frame` when the stop wins, so
-                // a hand-off loses none of it.
-                r = limited.read_until(b'\n', &mut frame) => Next::Read(r),
-                _ = shutdown.changed() => Next::Stop,
+        let next = next_frame(&stream, &mut buf, &mut scanned, &mut shutdown).await;
+        let (frame, last) = match next {
+            Next::Frame(f) => (f, false),
+            Next::Last(f) => (f, true),
+            Next::Closed => return,
+            Next::TooLong => {
+                let _ = stream
+                    .write_all(format!("ERR frame longer than {MAX_FRAME} bytes\n").as_bytes())
+                    .await;
+                return;
             }
-        };
-        let n = match next {
-            Next::Read(Ok(n)) => n,
-            Next::Read(Err(_)) => return,
             Next::Stop => {
                 if let Some(to) = hand_off.destination() {
-                    move_out(listener, reader, write, frame, &to);
+                    move_out(&listener, stream, buf, &to);
                 }
                 return;
             }
         };
-        if n == 0 {
-            return;
-        }
-        if frame.last() == Some(&b'\n') {
-            frame.pop();
-            if frame.last() == Some(&b'\r') {
-                frame.pop();
-            }
-        } else if n >= MAX_FRAME {
-            let _ = write
-                .write_all(format!("ERR frame longer than {MAX_FRAME} bytes\n").as_bytes())
-                .await;
-            return;
-        }
-        // Otherwise EOF came in the middle of a line: answer it as a frame.
-        out.clear();
-        let (result, _version) = slot.call(frame.clone(), request_timeout).await;
-        match result {
-            Ok(resp) => out.extend(resp.into_iter().map(|b| if b == b'\n' { b' ' } else { b })),
-            Err(DispatchError::Plugin(e)) => {
-                out.extend_from_slice(format!("ERR {e}").replace('\n', " ").as_bytes());
-            }
-            Err(e) => out.extend_from_slice(format!("ERR {e}").as_bytes()),
-        }
+        // Boxed: the call's state is held only while a frame is answered,
+        // not in every idle connection's task.
+        let (result, _version) = Box::pin(slot.call(frame, request_timeout)).await;
+        let mut out = match result {
+            Ok(resp) => resp
+                .into_iter()
+                .map(|b| if b == b'\n' { b' ' } else { b })
+                .collect(),
+            Err(DispatchError::Plugin(e)) => format!("ERR {e}").replace('\n', " ").into_bytes(),
+            Err(e) => format!("ERR {e}").into_bytes(),
+        };
         out.push(b'\n');
-        if write.write_all(&out).await.is_err() {
+        if stream.write_all(&out).await.is_err() || last {
             return;
         }
     }
 }
 
+/// Waits for the next frame of `stream`: from what `buf` already holds,
+/// else from the socket, reading only once it is readable.
+async fn next_frame(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    scanned: &mut usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Next {
+    loop {
+        let window = buf.len().min(MAX_FRAME);
+        if let Some(i) = buf[*scanned..window].iter().position(|&b| b == b'\n') {
+            let end = *scanned + i;
+            // The rest (pipelined frames) stays; the frame takes the
+            // allocation with it, so a drained `buf` holds none.
+            let rest = buf.split_off(end + 1);
+            let mut frame = std::mem::replace(buf, rest);
+            *scanned = 0;
+            frame.truncate(end);
+            if frame.last() == Some(&b'\r') {
+                frame.pop();
+            }
+            return Next::Frame(frame);
+        }
+        *scanned = window;
+        if buf.len() >= MAX_FRAME {
+            return Next::TooLong;
+        }
+        tokio::select! {
+            // A partial frame stays in `buf` when the stop wins, so a
+            // hand-off loses none of it.
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return Next::Closed;
+                }
+            }
+            _ = shutdown.changed() => return Next::Stop,
+        }
+        match read_some(stream, buf) {
+            Ok(0) if buf.is_empty() => return Next::Closed,
+            Ok(0) => {
+                *scanned = 0;
+                return Next::Last(std::mem::take(buf));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Next::Closed,
+        }
+    }
+}
+
+/// Reads what the socket has (up to [`READ_CHUNK`]) through a buffer on
+/// the stack and appends exactly that to `buf`: a frame costs an
+/// allocation of its own size, not a chunk's. Ten thousand connections
+/// sending at once then leave the allocator holding ten thousand frames'
+/// worth, not ten thousand chunks'.
+fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let want = READ_CHUNK.min(MAX_FRAME + 1 - buf.len());
+    let n = stream.try_read(&mut chunk[..want])?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
 /// Sends the connection to the new process: the socket, and what was read
-/// from it and not answered — the partial frame, then what the buffer and
-/// the replaced process's leftovers still hold, in that order.
+/// from it and not answered (a partial frame, or pipelined frames), in
+/// order.
 fn move_out(
-    listener: String,
-    reader: BufReader<tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>>,
-    write: tokio::net::tcp::OwnedWriteHalf,
-    mut pending: Vec<u8>,
+    listener: &str,
+    stream: TcpStream,
+    pending: Vec<u8>,
     to: &std::sync::mpsc::Sender<Moving>,
 ) {
-    pending.extend_from_slice(reader.buffer());
-    let (earlier, read) = reader.into_inner().into_inner();
-    let from = usize::try_from(earlier.position()).unwrap_or(usize::MAX);
-    pending.extend_from_slice(earlier.get_ref().get(from..).unwrap_or_default());
-    let stream = match read.reunite(write).map(TcpStream::into_std) {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
             tracing::warn!(listener = %listener, error = %e, "could not hand a connection over; it closes");
             return;
         }
-        Err(_) => unreachable!("the halves of one stream reunite"),
     };
     let _ = to.send(Moving {
-        listener,
+        listener: listener.to_owned(),
         stream,
         pending,
     });

@@ -390,6 +390,10 @@ fn fine_latency_buckets() -> Vec<f64> {
 /// Which detail series a registry exports beyond the default set
 /// (`[metrics] detail`; the series budget in `docs/MONITORING.md`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "four independent opt-ins, each yes or no; not states of one thing"
+)]
 pub struct Detail {
     /// Buckets for every reload phase on the fine scale, not only `total`.
     pub reload_phases: bool,

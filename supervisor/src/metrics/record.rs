@@ -106,7 +106,7 @@ impl Metrics {
     /// One reload attempt of `plugin` that came to `outcome`.
     pub fn reload(&self, plugin: &str, outcome: ReloadOutcome) {
         self.reloads_total
-            .update(&[plugin, outcome.as_str()], |m| m.inc());
+            .update(&[plugin, outcome.as_str()], prometheus::IntCounter::inc);
     }
 
     /// How long `phase` of a reload of `plugin` took.
@@ -158,7 +158,8 @@ impl Metrics {
 
     /// A sync failure at `stage`.
     pub fn sync_error(&self, stage: &str) {
-        self.sync_errors_total.update(&[stage], |m| m.inc());
+        self.sync_errors_total
+            .update(&[stage], prometheus::IntCounter::inc);
     }
 
     /// Bytes fetched from the repository.
@@ -217,7 +218,8 @@ impl Metrics {
 
     /// An upgrade of plugvisor itself ended with `outcome`.
     pub fn upgrade(&self, outcome: UpgradeOutcome) {
-        self.upgrades_total.update(&[outcome.as_str()], |m| m.inc());
+        self.upgrades_total
+            .update(&[outcome.as_str()], prometheus::IntCounter::inc);
     }
 
     /// `listener`'s count of connections taken over, at 0.
@@ -228,7 +230,7 @@ impl Metrics {
     /// A raw TCP connection of `listener` arrived from the replaced process.
     pub fn handed_over(&self, listener: &str) {
         self.connections_handed_over_total
-            .update(&[listener], |m| m.inc());
+            .update(&[listener], prometheus::IntCounter::inc);
     }
 
     /// Every restart reason of `plugin`, at 0 (see [`Metrics::plugin_at_zero`]).
@@ -241,7 +243,7 @@ impl Metrics {
     /// A host of `plugin` died while serving, for `reason`.
     pub fn host_restart(&self, plugin: &str, reason: &str) {
         self.plugin_host_restarts_total
-            .update(&[plugin, reason], |m| m.inc());
+            .update(&[plugin, reason], prometheus::IntCounter::inc);
     }
 
     /// The histogram of `plugin`'s crash recoveries (resolved once per
@@ -288,7 +290,8 @@ impl Metrics {
     /// A rollback of `plugin` for `reason` (a rule's name, `manual`,
     /// `crash-in-trial`).
     pub fn rollback(&self, plugin: &str, reason: &str) {
-        self.rollbacks_total.update(&[plugin, reason], |m| m.inc());
+        self.rollbacks_total
+            .update(&[plugin, reason], prometheus::IntCounter::inc);
     }
 
     /// The rollback series of `plugin` for `reason`, at 0.
@@ -300,7 +303,7 @@ impl Metrics {
     pub fn degradation(&self, plugin: &str, reason: &str) {
         self.set_degraded(plugin, true);
         self.degradations_total
-            .update(&[plugin, reason], |m| m.inc());
+            .update(&[plugin, reason], prometheus::IntCounter::inc);
     }
 
     /// The degradation series of `plugin` for `reason`, at 0.
@@ -343,7 +346,7 @@ impl Metrics {
     /// `stage`.
     pub fn probe_failure(&self, probe: &str, stage: ProbeStage) {
         self.probe_failures_total
-            .update(&[probe, stage.as_str()], |m| m.inc());
+            .update(&[probe, stage.as_str()], prometheus::IntCounter::inc);
     }
 
     /// Whether `probe` is loaded and attached.
@@ -354,7 +357,9 @@ impl Metrics {
 
     /// Whether `probe` is loaded and attached, as last recorded.
     pub fn probe_is_up(&self, probe: Probe) -> bool {
-        self.probe_up.update(&[probe.as_str()], |m| m.get()) == 1
+        self.probe_up
+            .update(&[probe.as_str()], prometheus::IntGauge::get)
+            == 1
     }
 
     /// `plugvisor_probe_events_dropped_total{probe}`, created at 0.

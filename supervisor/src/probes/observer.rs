@@ -68,7 +68,7 @@ fn gap_snapshot(per_cpu: impl Iterator<Item = GapHist>, all: bool) -> HistogramS
         if all {
             (FIRST_GAP_BUCKET..=LAST_GAP_BUCKET).contains(&i)
         } else {
-            DEFAULT_GAP_BUCKETS.contains(&i) && (i - DEFAULT_GAP_BUCKETS.start()) % 2 == 0
+            DEFAULT_GAP_BUCKETS.contains(&i) && (i - DEFAULT_GAP_BUCKETS.start()).is_multiple_of(2)
         }
     };
     let mut cumulative = 0;

@@ -15,7 +15,8 @@ pub fn draw(dir: &Path, r: &Results) -> Result<(), String> {
     reload_latency(dir, r)?;
     switch(dir, r)?;
     restart_vs_reload(dir, r)?;
-    soak(dir, r)
+    soak(dir, r)?;
+    sweep(dir, r)
 }
 
 /// Reload latency per size, with the Go peer's plugin.Open beside it.
@@ -177,5 +178,59 @@ fn soak(dir: &Path, r: &Results) -> Result<(), String> {
                 .collect(),
             kind: Kind::Points,
         }],
+    )
+}
+
+/// The connection sweep: memory per connection beside nginx's, reload
+/// latency and throughput, against the connections held (log scale).
+fn sweep(dir: &Path, r: &Results) -> Result<(), String> {
+    use crate::stats::Dist;
+    let steps = &r.sweep.steps;
+    let line = |name: &str, f: &dyn Fn(&crate::connections::Step) -> f64| Series {
+        name: name.into(),
+        points: steps.iter().map(|s| (s.connections as f64, f(s))).collect(),
+        kind: Kind::Line,
+    };
+    let axes = |title: &'static str, y: &'static str| Axes {
+        title,
+        x: "connections held",
+        y,
+        log_x: true,
+        y_max: None,
+    };
+    chart(
+        &dir.join("connections-memory.png"),
+        &axes(
+            "Userspace memory per idle TCP connection",
+            "KB per connection",
+        ),
+        &[
+            line("plugvisor (daemon RSS growth)", &|s| s.per_conn() / 1024.0),
+            line("nginx 1.22 (worker RSS growth)", &|s| {
+                s.nginx_per_conn() / 1024.0
+            }),
+        ],
+    )?;
+    chart(
+        &dir.join("connections-reload.png"),
+        &axes(
+            "Reload under a crowd: manifest → serving, and the swap",
+            "microseconds",
+        ),
+        &[
+            line("total p50", &|s| Dist::of(&s.reload_us).p50),
+            line("total p99", &|s| Dist::of(&s.reload_us).p99),
+            line("swap p50", &|s| Dist::of(&s.switch_us).p50),
+        ],
+    )?;
+    chart(
+        &dir.join("connections-throughput.png"),
+        &axes(
+            "Every connection sends one frame: answers per second",
+            "answers per second",
+        ),
+        &[line("plugvisor, p50 over the rounds", &|s| {
+            Dist::of(&s.rounds_per_s).p50
+        })],
     )
 }

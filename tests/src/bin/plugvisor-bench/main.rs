@@ -34,6 +34,7 @@
 //! summarises a sample.
 mod breach;
 mod charts;
+mod connections;
 mod fleet;
 mod gopeer;
 mod inprocess;
@@ -46,6 +47,7 @@ mod probecost;
 mod reload;
 mod report;
 mod reporting;
+mod scale;
 mod soak;
 mod stats;
 mod upgrade;
@@ -104,6 +106,8 @@ struct Results {
     isolation: isolation::Isolation,
     fleet: fleet::Fleet,
     reporting: reporting::Reporting,
+    scale: scale::Scale,
+    sweep: connections::Sweep,
 }
 
 fn loadavg() -> String {
@@ -145,6 +149,8 @@ fn main() {
     let isolation = isolation::isolation(q);
     let fleet = fleet::fleet(q);
     let reporting = reporting::reporting(q);
+    let scale = scale::scale(q);
+    let sweep = connections::sweep(q);
     let r = Results {
         quick: q,
         overhead,
@@ -161,6 +167,8 @@ fn main() {
         isolation,
         fleet,
         reporting,
+        scale,
+        sweep,
     };
     let plots = args
         .plots
