@@ -22,8 +22,13 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections opened at once: the listener's accept queue is 1024 deep.
 const CONNECT_BATCH: usize = 256;
 
+/// Descriptors a crowd test wants: its ten thousand clients, the
+/// daemon's side of them (the daemon inherits this limit), and room.
+const WANTED_OPEN_FILES: u64 = 65_536;
+
 /// Raises this process's soft limit on open files to its hard limit (the
-/// crowd's sockets are descriptors too) and returns it.
+/// crowd's sockets are descriptors too) — as root, the hard limit too if it
+/// is below [`WANTED_OPEN_FILES`] — and returns the soft limit.
 ///
 /// # Panics
 /// When the limit cannot be read.
@@ -37,6 +42,18 @@ pub fn raise_open_files_limit() -> u64 {
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut l) },
         0
     );
+    // Only root may raise the hard limit; for others this fails and the
+    // soft limit goes to the hard one below.
+    if l.rlim_max < WANTED_OPEN_FILES {
+        let up = libc::rlimit {
+            rlim_cur: WANTED_OPEN_FILES,
+            rlim_max: WANTED_OPEN_FILES,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const up) } == 0 {
+            return WANTED_OPEN_FILES;
+        }
+    }
     l.rlim_cur = l.rlim_max;
     // SAFETY: setrlimit reads the struct it is given.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const l) };

@@ -18,8 +18,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::reload::{bench_log_env, reload_records};
 use crate::stats::Dist;
 
-/// How long the crowd sits idle before its memory is read.
-const IDLE: Duration = Duration::from_secs(11);
+/// How long the crowd sits idle before its memory is read: past tokio's
+/// 10 s keep-alive of idle blocking threads (`--quick`: 2 s).
+fn idle(quick: bool) -> Duration {
+    Duration::from_secs(if quick { 2 } else { 11 })
+}
 
 /// One size of the sweep.
 pub struct Step {
@@ -106,7 +109,7 @@ fn nginx_crowd(
 }
 
 /// nginx's worker RSS with `n` idle keep-alive connections: (before, with).
-fn nginx_rss(n: usize) -> (f64, f64) {
+fn nginx_rss(n: usize, quick: bool) -> (f64, f64) {
     let root = tempfile::tempdir().expect("temp dir");
     std::fs::write(root.path().join("ok"), "ok\n").expect("writing the page");
     let server = Nginx::start_for_connections(root.path(), n + 64);
@@ -119,14 +122,14 @@ fn nginx_rss(n: usize) -> (f64, f64) {
     let before = status_kb(pid, "VmRSS");
     let (rt, conns) = nginx_crowd(addr, n);
     assert_eq!(conns.len(), n, "nginx took every connection");
-    std::thread::sleep(IDLE);
+    std::thread::sleep(idle(quick));
     let with = status_kb(pid, "VmRSS");
     drop(conns);
     drop(rt);
     (before, with)
 }
 
-fn step(n: usize, reloads: usize, series: &[(String, std::path::PathBuf)]) -> Step {
+fn step(n: usize, reloads: usize, series: &[(String, std::path::PathBuf)], quick: bool) -> Step {
     let (base_version, base_lib) = &series[0];
     let mut d = Daemon::start(DaemonOptions {
         listeners: vec![ListenerSpec::tcp("sweep-tcp", "echo")],
@@ -153,7 +156,7 @@ fn step(n: usize, reloads: usize, series: &[(String, std::path::PathBuf)]) -> St
     );
     // Idle: past tokio's 10 s keep-alive of the blocking threads the burst
     // of first frames woke, which are not the connections' cost.
-    std::thread::sleep(IDLE);
+    std::thread::sleep(idle(quick));
     let with = status_kb(d.pid(), "VmRSS");
     let mut failed = 0;
     let mut rounds_per_s = Vec::new();
@@ -174,7 +177,7 @@ fn step(n: usize, reloads: usize, series: &[(String, std::path::PathBuf)]) -> St
     Step {
         connections: n,
         rss_kb: (before, with),
-        nginx_rss_kb: nginx_rss(n),
+        nginx_rss_kb: nginx_rss(n, quick),
         reload_us: tail.iter().map(|r| r.phase("total") / 1e3).collect(),
         switch_us: tail.iter().map(|r| r.phase("switch") / 1e3).collect(),
         rounds_per_s,
@@ -194,7 +197,10 @@ pub fn sweep(quick: bool) -> Sweep {
     let reloads = if quick { 3 } else { 20 };
     let series = echo_version_series(8, reloads + 1);
     Sweep {
-        steps: sizes.iter().map(|&n| step(n, reloads, &series)).collect(),
+        steps: sizes
+            .iter()
+            .map(|&n| step(n, reloads, &series, quick))
+            .collect(),
         reloads,
     }
 }

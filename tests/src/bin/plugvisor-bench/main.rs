@@ -32,6 +32,7 @@
 //! `report.rs` writes the markdown and `charts.rs` the plots from what they
 //! found; `load.rs` is the client load, `plot.rs` draws a chart, `stats.rs`
 //! summarises a sample.
+mod baseline;
 mod breach;
 mod charts;
 mod connections;
@@ -108,6 +109,7 @@ struct Results {
     reporting: reporting::Reporting,
     scale: scale::Scale,
     sweep: connections::Sweep,
+    baseline: baseline::Baseline,
 }
 
 fn loadavg() -> String {
@@ -151,6 +153,7 @@ fn main() {
     let reporting = reporting::reporting(q);
     let scale = scale::scale(q);
     let sweep = connections::sweep(q);
+    let baseline = baseline::baseline(q);
     let r = Results {
         quick: q,
         overhead,
@@ -169,6 +172,7 @@ fn main() {
         reporting,
         scale,
         sweep,
+        baseline,
     };
     let plots = args
         .plots

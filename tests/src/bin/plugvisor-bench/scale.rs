@@ -152,7 +152,9 @@ pub fn scale(quick: bool) -> Scale {
     std::thread::sleep(Duration::from_millis(1500));
     let rss = status_kb(d.pid(), "VmRSS");
     let hosts = plugin_hosts_of(d.pid());
-    let hosts_rss = hosts.iter().map(|p| status_kb(*p, "VmRSS")).sum();
+    let hosts_rss = hosts
+        .iter()
+        .fold(0.0, |sum, p| sum + status_kb(*p, "VmRSS"));
 
     let addr = SocketAddr::from(([127, 0, 0, 1], d.metrics_port));
     let text = http_get(addr, "/metrics").expect("GET /metrics");
@@ -216,7 +218,7 @@ pub fn render(md: &mut String, s: &Scale) {
     let _ = writeln!(
         md,
         "\n## Fifty plugins on one node\n\n\
-         {PLUGINS} C echo plugins (one compiled per name), in process (the default isolation), {LISTENERS} listeners (TCP and gRPC in turn) on the first ten, probes on, default `[metrics]`. *boot*: the daemon spawned → every plugin's first version active (store opened, packages verified, loaded, hosts started, probes attached). *reload all*: fifty manifests committed one after another → every plugin active on its new version (the watcher's 50 ms debounce and dependency order included). Peak RSS is the daemon's `VmHWM`; the hosts are processes of their own.\n\n\
+         {PLUGINS} C echo plugins (one compiled per name), in process (the default isolation), {LISTENERS} listeners (TCP and gRPC in turn) on the first ten, probes on, default `[metrics]`. *boot*: the daemon spawned → every plugin's first version active (store opened, packages verified, loaded, probes attached). *reload all*: fifty manifests committed one after another → every plugin active on its new version (the watcher's 50 ms debounce and dependency order included). Peak RSS is the daemon's `VmHWM`; with in-process plugins it holds every mapped version.\n\n\
          | measure | value |\n| --- | ---: |\n\
          | boot → all {PLUGINS} serving | {:.0} ms |\n\
          | reload of all {PLUGINS} at once → all serving the new version | {:.0} ms |\n\
