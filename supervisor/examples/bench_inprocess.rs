@@ -361,14 +361,7 @@ fn populated_metrics(plugins: usize, listeners: usize, detail: Detail) -> Metric
     let m = Metrics::with_detail(detail);
     m.probes_at_zero();
     m.upgrades_at_zero();
-    m.sync_at_zero(&[
-        "timestamp",
-        "snapshot",
-        "targets",
-        "download",
-        "verify",
-        "commit",
-    ]);
+    m.sync_at_zero(&plugvisor::fleet::sync::STAGES);
     let phases = [
         Phase::Verify,
         Phase::Stage,

@@ -64,14 +64,12 @@ impl Cached {
             .filter(|f| !f.get_metric().is_empty())
             .collect();
         for f in &mut families {
+            // Compared in place, nothing cloned: the rules engine gathers
+            // every tick.
             f.mut_metric().sort_by(|a, b| {
-                let values = |m: &proto::Metric| {
-                    m.get_label()
-                        .iter()
-                        .map(|l| l.value().to_owned())
-                        .collect::<Vec<_>>()
-                };
-                values(a).cmp(&values(b))
+                let (x, y) = (a.get_label().iter(), b.get_label().iter());
+                x.map(proto::LabelPair::value)
+                    .cmp(y.map(proto::LabelPair::value))
             });
         }
         families

@@ -16,6 +16,7 @@ use plugvisor_tests::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::reload::{bench_log_env, reload_records};
+use crate::soak::status_kb;
 use crate::stats::Dist;
 
 /// How long the crowd sits idle before its memory is read: past tokio's
@@ -50,18 +51,6 @@ pub struct Sweep {
     pub steps: Vec<Step>,
     /// Reloads at each size.
     pub reloads: usize,
-}
-
-fn status_kb(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(f64::NAN)
 }
 
 /// Opens `n` keep-alive connections to nginx, one GET on each, and keeps

@@ -16,6 +16,7 @@ use plugvisor_tests::{
 };
 
 use crate::reload::bench_log_env;
+use crate::soak::status_kb;
 use crate::stats::Dist;
 
 /// Plugins on the node.
@@ -49,18 +50,6 @@ pub struct Scale {
 
 fn name(i: usize) -> String {
     format!("p{i:02}")
-}
-
-fn status_kb(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(f64::NAN)
 }
 
 fn all_active(d: &Daemon, version: &str) -> bool {

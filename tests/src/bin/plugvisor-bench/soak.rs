@@ -14,7 +14,7 @@ use crate::load;
 use crate::reload::{Reload, bench_log_env, kernel_windows, reload_records, settle_writeback};
 
 /// A kB field of `/proc/PID/status` (`VmRSS`, `RssAnon`, …).
-fn status_kb(pid: u32, field: &str) -> f64 {
+pub fn status_kb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
